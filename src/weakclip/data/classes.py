@@ -1,0 +1,101 @@
+"""Class lists of the supported datasets, readable prompt names, and the VOC colour palette.
+
+Index 0 is always ``background``. Dataset names (``VOC_CLASSES``) are the strings the datasets use;
+prompt names (``VOC_PROMPT_NAMES``) are the readable forms fed to the CLIP text tower.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from weakclip.errors import DataError
+
+VOC_CLASSES: tuple[str, ...] = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)
+
+VOC_PROMPT_NAMES: tuple[str, ...] = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "dining table", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa",
+    "train", "tv monitor",
+)
+
+# The 80 COCO "thing" categories in the order of their category ids.
+COCO_CLASSES: tuple[str, ...] = (
+    "background", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck",
+    "boat", "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat",
+    "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
+    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush",
+)
+COCO_PROMPT_NAMES: tuple[str, ...] = COCO_CLASSES
+
+# COCO category id (1..90, with gaps) of each of the 80 classes, in the order of COCO_CLASSES[1:].
+COCO_CATEGORY_IDS: tuple[int, ...] = (
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28,
+    31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55,
+    56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84,
+    85, 86, 87, 88, 89, 90,
+)
+
+IGNORE_INDEX = 255
+
+
+def voc_palette(n: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour map: an ``(n, 3)`` uint8 array, class ``i`` -> RGB colour."""
+    palette = np.zeros((n, 3), dtype=np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for bit in range(8):
+            r |= ((c >> 0) & 1) << (7 - bit)
+            g |= ((c >> 1) & 1) << (7 - bit)
+            b |= ((c >> 2) & 1) << (7 - bit)
+            c >>= 3
+        palette[i] = (r, g, b)
+    return palette
+
+
+def read_class_file(path: str | Path) -> list[str]:
+    """Read a class list: one name per line, blank lines and ``#`` comments skipped.
+
+    The first name must be ``background`` (index 0), as in every WSSS dataset here.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"class list not found: {path}")
+    names = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    names = [n for n in names if n and not n.startswith("#")]
+    if not names:
+        raise DataError(f"class list is empty: {path}")
+    if names[0].lower() != "background":
+        raise DataError(f"class list {path}: the first class must be 'background', found {names[0]!r}")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise DataError(f"class list {path}: duplicate class names {dupes}")
+    if len(names) > 255:
+        raise DataError(f"class list {path}: {len(names)} classes; at most 255 fit in a PNG label map")
+    return names
+
+
+def resolve_classes(spec: str | Path) -> list[str]:
+    """``"voc"``, ``"coco"`` or the path of a class-list file -> the list of class names."""
+    if str(spec).lower() == "voc":
+        return list(VOC_CLASSES)
+    if str(spec).lower() == "coco":
+        return list(COCO_CLASSES)
+    return read_class_file(spec)
+
+
+def prompt_names(classes: list[str] | tuple[str, ...]) -> list[str]:
+    """Readable prompt names for a class list (VOC's run-together names are split)."""
+    readable = dict(zip(VOC_CLASSES, VOC_PROMPT_NAMES))
+    return [readable.get(c, c.replace("_", " ")) for c in classes]
