@@ -1,0 +1,5 @@
+import sys
+
+from weakclip.cli import main
+
+sys.exit(main())
