@@ -409,3 +409,20 @@ def test_real_size_vit_b16_random_weights():
         names = text_tower.tokenize(list(VOC_PROMPT_NAMES), context_length=5)
         context = torch.nn.init.trunc_normal_(torch.empty(8, 512), std=0.02)
         assert text_tower.forward_with_context(names, context).shape == (21, 512)
+
+
+def test_weights_command_describes_each_format(tiny_pt, tmp_path, capsys):
+    from weakclip.cli import main
+
+    assert main(["weights", str(tiny_pt)]) == 0
+    out = capsys.readouterr().out
+    assert "open_clip" in out and "tiny (width 64, 4 blocks, patch 16, embed 32)" in out
+    hf = _tiny_hf_model("gelu")
+    hf.save_pretrained(tmp_path / "hf")
+    assert main(["weights", str(tmp_path / "hf")]) == 0
+    out = capsys.readouterr().out
+    assert "huggingface" in out and "width 48, 2 blocks" in out and "GELU" in out and "QuickGELU" not in out
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    assert main(["weights", str(tmp_path / "junk.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "junk.pt" in err and "\n" not in err

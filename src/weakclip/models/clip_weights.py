@@ -541,3 +541,25 @@ def download_openai_weights(
         raise WeightsError(
             f"no CLIP weights given and download failed (offline?): {_supply_hint(arch)}"
         ) from err
+
+
+def describe_weights(path: str | PathLike) -> dict[str, object]:
+    """What a CLIP weights file holds: format, architecture (as inferred from the shapes) and size.
+
+    Raises :class:`WeightsError` for a missing, corrupt or non-CLIP file, like every loader here.
+    """
+    weights = read_clip_weights(path)
+    arch = infer_arch(weights.state_dict, vision_heads=weights.vision_heads, text_heads=weights.text_heads,
+                      quick_gelu=weights.quick_gelu, path=weights.path)
+    n_params = sum(t.numel() for t in weights.state_dict.values())
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in weights.state_dict.values()})
+    return {
+        "file": str(weights.path),
+        "format": weights.format,
+        "architecture": arch.describe(),
+        "image_size": arch.image_size,
+        "text": f"width {arch.text_width}, {arch.text_layers} blocks, context {arch.context_length}",
+        "activation": "QuickGELU" if arch.quick_gelu else "GELU",
+        "parameters": f"{n_params / 1e6:.1f} M",
+        "dtypes": ", ".join(dtypes),
+    }
