@@ -1,5 +1,6 @@
-"""Models: the frozen CLIP towers (``clip``) and their weight files (``clip_weights``)."""
+"""Models: the frozen CLIP towers (``clip``, ``clip_weights``) and the WeakCLIP refinement model."""
 
+from weakclip.models.adapter import PyramidAdapter
 from weakclip.models.clip import (
     CLIP_ARCHS,
     ClipArch,
@@ -10,6 +11,10 @@ from weakclip.models.clip import (
     get_arch,
 )
 from weakclip.models.clip_weights import check_arch, infer_arch, load_clip_state_dict
+from weakclip.models.decoder import FPNNeck, SemanticFPNHead
+from weakclip.models.matching import CoAttentionMatching
+from weakclip.models.prompts import PromptLearner
+from weakclip.models.weakclip import ModelConfig, WeakCLIP, build_model
 
 __all__ = [
     "CLIP_ARCHS",
@@ -22,4 +27,13 @@ __all__ = [
     "get_arch",
     "infer_arch",
     "load_clip_state_dict",
+    # refinement model
+    "CoAttentionMatching",
+    "FPNNeck",
+    "ModelConfig",
+    "PromptLearner",
+    "PyramidAdapter",
+    "SemanticFPNHead",
+    "WeakCLIP",
+    "build_model",
 ]

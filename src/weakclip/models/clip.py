@@ -299,12 +299,7 @@ class CLIPImageTower(nn.Module):
         grid_h, grid_w = height // p, width // p
         blocks = self._check_blocks(out_blocks)
         visual = self.visual
-
-        x = visual.conv1(images.to(visual.conv1.weight.dtype))
-        x = x.flatten(2).transpose(1, 2)
-        cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(batch, 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding(grid_h, grid_w).to(x.dtype)
-        x = visual.ln_pre(x)
+        x = self._embed(images, grid_h, grid_w)
 
         features: list[Tensor] = []
         attn = None
@@ -327,6 +322,63 @@ class CLIPImageTower(nn.Module):
         global_embed = x[:, 0]
         dense_embed = x[:, 1:].transpose(1, 2).reshape(batch, -1, grid_h, grid_w)
         return ImageFeatures(features, global_embed, dense_embed, blocks, attn)
+
+    # Step-by-step access for methods that need more than ``forward`` gives, such as Grad-CAM on the
+    # last block or the attention of several blocks (``weakclip.seeds``). Eval-mode computation.
+
+    def _embed(self, images: Tensor, grid_h: int, grid_w: int) -> Tensor:
+        visual = self.visual
+        x = visual.conv1(images.to(visual.conv1.weight.dtype))
+        x = x.flatten(2).transpose(1, 2)
+        cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding(grid_h, grid_w).to(x.dtype)
+        return visual.ln_pre(x)
+
+    def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Tokens entering block 1 (patch embedding, CLS, resized positional embedding, ln_pre).
+
+        Returns the B x (1 + h*w) x width tokens (CLS first) and the patch grid (h, w).
+        """
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise WeakclipError(f"CLIP image tower expects B x 3 x H x W images, got {tuple(images.shape)}")
+        p = self.patch_size
+        if images.shape[2] % p or images.shape[3] % p:
+            raise WeakclipError(
+                f"image size {images.shape[2]}x{images.shape[3]} is not divisible by the CLIP patch size {p}"
+            )
+        grid = (images.shape[2] // p, images.shape[3] // p)
+        return self._embed(images, *grid), grid
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.visual.transformer.resblocks)
+
+    def run_block(
+        self, index: int, x: Tensor, *, normed: Tensor | None = None, need_weights: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """Block ``index`` (1-based) on tokens ``x`` without stochastic depth.
+
+        ``normed``, when given, replaces ``ln_1(x)`` as the attention input (the residual still adds
+        ``x``), so that a gradient with respect to the normalised tokens can be taken (Grad-CAM).
+        Returns the output tokens and, with ``need_weights``, the attention B x heads x N x N.
+        """
+        if not 1 <= index <= self.num_blocks:
+            raise WeakclipError(f"block {index} is not among the blocks 1..{self.num_blocks}")
+        block = self.visual.transformer.resblocks[index - 1]
+        if normed is None:
+            return _run_block(block, x, need_weights=need_weights)
+        y, weights = _self_attention(block.attn, normed, None, need_weights)
+        x = x + block.ls_1(y)
+        x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        return x, weights
+
+    def block_norm(self, index: int, x: Tensor) -> Tensor:
+        """``ln_1`` of block ``index`` (1-based): the attention input of that block."""
+        return self.visual.transformer.resblocks[index - 1].ln_1(x)
+
+    def project(self, x: Tensor) -> Tensor:
+        """ln_post then the projection, on any B x N x width tokens -> B x N x embed_dim."""
+        return self.visual.ln_post(x) @ self.visual.proj
 
 
 # --------------------------------------------------------------------------------------------------
