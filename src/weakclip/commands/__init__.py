@@ -8,4 +8,5 @@ COMMAND_MODULES: tuple[str, ...] = (
     "weakclip.commands.evaluate",
     "weakclip.commands.data",
     "weakclip.commands.weights",
+    "weakclip.commands.seeds",
 )

@@ -1,0 +1,35 @@
+"""Seed masks: the built-in training-free CLIP CAM (CLIP-ES style), its batch runner, and a checker
+for seed folders made by any method.
+
+A seed folder holds ``<id>.png`` per image: single-channel label maps of class ids (0 = background)
+and 255 = unsure, of the image's size. ``weakclip seeds`` writes one; ``check_seeds`` validates one.
+Heavy parts (torch, the CLIP towers) are imported by the submodules only.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BACKGROUND_PROMPTS",
+    "ClipEsConfig",
+    "ClipEsSeeder",
+    "SeedReport",
+    "check_seeds",
+    "generate_seeds",
+    "seed_from_cams",
+]
+
+
+def __getattr__(name: str):
+    if name in ("BACKGROUND_PROMPTS", "ClipEsConfig", "ClipEsSeeder", "seed_from_cams"):
+        from weakclip.seeds import clip_es
+
+        return getattr(clip_es, name)
+    if name in ("SeedReport", "check_seeds"):
+        from weakclip.seeds import check
+
+        return getattr(check, name)
+    if name == "generate_seeds":
+        from weakclip.seeds.run import generate_seeds
+
+        return generate_seeds
+    raise AttributeError(f"module 'weakclip.seeds' has no attribute {name!r}")

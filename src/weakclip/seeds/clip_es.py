@@ -1,0 +1,401 @@
+"""Training-free seeds from a frozen CLIP, in the style of CLIP-ES (Lin et al., CVPR 2023).
+
+Per image and per labelled foreground class ``c``:
+
+1. The image (at each scale, optionally flipped) runs through the image tower; blocks 1..L-1 without
+   gradients, collecting the head-averaged attention of the last ``affinity_blocks`` blocks.
+2. Grad-CAM on the last block: the target is the softmax probability of ``c`` over the prompt
+   embeddings of all classes plus the background prompts (``softmax_over="all"``; ``"labels"`` keeps
+   only the image's labels, as CLIP-ES's code does), with logits ``logit_scale * cos(image, text)``
+   and the image embedding the mean of the projected patch tokens. The activation is the last
+   block's attention input (``ln_1`` output); channel weights are the patch-averaged gradients;
+   ``cam = relu(sum_ch w_ch * A_ch)``, min-max normalised per class. All labelled classes share one
+   forward and one backward pass (one copy of the last block per class).
+3. Class-aware attention affinity (CAA): the attention averaged over the blocks, patch-to-patch part,
+   alternately column- and row-normalised ``sinkhorn_iters`` times, symmetrised, raised to the power
+   ``affinity_power``; the refined CAM is that matrix applied to the Grad-CAM masked to the bounding
+   boxes of the 8-connected regions where the CAM exceeds ``box_threshold`` times its maximum; then
+   min-max normalised.
+4. The per-view CAMs are resized (bilinear) to the image size and averaged over scales and flips.
+
+The seed marks a labelled class where its CAM is the largest and at least ``hi``, background where
+every labelled class's CAM is below ``lo``, and 255 (unsure) in between.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from weakclip.data.classes import IGNORE_INDEX, prompt_names
+from weakclip.errors import WeakclipError
+
+__all__ = [
+    "BACKGROUND_PROMPTS",
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "ClipEsConfig",
+    "ClipEsSeeder",
+    "box_mask",
+    "encode_prompts",
+    "seed_from_cams",
+    "split_background",
+]
+
+#: CLIP-ES's background prompt list (scene and stuff words that often co-occur with VOC objects).
+BACKGROUND_PROMPTS: tuple[str, ...] = (
+    "ground", "land", "grass", "tree", "building", "wall", "sky", "lake", "water", "river", "sea",
+    "railway", "railroad", "keyboard", "helmet", "cloud", "house", "mountain", "ocean", "road", "rock",
+    "street", "valley", "bridge", "sign",
+)
+
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ClipEsConfig:
+    """Settings of the CLIP-ES style CAM and of the seed thresholds (defaults: CLIP-ES's choices).
+
+    templates: prompt templates, ``{}`` = the readable class name; embeddings averaged over templates.
+    background: background prompts, added to the softmax as extra "classes" that are never labels.
+    scales: resize factors of the (``input_size``-scaled) image; CAMs averaged over them.
+    flip: also run each scale horizontally flipped.
+    input_size: short side the image is resized to before ``scales``; None keeps its own size. Sides
+        are rounded up to multiples of the patch size.
+    logit_scale: CLIP's temperature for the softmax (OpenAI's trained value is 100).
+    softmax_over: ``"all"`` (every class prompt + background prompts) or ``"labels"``.
+    refine: apply the class-aware attention affinity (False: plain Grad-CAM).
+    affinity_blocks: how many of the last blocks' attentions are averaged (clipped to the depth).
+    sinkhorn_iters: rounds of column-then-row normalisation of the attention.
+    affinity_power: power of the symmetrised transition matrix.
+    box_threshold: fraction of a CAM's maximum outlining the boxes that restrict the propagation.
+    lo, hi: seed thresholds (background below ``lo`` for every label, a class at or above ``hi``).
+    """
+
+    templates: tuple[str, ...] = ("a clean origami {}.",)
+    background: tuple[str, ...] = BACKGROUND_PROMPTS
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    input_size: int | None = None
+    logit_scale: float = 100.0
+    softmax_over: str = "all"
+    refine: bool = True
+    affinity_blocks: int = 8
+    sinkhorn_iters: int = 3
+    affinity_power: int = 2
+    box_threshold: float = 0.4
+    lo: float = 0.25
+    hi: float = 0.5
+    mean: tuple[float, float, float] = field(default=CLIP_MEAN)
+    std: tuple[float, float, float] = field(default=CLIP_STD)
+
+    def __post_init__(self) -> None:
+        def fail(msg: str) -> None:
+            raise WeakclipError(f"seed settings: {msg}")
+
+        object.__setattr__(self, "templates", tuple(self.templates))
+        background = tuple(str(b).strip() for b in self.background if str(b).strip())
+        object.__setattr__(self, "background", background)
+        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+        if not self.templates or any("{}" not in t for t in self.templates):
+            fail(f"every prompt template needs a '{{}}' for the class name, got {self.templates}")
+        if not self.scales or any(not (0.0 < s <= 8.0) for s in self.scales):
+            fail(f"scales must be positive (at most 8), got {self.scales}")
+        if self.input_size is not None and self.input_size < 16:
+            fail(f"input_size must be at least 16 pixels, got {self.input_size}")
+        if self.softmax_over not in ("all", "labels"):
+            fail(f"softmax_over must be 'all' or 'labels', got {self.softmax_over!r}")
+        if not 0.0 <= self.lo <= self.hi <= 1.0:
+            fail(f"thresholds must satisfy 0 <= lo <= hi <= 1, got lo={self.lo} hi={self.hi}")
+        if not 0.0 <= self.box_threshold < 1.0:
+            fail(f"box_threshold must lie in [0, 1), got {self.box_threshold}")
+        if self.affinity_blocks < 1 or self.sinkhorn_iters < 0 or self.affinity_power < 1:
+            fail("affinity_blocks and affinity_power must be >= 1 and sinkhorn_iters >= 0")
+        if self.logit_scale <= 0:
+            fail(f"logit_scale must be positive, got {self.logit_scale}")
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+@torch.no_grad()
+def encode_prompts(text_tower, names: Sequence[str], templates: Sequence[str], chunk: int = 256) -> Tensor:
+    """One L2-normalised embedding per name: templates filled, encoded, normalised, averaged, normalised.
+
+    All prompts are encoded in batches, cut after the longest one's [EOT] (exact: the text tower is
+    causal, so padding after [EOT] never reaches it).
+    """
+    names, templates = list(names), list(templates)
+    if not names:
+        return torch.zeros(0, text_tower.embed_dim)
+    ids = text_tower.tokenize([t.format(n) for n in names for t in templates], truncate=True)
+    ids = ids[:, : int(ids.argmax(dim=-1).max()) + 1]
+    emb = torch.cat([text_tower.encode(ids[i : i + chunk]).float() for i in range(0, len(ids), chunk)])
+    emb = F.normalize(emb, dim=-1).view(len(names), len(templates), -1).mean(dim=1)
+    return F.normalize(emb, dim=-1)
+
+
+def split_background(background: Sequence[str], class_names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(kept, dropped) background prompts: a prompt that is a class name, or a whole word of one, would
+    compete with that class in the softmax, so it is dropped (for COCO this removes "keyboard" and
+    "sign", as CLIP-ES's COCO list does)."""
+    words = set()
+    for name in class_names:
+        words.add(name.lower().strip())
+        words.update(w for w in name.lower().replace(",", " ").split())
+    kept = [b for b in background if b.lower().strip() not in words]
+    dropped = [b for b in background if b.lower().strip() in words]
+    return kept, dropped
+
+
+def _minmax(x: Tensor) -> Tensor:
+    """Per row of a K x ... tensor: subtract the minimum, divide by the (new) maximum; a constant row
+    becomes 0. (No absolute epsilon: Grad-CAM magnitudes vary over many orders between models.)"""
+    flat = x.flatten(1)
+    flat = flat - flat.min(dim=1, keepdim=True).values
+    top = flat.max(dim=1, keepdim=True).values
+    flat = torch.where(top > 0, flat / top.clamp_min(torch.finfo(flat.dtype).tiny), torch.zeros_like(flat))
+    return flat.view_as(x)
+
+
+def box_mask(cam: Tensor, threshold: float) -> Tensor:
+    """Union of the bounding boxes of the 8-connected regions where ``cam > threshold * cam.max()``.
+
+    cam: h x w. Returns an h x w bool tensor (all False when the CAM has no positive value).
+    """
+    top = float(cam.max())
+    if top <= 0:
+        return torch.zeros_like(cam, dtype=torch.bool)
+    mask = cam > threshold * top
+    h, w = mask.shape
+    # connected components by max-propagation of pixel indices inside the mask
+    labels = torch.arange(1, h * w + 1, device=cam.device, dtype=torch.float32).view(h, w) * mask
+    for _ in range(h * w):
+        grown = F.max_pool2d(labels[None, None], 3, stride=1, padding=1)[0, 0] * mask
+        if torch.equal(grown, labels):
+            break
+        labels = grown
+    out = torch.zeros_like(mask)
+    for lab in labels[mask].unique():
+        ys, xs = torch.nonzero(labels == lab, as_tuple=True)
+        out[int(ys.min()) : int(ys.max()) + 1, int(xs.min()) : int(xs.max()) + 1] = True
+    return out
+
+
+def affinity_matrix(attn: Tensor, sinkhorn_iters: int = 3, power: int = 2) -> Tensor:
+    """CAA transition matrix from an n x n (patch-to-patch, head-averaged) attention map."""
+    t = attn.float().clamp_min(1e-12)
+    for _ in range(sinkhorn_iters):
+        t = t / t.sum(dim=0, keepdim=True)
+        t = t / t.sum(dim=1, keepdim=True)
+    t = (t + t.transpose(0, 1)) / 2
+    return torch.linalg.matrix_power(t, power) if power > 1 else t
+
+
+def seed_from_cams(cams: np.ndarray, keys: Sequence[int], lo: float, hi: float) -> np.ndarray:
+    """Seed map from K x H x W CAMs of the classes ``keys``: the argmax class where its CAM >= hi,
+    background where every CAM < lo, 255 in between. No classes: all background."""
+    cams = np.asarray(cams)
+    if cams.ndim != 3 or cams.shape[0] != len(keys):
+        raise ValueError(f"cams must be len(keys) x H x W, got {cams.shape} for {len(keys)} keys")
+    if len(keys) == 0:
+        return np.zeros(cams.shape[1:], dtype=np.uint8)
+    top = cams.max(axis=0)
+    arg = cams.argmax(axis=0)
+    seed = np.full(top.shape, IGNORE_INDEX, dtype=np.uint8)
+    seed[top < lo] = 0
+    fg = top >= hi
+    seed[fg] = np.asarray(keys, dtype=np.uint8)[arg[fg]]
+    return seed
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+class ClipEsSeeder:
+    """CLIP-ES style CAMs and seeds for images with known image-level labels.
+
+    Args:
+        image_tower: a ``CLIPImageTower`` (frozen; its device is used).
+        class_names: the dataset's classes, background first (``dataset.classes``); foreground names
+            go through :func:`~weakclip.data.classes.prompt_names` into the templates.
+        text_tower: a ``CLIPTextTower`` to embed the prompts once; may be omitted when both embeddings
+            below are given.
+        config: :class:`ClipEsConfig`.
+        class_embeddings: (K-1) x D text embeddings of the foreground classes (instead of the tower).
+        background_embeddings: n_bg x D embeddings of the background prompts (instead of the tower).
+    """
+
+    def __init__(
+        self,
+        image_tower,
+        class_names: Sequence[str],
+        *,
+        text_tower=None,
+        config: ClipEsConfig | None = None,
+        class_embeddings: Tensor | None = None,
+        background_embeddings: Tensor | None = None,
+    ) -> None:
+        self.config = config or ClipEsConfig()
+        self.image_tower = image_tower.eval()
+        self.classes = list(class_names)
+        if len(self.classes) < 2:
+            raise WeakclipError("the seeder needs background plus at least one object class")
+        param = next(image_tower.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        if (class_embeddings is None or background_embeddings is None) and text_tower is None:
+            raise WeakclipError("ClipEsSeeder needs a text tower or precomputed text embeddings")
+        if class_embeddings is None:
+            names = prompt_names(self.classes)[1:]
+            class_embeddings = encode_prompts(text_tower, names, self.config.templates)
+        self.background_prompts: list[str] = []
+        self.dropped_background: list[str] = []
+        if background_embeddings is None:
+            self.background_prompts, self.dropped_background = split_background(
+                self.config.background, prompt_names(self.classes)[1:]
+            )
+            background_embeddings = encode_prompts(text_tower, self.background_prompts, self.config.templates)
+        fg = F.normalize(torch.as_tensor(class_embeddings).float(), dim=-1)
+        bg = torch.as_tensor(background_embeddings).float().reshape(-1, fg.shape[-1])
+        bg = F.normalize(bg, dim=-1)
+        if fg.shape[0] != len(self.classes) - 1:
+            raise WeakclipError(
+                f"{fg.shape[0]} class embeddings for {len(self.classes) - 1} foreground classes"
+            )
+        self.class_embeddings = fg.to(self.device)
+        self.background_embeddings = bg.to(self.device)
+
+    # ------------------------------------------------------------------ inputs
+    def label_ids(self, labels) -> list[int]:
+        """Sorted foreground class ids from a multi-hot vector (float/bool array or tensor of length K)
+        or from a sequence of class ids (ints; 0 ignored)."""
+        if isinstance(labels, Tensor):
+            labels = labels.detach().cpu().numpy()
+        arr = np.asarray(labels)
+        if arr.dtype.kind in "fb":
+            if arr.shape != (len(self.classes),):
+                raise WeakclipError(f"multi-hot labels must have length {len(self.classes)}, got {arr.shape}")
+            ids = [int(i) for i in np.nonzero(arr > 0.5)[0]]
+        else:
+            ids = [int(i) for i in arr.reshape(-1)]
+        bad = [i for i in ids if not 0 <= i < len(self.classes)]
+        if bad:
+            raise WeakclipError(f"label ids {bad} are outside 0..{len(self.classes) - 1}")
+        return sorted({i for i in ids if i != 0})
+
+    @staticmethod
+    def _check_image(image: np.ndarray) -> None:
+        ok = isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3
+        if not ok or image.dtype != np.uint8:
+            what = f"{image.shape} {image.dtype}" if isinstance(image, np.ndarray) else type(image).__name__
+            raise WeakclipError(f"image must be an H x W x 3 uint8 array, got {what}")
+
+    def _views(self, image: np.ndarray) -> list[tuple[Tensor, bool]]:
+        cfg = self.config
+        h, w = image.shape[:2]
+        base = 1.0 if cfg.input_size is None else cfg.input_size / min(h, w)
+        p = self.image_tower.patch_size
+        x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1)[None].float() / 255
+        mean = torch.tensor(cfg.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(cfg.std, device=self.device).view(1, 3, 1, 1)
+        views = []
+        for s in cfg.scales:
+            size = (
+                max(p, math.ceil(s * base * h / p) * p),
+                max(p, math.ceil(s * base * w / p) * p),
+            )
+            y = x if size == (h, w) else F.interpolate(
+                x, size=size, mode="bicubic", align_corners=False, antialias=True
+            ).clamp_(0, 1)
+            y = ((y - mean) / std).to(self.dtype)
+            views.append((y, False))
+            if cfg.flip:
+                views.append((y.flip(-1), True))
+        return views
+
+    # ------------------------------------------------------------------ one view
+    def _text_rows(self, keys: list[int]) -> tuple[Tensor, Tensor]:
+        if self.config.softmax_over == "all":
+            text = torch.cat([self.class_embeddings, self.background_embeddings])
+            target = torch.tensor([k - 1 for k in keys], device=self.device)
+        else:
+            text = torch.cat([self.class_embeddings[[k - 1 for k in keys]], self.background_embeddings])
+            target = torch.arange(len(keys), device=self.device)
+        return text, target
+
+    def view_cams(self, image: Tensor, keys: list[int]) -> Tensor:
+        """CAMs of the classes ``keys`` on one normalised 1 x 3 x h x w image: K x grid_h x grid_w."""
+        cfg = self.config
+        tower = self.image_tower
+        depth = tower.num_blocks
+        first_attn = depth - min(cfg.affinity_blocks, depth) + 1
+        attn_sum = None
+        with torch.no_grad():
+            x, (gh, gw) = tower.embed(image)
+            for b in range(1, depth):
+                x, weights = tower.run_block(b, x, need_weights=cfg.refine and b >= first_attn)
+                if weights is not None:
+                    a = weights[0].float().mean(dim=0)
+                    attn_sum = a if attn_sum is None else attn_sum + a
+            normed = tower.block_norm(depth, x)
+        n_keys = len(keys)
+        text, target = self._text_rows(keys)
+        with torch.enable_grad():
+            act = normed.detach().expand(n_keys, -1, -1).clone().requires_grad_(True)
+            out, weights = tower.run_block(depth, x.detach().expand(n_keys, -1, -1), normed=act,
+                                           need_weights=cfg.refine)
+            feat = F.normalize(tower.project(out[:, 1:]).float().mean(dim=1), dim=-1)
+            probs = (cfg.logit_scale * feat @ text.t()).softmax(dim=-1)
+            score = probs[torch.arange(n_keys, device=probs.device), target].sum()
+            (grad,) = torch.autograd.grad(score, act)
+        act, grad = act.detach()[:, 1:].float(), grad[:, 1:].float()
+        cam = (act * grad.mean(dim=1, keepdim=True)).sum(dim=-1).clamp_min(0)  # K x n
+        cam = _minmax(cam)
+        if cfg.refine:
+            a = weights[0].detach().float().mean(dim=0)
+            attn_sum = a if attn_sum is None else attn_sum + a
+            trans = affinity_matrix(attn_sum[1:, 1:], cfg.sinkhorn_iters, cfg.affinity_power)
+            masks = torch.stack([box_mask(c.view(gh, gw), cfg.box_threshold).flatten() for c in cam])
+            cam = _minmax((cam * masks) @ trans.t())
+        return cam.view(n_keys, gh, gw)
+
+    # ------------------------------------------------------------------ public
+    def cams_and_keys(self, image: np.ndarray, labels) -> tuple[np.ndarray, list[int]]:
+        """CAMs (K_labels x H x W float32 in [0, 1]) of the image's labelled foreground classes, and
+        those class ids (ascending) in the order of the CAMs."""
+        self._check_image(image)
+        keys = self.label_ids(labels)
+        h, w = image.shape[:2]
+        if not keys:
+            return np.zeros((0, h, w), np.float32), keys
+        total = torch.zeros(len(keys), h, w, device=self.device)
+        views = self._views(image)
+        for view, flipped in views:
+            cam = self.view_cams(view, keys)
+            if flipped:
+                cam = cam.flip(-1)
+            total += F.interpolate(cam[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+        total /= len(views)
+        if len(views) > 1:  # peak back at 1 so that the thresholds mean the same for any view count
+            total /= total.flatten(1).max(dim=1).values.clamp_min(1e-7).view(-1, 1, 1)
+        return total.clamp_(0, 1).cpu().numpy().astype(np.float32), keys
+
+    def cams(self, image: np.ndarray, labels) -> np.ndarray:
+        """K_labels x H x W CAMs in [0, 1], classes in ascending id order (see :meth:`label_ids`)."""
+        return self.cams_and_keys(image, labels)[0]
+
+    def seed_from(self, cams: np.ndarray, keys: Sequence[int]) -> np.ndarray:
+        return seed_from_cams(cams, keys, self.config.lo, self.config.hi)
+
+    def seed(self, image: np.ndarray, labels) -> np.ndarray:
+        """H x W uint8 seed: class id where confident, 0 = background, 255 = unsure."""
+        cams, keys = self.cams_and_keys(image, labels)
+        return self.seed_from(cams, keys)

@@ -1,0 +1,269 @@
+"""Write seeds for a whole dataset: resumable, sharded over ``torchrun`` processes, scored on the GT.
+
+Each process takes every ``world``-th image (:func:`weakclip.distributed.shard`). An image whose seed
+PNG already exists (and, with ``save_cams``, its CAM file) is skipped, so an interrupted run resumes;
+files are written atomically (CAM file first, the PNG last), so any PNG found is complete. An image
+that cannot be read (or whose labels cannot be) is reported, skipped and listed in the summary.
+
+Layout of ``out_dir``: ``<id>.png`` (the seed folder, same format as external seeds),
+``cams/<id>.npz`` with ``keys`` (class ids) and ``cams`` (float16, keys x H x W) when ``save_cams``,
+and ``seeds_summary.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import secrets
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from weakclip.data.io import read_image, read_label_png, write_json_atomic, write_label_png
+from weakclip.distributed import env_world, shard
+from weakclip.errors import DataError
+from weakclip.metrics import ConfusionMatrix
+
+__all__ = ["format_summary", "generate_seeds", "jsonable", "write_cams_npz"]
+
+
+def write_cams_npz(path: str | Path, cams: np.ndarray, keys) -> Path:
+    """Atomically write CAMs (float16, compressed) and their class ids to ``path`` (.npz)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, keys=np.asarray(keys, dtype=np.int16), cams=np.asarray(cams, np.float16))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _load(dataset, i: int) -> tuple[np.ndarray, np.ndarray]:
+    return read_image(dataset.image_path(i)), dataset.get_labels(i)
+
+
+def _prefetch(dataset, indices: list[int], depth: int = 3) -> Iterator[tuple[int, Future]]:
+    """(index, future of (image, labels)) in order, reading up to ``depth`` images ahead in threads."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        queue: deque[tuple[int, Future]] = deque()
+        rest = iter(indices)
+        for i in itertools.islice(rest, depth):
+            queue.append((i, pool.submit(_load, dataset, i)))
+        while queue:
+            item = queue.popleft()
+            nxt = next(rest, None)
+            if nxt is not None:
+                queue.append((nxt, pool.submit(_load, dataset, nxt)))
+            yield item
+
+
+def _dist_on() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _sum_counts(values: list[int]) -> list[int]:
+    if not _dist_on():
+        return values
+    on_gpu = torch.distributed.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(t)
+    return [int(v) for v in t.cpu().tolist()]
+
+
+def _gather_lists(items: list) -> list:
+    if not _dist_on():
+        return items
+    parts: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+def generate_seeds(
+    dataset,
+    seeder,
+    out_dir: str | Path,
+    *,
+    save_cams: bool = False,
+    rank: int | None = None,
+    world_size: int | None = None,
+    progress: bool = True,
+    evaluate: bool = True,
+) -> dict:
+    """Write ``<out_dir>/<id>.png`` for every image of ``dataset`` (this process's shard of it).
+
+    Args:
+        dataset: a :class:`~weakclip.data.datasets.SegDataset` (ids, classes, image paths, labels).
+        seeder: a :class:`~weakclip.seeds.clip_es.ClipEsSeeder` (anything with ``cams_and_keys`` and
+            ``seed_from``).
+        save_cams: also write ``cams/<id>.npz`` (float16 CAMs of the labelled classes).
+        rank, world_size: this process's place; default from the ``torchrun`` environment.
+        progress: a progress bar on rank 0.
+        evaluate: when the dataset has ground truth, score the seeds (the existing ones too).
+
+    Returns the summary (identical on every process; also written to ``seeds_summary.json`` by rank 0):
+    counts written / skipped / failed, the failures ``{id: message}``, seconds per computed image and,
+    with ground truth, ``miou`` (unsure as background), ``miou_confident`` (unsure pixels left out),
+    ``coverage`` (share of confident pixels), per-class IoU, and the two ``SegScores`` under
+    ``"scores"`` (not JSON; left out of the file).
+    """
+    env_rank, env_world_size, _ = env_world()
+    rank = env_rank if rank is None else int(rank)
+    world_size = env_world_size if world_size is None else int(world_size)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cam_dir = out_dir / "cams"
+    classes = list(dataset.classes)
+    with_gt = evaluate and bool(getattr(dataset, "has_gt", False))
+    cm_bg = ConfusionMatrix(classes, unsure="background")
+    cm_conf = ConfusionMatrix(classes, unsure="ignore")
+    confident = total = 0
+    written = skipped = 0
+    failures: list[tuple[str, str]] = []
+    unscored: list[tuple[str, str]] = []
+    compute_s = 0.0
+
+    def score(i: int, ident: str, seed: np.ndarray, png: Path) -> None:
+        nonlocal confident, total
+        try:
+            gt = dataset.read_gt(i, seed.shape)
+        except DataError as exc:
+            unscored.append((ident, str(exc)))
+            _warn(f"seeds: seed of {ident!r} not scored: {exc}", progress and rank == 0)
+            return
+        cm_bg.update(seed, gt, name=str(png))
+        cm_conf.update(seed, gt, name=str(png))
+        confident += int((seed != 255).sum())
+        total += int(seed.size)
+
+    def paths(i: int) -> tuple[str, Path, Path]:
+        ident = dataset.ids[i]
+        return ident, out_dir / f"{ident}.png", cam_dir / f"{ident}.npz"
+
+    mine = shard(range(len(dataset)), rank, world_size)
+    todo = []
+    for i in mine:
+        ident, png, npz = paths(i)
+        if not (png.is_file() and (not save_cams or npz.is_file())):
+            todo.append(i)
+            continue
+        skipped += 1
+        if with_gt:  # existing seeds count in the scores too
+            try:
+                seed = read_label_png(png, num_classes=len(classes), what="seed")
+            except DataError as exc:
+                unscored.append((ident, str(exc)))
+                continue
+            score(i, ident, seed, png)
+
+    bar = tqdm(_prefetch(dataset, todo), total=len(todo), desc=f"seeds [{rank}/{world_size}]",
+               disable=not progress or rank != 0, unit="img")
+    for i, loaded in bar:
+        ident, png, npz = paths(i)
+        try:
+            image, labels = loaded.result()
+            start = time.perf_counter()
+            cams, keys = seeder.cams_and_keys(image, labels)
+            seed = seeder.seed_from(cams, keys)
+            compute_s += time.perf_counter() - start
+            if save_cams:
+                write_cams_npz(npz, cams, keys)
+            write_label_png(png, seed)
+            written += 1
+        except DataError as exc:
+            failures.append((ident, str(exc)))
+            _warn(f"seeds: skipped image {ident!r}: {exc}", progress and rank == 0)
+            continue
+        if with_gt:
+            score(i, ident, seed, png)
+
+    computed = written
+    written, skipped, confident, total, n_failed = _sum_counts(
+        [written, skipped, confident, total, len(failures)]
+    )
+    failures = _gather_lists(failures)
+    unscored = _gather_lists(unscored)
+    secs = _gather_lists([compute_s])
+    summary: dict = {
+        "out_dir": str(out_dir),
+        "images": len(dataset),
+        "written": written,
+        "skipped_existing": skipped,
+        "failed": n_failed,
+        "failures": dict(failures),
+        "seconds_per_image": (sum(secs) / written) if written else None,
+        "this_process_written": computed,
+    }
+    if with_gt:
+        cm_bg.all_reduce()
+        cm_conf.all_reduce()
+        s_bg, s_conf = cm_bg.scores(), cm_conf.scores()
+        summary.update({
+            "miou": s_bg.miou,
+            "miou_confident": s_conf.miou,
+            "pixel_accuracy_confident": s_conf.pixel_accuracy,
+            "coverage": confident / total if total else float("nan"),
+            "unscored": dict(unscored),
+            "iou": dict(zip(classes, s_bg.iou.tolist())),
+            "iou_confident": dict(zip(classes, s_conf.iou.tolist())),
+        })
+    if rank == 0:
+        write_json_atomic(out_dir / "seeds_summary.json", jsonable(summary))
+    if with_gt:
+        summary["scores"] = {"unsure_as_background": s_bg, "confident_only": s_conf}
+    return summary
+
+
+def _warn(msg: str, with_bar: bool) -> None:
+    if with_bar:
+        tqdm.write(msg, file=sys.stderr)
+    else:
+        print(msg, file=sys.stderr)
+
+
+def jsonable(obj):
+    """``obj`` with NaN floats (absent classes) as None, so that the JSON is strict."""
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, float) and obj != obj:
+        return None
+    return obj
+
+
+def format_summary(summary: dict) -> str:
+    """A short text report of :func:`generate_seeds`'s summary (with the mIoU table when scored)."""
+    lines = [
+        f"seeds in {summary['out_dir']}: {summary['written']} written, {summary['skipped_existing']} "
+        f"already there, {summary['failed']} failed (of {summary['images']} images)"
+    ]
+    if summary.get("seconds_per_image") is not None:
+        lines.append(f"{summary['seconds_per_image']:.3f} s per computed image")
+    for ident, msg in list(summary["failures"].items())[:10]:
+        lines.append(f"  failed {ident}: {msg}")
+    if "miou" in summary:
+        scores = summary["scores"]
+        bg, conf = scores["unsure_as_background"], scores["confident_only"]
+        width = max([len(c) for c in bg.classes] + [5])
+        lines.append(f"{'class':<{width}}  {'IoU':>7}  {'IoU conf':>8}")
+        for c, a, b in zip(bg.classes, bg.iou, conf.iou):
+            fa = "      -" if np.isnan(a) else f"{100 * a:7.2f}"
+            fb = "       -" if np.isnan(b) else f"{100 * b:8.2f}"
+            lines.append(f"{c:<{width}}  {fa}  {fb}")
+        lines.append(f"mIoU (unsure as background): {100 * summary['miou']:.2f}%")
+        lines.append(f"mIoU of confident pixels:    {100 * summary['miou_confident']:.2f}% "
+                     f"(pixel precision {100 * summary['pixel_accuracy_confident']:.2f}%, "
+                     f"coverage {100 * summary['coverage']:.2f}%)")
+    return "\n".join(lines)
