@@ -9,4 +9,5 @@ COMMAND_MODULES: tuple[str, ...] = (
     "weakclip.commands.data",
     "weakclip.commands.weights",
     "weakclip.commands.seeds",
+    "weakclip.commands.train",
 )

@@ -1,0 +1,104 @@
+"""``weakclip train``: train the refinement model on CAM seeds (one process, or many under ``torchrun``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+# direct flag -> config key
+_FLAG_KEYS: tuple[tuple[str, str], ...] = (
+    ("dataset", "data.kind"),
+    ("split", "data.split"),
+    ("iters", "train.iters"),
+    ("batch_size", "train.batch_size"),
+    ("lr", "train.lr"),
+    ("crop_size", "data.crop_size"),
+    ("amp", "train.amp"),
+    ("seed", "train.seed"),
+    ("checkpoint_every", "train.checkpoint_every"),
+    ("num_workers", "data.num_workers"),
+)
+
+
+def build_config(args: argparse.Namespace):
+    """The preset, then ``--data-root``/``--seeds``, the direct flags, then ``--set`` (the last wins)."""
+    from weakclip.config import apply_overrides, load_preset
+
+    cfg = load_preset(args.preset)
+    overrides = []
+    if args.data_root is not None:
+        overrides.append(f"data.root={args.data_root}")
+    if args.seeds is not None:
+        overrides.append(f"data.seeds={args.seeds}")
+    for attr, key in _FLAG_KEYS:
+        value = getattr(args, attr)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    overrides += list(args.set or [])
+    return apply_overrides(cfg, overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    from weakclip.distributed import env_world
+    from weakclip.engine.trainer import train
+    from weakclip.errors import WeakclipError
+
+    cfg = build_config(args)
+    if not cfg.data.root:
+        raise WeakclipError("no dataset given: pass --data-root")
+    if not Path(cfg.data.root).exists():
+        raise WeakclipError(f"dataset folder not found: {cfg.data.root}")
+    if cfg.data.seeds is None and cfg.data.kind != "folder":
+        raise WeakclipError("no seeds given: pass --seeds DIR (a folder of seed PNGs, 255 = unsure)")
+    if cfg.data.seeds is not None and not Path(cfg.data.seeds).is_dir():
+        raise WeakclipError(f"seed folder not found: {cfg.data.seeds}")
+    if args.clip_weights is not None and not args.clip_weights.is_file():
+        raise WeakclipError(f"CLIP weights file not found: {args.clip_weights}")
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    summary = train(cfg, args.workdir, clip_weights=args.clip_weights, resume=args.resume, device=args.device,
+                    max_iters_this_run=args.max_iters_this_run, progress=not args.quiet)
+    rank = env_world()[0]
+    if rank == 0:
+        slim = {k: v for k, v in summary.items() if k != "history"}
+        print(json.dumps(slim, indent=1, default=str))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train the WeakCLIP refinement model on seeds",
+        description="Train WeakCLIP (frozen CLIP + adapter, prompts, matching, decoder) on CAM seed masks. "
+                    "Runs alone or under `torchrun --nproc_per_node=N` (DDP; NCCL on GPU, gloo on CPU); "
+                    "--batch-size is the GLOBAL batch. Settings: the preset, then the flags below, then "
+                    "--set key=value (e.g. --set train.warmup_iters=500 --set model.match_mode=release).")
+    p.add_argument("--preset", default="voc", help="voc, coco, or a config .yaml file (default voc)")
+    p.add_argument("--data-root", type=Path, default=None,
+                   help="dataset root (VOC2012, prepared COCO, folder)")
+    p.add_argument("--dataset", choices=["voc", "coco", "folder"], default=None,
+                   help="dataset layout (default: the preset's)")
+    p.add_argument("--split", default=None, help="training split or id-list file (default: the preset's)")
+    p.add_argument("--seeds", type=Path, default=None, help="folder of seed PNGs (<id>.png, 255 = unsure)")
+    p.add_argument("--clip-weights", type=Path, default=None,
+                   help="CLIP weights file (OpenAI ViT-B-16.pt, open_clip or Hugging Face)")
+    p.add_argument("--workdir", type=Path, required=True, help="output folder: config, log.csv, checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from the workdir's latest checkpoint")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    p.add_argument("--iters", type=int, default=None, help="total iterations (train.iters)")
+    p.add_argument("--batch-size", type=int, default=None, help="GLOBAL batch size (train.batch_size)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (train.lr)")
+    p.add_argument("--crop-size", type=int, default=None, help="training crop (data.crop_size)")
+    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None,
+                   help="autocast on CUDA (train.amp)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (train.seed)")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="iterations between checkpoints")
+    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers per process")
+    p.add_argument("--max-iters-this-run", type=int, default=None,
+                   help="stop (with a checkpoint) after this many iterations; continue later with --resume")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="override any config value, e.g. train.weight_decay=1e-4 (repeatable)")
+    p.add_argument("--print-config", action="store_true", help="print the resulting config and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
