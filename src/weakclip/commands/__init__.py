@@ -10,4 +10,6 @@ COMMAND_MODULES: tuple[str, ...] = (
     "weakclip.commands.weights",
     "weakclip.commands.seeds",
     "weakclip.commands.train",
+    "weakclip.commands.pseudo_masks",
+    "weakclip.commands.predict",
 )

@@ -1,0 +1,131 @@
+"""Load a trained refinement model from a training checkpoint (``weakclip train``'s output).
+
+A checkpoint holds the trainable parameters and the config, not the frozen CLIP towers: those come
+from a CLIP weights file, the one the model was trained with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from weakclip.errors import WeakclipError
+
+__all__ = ["load_trained_model", "normalization_of", "resolve_checkpoint", "trained_classes"]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a training work folder (its latest checkpoint)."""
+    from weakclip.engine.checkpoint import latest_checkpoint
+
+    path = Path(path)
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise WeakclipError(f"no checkpoint in {path} (expected {path}/checkpoints/iter_*.pth)")
+        return found
+    if not path.is_file():
+        raise WeakclipError(f"checkpoint not found: {path}")
+    return path
+
+
+def _recorded_clip_weights(state: Mapping[str, Any]) -> str | None:
+    """The CLIP weights path a checkpoint records, if any (top level, config, or its model section)."""
+    config = state.get("config") or {}
+    for where in (state, config, config.get("model") or {}, config.get("train") or {}):
+        value = where.get("clip_weights") if isinstance(where, Mapping) else None
+        if value:
+            return str(value)
+    return None
+
+
+def _holds_towers(model_state: Mapping[str, Any]) -> bool:
+    return any(k.startswith("image_tower.") for k in model_state) and \
+        any(k.startswith("text_tower.") for k in model_state)
+
+
+def _load_everything(model, model_state: Mapping[str, Any], path: Path) -> None:
+    """Load a checkpoint that holds the whole model, frozen towers included (every key must fit)."""
+    result = model.load_state_dict(dict(model_state), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        shown = ", ".join((list(result.missing_keys) + list(result.unexpected_keys))[:5])
+        raise WeakclipError(f"checkpoint {path} does not fit the model (missing or unexpected: {shown})")
+
+
+def trained_classes(cfg) -> list[str]:
+    """The class list the model was trained on: ``cfg.classes``, else the dataset's."""
+    from weakclip.data.classes import COCO_CLASSES, VOC_CLASSES, read_class_file
+
+    if cfg.classes:
+        return list(cfg.classes)
+    kind = cfg.data.kind
+    if kind == "voc":
+        return list(VOC_CLASSES)
+    if kind == "coco":
+        return list(COCO_CLASSES)
+    if cfg.data.root and (Path(cfg.data.root) / "classes.txt").is_file():
+        return read_class_file(Path(cfg.data.root) / "classes.txt")
+    raise WeakclipError(
+        f"the checkpoint's config names no classes and its folder dataset {cfg.data.root} is not "
+        "readable here (classes.txt)"
+    )
+
+
+def normalization_of(cfg) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` (0-255, RGB) the model was trained with."""
+    from weakclip.data.transforms import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+
+    return (IMAGENET_MEAN, IMAGENET_STD) if cfg.data.normalize == "imagenet" else (CLIP_MEAN, CLIP_STD)
+
+
+def load_trained_model(checkpoint: str | Path, clip_weights: str | Path | None = None,
+                       device: str | torch.device = "cpu"):
+    """Rebuild the trained model in eval mode -> ``(model, config)``.
+
+    Args:
+        checkpoint: a ``checkpoints/iter_*.pth`` file or the training work folder (latest checkpoint).
+        clip_weights: the CLIP weights file the model was trained with; default: the path the
+            checkpoint records, when it exists. Unused when the checkpoint holds the towers itself
+            (the engine stores them when it trained without a weights file).
+        device: where to put the model.
+
+    Raises:
+        WeakclipError: unreadable checkpoint, missing CLIP weights (one line: pass --clip-weights),
+            or weights that do not fit.
+    """
+    from weakclip.config import Config
+    from weakclip.engine.checkpoint import load_checkpoint, load_trainable_state_dict
+    from weakclip.models.weakclip import build_model
+
+    path = resolve_checkpoint(checkpoint)
+    state = load_checkpoint(path)
+    if not isinstance(state.get("config"), Mapping):
+        raise WeakclipError(f"checkpoint {path} holds no config")
+    cfg = Config.from_dict(dict(state["config"]), source=f"config of {path}")
+    classes = trained_classes(cfg)
+    cfg.classes = classes
+    if _holds_towers(state["model"]):
+        # trained without a weights file: the checkpoint carries the towers it was trained with
+        model = build_model(cfg.model, classes, pretrained_download=False)
+        _load_everything(model, state["model"], path)
+        model.eval()
+        return model.to(device), cfg
+    if clip_weights is None:
+        recorded = _recorded_clip_weights(state)
+        if recorded is not None and Path(recorded).is_file():
+            clip_weights = recorded
+        else:
+            where = f" (it records {recorded}, which is not there)" if recorded else ""
+            raise WeakclipError(
+                f"checkpoint {path} needs the CLIP weights it was trained with{where}: "
+                f"pass --clip-weights FILE ({cfg.model.clip_arch})"
+            )
+    if not Path(clip_weights).is_file():
+        raise WeakclipError(f"CLIP weights file not found: {clip_weights}")
+    model = build_model(cfg.model, classes, clip_weights=clip_weights, pretrained_download=False)
+    load_trainable_state_dict(model, state["model"], f"checkpoint {path}")
+    model.eval()
+    return model.to(device), cfg

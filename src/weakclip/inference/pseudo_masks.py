@@ -1,0 +1,381 @@
+"""Pseudo masks for a whole dataset from a trained refinement model (pipeline stage 3).
+
+For each image of this process's shard (:func:`weakclip.distributed.shard`, so ``torchrun`` splits
+the work): multi-scale + flip sliding-window probabilities (:func:`multiscale_inference`), restricted
+to the image's labels plus background (the other classes' probabilities are set to zero and each pixel
+renormalised), argmax, then the full-resolution dense CRF. The CRF runs in a pool of worker processes
+fed through a bounded queue, so the model keeps producing while the CRF of earlier images runs.
+
+Output layout of ``out_dir``::
+
+    <id>.png                  the final pseudo mask (after CRF when the CRF is on), VOC palette PNG
+    no_crf/<id>.png           the mask before CRF (only when the CRF is on)
+    probs/<id>.npz            with save_probs: "keys" (int16 class ids) and "probs" (float16,
+                              len(keys) x H x W, before CRF) of the present classes: the allowed ones
+                              under label restriction, else background + the classes of the argmax
+    pseudo_masks_summary.json counts, failures, settings, timings and, with ground truth, the scores
+
+Resumable: an id whose ``<id>.png`` exists (and, with save_probs, its ``.npz``) is skipped; the PNG
+is written last, atomically, after its ``no_crf`` mask and probabilities, so an interrupted run
+continues where it stopped and produces the same files as an uninterrupted one. An image that
+cannot be read is reported on stderr, skipped and listed in the summary. With ground truth the
+summary holds the mIoU before and after CRF over every mask of the split (those found from earlier
+runs too), summed over the processes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from weakclip.data.io import read_image, read_label_png, write_json_atomic, write_label_png
+from weakclip.data.transforms import CLIP_MEAN, CLIP_STD
+from weakclip.errors import DataError
+from weakclip.inference.jobs import JobLedger, gather_objects, jsonable, warn, write_npz_atomic
+from weakclip.inference.sliding import RELEASE_SCALES, multiscale_inference
+from weakclip.metrics import ConfusionMatrix
+
+__all__ = ["SUMMARY_NAME", "format_summary", "generate_pseudo_masks", "restrict_probs"]
+
+SUMMARY_NAME = "pseudo_masks_summary.json"
+
+
+def restrict_probs(probs: np.ndarray, labels: np.ndarray | Sequence[float] | None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the classes of ``labels`` (multi-hot, background always kept) -> ``(keys, probs[keys])``.
+
+    The kept probabilities are renormalised to sum to 1 at each pixel (a pixel whose kept classes all
+    have probability 0 becomes background). ``labels=None`` keeps every class.
+    """
+    k = probs.shape[0]
+    if labels is None:
+        return np.arange(k), probs
+    allowed = np.asarray(labels, dtype=np.float32).reshape(-1) > 0
+    if allowed.shape[0] != k:
+        raise ValueError(f"labels have {allowed.shape[0]} entries, the probabilities {k} classes")
+    allowed[0] = True
+    keys = np.flatnonzero(allowed)
+    kept = probs[keys]
+    total = kept.sum(axis=0, keepdims=True)
+    empty = total <= 0
+    if empty.any():
+        kept = kept.copy()
+        kept[0][empty[0]] = 1.0
+        total = np.where(empty, 1.0, total)
+    return keys, kept / total
+
+
+def _crf_job(image: np.ndarray, probs: np.ndarray, keys: np.ndarray, params, out_png: str
+             ) -> tuple[np.ndarray, float]:
+    """Dense CRF of one image, written to ``out_png`` -> (mask, seconds). Runs in a worker process."""
+    from weakclip.crf import dense_crf_numpy
+
+    start = time.perf_counter()
+    q = dense_crf_numpy(image, probs, params)
+    mask = np.asarray(keys, dtype=np.uint8)[q.argmax(axis=0)]
+    write_label_png(out_png, mask)
+    return mask, time.perf_counter() - start
+
+
+def _mp_context(start_method: str | None):
+    """``fork`` (cheap, no re-import of ``__main__``) unless CUDA is initialised here, then ``spawn``.
+
+    A forked child of a CUDA process must not touch CUDA; the CRF workers never do, but a CUDA
+    context does not survive fork cleanly on every driver, so spawn is the safe choice there.
+    """
+    import multiprocessing
+
+    if start_method is None:
+        forkable = "fork" in multiprocessing.get_all_start_methods()
+        start_method = "fork" if forkable and not torch.cuda.is_initialized() else "spawn"
+    return multiprocessing.get_context(start_method)
+
+
+class _CrfQueue:
+    """Runs :func:`_crf_job` in ``workers`` processes (inline when 0) with at most ``max_pending`` queued."""
+
+    def __init__(self, workers: int, max_pending: int | None, on_done, start_method: str | None = None
+                 ) -> None:
+        self.start_method = start_method
+        self.workers = max(0, int(workers))
+        self.max_pending = max(1, int(max_pending) if max_pending else 2 * max(1, self.workers))
+        self.on_done = on_done
+        self.pending: dict[Future, str] = {}
+        self.pool: ProcessPoolExecutor | None = None
+        self.seconds = 0.0
+        self.done = 0
+
+    def _finish(self, ident: str, result: tuple[np.ndarray, float]) -> None:
+        mask, seconds = result
+        self.seconds += seconds
+        self.done += 1
+        self.on_done(ident, mask)
+
+    def _collect(self, block_until: int) -> None:
+        while len(self.pending) > block_until:
+            finished, _ = wait(list(self.pending), return_when=FIRST_COMPLETED)
+            for fut in finished:
+                ident = self.pending.pop(fut)
+                self._finish(ident, fut.result())
+
+    def submit(self, ident: str, *args: Any) -> None:
+        if self.workers == 0:
+            self._finish(ident, _crf_job(*args))
+            return
+        if self.pool is None:
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=_mp_context(self.start_method))
+        self._collect(self.max_pending - 1)
+        self.pending[self.pool.submit(_crf_job, *args)] = ident
+
+    def drain(self) -> None:
+        self._collect(0)
+
+    def close(self, cancel: bool = False) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=cancel)
+            self.pool = None
+
+
+def generate_pseudo_masks(
+    model: torch.nn.Module,
+    dataset,
+    out_dir: str | Path,
+    *,
+    scales: Sequence[float] = RELEASE_SCALES,
+    flip: bool = True,
+    crop: int = 512,
+    stride: int = 341,
+    base_scale: Sequence[int] = (2048, 512),
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+    crf_params=None,
+    restrict_to_labels: bool = True,
+    save_probs: bool = False,
+    crf_workers: int = 2,
+    max_pending: int | None = None,
+    start_method: str | None = None,
+    window_batch: int = 1,
+    autocast_dtype: torch.dtype | None = None,
+    evaluate: bool = True,
+    limit: int | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write the pseudo masks of ``dataset`` to ``out_dir`` (layout in the module docstring).
+
+    Args:
+        model: the trained refinement model (eval mode), on the device to run on.
+        dataset: a :class:`~weakclip.data.datasets.SegDataset` (ids, classes, labels, optional GT).
+        scales, flip, crop, stride, base_scale: test-time augmentation (:func:`multiscale_inference`).
+        mean, std: the normalisation the model was trained with.
+        crf_params: a :class:`~weakclip.crf.DenseCRFParams` (``VOC_CRF``, ``COCO_CRF``) or None (no CRF).
+        restrict_to_labels: zero the classes outside the image's labels (background always allowed).
+        save_probs: also write ``probs/<id>.npz``.
+        crf_workers: CRF worker processes (0: run the CRF in this process); ``max_pending`` bounds the
+            images waiting for them (default twice the workers). ``start_method`` of the workers:
+            default ``fork`` on CPU, ``spawn`` once CUDA is initialised (scripts then need the
+            ``if __name__ == "__main__":`` guard).
+        window_batch, autocast_dtype: passed to the sliding window (speed on GPU).
+        evaluate: score against the ground truth when the dataset has it.
+        limit: stop after writing this many images in this process (the rest is left for a later run).
+        rank, world_size: this process's share; default from the ``torchrun`` environment.
+        progress: progress bar and messages on rank 0.
+
+    Returns the summary (the same on every process; rank 0 also writes it to ``SUMMARY_NAME``): counts
+    (``written``, ``skipped_existing``, ``failed`` with ``failures`` {id: message}), ``settings``,
+    ``model_seconds_per_image``, ``crf_seconds_per_image`` and, with ground truth, ``miou`` (final
+    masks), ``miou_before_crf`` / ``miou_after_crf`` (when the CRF is on), per-class ``iou_*``,
+    ``unscored`` {id: message} and the :class:`~weakclip.metrics.SegScores` under ``"scores"``
+    (left out of the JSON file).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    use_crf = crf_params is not None
+    no_crf_dir = out_dir / "no_crf"
+    probs_dir = out_dir / "probs"
+    classes = list(dataset.classes)
+    num_classes = len(classes)
+    if getattr(model, "num_classes", num_classes) != num_classes:
+        raise DataError(f"the model predicts {model.num_classes} classes, the dataset has {num_classes}")
+    with_gt = evaluate and bool(getattr(dataset, "has_gt", False))
+    cm_before = ConfusionMatrix(classes)
+    cm_after = ConfusionMatrix(classes)
+    unscored: list[tuple[str, str]] = []
+    gts: dict[str, np.ndarray] = {}  # ground truth of images whose CRF is still running
+
+    def crf_done(ident: str, mask: np.ndarray) -> None:
+        gt = gts.pop(ident, None)
+        if gt is not None:
+            cm_after.update(mask, gt, name=f"{out_dir / ident}.png")
+
+    ledger = JobLedger("pseudo-masks", dataset.ids, rank=rank, world_size=world_size, progress=progress,
+                       limit=limit)
+    queue = _CrfQueue(crf_workers if use_crf else 0, max_pending, crf_done, start_method)
+    model_seconds = 0.0
+    computed = 0
+    ok = False
+    was_training = model.training
+    model.eval()  # dropout / stochastic depth off: the masks must not depend on the run
+    try:
+        for i in ledger:
+            ident = dataset.ids[i]
+            final = out_dir / f"{ident}.png"
+            if final.is_file() and (not save_probs or (probs_dir / f"{ident}.npz").is_file()):
+                ledger.skip(ident)
+                if with_gt:
+                    _score_existing(dataset, i, final, no_crf_dir / f"{ident}.png" if use_crf else final,
+                                    cm_before, cm_after, unscored, ledger)
+                continue
+            try:
+                image = read_image(dataset.image_path(i))
+                labels = dataset.get_labels(i) if restrict_to_labels else None
+            except DataError as exc:
+                ledger.fail(ident, exc)
+                continue
+            gt = None
+            if with_gt:
+                try:
+                    gt = dataset.read_gt(i, image.shape[:2])
+                except DataError as exc:
+                    unscored.append((ident, str(exc)))
+                    warn(f"pseudo-masks: {ident!r} not scored: {exc}", ledger.bar)
+
+            start = time.perf_counter()
+            probs = multiscale_inference(model, image, scales, flip, crop, stride, mean, std, base_scale,
+                                         num_classes=num_classes, window_batch=window_batch,
+                                         autocast_dtype=autocast_dtype)
+            probs = probs.cpu().numpy()
+            model_seconds += time.perf_counter() - start
+            computed += 1
+
+            keys, kept = restrict_probs(probs, labels)
+            del probs
+            mask = keys.astype(np.uint8)[kept.argmax(axis=0)]
+            if save_probs:
+                present = keys if restrict_to_labels else np.union1d([0], np.unique(mask))
+                rows = np.searchsorted(keys, present)
+                write_npz_atomic(probs_dir / f"{ident}.npz", keys=present.astype(np.int16),
+                                 probs=kept[rows].astype(np.float16))
+            if gt is not None:
+                cm_before.update(mask, gt, name=f"{no_crf_dir / ident}.png")
+            if use_crf:
+                write_label_png(no_crf_dir / f"{ident}.png", mask)
+                if gt is not None:
+                    gts[ident] = gt
+                queue.submit(ident, image, np.ascontiguousarray(kept, dtype=np.float32), keys, crf_params,
+                             str(final))
+            else:
+                write_label_png(final, mask)
+                if gt is not None:
+                    cm_after.update(mask, gt, name=str(final))
+            ledger.wrote(ident)
+        queue.drain()
+        ok = True
+    finally:
+        queue.close(cancel=not ok)
+        model.train(was_training)
+
+    summary = ledger.summary()
+    seconds = gather_objects([(computed, model_seconds, queue.done, queue.seconds)])
+    n_model = sum(s[0] for s in seconds)
+    n_crf = sum(s[2] for s in seconds)
+    summary.update({
+        "out_dir": str(out_dir),
+        "settings": {
+            "scales": [float(s) for s in scales], "flip": bool(flip), "crop": int(crop),
+            "stride": int(stride), "base_scale": [int(v) for v in base_scale],
+            "restrict_to_labels": bool(restrict_to_labels),
+            "crf": None if crf_params is None else _params_dict(crf_params),
+            "save_probs": bool(save_probs),
+        },
+        "model_seconds_per_image": sum(s[1] for s in seconds) / n_model if n_model else None,
+        "crf_seconds_per_image": sum(s[3] for s in seconds) / n_crf if n_crf else None,
+    })
+    scores: dict[str, Any] = {}
+    if with_gt:
+        unscored_all = gather_objects(unscored)
+        cm_before.all_reduce()
+        cm_after.all_reduce()
+        before, after = cm_before.scores(), cm_after.scores()
+        summary["unscored"] = dict(unscored_all)
+        summary["miou"] = after.miou
+        summary["iou"] = dict(zip(classes, after.iou.tolist()))
+        if use_crf:
+            summary["miou_before_crf"] = before.miou
+            summary["miou_after_crf"] = after.miou
+            summary["iou_before_crf"] = dict(zip(classes, before.iou.tolist()))
+            scores = {"before_crf": before, "after_crf": after}
+        else:
+            scores = {"final": after}
+    if ledger.rank == 0:
+        write_json_atomic(out_dir / SUMMARY_NAME, jsonable(summary))
+    if scores:
+        summary["scores"] = scores
+    return summary
+
+
+def _params_dict(params) -> dict[str, Any] | str:
+    import dataclasses
+
+    return dataclasses.asdict(params) if dataclasses.is_dataclass(params) else str(params)
+
+
+def _score_existing(dataset, i: int, final: Path, before: Path, cm_before: ConfusionMatrix,
+                    cm_after: ConfusionMatrix, unscored: list, ledger: JobLedger) -> None:
+    """Add the masks an earlier run wrote for item ``i`` to the confusion matrices."""
+    ident = dataset.ids[i]
+    k = len(dataset.classes)
+    try:
+        gt = dataset.read_gt(i)
+        after = read_label_png(final, expected_hw=gt.shape, num_classes=k, what="pseudo mask")
+        prior = after if before == final else read_label_png(before, expected_hw=gt.shape, num_classes=k,
+                                                             what="pseudo mask")
+    except DataError as exc:
+        unscored.append((ident, str(exc)))
+        warn(f"pseudo-masks: existing mask of {ident!r} not scored: {exc}", ledger.bar)
+        return
+    if (prior == 255).any() or (after == 255).any():
+        unscored.append((ident, f"{final} holds 255 (unsure) pixels: not a pseudo mask of this command"))
+        return
+    cm_before.update(prior, gt, name=str(before))
+    cm_after.update(after, gt, name=str(final))
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A text report of :func:`generate_pseudo_masks`'s summary, with the mIoU tables when scored."""
+    lines = [
+        f"pseudo masks in {summary['out_dir']}: {summary['written']} written, "
+        f"{summary['skipped_existing']} already there, {summary['failed']} failed "
+        f"(of {summary['images']} images)" + ("" if summary.get("complete", True) else "; stopped early")
+    ]
+    if summary.get("model_seconds_per_image") is not None:
+        lines.append(f"model {summary['model_seconds_per_image']:.3f} s per image")
+    if summary.get("crf_seconds_per_image") is not None:
+        lines.append(f"CRF {summary['crf_seconds_per_image']:.3f} s per image (in the worker processes)")
+    failures = list(summary.get("failures", {}).items())
+    for ident, msg in failures[:20]:
+        lines.append(f"  failed {ident}: {msg}")
+    if len(failures) > 20:
+        lines.append(f"  ... and {len(failures) - 20} more (see {SUMMARY_NAME})")
+    unscored = list(summary.get("unscored", {}).items())
+    for ident, msg in unscored[:5]:
+        lines.append(f"  not scored {ident}: {msg}")
+    scores = summary.get("scores") or {}
+    if "before_crf" in scores:
+        lines.append("before CRF:")
+        lines.append(scores["before_crf"].table())
+        lines.append("after CRF:")
+        lines.append(scores["after_crf"].table())
+        lines.append(f"mIoU before CRF {100 * summary['miou_before_crf']:.2f}%, "
+                     f"after CRF {100 * summary['miou_after_crf']:.2f}%")
+    elif "final" in scores:
+        lines.append(scores["final"].table())
+        lines.append(f"mIoU {100 * summary['miou']:.2f}% (no CRF)")
+    return "\n".join(lines)
