@@ -38,11 +38,11 @@ def run_generate(args: argparse.Namespace) -> int:
     if missing:
         raise WeakclipError(f"{', '.join(missing)} required to generate seeds "
                             "(or use 'weakclip seeds check DIR' to validate a folder)")
-    from weakclip.data.io import write_json_atomic
+    from weakclip.data.io import jsonable, write_json_atomic
     from weakclip.distributed import cleanup, init_distributed
     from weakclip.models.clip import build_clip
     from weakclip.seeds.clip_es import ClipEsConfig, ClipEsSeeder
-    from weakclip.seeds.run import format_summary, generate_seeds, jsonable
+    from weakclip.seeds.run import format_summary, generate_seeds
 
     info = init_distributed(args.device)
     try:

@@ -264,3 +264,17 @@ def read_json(path: str | Path, what: str = "JSON file") -> Any:
             return json.load(fh)
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise DataError(f"cannot parse {what} {path}: {_reason(exc)}") from exc
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` made fit for strict JSON, recursively: NaN (absent classes) -> None, numpy scalars ->
+    Python numbers, tuples -> lists, keys -> strings."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and obj != obj:
+        return None
+    return obj

@@ -24,7 +24,7 @@ import numpy as np
 
 from weakclip.distributed import env_world, shard
 
-__all__ = ["JobLedger", "gather_objects", "jsonable", "sum_counts", "warn", "write_npz_atomic"]
+__all__ = ["JobLedger", "gather_objects", "sum_counts", "warn", "write_npz_atomic"]
 
 # A fixed timestamp for the members of .npz files: numpy's savez stamps the current time, which
 # would make two runs of a job differ byte for byte.
@@ -73,17 +73,6 @@ def warn(message: str, bar: Any = None) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def jsonable(obj: Any) -> Any:
-    """NaN -> None and numpy scalars -> Python numbers, recursively (for JSON summaries)."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and obj != obj:
-        return None
-    return obj
 
 
 def write_npz_atomic(path: str | Path, compress: bool = True, **arrays: np.ndarray) -> Path:

@@ -34,10 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from weakclip.data.io import read_image, read_label_png, write_json_atomic, write_label_png
+from weakclip.data.io import jsonable, read_image, read_label_png, write_json_atomic, write_label_png
 from weakclip.data.transforms import CLIP_MEAN, CLIP_STD
 from weakclip.errors import DataError
-from weakclip.inference.jobs import JobLedger, gather_objects, jsonable, warn, write_npz_atomic
+from weakclip.inference.jobs import JobLedger, gather_objects, warn, write_npz_atomic
 from weakclip.inference.sliding import RELEASE_SCALES, multiscale_inference
 from weakclip.metrics import ConfusionMatrix
 

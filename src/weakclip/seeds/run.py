@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from weakclip.data.io import read_image, read_label_png, write_json_atomic, write_label_png
+from weakclip.data.io import jsonable, read_image, read_label_png, write_json_atomic, write_label_png
 from weakclip.distributed import env_world, shard
 from weakclip.errors import DataError
 from weakclip.metrics import ConfusionMatrix
 
-__all__ = ["format_summary", "generate_seeds", "jsonable", "write_cams_npz"]
+__all__ = ["format_summary", "generate_seeds", "write_cams_npz"]
 
 
 def write_cams_npz(path: str | Path, cams: np.ndarray, keys) -> Path:
@@ -233,14 +233,6 @@ def _warn(msg: str, with_bar: bool) -> None:
     else:
         print(msg, file=sys.stderr)
 
-
-def jsonable(obj):
-    """``obj`` with NaN floats (absent classes) as None, so that the JSON is strict."""
-    if isinstance(obj, dict):
-        return {k: jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, float) and obj != obj:
-        return None
-    return obj
 
 
 def format_summary(summary: dict) -> str:
