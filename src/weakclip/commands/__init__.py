@@ -10,6 +10,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "weakclip.commands.weights",
     "weakclip.commands.seeds",
     "weakclip.commands.train",
+    "weakclip.commands.retrain",
     "weakclip.commands.pseudo_masks",
     "weakclip.commands.predict",
 )

@@ -1,0 +1,136 @@
+"""``weakclip retrain``: train a DeepLab-family network on pseudo masks, then evaluate it on val."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+# direct flag -> config key
+_FLAG_KEYS: tuple[tuple[str, str], ...] = (
+    ("dataset", "data.kind"),
+    ("split", "data.split"),
+    ("val_split", "data.val_split"),
+    ("model", "model.name"),
+    ("output_stride", "model.output_stride"),
+    ("backbone_weights", "model.backbone_weights"),
+    ("iters", "train.iters"),
+    ("batch_size", "train.batch_size"),
+    ("lr", "train.lr"),
+    ("optimizer", "train.optimizer"),
+    ("crop_size", "data.crop_size"),
+    ("seed", "train.seed"),
+    ("num_workers", "data.num_workers"),
+)
+
+
+def build_retrain_config(args: argparse.Namespace):
+    """The preset, then ``--data-root``/``--masks``, the direct flags, the eval switches, then ``--set``."""
+    from weakclip.retrain.evaluate import MS_SCALES
+    from weakclip.retrain.train import apply_retrain_overrides, load_retrain_preset
+
+    cfg = load_retrain_preset(args.preset)
+    overrides = []
+    if args.data_root is not None:
+        overrides.append(f"data.root={args.data_root}")
+    if args.masks is not None:
+        overrides.append(f"data.masks={args.masks}")
+    for attr, key in _FLAG_KEYS:
+        value = getattr(args, attr)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.no_pretrained:
+        overrides.append("model.pretrained_backbone=false")
+    if args.ms_eval:
+        overrides += ["eval.scales=" + ",".join(str(s) for s in MS_SCALES), "eval.flip=true"]
+    if args.crf:
+        overrides.append("eval.crf=true")
+    overrides += list(args.set or [])
+    return apply_retrain_overrides(cfg, overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    from weakclip.distributed import env_world
+    from weakclip.errors import WeakclipError
+    from weakclip.retrain.train import retrain
+
+    if args.backbone_weights is not None and args.no_pretrained:
+        raise WeakclipError("--backbone-weights and --no-pretrained exclude each other")
+    cfg = build_retrain_config(args)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    if not cfg.data.root:
+        raise WeakclipError("no dataset given: pass --data-root")
+    if not cfg.data.masks:
+        raise WeakclipError("no pseudo masks given: pass --masks DIR (a folder of <id>.png label maps, "
+                            "255 = ignore)")
+    if cfg.model.backbone_weights is not None and not Path(cfg.model.backbone_weights).is_file():
+        raise WeakclipError(f"backbone weights file not found: {cfg.model.backbone_weights}")
+    summary = retrain(cfg, cfg.data.masks, None, args.workdir, resume=args.resume, device=args.device,
+                      max_iters_this_run=args.max_iters_this_run, evaluate=not args.no_eval,
+                      progress=not args.quiet, pred_dir=args.save_predictions)
+    if env_world()[0] == 0:
+        keep = ("workdir", "start_iter", "end_iter", "total_iters", "finished", "iterations_run", "seconds",
+                "checkpoint")
+        slim = {k: summary[k] for k in keep if k in summary}
+        if "eval" in summary:
+            slim["val_miou"] = summary["eval"]["miou"]
+        print(json.dumps(slim, indent=1, default=str))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "retrain", help="train a DeepLab network on pseudo masks and evaluate it on val",
+        description="Stage 4: train a torchvision segmentation network (DeepLabV3-ResNet101 by default) on "
+                    "the pseudo masks with the usual WSSS recipe (SGD + poly, random scale/crop/flip, 255 "
+                    "ignored; see the retrain_voc / retrain_coco presets), then evaluate it on val and write "
+                    "<workdir>/eval.json. Runs alone or under `torchrun --nproc_per_node=N` (--batch-size is "
+                    "GLOBAL). Settings: the preset, then the flags, then --set key=value.")
+    p.add_argument("--masks", type=Path, default=None,
+                   help="folder of pseudo-mask PNGs (<id>.png, 255 = ignore)")
+    p.add_argument("--data-root", type=Path, default=None,
+                   help="dataset root (VOC2012, prepared COCO, folder)")
+    p.add_argument("--dataset", choices=["voc", "coco", "folder"], default=None,
+                   help="dataset layout (default: the preset's)")
+    p.add_argument("--split", default=None, help="training split (default: the preset's, e.g. train_aug)")
+    p.add_argument("--val-split", default=None, help="validation split (default: the preset's, e.g. val)")
+    p.add_argument("--workdir", type=Path, required=True,
+                   help="output folder: config.yaml, log.csv, checkpoints/, eval.json")
+    p.add_argument("--preset", default="voc", help="voc, coco, or a retrain config .yaml (default voc)")
+    p.add_argument("--model", default=None,
+                   help="network: deeplabv3_resnet101 (default), deeplabv3_resnet50, "
+                        "deeplabv3plus_resnet101, fcn_resnet50, lraspp_mobilenet_v3_large, ... (any "
+                        "torchvision segmentation builder)")
+    p.add_argument("--output-stride", type=int, choices=[8, 16, 32], default=None,
+                   help="output stride of ResNet backbones (default 16)")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--backbone-weights", type=Path, default=None,
+                         help="ImageNet state dict of the backbone (e.g. torchvision's "
+                              "resnet101-63fe2227.pth)")
+    weights.add_argument("--no-pretrained", action="store_true",
+                         help="train from random initialisation (no ImageNet weights)")
+    p.add_argument("--iters", type=int, default=None, help="total iterations (train.iters)")
+    p.add_argument("--batch-size", type=int, default=None, help="GLOBAL batch size (train.batch_size)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="backbone learning rate; the head gets x head_lr_mult")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default=None, help="train.optimizer")
+    p.add_argument("--crop-size", type=int, default=None, help="training crop (data.crop_size)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (train.seed)")
+    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers per process")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="override any config value, e.g. train.head_lr_mult=10 (repeatable)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the workdir's latest checkpoint (a finished run is only re-evaluated)")
+    p.add_argument("--max-iters-this-run", type=int, default=None,
+                   help="stop (with a checkpoint) after this many iterations; continue later with --resume")
+    p.add_argument("--ms-eval", action="store_true", help="evaluate at scales 0.5-1.75 with flip")
+    p.add_argument("--crf", action="store_true", help="dense CRF on the evaluation's probabilities")
+    p.add_argument("--no-eval", action="store_true", help="train only")
+    p.add_argument("--save-predictions", type=Path, default=None,
+                   help="write the val predictions (PNGs) here")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    p.add_argument("--print-config", action="store_true", help="print the resulting config and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)

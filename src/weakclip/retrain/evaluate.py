@@ -1,0 +1,109 @@
+"""Validation of a retrained segmenter: multi-scale + flip inference, optional dense CRF, confusion-matrix
+mIoU.
+
+Each image is evaluated at its full resolution: for every scale ``s`` the normalised image is resized
+(bilinear) to ``s`` times its size, the logits are resized back and turned into probabilities; with ``flip``
+the mirrored image is added too; the softmax maps are averaged. With a CRF the averaged probabilities are
+refined by :func:`weakclip.crf.dense_crf_numpy` (pydensecrf2) on the original RGB image. The argmax is scored
+against the ground truth (255 ignored) with :class:`weakclip.metrics.ConfusionMatrix`; under torchrun every
+process takes every ``world_size``-th image and the matrices are summed across processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from weakclip.distributed import DistInfo
+from weakclip.metrics import ConfusionMatrix, SegScores
+
+__all__ = ["MS_SCALES", "evaluate_segmenter", "predict_probs", "write_eval"]
+
+#: The usual multi-scale test set (DeepLab / the release's inference scales).
+MS_SCALES: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+
+
+@torch.no_grad()
+def predict_probs(model: nn.Module, image: np.ndarray, mean: Sequence[float], std: Sequence[float],
+                  scales: Sequence[float] = (1.0,), flip: bool = False,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """Softmax probabilities K x H x W (CPU float32) of one ``H x W x 3`` uint8 image, averaged over
+    ``scales`` (and their mirror images with ``flip``)."""
+    device = torch.device(device)
+    x = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None].float()
+    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    x = (x - m) / s
+    h, w = x.shape[-2:]
+    total = None
+    n = 0
+    for scale in scales:
+        size = (max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5)))
+        xs = x if size == (h, w) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        batch = torch.cat([xs, xs.flip(-1)]) if flip else xs
+        logits = model(batch).float()
+        if flip:
+            logits = torch.stack([logits[0], logits[1].flip(-1)])
+        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+        probs = logits.softmax(dim=1).sum(dim=0)
+        total = probs if total is None else total + probs
+        n += logits.shape[0]
+    return (total / n).cpu()
+
+
+def evaluate_segmenter(model: nn.Module, dataset, *, mean: Sequence[float], std: Sequence[float],
+                       scales: Sequence[float] = (1.0,), flip: bool = False, crf=None,
+                       info: DistInfo | None = None, progress: bool = True, max_images: int | None = None,
+                       pred_dir: str | Path | None = None) -> tuple[SegScores, dict[str, Any]]:
+    """mIoU of ``model`` on ``dataset`` (which must have ground truth); ``crf``: a
+    :class:`weakclip.crf.DenseCRFParams` or None. Returns the merged scores and a record of the settings.
+    ``pred_dir``: also write each prediction as a palette PNG there."""
+    from tqdm import tqdm
+
+    from weakclip.data.io import write_label_png
+    from weakclip.errors import DataError
+
+    if not getattr(dataset, "has_gt", False):
+        raise DataError(f"the validation set {dataset!r} has no ground-truth masks to evaluate against")
+    rank, world = (info.rank, info.world_size) if info is not None else (0, 1)
+    device = info.device if info is not None else next(model.parameters()).device
+    n = len(dataset) if max_images is None else min(len(dataset), int(max_images))
+    indices = list(range(rank, n, world))
+    cm = ConfusionMatrix(dataset.classes)
+    was_training = model.training
+    model.eval()
+    try:
+        bar = tqdm(indices, desc="evaluate", disable=not progress or rank != 0, dynamic_ncols=True)
+        for i in bar:
+            sample = dataset[i]
+            probs = predict_probs(model, sample["image"], mean, std, scales, flip, device)
+            if crf is not None:
+                from weakclip.crf import dense_crf_numpy
+
+                pred = dense_crf_numpy(sample["image"], probs.numpy(), crf).argmax(axis=0)
+            else:
+                pred = probs.argmax(dim=0).numpy()
+            pred = pred.astype(np.uint8)
+            cm.update(pred, sample["gt"], name=str(sample["id"]))
+            if pred_dir is not None:
+                write_label_png(Path(pred_dir) / f"{sample['id']}.png", pred)
+    finally:
+        model.train(was_training)
+    cm.all_reduce()
+    record = {"images": n, "scales": [float(s) for s in scales], "flip": bool(flip),
+              "crf": None if crf is None else dataclasses.asdict(crf)}
+    return cm.scores(), record
+
+
+def write_eval(path: str | Path, scores: SegScores, record: dict[str, Any]) -> Path:
+    """Write the scores (percent) and the record as JSON, atomically."""
+    from weakclip.data.io import write_json_atomic
+
+    return write_json_atomic(path, {**scores.to_dict(), **record})
