@@ -11,7 +11,8 @@ def test_help_lists_the_subcommands(capsys):
         main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for command in ("evaluate", "prepare", "synth", "weights"):
+    for command in ("evaluate", "prepare", "synth", "weights", "seeds", "train", "pseudo-masks", "predict",
+                    "retrain", "run", "demo"):
         assert command in out
 
 

@@ -13,4 +13,5 @@ COMMAND_MODULES: tuple[str, ...] = (
     "weakclip.commands.retrain",
     "weakclip.commands.pseudo_masks",
     "weakclip.commands.predict",
+    "weakclip.commands.run",
 )

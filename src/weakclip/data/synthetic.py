@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from weakclip.data.classes import IGNORE_INDEX, voc_palette
+from weakclip.data.io import write_text_atomic
 from weakclip.errors import DataError
 
 #: Object classes in order; ``make_synthetic_dataset(n_classes=k)`` uses the first ``k``.
@@ -369,7 +370,8 @@ def make_synthetic_dataset(root: str | Path, *, n_train: int = 24, n_val: int = 
             splits[split].append(sid)
 
     (root / "classes.txt").write_text("\n".join(classes) + "\n", encoding="utf-8")
-    (root / "labels.json").write_text(json.dumps(labels, indent=1) + "\n", encoding="utf-8")
     for split, ids in splits.items():
         (root / "splits" / f"{split}.txt").write_text("".join(f"{s}\n" for s in ids), encoding="utf-8")
+    # Written last and atomically: its presence means the dataset is complete.
+    write_text_atomic(root / "labels.json", json.dumps(labels, indent=1) + "\n")
     return root

@@ -100,6 +100,8 @@ CLIP_ARCHS: dict[str, ClipArch] = {
         ClipArch("ViT-L/14@336px", 336, 14, 1024, 24, 16, 768, 768, 12, 12, out_blocks=(6, 12, 18, 24)),
         # For tests only: 4x4 patch grid at 64 px, real vocabulary so that the real tokenizer works.
         ClipArch("tiny", 64, 16, 64, 4, 2, 32, 32, 2, 2, out_blocks=(1, 2, 3, 4)),
+        # For the demo and tests that train: patch 8, so that a 64-96 px image has an 8-12 token grid.
+        ClipArch("tiny-p8", 64, 8, 64, 4, 2, 32, 32, 2, 2, out_blocks=(1, 2, 3, 4)),
     )
 }
 

@@ -1,0 +1,73 @@
+"""``weakclip run``: the whole pipeline; ``weakclip demo``: the same on the embedded synthetic data."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def run_pipeline(args: argparse.Namespace) -> int:
+    from weakclip.distributed import cleanup
+    from weakclip.pipeline import Pipeline, PipelineConfig, PseudoMaskSettings
+
+    pseudo = PseudoMaskSettings(crf=args.crf, restrict_to_labels=not args.no_restrict,
+                                crf_workers=args.crf_workers)
+    if args.pseudo_scales:
+        pseudo.scales = tuple(args.pseudo_scales)
+    cfg = PipelineConfig(workdir=args.workdir, data_root=args.data_root, preset=args.preset,
+                         retrain_preset=args.retrain_preset, dataset=args.dataset, train_split=args.split,
+                         val_split=args.val_split, clip_weights=args.clip_weights, seeds=args.seeds,
+                         refine_overrides=list(args.set), retrain_overrides=list(args.retrain_set),
+                         pseudo=pseudo, device=args.device, progress=not args.quiet)
+    try:
+        Pipeline(cfg).run()
+    finally:
+        cleanup()
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from weakclip.demo import DemoSize, run_demo
+
+    run_demo(args.workdir, DemoSize.small() if args.small else DemoSize(), device=args.device,
+             progress=not args.quiet)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "run", help="the whole pipeline: seeds -> refinement -> pseudo masks -> retraining -> val mIoU",
+        description="Runs every stage in --workdir (one folder each, with its config, log and metrics); "
+                    "finished stages are skipped, interrupted ones resumed. Ends with a summary table and "
+                    "report.json. Works the same under torchrun.")
+    p.add_argument("--preset", default="voc", help="refinement preset: voc, coco or a .yaml (default voc)")
+    p.add_argument("--retrain-preset", default=None, help="retraining preset (default: voc, or coco)")
+    p.add_argument("--data-root", required=True, type=Path, help="dataset root (VOC2012, COCO, folder)")
+    p.add_argument("--dataset", choices=["voc", "coco", "folder"], default=None)
+    p.add_argument("--split", default=None, help="training split (default: the preset's, e.g. train_aug)")
+    p.add_argument("--val-split", default=None, help="val split for the final evaluation (default: val)")
+    p.add_argument("--clip-weights", type=Path, default=None, help="CLIP ViT-B/16 weights (see README)")
+    p.add_argument("--seeds", type=Path, default=None, help="external seed PNGs (default: built-in CLIP-ES)")
+    p.add_argument("--workdir", required=True, type=Path)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="refinement override, e.g. --set train.iters=10000 (repeatable)")
+    p.add_argument("--retrain-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="retraining override, e.g. --retrain-set model.name=deeplabv3plus_resnet101")
+    p.add_argument("--pseudo-scales", type=float, nargs="+", default=None,
+                   help="pseudo-mask test scales (default: the release's 0.5 .. 1.75)")
+    p.add_argument("--crf", choices=["auto", "voc", "coco", "none"], default="auto",
+                   help="full-resolution CRF of the pseudo masks (auto: by dataset)")
+    p.add_argument("--no-restrict", action="store_true", help="do not restrict pseudo masks to the labels")
+    p.add_argument("--crf-workers", type=int, default=2)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=run_pipeline)
+
+    d = sub.add_parser("demo", help="the whole pipeline on the embedded synthetic dataset (CPU, minutes)",
+                       description="Synthetic data + a tiny random CLIP: refinement, pseudo masks, "
+                                   "retraining; writes report.json, overlays/ and losses.png in --workdir.")
+    d.add_argument("--workdir", type=Path, default=Path("weakclip_demo"))
+    d.add_argument("--small", action="store_true", help="a reduced size (what the test suite runs)")
+    d.add_argument("--device", default=None)
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=run_demo)

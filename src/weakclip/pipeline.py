@@ -1,0 +1,291 @@
+"""From image-level labels to a trained segmenter in one call: seeds -> refinement -> pseudo masks ->
+retraining -> val evaluation.
+
+Each stage works in its own folder of the work directory and, when it has finished, writes
+``<workdir>/<stage>/stage.json`` with its settings and metrics. A stage whose ``stage.json`` exists is
+skipped; a stage that was interrupted is resumed (the refinement and retraining from their latest
+checkpoints, the seeds and pseudo masks from the images already written). The run ends with one
+summary table and ``<workdir>/report.json``. Under ``torchrun`` every stage is shared by all processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from weakclip.errors import WeakclipError
+
+STAGES = ("seeds", "refine", "pseudo_masks", "retrain")
+
+
+@dataclass
+class PseudoMaskSettings:
+    """Test-time settings of the pseudo-mask stage (the release's by default)."""
+
+    scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+    flip: bool = True
+    crop: int = 512
+    stride: int = 341
+    base_scale: tuple[int, int] = (2048, 512)
+    crf: str = "auto"  # auto (by dataset: coco -> COCO params, else VOC), voc, coco, none
+    restrict_to_labels: bool = True
+    crf_workers: int = 2
+
+
+@dataclass
+class PipelineConfig:
+    """Everything ``weakclip run`` needs; the stage settings come from the presets plus overrides."""
+
+    workdir: Path
+    data_root: Path
+    preset: str = "voc"  # refinement preset (voc, coco or a YAML file)
+    retrain_preset: str | None = None  # default: the same name as ``preset`` (voc or coco)
+    dataset: str | None = None  # voc, coco, folder; default: the preset's
+    train_split: str | None = None  # default: the preset's
+    val_split: str | None = None  # default: the retrain preset's
+    clip_weights: Path | None = None
+    seeds: Path | None = None  # external seeds; None: built-in CLIP-ES seeds
+    refine_overrides: list[str] = field(default_factory=list)
+    retrain_overrides: list[str] = field(default_factory=list)
+    seed_overrides: dict[str, Any] = field(default_factory=dict)  # ClipEsConfig fields
+    pseudo: PseudoMaskSettings = field(default_factory=PseudoMaskSettings)
+    device: str | None = None
+    progress: bool = True
+
+
+def _percent(value: float | None) -> float | None:
+    return None if value is None or value != value else round(100.0 * float(value), 2)
+
+
+class Pipeline:
+    """The four stages over one work directory. ``run()`` does what is left and returns the report."""
+
+    def __init__(self, cfg: PipelineConfig, log: Callable[[str], None] = print):
+        from weakclip.config import apply_overrides, load_preset
+        from weakclip.retrain.train import apply_retrain_overrides, load_retrain_preset
+
+        self.cfg = cfg
+        self.workdir = Path(cfg.workdir)
+        if not Path(cfg.data_root).exists():
+            raise WeakclipError(f"dataset folder not found: {cfg.data_root}")
+        if cfg.clip_weights is not None and not Path(cfg.clip_weights).exists():
+            raise WeakclipError(f"CLIP weights file not found: {cfg.clip_weights}")
+        if cfg.seeds is not None and not Path(cfg.seeds).is_dir():
+            raise WeakclipError(f"seed folder not found: {cfg.seeds}")
+        self._log = log
+
+        refine = load_preset(cfg.preset)
+        kind = cfg.dataset or refine.data.kind
+        data = [f"data.kind={kind}", f"data.root={cfg.data_root}"]
+        if cfg.train_split:
+            data.append(f"data.split={cfg.train_split}")
+        self.refine_cfg = apply_overrides(refine, [*data, *cfg.refine_overrides])
+        self.kind = self.refine_cfg.data.kind
+        self.train_split = self.refine_cfg.data.split
+
+        retrain_name = cfg.retrain_preset or ("coco" if str(cfg.preset).lower() == "coco" else "voc")
+        retrain = load_retrain_preset(retrain_name)
+        r_data = [f"data.kind={self.kind}", f"data.root={cfg.data_root}", f"data.split={self.train_split}"]
+        if cfg.val_split:
+            r_data.append(f"data.val_split={cfg.val_split}")
+        self.retrain_cfg = apply_retrain_overrides(retrain, [*r_data, *cfg.retrain_overrides])
+
+    # ------------------------------------------------------------------ bookkeeping
+    def log(self, message: str) -> None:
+        from weakclip.distributed import env_world
+
+        if env_world()[0] == 0:
+            self._log(message)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.workdir / stage
+
+    def stage_record(self, stage: str) -> dict[str, Any] | None:
+        from weakclip.data.io import read_json
+
+        path = self.stage_dir(stage) / "stage.json"
+        return read_json(path, what="stage record") if path.is_file() else None
+
+    def _finish(self, stage: str, settings: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+        from weakclip.data.io import jsonable, write_json_atomic
+        from weakclip.distributed import barrier, env_world
+
+        record = {"stage": stage, "status": "complete", "settings": settings, "metrics": metrics}
+        if env_world()[0] == 0:
+            write_json_atomic(self.stage_dir(stage) / "stage.json", jsonable(record))
+        barrier()
+        return record
+
+    def _dataset(self, split: str | None, **kwargs):
+        from weakclip.data.datasets import build_dataset
+
+        return build_dataset(self.kind, self.cfg.data_root, split=split, **kwargs)
+
+    # ------------------------------------------------------------------ stages
+    def run_seeds(self) -> dict[str, Any]:
+        if self.cfg.seeds is not None:
+            return self._external_seeds(Path(self.cfg.seeds))
+        from weakclip.distributed import init_distributed
+        from weakclip.models.clip import build_clip
+        from weakclip.seeds.clip_es import ClipEsConfig, ClipEsSeeder
+        from weakclip.seeds.run import generate_seeds
+
+        info = init_distributed(self.cfg.device)
+        out = self.stage_dir("seeds")
+        dataset = self._dataset(self.train_split, seed_dir=None)
+        es_cfg = ClipEsConfig(**self.cfg.seed_overrides)
+        image_tower, text_tower = build_clip(self.refine_cfg.model.clip_arch, self.cfg.clip_weights,
+                                             device=info.device)
+        seeder = ClipEsSeeder(image_tower, dataset.classes, text_tower=text_tower, config=es_cfg)
+        summary = generate_seeds(dataset, seeder, out, rank=info.rank, world_size=info.world_size,
+                                 progress=self.cfg.progress)
+        if summary.get("failed"):
+            failed = sorted(summary["failures"])[:5]
+            raise WeakclipError(f"seeds: {summary['failed']} images failed ({failed}); fix or remove them "
+                                "and run again")
+        metrics = {"seeds_miou": summary.get("miou"), "seeds_miou_confident": summary.get("miou_confident"),
+                   "coverage": summary.get("coverage"), "images": summary.get("images")}
+        settings = {"source": "built-in CLIP-ES", "dir": str(out), **asdict(es_cfg)}
+        return self._finish("seeds", settings, metrics)
+
+    def _external_seeds(self, seed_dir: Path) -> dict[str, Any]:
+        from weakclip.metrics import ConfusionMatrix
+        from weakclip.seeds.check import check_seeds
+
+        dataset = self._dataset(self.train_split, seed_dir=seed_dir)
+        report = check_seeds(seed_dir, dataset, progress=False)
+        if not report.ok:
+            problems = report.problems()
+            raise WeakclipError(f"seed folder {seed_dir}: {len(problems)} problems, e.g. {problems[:3]} "
+                                f"(see 'weakclip seeds check {seed_dir}')")
+        metrics: dict[str, Any] = {"images": len(dataset), "coverage": report.coverage}
+        if dataset.has_gt:
+            as_bg = ConfusionMatrix(dataset.classes, unsure="background")
+            confident = ConfusionMatrix(dataset.classes, unsure="ignore")
+            for i in range(len(dataset)):
+                gt = dataset.read_gt(i)
+                seed = dataset.read_seed(i, expected_hw=gt.shape)
+                as_bg.update(seed, gt, name=str(dataset.seed_path(i)))
+                confident.update(seed, gt, name=str(dataset.seed_path(i)))
+            metrics["seeds_miou"] = as_bg.scores().miou
+            metrics["seeds_miou_confident"] = confident.scores().miou
+        return self._finish("seeds", {"source": "external", "dir": str(seed_dir)}, metrics)
+
+    def seed_dir(self) -> Path:
+        return Path(self.cfg.seeds) if self.cfg.seeds is not None else self.stage_dir("seeds")
+
+    def run_refine(self) -> dict[str, Any]:
+        from weakclip.config import apply_overrides
+        from weakclip.engine.trainer import train
+
+        out = self.stage_dir("refine")
+        cfg = apply_overrides(self.refine_cfg, [f"data.seeds={self.seed_dir()}"])
+        summary = train(cfg, out, clip_weights=self.cfg.clip_weights, resume=True, device=self.cfg.device,
+                        progress=self.cfg.progress)
+        if not summary["finished"]:
+            raise WeakclipError(f"refinement stopped at iteration {summary['end_iter']} of "
+                                f"{summary['total_iters']}")
+        metrics = {"final_losses": summary["final"], "seconds": summary["seconds"],
+                   "checkpoint": summary["checkpoint"]}
+        return self._finish("refine", {"config": str(out / "config.yaml")}, metrics)
+
+    def run_pseudo_masks(self) -> dict[str, Any]:
+        from weakclip.crf import COCO_CRF, VOC_CRF
+        from weakclip.distributed import init_distributed
+        from weakclip.inference.loading import load_trained_model, normalization_of
+        from weakclip.inference.pseudo_masks import generate_pseudo_masks
+
+        p = self.cfg.pseudo
+        info = init_distributed(self.cfg.device)
+        model, cfg = load_trained_model(self.stage_dir("refine"), self.cfg.clip_weights, device=info.device)
+        dataset = self._dataset(self.train_split, seed_dir=None)
+        crf = p.crf if p.crf != "auto" else ("coco" if self.kind == "coco" else "voc")
+        crf_params = {"voc": VOC_CRF, "coco": COCO_CRF, "none": None}[crf]
+        mean, std = normalization_of(cfg)
+        out = self.stage_dir("pseudo_masks")
+        summary = generate_pseudo_masks(
+            model, dataset, out, scales=p.scales, flip=p.flip, crop=p.crop, stride=p.stride,
+            base_scale=p.base_scale, mean=mean, std=std, crf_params=crf_params,
+            restrict_to_labels=p.restrict_to_labels, crf_workers=p.crf_workers, rank=info.rank,
+            world_size=info.world_size, progress=self.cfg.progress)
+        if summary.get("failed"):
+            raise WeakclipError(f"pseudo masks: {summary['failed']} images failed; fix or remove them and "
+                                "run again")
+        metrics = {"pseudo_miou": summary.get("miou"),
+                   "pseudo_miou_no_crf": summary.get("miou_before_crf", summary.get("miou")),
+                   "images": summary.get("images")}
+        return self._finish("pseudo_masks", {**asdict(p), "crf": crf, "dir": str(out)}, metrics)
+
+    def run_retrain(self) -> dict[str, Any]:
+        from weakclip.retrain.train import retrain
+
+        out = self.stage_dir("retrain")
+        summary = retrain(self.retrain_cfg, self.stage_dir("pseudo_masks"), workdir=out, resume=True,
+                          device=self.cfg.device, progress=self.cfg.progress)
+        if not summary.get("finished"):
+            raise WeakclipError("retraining did not finish")
+        ev = summary.get("eval") or {}
+        metrics = {"final_miou": None if ev.get("miou") is None else ev["miou"] / 100.0,
+                   "val_images": ev.get("images")}
+        return self._finish("retrain", {"config": str(out / "config.yaml")}, metrics)
+
+    # ------------------------------------------------------------------ driver
+    def run(self, stages: Sequence[str] = STAGES) -> dict[str, Any]:
+        from weakclip.data.io import write_json_atomic
+        from weakclip.distributed import barrier, env_world, init_distributed
+
+        # One process group for the whole run (under torchrun): the stages find it and leave it up.
+        init_distributed(self.cfg.device)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        runners = {"seeds": self.run_seeds, "refine": self.run_refine, "pseudo_masks": self.run_pseudo_masks,
+                   "retrain": self.run_retrain}
+        records: dict[str, Any] = {}
+        for stage in stages:
+            record = self.stage_record(stage)
+            # Every process has looked before any can write this stage's record: all take the same branch.
+            barrier()
+            if record is not None:
+                self.log(f"== {stage}: complete, skipped (delete {self.stage_dir(stage)} to redo it)")
+            else:
+                self.log(f"== {stage}")
+                record = runners[stage]()
+            records[stage] = record
+        report = self.report(records)
+        if env_world()[0] == 0:
+            write_json_atomic(self.workdir / "report.json", report)
+            self.log(format_report(report))
+        barrier()
+        return report
+
+    def report(self, records: dict[str, Any]) -> dict[str, Any]:
+        def metric(stage: str, key: str):
+            return _percent((records.get(stage) or {}).get("metrics", {}).get(key))
+
+        return {
+            "seeds_miou": metric("seeds", "seeds_miou"),
+            "seeds_miou_confident": metric("seeds", "seeds_miou_confident"),
+            "pseudo_miou_no_crf": metric("pseudo_masks", "pseudo_miou_no_crf"),
+            "pseudo_miou": metric("pseudo_masks", "pseudo_miou"),
+            "final_miou": metric("retrain", "final_miou"),
+            "units": "percent mIoU; seeds, pseudo masks on the training split, final on val",
+            "stages": {k: {**v.get("settings", {}), "metrics": v.get("metrics", {})}
+                       for k, v in records.items()},
+            "workdir": str(self.workdir),
+        }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    def cell(v):
+        return "-" if v is None else f"{v:6.2f}"
+
+    rows = [("seeds (unsure = background)", report["seeds_miou"]),
+            ("refined pseudo masks, before CRF", report["pseudo_miou_no_crf"]),
+            ("refined pseudo masks", report["pseudo_miou"]),
+            ("final network, val", report["final_miou"])]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'stage':<{width}}  mIoU %", "-" * (width + 8)]
+    lines += [f"{name:<{width}}  {cell(v)}" for name, v in rows]
+    lines.append(f"report: {Path(report['workdir']) / 'report.json'}")
+    return "\n".join(lines)

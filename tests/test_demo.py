@@ -1,0 +1,119 @@
+"""The one-command pipeline, end to end on the synthetic data at reduced size (about 2 minutes on CPU)."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from weakclip.demo import DemoSize, run_demo
+from weakclip.errors import WeakclipError
+from weakclip.pipeline import Pipeline, PipelineConfig
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_refinement_beats_the_seeds(tmp_path):
+    lines = []
+    report = run_demo(tmp_path, DemoSize.small(), device="cpu", progress=False, log=lines.append)
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    for key in ("seeds_miou", "pseudo_miou", "final_miou"):
+        assert isinstance(on_disk[key], float) and 0.0 <= on_disk[key] <= 100.0
+    assert on_disk["pseudo_miou"] > on_disk["seeds_miou"]
+    assert on_disk["pseudo_gain_over_seeds"] == pytest.approx(on_disk["pseudo_miou"] - on_disk["seeds_miou"],
+                                                             abs=0.02)
+    assert report["final_miou"] == on_disk["final_miou"]
+    assert any("beat the seeds by" in line for line in lines)
+    # every stage recorded, with its metrics
+    for stage in ("seeds", "refine", "pseudo_masks", "retrain"):
+        record = json.loads((tmp_path / stage / "stage.json").read_text())
+        assert record["status"] == "complete" and record["metrics"]
+    # pictures a person can look at: image | seed | pseudo mask | ground truth, and the loss plot
+    overlays = sorted((tmp_path / "overlays").glob("*.png"))
+    assert len(overlays) == 4
+    with Image.open(overlays[0]) as im:
+        source = Image.open(tmp_path / "data" / "images" / overlays[0].name)
+        assert im.width == 4 * (3 * source.width + 4) and im.height == 3 * source.height + 16
+    with Image.open(tmp_path / "losses.png") as im:
+        assert im.size == (640, 360)
+
+    # a second run finds every stage complete and redoes nothing
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "pseudo_masks").glob("*.png")}
+    lines.clear()
+    again = run_demo(tmp_path, DemoSize.small(), device="cpu", progress=False, log=lines.append)
+    assert sum("skipped" in line for line in lines) == 4
+    assert again["pseudo_miou"] == report["pseudo_miou"]
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+
+
+def test_pipeline_rejects_bad_paths(tmp_path):
+    with pytest.raises(WeakclipError, match="dataset folder not found"):
+        Pipeline(PipelineConfig(workdir=tmp_path / "w", data_root=tmp_path / "missing"))
+    (tmp_path / "data").mkdir()
+    with pytest.raises(WeakclipError, match="CLIP weights file not found"):
+        Pipeline(PipelineConfig(workdir=tmp_path / "w", data_root=tmp_path / "data",
+                                clip_weights=tmp_path / "nope.pt"))
+    with pytest.raises(WeakclipError, match="seed folder not found"):
+        Pipeline(PipelineConfig(workdir=tmp_path / "w", data_root=tmp_path / "data", seeds=tmp_path / "s"))
+
+
+_TORCHRUN_SCRIPT = """
+import sys
+from weakclip.demo import DemoSize, run_demo
+size = DemoSize(n_train=8, n_val=4, refine_iters=6, retrain_iters=6)
+run_demo(sys.argv[1], size, device="cpu", progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_pipeline_under_torchrun_two_processes(tmp_path):
+    """The whole pipeline under torchrun (2 CPU processes, gloo): one process group through the four stages,
+    the work of the seeds/pseudo-mask stages sharded and merged, one report."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import torch
+
+    script = tmp_path / "demo_ddp.py"
+    script.write_text(_TORCHRUN_SCRIPT)
+    work = tmp_path / "w"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(work)]
+    # its own session, so that a hang kills torchrun's workers too, not only torchrun
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=480)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"the 2-process pipeline hung; last output:\n{stdout[-2000:]}\n{stderr[-2000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
+    assert stdout.count("report:") == 1  # the summary is printed once, by the first process
+    report = json.loads((work / "report.json").read_text())
+    for key in ("seeds_miou", "pseudo_miou", "final_miou"):
+        assert 0.0 <= report[key] <= 100.0
+    stages = {s: json.loads((work / s / "stage.json").read_text()) for s in
+              ("seeds", "refine", "pseudo_masks", "retrain")}
+    assert all(r["status"] == "complete" for r in stages.values())
+    # both processes' shares of the pseudo masks are written and scored together
+    assert stages["pseudo_masks"]["metrics"]["images"] == 8
+    assert len(list((work / "pseudo_masks").glob("*.png"))) == 8
+    assert stages["retrain"]["metrics"]["val_images"] == 4
+    refine_ckpt = torch.load(work / "refine" / "checkpoints" / "iter_0000006.pth", weights_only=False)
+    assert refine_ckpt["world_size"] == 2
+
+
+def test_run_command_reports_bad_input_in_one_line(tmp_path, capsys):
+    from weakclip.cli import main
+    from weakclip.data.synthetic import make_synthetic_dataset
+
+    assert main(["run", "--data-root", str(tmp_path / "missing"), "--workdir", str(tmp_path / "w")]) == 2
+    assert "dataset folder not found" in capsys.readouterr().err
+    root = make_synthetic_dataset(tmp_path / "data", n_train=2, n_val=1)
+    args = ["run", "--data-root", str(root), "--dataset", "folder", "--workdir", str(tmp_path / "w")]
+    assert main([*args, "--set", "train.itres=5"]) == 2
+    assert "did you mean train.iters" in capsys.readouterr().err
+    assert main([*args, "--retrain-set", "model.nmae=fcn_resnet50"]) == 2
+    assert "did you mean model.name" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()  # nothing started
