@@ -33,3 +33,11 @@ def test_unknown_command_fails():
     with pytest.raises(SystemExit) as exc:
         main(["frobnicate"])
     assert exc.value.code == 2
+
+
+def test_train_print_config_needs_no_data(tmp_path, capsys):
+    assert main(["train", "--preset", "voc", "--workdir", str(tmp_path / "w"), "--print-config",
+                 "--iters", "7", "--set", "model.match_mode=release"]) == 0
+    out = capsys.readouterr().out
+    assert "iters: 7" in out and "match_mode: release" in out and "clip_arch: ViT-B/16" in out
+    assert not (tmp_path / "w").exists()

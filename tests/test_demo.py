@@ -55,6 +55,21 @@ def test_pipeline_rejects_bad_paths(tmp_path):
         Pipeline(PipelineConfig(workdir=tmp_path / "w", data_root=tmp_path / "data", seeds=tmp_path / "s"))
 
 
+def test_pipeline_checks_the_splits_before_any_stage(tmp_path):
+    from weakclip.data.synthetic import make_synthetic_dataset
+
+    root = make_synthetic_dataset(tmp_path / "data", n_train=2, n_val=1)
+    (root / "splits" / "val.txt").unlink()
+    base = dict(workdir=tmp_path / "w", data_root=root, dataset="folder", train_split="train")
+    with pytest.raises(WeakclipError, match="val split 'val'.*--val-split none"):
+        Pipeline(PipelineConfig(**base))
+    with pytest.raises(WeakclipError, match="training split 'trian'"):
+        Pipeline(PipelineConfig(**{**base, "train_split": "trian"}))
+    pipe = Pipeline(PipelineConfig(**base, val_split="none"))  # no final evaluation, but it can run
+    assert pipe.retrain_cfg.data.val_split is None
+    assert not (tmp_path / "w").exists()
+
+
 _TORCHRUN_SCRIPT = """
 import sys
 from weakclip.demo import DemoSize, run_demo

@@ -91,6 +91,27 @@ class Pipeline:
         if cfg.val_split:
             r_data.append(f"data.val_split={cfg.val_split}")
         self.retrain_cfg = apply_retrain_overrides(retrain, [*r_data, *cfg.retrain_overrides])
+        self._check_data()
+
+    def _check_data(self) -> None:
+        """Open the training and val splits now, so that a missing list or folder stops the run before
+        hours of work rather than at the last stage."""
+        from weakclip.errors import DataError
+
+        try:
+            self._dataset(self.train_split, seed_dir=None)
+        except DataError as exc:
+            raise DataError(f"training split {self.train_split!r}: {exc}") from exc
+        val_split = self.retrain_cfg.data.val_split
+        if val_split:
+            try:
+                val = self._dataset(val_split, seed_dir=None, with_gt=True)
+            except DataError as exc:
+                raise DataError(f"val split {val_split!r}: {exc} (--val-split none skips the final "
+                                "evaluation)") from exc
+            if not val.has_gt:
+                raise DataError(f"val split {val_split!r} has no ground-truth masks to evaluate against "
+                                "(--val-split none skips the final evaluation)")
 
     # ------------------------------------------------------------------ bookkeeping
     def log(self, message: str) -> None:

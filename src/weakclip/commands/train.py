@@ -45,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
     from weakclip.errors import WeakclipError
 
     cfg = build_config(args)
+    if args.print_config:  # the resolved settings, before any path is checked
+        print(cfg.to_yaml(), end="")
+        return 0
     if not cfg.data.root:
         raise WeakclipError("no dataset given: pass --data-root")
     if not Path(cfg.data.root).exists():
@@ -55,9 +58,6 @@ def run(args: argparse.Namespace) -> int:
         raise WeakclipError(f"seed folder not found: {cfg.data.seeds}")
     if args.clip_weights is not None and not args.clip_weights.is_file():
         raise WeakclipError(f"CLIP weights file not found: {args.clip_weights}")
-    if args.print_config:
-        print(cfg.to_yaml(), end="")
-        return 0
     summary = train(cfg, args.workdir, clip_weights=args.clip_weights, resume=args.resume, device=args.device,
                     max_iters_this_run=args.max_iters_this_run, progress=not args.quiet)
     rank = env_world()[0]
