@@ -26,6 +26,9 @@ def test_demo_runs_end_to_end_and_refinement_beats_the_seeds(tmp_path):
     for stage in ("seeds", "refine", "pseudo_masks", "retrain"):
         record = json.loads((tmp_path / stage / "stage.json").read_text())
         assert record["status"] == "complete" and record["metrics"]
+        assert (tmp_path / stage / "log.txt").read_text().startswith(f"== {stage} ")
+    assert "done: iterations 0->120 of 120" in (tmp_path / "refine" / "log.txt").read_text()
+    assert "val mIoU" in (tmp_path / "retrain" / "log.txt").read_text()
     # pictures a person can look at: image | seed | pseudo mask | ground truth, and the loss plot
     overlays = sorted((tmp_path / "overlays").glob("*.png"))
     assert len(overlays) == 4
@@ -132,3 +135,46 @@ def test_run_command_reports_bad_input_in_one_line(tmp_path, capsys):
     assert main([*args, "--retrain-set", "model.nmae=fcn_resnet50"]) == 2
     assert "did you mean model.name" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()  # nothing started
+
+
+_KILLABLE_SCRIPT = """
+import sys
+from weakclip.demo import DemoSize, run_demo
+run_demo(sys.argv[1], DemoSize(n_train=8, n_val=4, refine_iters=60, retrain_iters=10), device="cpu",
+         progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_pipeline_killed_during_refinement_resumes_from_its_checkpoint(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "demo_kill.py"
+    script.write_text(_KILLABLE_SCRIPT)
+    work = tmp_path / "w"
+    proc = subprocess.Popen([sys.executable, str(script), str(work)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            start_new_session=True)
+    first = work / "refine" / "checkpoints" / "iter_0000015.pth"
+    deadline = time.monotonic() + 300
+    while not first.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # a crash in the middle of the refinement stage
+    proc.wait()
+    assert first.is_file()
+    assert not (work / "refine" / "stage.json").exists() and not (work / "pseudo_masks").exists()
+
+    report = run_demo(work, DemoSize(n_train=8, n_val=4, refine_iters=60, retrain_iters=10), device="cpu",
+                      progress=False, log=lambda line: None)
+    assert all(report[k] is not None for k in ("seeds_miou", "pseudo_miou", "final_miou"))
+    log = (work / "refine" / "log.txt").read_text()
+    assert log.count("== refine ") == 2  # the killed run's log is kept, the resumed one appended
+    resumed = log.split("== refine ")[2]
+    assert "resuming from" in resumed and "starting from iteration 0" not in resumed
+    rows = (work / "refine" / "log.csv").read_text().splitlines()[1:]
+    iters = [int(r.split(",")[0]) for r in rows]
+    assert iters == sorted(set(iters)) and iters[-1] == 60  # no row lost or repeated across the kill

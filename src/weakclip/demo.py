@@ -50,7 +50,7 @@ def refine_overrides(size: DemoSize) -> list[str]:
         "data.split=train", f"data.crop_size={crop}", f"data.scale={size.image_size[1]},{crop}",
         "data.ratio_range=0.75,1.5", "data.num_workers=0", "classes=none",
         f"train.iters={size.refine_iters}", "train.batch_size=4", "train.lr=1e-3", "train.warmup_iters=20",
-        "train.min_lr=1e-5", f"train.checkpoint_every={max(50, size.refine_iters // 2)}", "train.log_every=5",
+        "train.min_lr=1e-5", f"train.checkpoint_every={max(10, size.refine_iters // 4)}", "train.log_every=5",
         "loss.loss_size=32",
     ]
 
@@ -62,7 +62,7 @@ def retrain_overrides(size: DemoSize) -> list[str]:
         "model.head_channels=64", "data.split=train", "data.val_split=val", f"data.crop_size={crop}",
         "data.scale_range=0.75,1.5", "data.num_workers=0",
         f"train.iters={size.retrain_iters}", "train.batch_size=8", "train.optimizer=adamw", "train.lr=2e-3",
-        f"train.checkpoint_every={max(50, size.retrain_iters // 2)}", "train.log_every=10",
+        f"train.checkpoint_every={max(10, size.retrain_iters // 4)}", "train.log_every=10",
         "eval.scales=1.0", "eval.flip=true",
     ]
 

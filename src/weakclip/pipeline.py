@@ -2,7 +2,8 @@
 retraining -> val evaluation.
 
 Each stage works in its own folder of the work directory and, when it has finished, writes
-``<workdir>/<stage>/stage.json`` with its settings and metrics. A stage whose ``stage.json`` exists is
+``<workdir>/<stage>/stage.json`` with its settings and metrics; what it prints is kept in
+``<workdir>/<stage>/log.txt``. A stage whose ``stage.json`` exists is
 skipped; a stage that was interrupted is resumed (the refinement and retraining from their latest
 checkpoints, the seeds and pseudo masks from the images already written). The run ends with one
 summary table and ``<workdir>/report.json``. Under ``torchrun`` every stage is shared by all processes.
@@ -10,6 +11,9 @@ summary table and ``<workdir>/report.json``. Under ``torchrun`` every stage is s
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,6 +57,25 @@ class PipelineConfig:
     pseudo: PseudoMaskSettings = field(default_factory=PseudoMaskSettings)
     device: str | None = None
     progress: bool = True
+
+
+class _Tee:
+    """A text stream writing to two others (the console and a stage's log file)."""
+
+    def __init__(self, *streams) -> None:
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+    def isatty(self) -> bool:
+        return False
 
 
 def _percent(value: float | None) -> float | None:
@@ -138,6 +161,21 @@ class Pipeline:
             write_json_atomic(self.stage_dir(stage) / "stage.json", jsonable(record))
         barrier()
         return record
+
+    @contextlib.contextmanager
+    def _stage_log(self, stage: str):
+        """Copy what the stage prints (first process) to ``<stage>/log.txt``, appended on a resumed run."""
+        from weakclip.distributed import env_world
+
+        if env_world()[0] != 0:
+            yield
+            return
+        path = self.stage_dir(stage) / "log.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8", buffering=1) as fh:  # line-buffered: kept on a crash
+            fh.write(f"== {stage} {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            with contextlib.redirect_stdout(_Tee(sys.stdout, fh)):
+                yield
 
     def _dataset(self, split: str | None, **kwargs):
         from weakclip.data.datasets import build_dataset
@@ -271,7 +309,8 @@ class Pipeline:
                 self.log(f"== {stage}: complete, skipped (delete {self.stage_dir(stage)} to redo it)")
             else:
                 self.log(f"== {stage}")
-                record = runners[stage]()
+                with self._stage_log(stage):
+                    record = runners[stage]()
             records[stage] = record
         report = self.report(records)
         if env_world()[0] == 0:
