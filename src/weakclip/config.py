@@ -133,26 +133,8 @@ class Config:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> Config:
         """Build a config from nested dicts; keys left out keep their defaults."""
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            raise WeakclipError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
-        unknown = sorted(set(raw) - set(_SECTIONS) - {"classes"})
-        if unknown:
-            raise WeakclipError(f"{source}: unknown section(s) {', '.join(unknown)}; "
-                                f"known: {', '.join(_SECTIONS)}, classes")
         cfg = cls()
-        for name, section_cls in _SECTIONS.items():
-            values = raw.get(name) or {}
-            if not isinstance(values, dict):
-                raise WeakclipError(f"{source}: section {name!r} must be a mapping")
-            hints = _hints(section_cls)
-            kwargs = {}
-            for key, value in values.items():
-                if key not in hints:
-                    raise WeakclipError(_unknown_key_message(f"{name}.{key}", source))
-                kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
-            setattr(cfg, name, _rebuild(getattr(cfg, name), kwargs, source))
+        raw = load_sections(cfg, _SECTIONS, raw, source, extra=("classes",), keys=all_keys())
         if raw.get("classes") is not None:
             cfg.classes = _coerce(raw["classes"], list[str], "classes")
         validate(cfg, source)
@@ -204,17 +186,11 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
     """
     cfg = Config.from_dict(cfg.to_dict())  # a deep copy through the typed path
     for item in overrides:
-        if "=" not in item:
-            raise WeakclipError(f"override {item!r} is not of the form section.key=value")
-        key, value = (s.strip() for s in item.split("=", 1))
+        key, value = split_override(item)
         if key == "classes":
             cfg.classes = _coerce(value, list[str] | None, key)
-            continue
-        section, dot, name = key.partition(".")
-        if not dot or section not in _SECTIONS or name not in _hints(_SECTIONS[section]):
-            raise WeakclipError(_unknown_key_message(key, "override"))
-        converted = _coerce(value, _hints(_SECTIONS[section])[name], key)
-        setattr(cfg, section, _rebuild(getattr(cfg, section), {name: converted}, f"override {key}"))
+        else:
+            set_section_value(cfg, _SECTIONS, key, value, keys=all_keys())
     validate(cfg, "override")
     return cfg
 
@@ -225,10 +201,58 @@ def all_keys() -> list[str]:
     return keys + ["classes"]
 
 
-def _unknown_key_message(key: str, source: str) -> str:
-    close = difflib.get_close_matches(key, all_keys(), n=3, cutoff=0.6)
-    hint = f"; did you mean {' or '.join(close)}?" if close else "; keys look like train.iters"
+def unknown_key_message(key: str, source: str, keys: list[str], example: str = "train.iters") -> str:
+    """``source: unknown config key 'x'; did you mean ...?`` with the closest of ``keys``."""
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else f"; keys look like {example}"
     return f"{source}: unknown config key {key!r}{hint}"
+
+
+# ====================================================================== sections (shared by the configs)
+def load_sections(cfg: Any, sections: dict[str, type], raw: Any, source: str, *, extra: tuple[str, ...] = (),
+                  keys: list[str] | None = None) -> dict[str, Any]:
+    """Set each dataclass section of ``cfg`` from the nested dict ``raw`` (typed; fields left out keep their
+    defaults); top-level names in ``extra`` are allowed and left to the caller. Returns ``raw`` as a dict."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise WeakclipError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(sections) - set(extra))
+    if unknown:
+        raise WeakclipError(f"{source}: unknown section(s) {', '.join(unknown)}; "
+                            f"known: {', '.join([*sections, *extra])}")
+    keys = keys if keys is not None else [f"{n}.{f}" for n, c in sections.items() for f in _hints(c)]
+    for name, section_cls in sections.items():
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            raise WeakclipError(f"{source}: section {name!r} must be a mapping")
+        hints = _hints(section_cls)
+        kwargs = {}
+        for key, value in values.items():
+            if key not in hints:
+                raise WeakclipError(unknown_key_message(f"{name}.{key}", source, keys))
+            kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
+        setattr(cfg, name, _rebuild(getattr(cfg, name), kwargs, source))
+    return raw
+
+
+def split_override(item: str) -> tuple[str, str]:
+    """``"section.key=value"`` -> ``("section.key", "value")``."""
+    if "=" not in item:
+        raise WeakclipError(f"override {item!r} is not of the form section.key=value")
+    key, value = (part.strip() for part in item.split("=", 1))
+    return key, value
+
+
+def set_section_value(cfg: Any, sections: dict[str, type], key: str, value: Any, *,
+                      keys: list[str] | None = None, example: str = "train.iters") -> None:
+    """Set ``section.field`` of ``cfg`` to ``value`` converted to the field's type."""
+    section, dot, name = key.partition(".")
+    if not dot or section not in sections or name not in _hints(sections[section]):
+        keys = keys if keys is not None else [f"{n}.{f}" for n, c in sections.items() for f in _hints(c)]
+        raise WeakclipError(unknown_key_message(key, "override", keys, example))
+    converted = _coerce(value, _hints(sections[section])[name], key)
+    setattr(cfg, section, _rebuild(getattr(cfg, section), {name: converted}, f"override {key}"))
 
 
 # ====================================================================== validation

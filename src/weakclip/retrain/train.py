@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from weakclip.config import _coerce, _hints, _plain
+from weakclip.config import _plain, load_sections, set_section_value, split_override
 from weakclip.data.classes import IGNORE_INDEX
 from weakclip.data.transforms import _Transform
 from weakclip.errors import DataError, WeakclipError
@@ -134,25 +134,8 @@ class RetrainConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None, source: str = "config") -> RetrainConfig:
-        raw = raw or {}
-        if not isinstance(raw, dict):
-            raise WeakclipError(f"{source}: expected a mapping of sections")
-        unknown = sorted(set(raw) - set(_SECTIONS))
-        if unknown:
-            raise WeakclipError(f"{source}: unknown section(s) {', '.join(unknown)}; "
-                                f"known: {', '.join(_SECTIONS)}")
         cfg = cls()
-        for name, section_cls in _SECTIONS.items():
-            values = raw.get(name) or {}
-            if not isinstance(values, dict):
-                raise WeakclipError(f"{source}: section {name!r} must be a mapping")
-            hints = _hints(section_cls)
-            changes = {}
-            for key, value in values.items():
-                if key not in hints:
-                    raise WeakclipError(_unknown(f"{name}.{key}", source))
-                changes[key] = _coerce(value, hints[key], f"{name}.{key}")
-            setattr(cfg, name, dataclasses.replace(getattr(cfg, name), **changes))
+        load_sections(cfg, _SECTIONS, raw, source)
         _validate(cfg, source)
         return cfg
 
@@ -161,18 +144,6 @@ _SECTIONS: dict[str, type] = {
     "model": RetrainModelConfig, "data": RetrainDataConfig, "train": RetrainTrainConfig,
     "eval": RetrainEvalConfig,
 }
-
-
-def _all_keys() -> list[str]:
-    return [f"{s}.{f}" for s, c in _SECTIONS.items() for f in _hints(c)]
-
-
-def _unknown(key: str, source: str) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(key, _all_keys(), n=3, cutoff=0.6)
-    hint = f"; did you mean {' or '.join(close)}?" if close else "; keys look like train.iters, model.name"
-    return f"{source}: unknown config key {key!r}{hint}"
 
 
 def _validate(cfg: RetrainConfig, source: str) -> None:
@@ -227,14 +198,8 @@ def apply_retrain_overrides(cfg: RetrainConfig, overrides: list[str] | tuple[str
     """A copy of ``cfg`` with ``section.key=value`` overrides applied (typed as in ``weakclip.config``)."""
     cfg = RetrainConfig.from_dict(cfg.to_dict())
     for item in overrides:
-        if "=" not in item:
-            raise WeakclipError(f"override {item!r} is not of the form section.key=value")
-        key, value = (s.strip() for s in item.split("=", 1))
-        section, _, name = key.partition(".")
-        if section not in _SECTIONS or name not in _hints(_SECTIONS[section]):
-            raise WeakclipError(_unknown(key, "override"))
-        converted = _coerce(value, _hints(_SECTIONS[section])[name], key)
-        setattr(cfg, section, dataclasses.replace(getattr(cfg, section), **{name: converted}))
+        key, value = split_override(item)
+        set_section_value(cfg, _SECTIONS, key, value, example="train.iters, model.name")
     _validate(cfg, "override")
     return cfg
 
