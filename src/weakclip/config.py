@@ -123,12 +123,7 @@ class Config:
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         """The config as YAML text; also written to ``path`` when given."""
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=110)
-        if path is not None:
-            from weakclip.data.io import write_text_atomic
-
-            write_text_atomic(path, text)
-        return text
+        return dump_yaml(self.to_dict(), path)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> Config:
@@ -142,15 +137,7 @@ class Config:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Config:
-        path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise WeakclipError(f"config file not found: {path}") from None
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            reason = " ".join(str(exc).split())
-            raise WeakclipError(f"cannot read config {path}: {reason}") from exc
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_yaml(path), source=str(path))
 
 
 _SECTIONS: dict[str, type] = {
@@ -166,10 +153,7 @@ def load_preset(name: str | Path) -> Config:
     """``"voc"`` / ``"coco"`` (the release's settings, shipped with the package) or a YAML file."""
     key = str(name).strip()
     if key.lower() in PRESETS:
-        from importlib import resources
-
-        text = resources.files("weakclip").joinpath("configs", f"{key.lower()}.yaml").read_text("utf-8")
-        return Config.from_dict(yaml.safe_load(text), source=f"preset {key.lower()}")
+        return Config.from_dict(packaged_yaml(f"{key.lower()}.yaml"), source=f"preset {key.lower()}")
     path = Path(key)
     if path.suffix.lower() in (".yaml", ".yml") or path.exists():
         return Config.from_yaml(path)
@@ -206,6 +190,35 @@ def unknown_key_message(key: str, source: str, keys: list[str], example: str = "
     close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
     hint = f"; did you mean {' or '.join(close)}?" if close else f"; keys look like {example}"
     return f"{source}: unknown config key {key!r}{hint}"
+
+
+# ====================================================================== YAML (shared by the configs)
+def dump_yaml(data: dict[str, Any], path: str | Path | None = None) -> str:
+    """``data`` as YAML text (order kept, short lists inline); also written atomically to ``path``."""
+    text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=110)
+    if path is not None:
+        from weakclip.data.io import write_text_atomic
+
+        write_text_atomic(path, text)
+    return text
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's content; a missing or unreadable file is a one-line WeakclipError."""
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise WeakclipError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise WeakclipError(f"cannot read config {path}: {' '.join(str(exc).split())}") from exc
+
+
+def packaged_yaml(name: str) -> Any:
+    """A preset shipped in ``weakclip/configs/``."""
+    from importlib import resources
+
+    return yaml.safe_load(resources.files("weakclip").joinpath("configs", name).read_text("utf-8"))
 
 
 # ====================================================================== sections (shared by the configs)

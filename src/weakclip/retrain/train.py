@@ -28,7 +28,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from weakclip.config import _plain, load_sections, set_section_value, split_override
+from weakclip.config import (
+    _plain,
+    dump_yaml,
+    load_sections,
+    packaged_yaml,
+    read_yaml,
+    set_section_value,
+    split_override,
+)
 from weakclip.data.classes import IGNORE_INDEX
 from weakclip.data.transforms import _Transform
 from weakclip.errors import DataError, WeakclipError
@@ -123,14 +131,7 @@ class RetrainConfig:
         return {name: _plain(dataclasses.asdict(getattr(self, name))) for name in _SECTIONS}
 
     def to_yaml(self, path: str | Path | None = None) -> str:
-        import yaml
-
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=110)
-        if path is not None:
-            from weakclip.data.io import write_text_atomic
-
-            write_text_atomic(path, text)
-        return text
+        return dump_yaml(self.to_dict(), path)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None, source: str = "config") -> RetrainConfig:
@@ -175,23 +176,14 @@ def _validate(cfg: RetrainConfig, source: str) -> None:
 
 def load_retrain_preset(name: str | Path) -> RetrainConfig:
     """``"voc"`` / ``"coco"`` (``weakclip/configs/retrain_<name>.yaml``) or a YAML file of these sections."""
-    import yaml
-
     key = str(name).strip()
     if key.lower() in RETRAIN_PRESETS:
-        from importlib import resources
-
-        preset = resources.files("weakclip").joinpath("configs", f"retrain_{key.lower()}.yaml")
-        text = preset.read_text("utf-8")
-        return RetrainConfig.from_dict(yaml.safe_load(text), source=f"retrain preset {key.lower()}")
+        return RetrainConfig.from_dict(packaged_yaml(f"retrain_{key.lower()}.yaml"),
+                                       source=f"retrain preset {key.lower()}")
     path = Path(key)
     if not path.is_file():
         raise WeakclipError(f"unknown retrain preset {key!r}: expected voc, coco or a .yaml file")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise WeakclipError(f"cannot read config {path}: {' '.join(str(exc).split())}") from exc
-    return RetrainConfig.from_dict(raw, source=str(path))
+    return RetrainConfig.from_dict(read_yaml(path), source=str(path))
 
 
 def apply_retrain_overrides(cfg: RetrainConfig, overrides: list[str] | tuple[str, ...]) -> RetrainConfig:
