@@ -178,3 +178,29 @@ def test_pipeline_killed_during_refinement_resumes_from_its_checkpoint(tmp_path)
     rows = (work / "refine" / "log.csv").read_text().splitlines()[1:]
     iters = [int(r.split(",")[0]) for r in rows]
     assert iters == sorted(set(iters)) and iters[-1] == 60  # no row lost or repeated across the kill
+
+
+def test_pipeline_builtin_seed_stage(tmp_path):
+    """Without --seeds the pipeline makes CLIP-ES seeds itself (a tiny random CLIP here: the seeds are noise,
+    but valid: one PNG per training image, values restricted to the image's labels or 255, and scored)."""
+    import numpy as np
+
+    from weakclip.data.datasets import build_dataset
+    from weakclip.data.io import read_label_png
+    from weakclip.data.synthetic import make_synthetic_dataset
+    from weakclip.demo import make_tiny_clip
+
+    root = make_synthetic_dataset(tmp_path / "data", n_train=4, n_val=2)
+    clip = make_tiny_clip(tmp_path / "clip.pt")
+    cfg = PipelineConfig(workdir=tmp_path / "w", data_root=root, dataset="folder", train_split="train",
+                         clip_weights=clip, refine_overrides=["model.clip_arch=tiny-p8"], progress=False)
+    report = Pipeline(cfg, log=lambda line: None).run(stages=("seeds",))
+    record = json.loads((tmp_path / "w" / "seeds" / "stage.json").read_text())
+    assert record["settings"]["source"] == "built-in CLIP-ES" and record["metrics"]["images"] == 4
+    assert 0.0 <= report["seeds_miou"] <= 100.0 and report["pseudo_miou"] is None
+    dataset = build_dataset("folder", root, split="train")
+    for i, ident in enumerate(dataset.ids):
+        gt = dataset.read_gt(i)
+        seed = read_label_png(tmp_path / "w" / "seeds" / f"{ident}.png", expected_hw=gt.shape)
+        allowed = {0, 255} | {int(c) for c in np.unique(gt) if c != 255}
+        assert set(np.unique(seed).tolist()) <= allowed
