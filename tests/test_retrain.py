@@ -18,10 +18,10 @@ import torch
 from weakclip.data.datasets import build_dataset
 from weakclip.data.io import read_label_png, write_label_png
 from weakclip.data.synthetic import make_synthetic_dataset
+from weakclip.engine.schedule import poly_lr
 from weakclip.errors import DataError, WeakclipError, WeightsError
 from weakclip.metrics import ConfusionMatrix
 from weakclip.retrain.check import check_masks, preflight_masks
-from weakclip.retrain.loop import poly_lr
 from weakclip.retrain.models import build_segmenter, load_backbone_file
 from weakclip.retrain.train import apply_retrain_overrides, load_retrain_preset, retrain
 

@@ -1,4 +1,5 @@
-"""Learning-rate schedule of the release: linear warm-up, then cosine annealing to ``min_lr``.
+"""Learning-rate schedules: the refinement's (the release's linear warm-up, then cosine annealing to
+``min_lr``; :class:`WarmupCosineSchedule`) and retraining's DeepLab "poly" (:class:`PolySchedule`).
 
 It follows mmcv's ``CosineAnnealingLrUpdaterHook`` with ``warmup="linear"``, ``by_epoch=False``, which
 the release used (``warmup_iters=1500, warmup_ratio=1e-6, min_lr=1e-6``):
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["WarmupCosineSchedule", "lr_at"]
+__all__ = ["PolySchedule", "WarmupCosineSchedule", "lr_at", "poly_lr"]
 
 
 def lr_at(it: int, *, base_lr: float, total_iters: int, warmup_iters: int = 0, warmup_ratio: float = 1.0,
@@ -39,25 +40,30 @@ def lr_at(it: int, *, base_lr: float, total_iters: int, warmup_iters: int = 0, w
     return regular
 
 
-@dataclass
-class WarmupCosineSchedule:
-    """Sets ``lr`` of every parameter group of ``optimizer`` from :func:`lr_at`; state = the iteration.
+def poly_lr(it: int, *, base_lr: float, total_iters: int, power: float = 0.9, min_lr: float = 0.0,
+            warmup_iters: int = 0, warmup_ratio: float = 1.0) -> float:
+    """DeepLab's poly rate ``min_lr + (base_lr - min_lr) * (1 - it / total_iters) ** power`` of 0-based
+    ``it``, scaled during the first ``warmup_iters`` by a factor rising linearly from ``warmup_ratio`` to
+    1 (the retraining schedule)."""
+    if total_iters <= 0:
+        raise ValueError(f"total_iters must be positive, got {total_iters}")
+    progress = min(max(it, 0), total_iters) / total_iters
+    lr = min_lr + (base_lr - min_lr) * (1.0 - progress) ** power
+    if warmup_iters > 0 and it < warmup_iters:
+        lr *= 1.0 - (1.0 - it / warmup_iters) * (1.0 - warmup_ratio)
+    return lr
 
-    A group may carry ``"lr_mult"`` (default 1) to scale its rate. Call :meth:`apply` (or
-    :meth:`set_iteration`) before the optimizer step of iteration ``it``, then :meth:`step`.
-    """
+
+class _IterationSchedule:
+    """Sets ``lr`` of every parameter group of ``self.optimizer`` from ``self.lr_at(iteration)``; a group may
+    carry ``"lr_mult"`` (default 1) to scale its rate. State = the iteration. Call :meth:`set_iteration`
+    before the optimizer step of iteration ``it`` (or :meth:`step` to advance by one)."""
 
     optimizer: torch.optim.Optimizer
-    base_lr: float
-    total_iters: int
-    warmup_iters: int = 0
-    warmup_ratio: float = 1.0
-    min_lr: float = 0.0
-    iteration: int = 0
+    iteration: int
 
     def lr_at(self, it: int) -> float:
-        return lr_at(it, base_lr=self.base_lr, total_iters=self.total_iters, warmup_iters=self.warmup_iters,
-                     warmup_ratio=self.warmup_ratio, min_lr=self.min_lr)
+        raise NotImplementedError
 
     @property
     def current_lr(self) -> float:
@@ -83,3 +89,38 @@ class WarmupCosineSchedule:
 
     def load_state_dict(self, state: dict) -> None:
         self.set_iteration(int(state["iteration"]))
+
+
+@dataclass
+class WarmupCosineSchedule(_IterationSchedule):
+    """The refinement's schedule: :func:`lr_at` (warm-up, then cosine decay)."""
+
+    optimizer: torch.optim.Optimizer
+    base_lr: float
+    total_iters: int
+    warmup_iters: int = 0
+    warmup_ratio: float = 1.0
+    min_lr: float = 0.0
+    iteration: int = 0
+
+    def lr_at(self, it: int) -> float:
+        return lr_at(it, base_lr=self.base_lr, total_iters=self.total_iters, warmup_iters=self.warmup_iters,
+                     warmup_ratio=self.warmup_ratio, min_lr=self.min_lr)
+
+
+@dataclass
+class PolySchedule(_IterationSchedule):
+    """Retraining's schedule: :func:`poly_lr`."""
+
+    optimizer: torch.optim.Optimizer
+    base_lr: float
+    total_iters: int
+    power: float = 0.9
+    min_lr: float = 0.0
+    warmup_iters: int = 0
+    warmup_ratio: float = 1.0
+    iteration: int = 0
+
+    def lr_at(self, it: int) -> float:
+        return poly_lr(it, base_lr=self.base_lr, total_iters=self.total_iters, power=self.power,
+                       min_lr=self.min_lr, warmup_iters=self.warmup_iters, warmup_ratio=self.warmup_ratio)

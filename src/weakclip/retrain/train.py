@@ -14,7 +14,7 @@ whose comments give the source of every number) is the usual DeepLab recipe of W
   as options.
 
 :func:`retrain` runs the whole stage on top of the training engine (deterministic data order, atomic
-checkpoints, exact resume, DDP under torchrun, CSV log, progress bar; :mod:`weakclip.retrain.loop`).
+checkpoints, exact resume, DDP under torchrun, CSV log, progress bar; :mod:`weakclip.engine.loop`).
 """
 
 from __future__ import annotations
@@ -295,10 +295,10 @@ def retrain(cfg: RetrainConfig, masks_dir: str | Path | None = None,
     import torch.distributed as dist
 
     from weakclip.distributed import init_distributed
-    from weakclip.engine.trainer import mix_seed
+    from weakclip.engine.loop import mix_seed, run_training
+    from weakclip.engine.schedule import PolySchedule
     from weakclip.retrain.check import preflight_masks
     from weakclip.retrain.evaluate import evaluate_segmenter, write_eval
-    from weakclip.retrain.loop import PolySchedule, run_training
     from weakclip.retrain.models import build_segmenter
 
     masks = Path(masks_dir) if masks_dir is not None else (Path(cfg.data.masks) if cfg.data.masks else None)

@@ -1,0 +1,474 @@
+"""The training loop of WeakCLIP refinement and of retraining: one process or many (``torchrun``, DDP),
+exactly resumable.
+
+:func:`run_training` trains a model the caller built, with the caller's optimiser and schedule, for a number
+of iterations of a GLOBAL batch; ``step_fn`` is the forward pass and loss of one iteration and the loop does
+the rest: data order, reseeding, (CUDA) autocast and fp16 scaling, backward pass, gradient clipping,
+optimizer step, DDP, checkpoints, resume, ``log.csv``, progress bar and the closing ``done:`` line.
+:func:`weakclip.engine.trainer.train` (refinement) and :func:`weakclip.retrain.train.retrain` run on it.
+
+Determinism and data order
+--------------------------
+Which images a step sees and how they are augmented is a pure function of ``(seed, iteration, global
+slot)``:
+
+* the sample stream is the concatenation of per-epoch permutations of the dataset, permutation ``e``
+  drawn from a ``torch.Generator`` seeded with ``(seed, e)``; iteration ``it`` takes stream positions
+  ``[it * B, (it + 1) * B)`` (``B`` = GLOBAL batch) and process ``r`` of ``W`` takes the contiguous
+  slice ``[r * B / W, (r + 1) * B / W)`` of it (:class:`GlobalBatchSampler`);
+* the augmentation of global slot ``j`` of iteration ``it`` draws from
+  ``numpy.random.default_rng([seed, it, j])``, whatever process or DataLoader worker runs it
+  (:class:`SeededTransformDataset`);
+* torch's global RNG (dropout, stochastic depth) is reseeded at every iteration from
+  ``(seed, it, rank)`` (:func:`mix_seed`).
+
+So one process with global batch ``B`` and two processes with ``B / 2`` each see identical samples.
+
+Checkpoints, resume and logs
+----------------------------
+Every ``checkpoint_every`` iterations and at the end of a run, an atomic checkpoint
+(:mod:`weakclip.engine.checkpoint`: a ``latest`` pointer, the last N kept) records the model state, the
+optimizer, the fp16 scaler, the schedule, the caller's config dict, the RNG states of every rank and any
+extra fields of the caller. A resumed run (:func:`resume_checkpoint`) restores all of them, so it continues
+exactly as an uninterrupted one; a config that differs from the checkpoint's is reported, not refused.
+``log.csv`` gets one row every ``log_every`` iterations (the learning rate, each loss term averaged over the
+window and the processes, seconds, images/s); rows past the checkpoint are dropped on resume.
+
+The schedule is any object with ``set_iteration(it) -> lr`` and ``state_dict()``: the refinement's
+:class:`~weakclip.engine.schedule.WarmupCosineSchedule`, retraining's
+:class:`~weakclip.engine.schedule.PolySchedule`.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from weakclip.distributed import DistInfo
+from weakclip.engine.checkpoint import (
+    capture_rng_state,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    trainable_state_dict,
+)
+from weakclip.errors import WeakclipError
+
+__all__ = [
+    "GlobalBatchSampler", "MainLog", "SeededTransformDataset", "mix_seed", "optimizer_step",
+    "resume_checkpoint", "run_training",
+]
+
+
+def mix_seed(*values: int) -> int:
+    """A well-mixed 63-bit seed from several integers (numpy's SeedSequence)."""
+    state = np.random.SeedSequence([int(v) % 2**63 for v in values]).generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 31 | int(state[1]) >> 1
+
+
+# ====================================================================== data
+class GlobalBatchSampler:
+    """Yields, per iteration, this process's slice of the global batch as ``(it, slot, index)`` triples.
+
+    ``slot`` is the position in the GLOBAL batch (0..B-1), ``index`` the dataset index. Infinite; starts at
+    ``start_iter``. See the module docstring for the order.
+    """
+
+    def __init__(self, n_items: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1,
+                 start_iter: int = 0) -> None:
+        if n_items <= 0:
+            raise WeakclipError("the training set is empty")
+        if global_batch % world_size:
+            raise WeakclipError(f"global batch {global_batch} is not divisible by the {world_size} processes")
+        self.n_items = int(n_items)
+        self.global_batch = int(global_batch)
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.start_iter = int(start_iter)
+        self._perm_epoch = -1
+        self._perm: list[int] = []
+
+    def permutation(self, epoch: int) -> list[int]:
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 0x5A3D))
+            self._perm = torch.randperm(self.n_items, generator=g).tolist()
+            self._perm_epoch = epoch
+        return self._perm
+
+    def global_indices(self, it: int) -> list[int]:
+        """Dataset indices of the whole global batch of iteration ``it``."""
+        out = []
+        for pos in range(it * self.global_batch, (it + 1) * self.global_batch):
+            epoch, offset = divmod(pos, self.n_items)
+            out.append(self.permutation(epoch)[offset])
+        return out
+
+    def local_batch(self, it: int) -> list[tuple[int, int, int]]:
+        per = self.global_batch // self.world_size
+        indices = self.global_indices(it)
+        slots = range(self.rank * per, (self.rank + 1) * per)
+        return [(it, j, indices[j]) for j in slots]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        it = self.start_iter
+        while True:
+            yield self.local_batch(it)
+            it += 1
+
+
+class SeededTransformDataset(Dataset):
+    """``dataset[index]`` passed through ``transform(sample, rng=default_rng([seed, it, slot]))``."""
+
+    def __init__(self, dataset: Dataset, transform, seed: int) -> None:
+        self.dataset = dataset
+        self.transform = transform
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
+        it, slot, index = key
+        sample = self.dataset[index]
+        sample.pop("gt", None)
+        return self.transform(sample, rng=np.random.default_rng([self.seed, int(it), int(slot)]))
+
+
+# ====================================================================== pieces
+class MainLog:
+    """``log(msg)`` prints ``msg`` on the main process (through the tqdm bar while there is one)."""
+
+    def __init__(self, info: DistInfo, quiet: bool = False) -> None:
+        self.info = info
+        self.quiet = quiet
+        self.bar = None
+
+    def __call__(self, msg: str) -> None:
+        if not self.info.is_main or self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+
+def resume_checkpoint(workdir: str | Path, resume: bool, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """The checkpoint a run starts from: with ``resume`` the latest in ``workdir`` (None when there is none:
+    a fresh start); without, None, and a WeakclipError when ``workdir`` already holds checkpoints."""
+    workdir = Path(workdir)
+    if resume:
+        path = latest_checkpoint(workdir)
+        if path is None:
+            log(f"no checkpoint in {workdir}: starting from iteration 0")
+            return None
+        ckpt = load_checkpoint(path)
+        log(f"resuming from {path} (iteration {ckpt['iteration']})")
+        return ckpt
+    if list_checkpoints(workdir):
+        raise WeakclipError(f"{workdir} already holds checkpoints: pass --resume to continue, or use another "
+                            "--workdir")
+    return None
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor], *,
+                   scaler=None, grad_clip: float | None = None) -> None:
+    """Backward pass of ``loss`` (through ``scaler`` for fp16), optional clipping of the gradients of
+    ``params`` to norm ``grad_clip``, optimizer step.
+
+    Raises FloatingPointError, before touching the gradients, when the loss is not finite (with fp16 the
+    scaler skips such steps itself and lowers its scale instead).
+    """
+    if scaler is None and not torch.isfinite(loss):
+        raise FloatingPointError(f"the loss is {loss.item()}")
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        if grad_clip is not None:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(params, grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        if grad_clip is not None:
+            nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+
+
+def _load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        shown = ", ".join((list(result.missing_keys) + list(result.unexpected_keys))[:5])
+        raise WeakclipError(f"the checkpoint does not fit the model (missing or unexpected: {shown})")
+
+
+def _gather_rng(info: DistInfo) -> list[dict]:
+    state = capture_rng_state()
+    if not info.distributed:
+        return [state]
+    out: list = [None] * info.world_size
+    dist.all_gather_object(out, state)
+    return out
+
+
+def _mean_over_ranks(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.distributed:
+        values = values.to(info.device)
+        dist.all_reduce(values)
+        values = values / info.world_size
+    return values.cpu()
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def _truncate_csv(path: Path, upto_iter: int) -> None:
+    """On resume, drop the rows beyond the checkpoint (they will be written again)."""
+    if not path.is_file():
+        return
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    if rows:
+        keep = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= upto_iter]
+        with open(path, "w", newline="", encoding="utf-8") as fh:
+            csv.writer(fh).writerows(keep)
+
+
+def _autocast(device: torch.device, amp: str):
+    if device.type != "cuda" or amp == "none":
+        return torch.autocast(device_type=device.type, enabled=False)
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+# ====================================================================== loop
+def run_training(
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule,
+    step_fn: Callable[[nn.Module, dict[str, Any], int], dict[str, torch.Tensor]],
+    dataset: Dataset,
+    transform: Callable,
+    workdir: str | Path,
+    info: DistInfo,
+    iters: int,
+    batch_size: int,
+    seed: int,
+    config: dict[str, Any],
+    resume: bool = False,
+    checkpoint: dict[str, Any] | None | str = "latest",
+    max_iters_this_run: int | None = None,
+    checkpoint_every: int = 1000,
+    keep_checkpoints: int = 3,
+    log_every: int = 20,
+    num_workers: int = 0,
+    collate_fn: Callable | None = None,
+    amp: str = "none",
+    grad_clip: float | None = None,
+    loss_terms: Sequence[str] = ("loss",),
+    find_unused_parameters: bool = False,
+    state_dict_fn: Callable[[nn.Module], dict[str, torch.Tensor]] = trainable_state_dict,
+    load_state_fn: Callable[[nn.Module, dict[str, torch.Tensor]], Any] = _load_model_state,
+    extra_state: dict[str, Any] | None = None,
+    intro: Sequence[str] = (),
+    prepare_workdir: Callable[[Path], Any] | None = None,
+    nonfinite_hint: str = "lower the learning rate or set a gradient clip",
+    desc: str = "retrain",
+    progress: bool = True,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Train ``model`` for ``iters`` iterations of GLOBAL batch ``batch_size`` (split over the processes).
+
+    ``step_fn(train_model, batch, it) -> {"loss": ..., other terms}``: the forward pass and loss of one
+    iteration, run under (CUDA) autocast (``train_model`` is the DDP wrapper under torchrun); the loop does
+    the rest (:func:`optimizer_step`). ``dataset[i]`` samples go through
+    ``transform(sample, rng=default_rng([seed, it, slot]))`` and ``collate_fn``. ``schedule`` needs
+    ``set_iteration(it) -> lr`` and ``state_dict()``. ``config`` (a plain dict) is stored in the checkpoints
+    and compared on resume; the ``loss_terms`` are logged (CSV columns, progress bar, ``done:`` line).
+
+    ``checkpoint``: ``"latest"`` looks up the start with :func:`resume_checkpoint` (``resume=True``
+    continues from the latest checkpoint, a fresh start when there is none; without ``resume`` a workdir
+    holding checkpoints is refused); a dict (or None) is that lookup already made by the caller.
+    ``state_dict_fn(model)`` gives the model state to store (default: the trainable parameters and the
+    buffers) and ``load_state_fn(model, state)`` restores it (default: ``load_state_dict`` with every stored
+    key required to fit); ``extra_state`` holds further checkpoint fields. ``intro`` lines are logged once the
+    checkpoint is loaded; ``prepare_workdir(workdir)`` runs on the main process once the workdir exists.
+    ``nonfinite_hint`` ends the error on a non-finite loss (without an fp16 scaler; with one the step is
+    skipped); ``desc`` labels the progress bar. Returns a summary dict (same on every rank except
+    "checkpoint").
+    """
+    from weakclip.data.datasets import collate_samples
+
+    workdir = Path(workdir)
+    log = MainLog(info, quiet)
+    if batch_size % info.world_size:
+        raise WeakclipError(f"the global batch {batch_size} is not divisible by the {info.world_size} "
+                            "processes")
+    ckpt = resume_checkpoint(workdir, resume, log) if isinstance(checkpoint, str) else checkpoint
+    start_iter = int(ckpt["iteration"]) if ckpt is not None else 0
+    end_iter = iters
+    if max_iters_this_run is not None:
+        end_iter = min(iters, start_iter + max(0, int(max_iters_this_run)))
+    end_iter = max(end_iter, start_iter)
+
+    use_amp = info.device.type == "cuda" and amp != "none"
+    scaler = torch.amp.GradScaler("cuda") if use_amp and amp == "fp16" else None
+    if ckpt is not None:
+        load_state_fn(model, ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler") is not None:
+            scaler.load_state_dict(ckpt["scaler"])
+        diffs = _differences(ckpt.get("config") or {}, config)
+        if diffs:
+            log("note: the config differs from the checkpoint's: " + "; ".join(diffs[:8]))
+    schedule.set_iteration(start_iter)
+    for line in intro:
+        log(line)
+
+    train_model: nn.Module = model
+    if info.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        train_model = DistributedDataParallel(model, device_ids=ids,
+                                              find_unused_parameters=find_unused_parameters)
+        log(f"DDP over {info.world_size} processes ({dist.get_backend()}), "
+            f"find_unused_parameters={find_unused_parameters}")
+    if info.is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        if prepare_workdir is not None:
+            prepare_workdir(workdir)
+        if ckpt is not None:
+            _truncate_csv(workdir / "log.csv", start_iter)
+    if info.distributed:
+        dist.barrier()
+    if ckpt is not None and ckpt.get("rng"):
+        states = ckpt["rng"]
+        if len(states) != info.world_size:
+            log(f"note: the checkpoint was written by {len(states)} processes, this run has "
+                f"{info.world_size}; RNG states of rank 0 are reused")
+        restore_rng_state(states[info.rank] if info.rank < len(states) else states[0])
+
+    sampler = GlobalBatchSampler(len(dataset), batch_size, seed, info.rank, info.world_size,
+                                 start_iter=start_iter)
+    loader = DataLoader(SeededTransformDataset(dataset, transform, seed), batch_sampler=sampler,
+                        num_workers=num_workers, collate_fn=collate_fn or collate_samples,
+                        pin_memory=info.device.type == "cuda")
+    names = list(loss_terms)
+    csv_fh = None
+    writer = None
+    if info.is_main:
+        path = workdir / "log.csv"
+        new = not (ckpt is not None and path.is_file())
+        csv_fh = open(path, "w" if new else "a", newline="", encoding="utf-8")  # noqa: SIM115 - closed below
+        writer = csv.writer(csv_fh)
+        if new:
+            writer.writerow(["iter", "lr", *names, "seconds", "images_per_s"])
+    bar = None
+    if info.is_main and progress and not quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=iters, initial=start_iter, desc=desc, dynamic_ncols=True)
+        log.bar = bar
+
+    def save(done: int) -> Path | None:
+        rng_states = _gather_rng(info)  # collective: every rank takes part
+        out = None
+        if info.is_main:
+            state = {"iteration": done, "model": state_dict_fn(model), **(extra_state or {}),
+                     "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict() if scaler is not None else None,
+                     "schedule": schedule.state_dict(), "config": config, "rng": rng_states,
+                     "world_size": info.world_size}
+            out = save_checkpoint(workdir, state, done, keep=keep_checkpoints)
+        if info.distributed:
+            dist.barrier()
+        return out
+
+    model.train()
+    window = torch.zeros(len(names), dtype=torch.float64)
+    window_n, window_t0 = 0, time.perf_counter()
+    t0 = window_t0
+    last_row: dict[str, float] = {}
+    history: list[dict[str, float]] = []
+    ckpt_path = None
+    data_iter = iter(loader) if end_iter > start_iter else None
+    try:
+        for it in range(start_iter, end_iter):
+            batch = next(data_iter)
+            lr = schedule.set_iteration(it)
+            torch.manual_seed(mix_seed(seed, it, info.rank))
+            with _autocast(info.device, amp):
+                terms = step_fn(train_model, batch, it)
+            try:
+                optimizer_step(terms["loss"], optimizer, model.parameters(), scaler=scaler,
+                               grad_clip=grad_clip)
+            except FloatingPointError as exc:
+                raise WeakclipError(f"{exc} at iteration {it}: {nonfinite_hint}") from None
+            values = torch.tensor([float(terms[k].detach()) if k in terms else math.nan for k in names],
+                                  dtype=torch.float64)
+            history.append(dict(zip(names, values.tolist())))
+            window += values
+            window_n += 1
+            done = it + 1
+            if bar is not None:
+                bar.update(1)
+                postfix = {k: f"{v:.4f}" for k, v in zip(names, values.tolist())}
+                bar.set_postfix(postfix | {"lr": f"{lr:.2e}"}, refresh=False)
+            if done % log_every == 0 or done == end_iter:
+                means = _mean_over_ranks(window / window_n, info)
+                seconds = time.perf_counter() - window_t0
+                ips = window_n * batch_size / seconds if seconds > 0 else math.nan
+                last_row = {"iter": done, "lr": lr, **dict(zip(names, means.tolist())),
+                            "seconds": seconds, "images_per_s": ips}
+                if writer is not None:
+                    writer.writerow([done, f"{lr:.6e}", *(f"{v:.6f}" for v in means.tolist()),
+                                     f"{seconds:.3f}", f"{ips:.3f}"])
+                    csv_fh.flush()
+                window.zero_()
+                window_n, window_t0 = 0, time.perf_counter()
+            if done % checkpoint_every == 0 or done == end_iter:
+                ckpt_path = save(done) or ckpt_path
+    finally:
+        if bar is not None:
+            bar.close()
+        if csv_fh is not None:
+            csv_fh.close()
+        del data_iter
+    elapsed = time.perf_counter() - t0
+    ran = end_iter - start_iter
+    if ckpt_path is None:
+        ckpt_path = latest_checkpoint(workdir)
+    summary = {
+        "workdir": str(workdir), "start_iter": start_iter, "end_iter": end_iter, "total_iters": iters,
+        "finished": end_iter >= iters, "iterations_run": ran, "seconds": elapsed,
+        "images_per_s": ran * batch_size / elapsed if ran and elapsed > 0 else math.nan,
+        "final": last_row, "checkpoint": str(ckpt_path) if ckpt_path is not None else None,
+        "history": history, "world_size": info.world_size,
+    }
+    if ran:
+        final = ", ".join(f"{k} {last_row[k]:.4f}" for k in names if k in last_row)
+        log(f"done: iterations {start_iter}->{end_iter} of {iters} in {elapsed:.1f} s "
+            f"({summary['images_per_s']:.2f} images/s); {final}; checkpoint {ckpt_path}")
+    return summary
