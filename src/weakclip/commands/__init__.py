@@ -15,3 +15,15 @@ COMMAND_MODULES: tuple[str, ...] = (
     "weakclip.commands.predict",
     "weakclip.commands.run",
 )
+
+
+def flag_overrides(args, flag_keys, **paths) -> list[str]:
+    """``key=value`` config overrides from the direct flags that were given: ``flag_keys`` pairs an argparse
+    attribute with its config key; ``paths`` maps config keys to values (e.g. ``data.root``) set when not
+    None. They come before ``--set``, so that ``--set`` wins."""
+    overrides = [f"{key}={value}" for key, value in paths.items() if value is not None]
+    for attr, key in flag_keys:
+        value = getattr(args, attr)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    return overrides

@@ -26,19 +26,12 @@ _FLAG_KEYS: tuple[tuple[str, str], ...] = (
 
 def build_retrain_config(args: argparse.Namespace):
     """The preset, then ``--data-root``/``--masks``, the direct flags, the eval switches, then ``--set``."""
+    from weakclip.commands import flag_overrides
     from weakclip.retrain.evaluate import MS_SCALES
     from weakclip.retrain.train import apply_retrain_overrides, load_retrain_preset
 
     cfg = load_retrain_preset(args.preset)
-    overrides = []
-    if args.data_root is not None:
-        overrides.append(f"data.root={args.data_root}")
-    if args.masks is not None:
-        overrides.append(f"data.masks={args.masks}")
-    for attr, key in _FLAG_KEYS:
-        value = getattr(args, attr)
-        if value is not None:
-            overrides.append(f"{key}={value}")
+    overrides = flag_overrides(args, _FLAG_KEYS, **{"data.root": args.data_root, "data.masks": args.masks})
     if args.no_pretrained:
         overrides.append("model.pretrained_backbone=false")
     if args.ms_eval:

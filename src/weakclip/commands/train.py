@@ -23,18 +23,11 @@ _FLAG_KEYS: tuple[tuple[str, str], ...] = (
 
 def build_config(args: argparse.Namespace):
     """The preset, then ``--data-root``/``--seeds``, the direct flags, then ``--set`` (the last wins)."""
+    from weakclip.commands import flag_overrides
     from weakclip.config import apply_overrides, load_preset
 
     cfg = load_preset(args.preset)
-    overrides = []
-    if args.data_root is not None:
-        overrides.append(f"data.root={args.data_root}")
-    if args.seeds is not None:
-        overrides.append(f"data.seeds={args.seeds}")
-    for attr, key in _FLAG_KEYS:
-        value = getattr(args, attr)
-        if value is not None:
-            overrides.append(f"{key}={value}")
+    overrides = flag_overrides(args, _FLAG_KEYS, **{"data.root": args.data_root, "data.seeds": args.seeds})
     overrides += list(args.set or [])
     return apply_overrides(cfg, overrides)
 
