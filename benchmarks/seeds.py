@@ -2,8 +2,9 @@
 
 Random weights (the cost does not depend on the values), VOC's 20 classes plus the 25 background
 prompts, VOC-sized images (500 x 375 by default) with one to three labelled classes. Times the whole
-``seeder.cams_and_keys`` + ``seed_from`` per image after one warm-up image, on CPU and, when one is
-visible, on CUDA. Prints a table.
+``seeder.cams_and_keys_batch`` + ``seed_from`` per image after one warm-up batch, one image at a time
+and in batches of ``--batch-size`` (the command's default, 8), on CPU and, when one is visible, on
+CUDA. Prints a table.
 
     python benchmarks/seeds.py                       # default settings, CPU (+ CUDA when present)
     python benchmarks/seeds.py --images 3 --multiscale
@@ -33,19 +34,21 @@ def _images(n: int, height: int, width: int) -> list[tuple[np.ndarray, list[int]
     return out
 
 
-def _time(seeder: ClipEsSeeder, images, device: torch.device) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) per image, after one warm-up image."""
-    def one(image, labels):
-        cams, keys = seeder.cams_and_keys(image, labels)
-        seeder.seed_from(cams, keys)
+def _time(seeder: ClipEsSeeder, images, device: torch.device, batch: int = 1) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) per image, after one warm-up batch; ``batch`` images of the
+    (one) size go through ``cams_and_keys_batch`` together, as ``weakclip seeds --batch-size`` does."""
+    def run(chunk):
+        results = seeder.cams_and_keys_batch([im for im, _ in chunk], [lab for _, lab in chunk])
+        for cams, keys in results:
+            seeder.seed_from(cams, keys)
 
-    one(*images[0])  # warm-up (allocator, kernels), not timed
+    run(images[:batch])  # warm-up (allocator, kernels), not timed
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    timed = images[1:]
+    timed = images[batch:]
     start, cpu_start = time.perf_counter(), time.process_time()
-    for image, labels in timed:
-        one(image, labels)
+    for k in range(0, len(timed), batch):
+        run(timed[k:k + batch])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return (time.perf_counter() - start) / len(timed), (time.process_time() - cpu_start) / len(timed)
@@ -59,6 +62,7 @@ def main() -> None:
     parser.add_argument("--multiscale", action="store_true", help="also time scales 0.75,1,1.25 + flip")
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when present")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per batch of the batched rows")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -74,22 +78,25 @@ def main() -> None:
         torch.manual_seed(0)
         image_tower, text_tower = build_clip("ViT-B/16", pretrained_download=False, device=device)
         n = max(1, args.gpu_images if device.type == "cuda" else args.images)
-        images = _images(n + 1, h, w)
+        batches = sorted({1, max(1, args.batch_size)})
         if device.type == "cuda":
             label = torch.cuda.get_device_name(device)
         else:
             label = f"cpu x{torch.get_num_threads()} threads"
         for setting, config in settings:
             seeder = ClipEsSeeder(image_tower, VOC_CLASSES, text_tower=text_tower, config=config)
-            wall, cpu = _time(seeder, images, device)
-            rows.append((label, setting, wall, cpu, n))
-            print(f"  {label}: {setting}: {wall:.3f} s/image ({cpu:.3f} CPU s)", flush=True)
+            for batch in batches:
+                timed = max(n, batch)
+                wall, cpu = _time(seeder, _images(timed + batch, h, w), device, batch)
+                rows.append((label, f"{setting}, batch {batch}", wall, cpu, timed))
+                print(f"  {label}: {setting}, batch {batch}: {wall:.3f} s/image ({cpu:.3f} CPU s)",
+                      flush=True)
     print(f"\nCLIP-ES style seeds, ViT-B/16, {w}x{h} images, 1-3 labels each (torch {torch.__version__})")
     print(f"1-min load average: {load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
           f"({os.cpu_count()} CPUs; other processes slow the wall-clock column)")
-    print(f"{'device':<28}  {'setting':<28}  {'s/image':>8}  {'CPU s/img':>9}  {'images':>6}")
+    print(f"{'device':<28}  {'setting':<37}  {'s/image':>8}  {'CPU s/img':>9}  {'images':>6}")
     for label, setting, wall, cpu, n in rows:
-        print(f"{label:<28}  {setting:<28}  {wall:8.3f}  {cpu:9.3f}  {n:6d}")
+        print(f"{label:<28}  {setting:<37}  {wall:8.3f}  {cpu:9.3f}  {n:6d}")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
     given = (("--data-root", args.data_root), ("--clip-weights", args.clip_weights), ("--out", args.out))
     missing = [flag for flag, value in given if value is None]
+    if args.batch_size is not None and args.batch_size < 1:
+        raise WeakclipError(f"--batch-size must be >= 1, got {args.batch_size}")
     if missing:
         raise WeakclipError(f"{', '.join(missing)} required to generate seeds "
                             "(or use 'weakclip seeds check DIR' to validate a folder)")
@@ -61,7 +63,8 @@ def run_generate(args: argparse.Namespace) -> int:
             dropped = ", ".join(seeder.dropped_background)
             print(f"background prompts that name a class are left out: {dropped}")
         summary = generate_seeds(dataset, seeder, args.out, save_cams=args.save_cams, rank=info.rank,
-                                 world_size=info.world_size, progress=not args.quiet)
+                                 world_size=info.world_size, progress=not args.quiet,
+                                 batch_size=args.batch_size)
         if info.is_main:
             print(format_summary(summary))
             if args.json:
@@ -130,6 +133,9 @@ def register(sub) -> None:
                    help="prompt template with {} (repeatable; default 'a clean origami {}.')")
     p.add_argument("--no-refine", action="store_true", help="plain Grad-CAM, no attention affinity")
     p.add_argument("--save-cams", action="store_true", help="also write cams/<id>.npz (float16)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images through the CLIP tower at once, those of one size batched "
+                        "(default: 8 on CUDA, 1 on CPU)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=run_generate)
 

@@ -333,60 +333,101 @@ class ClipEsSeeder:
 
     def view_cams(self, image: Tensor, keys: list[int]) -> Tensor:
         """CAMs of the classes ``keys`` on one normalised 1 x 3 x h x w image: K x grid_h x grid_w."""
+        return self.view_cams_batch(image, [keys])[0]
+
+    def view_cams_batch(self, images: Tensor, keys_list: Sequence[list[int]]) -> list[Tensor]:
+        """CAMs of B normalised images of one size (B x 3 x h x w), image ``i`` for the classes
+        ``keys_list[i]`` (at least one each): a list of K_i x grid_h x grid_w tensors.
+
+        One forward pass for the batch; the last block runs once per (image, class) row, and a single
+        backward pass gives every row its Grad-CAM (each row's score depends on its own tokens only).
+        """
         cfg = self.config
         tower = self.image_tower
         depth = tower.num_blocks
         first_attn = depth - min(cfg.affinity_blocks, depth) + 1
+        if images.shape[0] != len(keys_list) or any(not keys for keys in keys_list):
+            raise WeakclipError("view_cams_batch needs one non-empty class list per image")
         attn_sum = None
         with torch.no_grad():
-            x, (gh, gw) = tower.embed(image)
+            x, (gh, gw) = tower.embed(images)
             for b in range(1, depth):
                 x, weights = tower.run_block(b, x, need_weights=cfg.refine and b >= first_attn)
                 if weights is not None:
-                    a = weights[0].float().mean(dim=0)
+                    a = weights.float().mean(dim=1)  # B x N x N
                     attn_sum = a if attn_sum is None else attn_sum + a
             normed = tower.block_norm(depth, x)
-        n_keys = len(keys)
-        text, target = self._text_rows(keys)
+        owner = [i for i, keys in enumerate(keys_list) for _ in keys]  # image of each row
+        first_row = [owner.index(i) for i in range(len(keys_list))]
+        rows = torch.tensor(owner, device=x.device)
         with torch.enable_grad():
-            act = normed.detach().expand(n_keys, -1, -1).clone().requires_grad_(True)
-            out, weights = tower.run_block(depth, x.detach().expand(n_keys, -1, -1), normed=act,
-                                           need_weights=cfg.refine)
+            act = normed.detach()[rows].clone().requires_grad_(True)
+            out, weights = tower.run_block(depth, x.detach()[rows], normed=act, need_weights=cfg.refine)
             feat = F.normalize(tower.project(out[:, 1:]).float().mean(dim=1), dim=-1)
-            probs = (cfg.logit_scale * feat @ text.t()).softmax(dim=-1)
-            score = probs[torch.arange(n_keys, device=probs.device), target].sum()
+            score = feat.new_zeros(())
+            for i, keys in enumerate(keys_list):
+                text, target = self._text_rows(keys)
+                mine = feat[first_row[i]:first_row[i] + len(keys)]
+                probs = (cfg.logit_scale * mine @ text.t()).softmax(dim=-1)
+                score = score + probs[torch.arange(len(keys), device=probs.device), target].sum()
             (grad,) = torch.autograd.grad(score, act)
         act, grad = act.detach()[:, 1:].float(), grad[:, 1:].float()
-        cam = (act * grad.mean(dim=1, keepdim=True)).sum(dim=-1).clamp_min(0)  # K x n
+        cam = (act * grad.mean(dim=1, keepdim=True)).sum(dim=-1).clamp_min(0)  # rows x n
         cam = _minmax(cam)
-        if cfg.refine:
-            a = weights[0].detach().float().mean(dim=0)
-            attn_sum = a if attn_sum is None else attn_sum + a
-            trans = affinity_matrix(attn_sum[1:, 1:], cfg.sinkhorn_iters, cfg.affinity_power)
-            masks = torch.stack([box_mask(c.view(gh, gw), cfg.box_threshold).flatten() for c in cam])
-            cam = _minmax((cam * masks) @ trans.t())
-        return cam.view(n_keys, gh, gw)
+        result = []
+        for i, keys in enumerate(keys_list):
+            c = cam[first_row[i]:first_row[i] + len(keys)]
+            if cfg.refine:
+                a = weights[first_row[i]].detach().float().mean(dim=0)  # the same for all rows of image i
+                attn = a if attn_sum is None else attn_sum[i] + a
+                trans = affinity_matrix(attn[1:, 1:], cfg.sinkhorn_iters, cfg.affinity_power)
+                masks = torch.stack([box_mask(row.view(gh, gw), cfg.box_threshold).flatten() for row in c])
+                c = _minmax((c * masks) @ trans.t())
+            result.append(c.view(len(keys), gh, gw))
+        return result
 
     # ------------------------------------------------------------------ public
     def cams_and_keys(self, image: np.ndarray, labels) -> tuple[np.ndarray, list[int]]:
         """CAMs (K_labels x H x W float32 in [0, 1]) of the image's labelled foreground classes, and
         those class ids (ascending) in the order of the CAMs."""
-        self._check_image(image)
-        keys = self.label_ids(labels)
-        h, w = image.shape[:2]
-        if not keys:
-            return np.zeros((0, h, w), np.float32), keys
-        total = torch.zeros(len(keys), h, w, device=self.device)
-        views = self._views(image)
-        for view, flipped in views:
-            cam = self.view_cams(view, keys)
-            if flipped:
-                cam = cam.flip(-1)
-            total += F.interpolate(cam[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-        total /= len(views)
-        if len(views) > 1:  # peak back at 1 so that the thresholds mean the same for any view count
-            total /= total.flatten(1).max(dim=1).values.clamp_min(1e-7).view(-1, 1, 1)
-        return total.clamp_(0, 1).cpu().numpy().astype(np.float32), keys
+        return self.cams_and_keys_batch([image], [labels])[0]
+
+    def cams_and_keys_batch(self, images: Sequence[np.ndarray], labels_list: Sequence
+                            ) -> list[tuple[np.ndarray, list[int]]]:
+        """:meth:`cams_and_keys` of several images of ONE size (H x W x 3 uint8 each), computed as a batch
+        (the same result as one at a time, up to float rounding)."""
+        if len(images) != len(labels_list):
+            raise WeakclipError(f"{len(images)} images but {len(labels_list)} label sets")
+        for image in images:
+            self._check_image(image)
+        if len({image.shape for image in images}) > 1:
+            raise WeakclipError("cams_and_keys_batch needs images of one size; group them by size")
+        keys_list = [self.label_ids(labels) for labels in labels_list]
+        results: list[tuple[np.ndarray, list[int]]] = []
+        if not images:
+            return results
+        h, w = images[0].shape[:2]
+        busy = [i for i, keys in enumerate(keys_list) if keys]
+        totals = {i: torch.zeros(len(keys_list[i]), h, w, device=self.device) for i in busy}
+        views_per_image = {i: self._views(images[i]) for i in busy}
+        n_views = len(next(iter(views_per_image.values()))) if busy else 0
+        for v in range(n_views):
+            batch = torch.cat([views_per_image[i][v][0] for i in busy])
+            flipped = views_per_image[busy[0]][v][1]
+            cams = self.view_cams_batch(batch, [keys_list[i] for i in busy])
+            for i, cam in zip(busy, cams):
+                if flipped:
+                    cam = cam.flip(-1)
+                totals[i] += F.interpolate(cam[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+        for i, keys in enumerate(keys_list):
+            if not keys:
+                results.append((np.zeros((0, h, w), np.float32), keys))
+                continue
+            total = totals[i] / n_views
+            if n_views > 1:  # peak back at 1 so that the thresholds mean the same for any view count
+                total /= total.flatten(1).max(dim=1).values.clamp_min(1e-7).view(-1, 1, 1)
+            results.append((total.clamp_(0, 1).cpu().numpy().astype(np.float32), keys))
+        return results
 
     def cams(self, image: np.ndarray, labels) -> np.ndarray:
         """K_labels x H x W CAMs in [0, 1], classes in ascending id order (see :meth:`label_ids`)."""

@@ -102,17 +102,21 @@ def generate_seeds(
     world_size: int | None = None,
     progress: bool = True,
     evaluate: bool = True,
+    batch_size: int | None = None,
 ) -> dict:
     """Write ``<out_dir>/<id>.png`` for every image of ``dataset`` (this process's shard of it).
 
     Args:
         dataset: a :class:`~weakclip.data.datasets.SegDataset` (ids, classes, image paths, labels).
         seeder: a :class:`~weakclip.seeds.clip_es.ClipEsSeeder` (anything with ``cams_and_keys`` and
-            ``seed_from``).
+            ``seed_from``; ``cams_and_keys_batch`` is used when it has one).
         save_cams: also write ``cams/<id>.npz`` (float16 CAMs of the labelled classes).
         rank, world_size: this process's place; default from the ``torchrun`` environment.
         progress: a progress bar on rank 0.
         evaluate: when the dataset has ground truth, score the seeds (the existing ones too).
+        batch_size: up to this many consecutive images go through the CLIP tower together, those of
+            one size as one batch (``seeder.cams_and_keys_batch``); 1 = one image at a time. Default:
+            8 on CUDA, 1 on CPU (measured on 2 cores: batches of 4 were 13 % slower per image there).
 
     Returns the summary (identical on every process; also written to ``seeds_summary.json`` by rank 0):
     counts written / skipped / failed, the failures ``{id: message}``, seconds per computed image and,
@@ -169,26 +173,44 @@ def generate_seeds(
                 continue
             score(i, ident, seed, png)
 
-    bar = tqdm(_prefetch(dataset, todo), total=len(todo), desc=f"seeds [{rank}/{world_size}]",
-               disable=not progress or rank != 0, unit="img")
-    for i, loaded in bar:
-        ident, png, npz = paths(i)
-        try:
-            image, labels = loaded.result()
+    if batch_size is None:
+        device = getattr(seeder, "device", None)
+        batch_size = 8 if device is not None and torch.device(device).type == "cuda" else 1
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    bar = tqdm(total=len(todo), desc=f"seeds [{rank}/{world_size}]", disable=not progress or rank != 0,
+               unit="img")
+    loaded_stream = _prefetch(dataset, todo, depth=max(3, 2 * batch_size))
+    while chunk := list(itertools.islice(loaded_stream, batch_size)):
+        by_size: dict[tuple, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+        for i, loaded in chunk:
+            try:
+                image, labels = loaded.result()
+            except DataError as exc:
+                ident = dataset.ids[i]
+                failures.append((ident, str(exc)))
+                _warn(f"seeds: skipped image {ident!r}: {exc}", progress and rank == 0)
+                bar.update(1)
+                continue
+            by_size.setdefault(image.shape, []).append((i, image, labels))
+        for group in by_size.values():
             start = time.perf_counter()
-            cams, keys = seeder.cams_and_keys(image, labels)
-            seed = seeder.seed_from(cams, keys)
+            if hasattr(seeder, "cams_and_keys_batch"):
+                results = seeder.cams_and_keys_batch([g[1] for g in group], [g[2] for g in group])
+            else:
+                results = [seeder.cams_and_keys(image, labels) for _, image, labels in group]
             compute_s += time.perf_counter() - start
-            if save_cams:
-                write_cams_npz(npz, cams, keys)
-            write_label_png(png, seed)
-            written += 1
-        except DataError as exc:
-            failures.append((ident, str(exc)))
-            _warn(f"seeds: skipped image {ident!r}: {exc}", progress and rank == 0)
-            continue
-        if with_gt:
-            score(i, ident, seed, png)
+            for (i, _, _), (cams, keys) in zip(group, results):
+                ident, png, npz = paths(i)
+                seed = seeder.seed_from(cams, keys)
+                if save_cams:
+                    write_cams_npz(npz, cams, keys)
+                write_label_png(png, seed)
+                written += 1
+                bar.update(1)
+                if with_gt:
+                    score(i, ident, seed, png)
+    bar.close()
 
     computed = written
     written, skipped, confident, total, n_failed = _sum_counts(
