@@ -3,7 +3,6 @@ import dataclasses
 import pytest
 
 from weakclip.config import Config, ModelConfig, apply_overrides, load_preset
-from weakclip.data.classes import COCO_PROMPT_NAMES, VOC_PROMPT_NAMES
 from weakclip.errors import WeakclipError
 
 
@@ -12,30 +11,71 @@ def test_voc_preset_holds_the_release_settings():
     t = cfg.train
     assert (t.iters, t.batch_size, t.lr, t.weight_decay) == (20000, 16, 1e-4, 3e-5)
     assert (t.warmup_iters, t.warmup_ratio, t.min_lr) == (1500, 1e-6, 1e-6)
+    assert (t.tower_lr_mult, t.adapter_lr_mult, t.amp) == (0.0, 0.0, "none")
     d = cfg.data
-    assert (d.kind, d.split, d.crop_size, d.scale, d.ratio_range) == ("voc", "train_aug", 512, (2048, 512),
-                                                                    (0.5, 2.0))
+    assert (d.kind, d.split, d.crop_size, d.scale, d.ratio_range) == ("voc", "train+train_aug", 512,
+                                                                    (2048, 512), (0.5, 2.0))
     assert d.cat_max_ratio == 0.75 and d.photometric and d.flip_prob == 0.5
-    assert d.normalize == "clip"  # our default; the release used "imagenet"
-    assert (cfg.loss.loss_size, cfg.loss.identity_weight) == (64, 0.4)
+    assert d.normalize == "imagenet"
+    lo = cfg.loss
+    assert (lo.loss_size, lo.identity_weight, lo.boundary_crf, lo.identity_mean) == (64, 0.4, "release", "all")
     m = cfg.model
     assert m.clip_arch == "ViT-B/16" and m.out_blocks == (4, 6, 8, 12)
     assert (m.drop_path_rate, m.n_ctx, m.tau, m.head_dropout) == (0.1, 8, 0.07, 0.1)
-    assert m.bn_eval and m.frozen_no_grad
-    assert cfg.classes == list(VOC_PROMPT_NAMES)
-    assert "dining table" in cfg.classes and "tv monitor" in cfg.classes and "potted plant" in cfg.classes
+    assert not m.bn_eval and not m.freeze_towers and not m.readable_names and m.match_mode == "release"
+    p = cfg.pseudo
+    assert p.scales == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75) and p.flip and (p.crop, p.stride) == (512, 341)
+    assert (p.average, p.size_divisor, p.restrict_to_labels, p.crf, p.amp) == ("logits", 1, False, "voc", "none")
+    assert cfg.classes is None  # the dataset's raw names, as the release prompts them
 
 
 def test_coco_preset_holds_the_release_settings():
     cfg = load_preset("coco")
     assert (cfg.train.iters, cfg.train.batch_size, cfg.train.lr) == (40000, 24, 1e-4)
-    assert (cfg.data.kind, cfg.data.split, cfg.data.crop_size) == ("coco", "train2014", 512)
-    assert cfg.classes == list(COCO_PROMPT_NAMES) and len(cfg.classes) == 81
+    assert (cfg.data.kind, cfg.data.split, cfg.data.crop_size) == ("coco91", "train2014", 512)
+    assert cfg.pseudo.crf == "coco" and not cfg.pseudo.restrict_to_labels
+    assert cfg.classes is None
 
 
 def test_presets_equal_the_model_defaults():
-    """The presets spell the model section out; it must agree with ModelConfig's release defaults."""
-    assert load_preset("voc").model == ModelConfig()
+    """The presets spell the sections out; the release's presets must agree with the dataclass defaults,
+    which are the release's too (so ``Config()`` is the release)."""
+    voc = load_preset("voc")
+    assert voc.model == ModelConfig()
+    assert voc.loss == Config().loss and dataclasses.replace(voc.pseudo, crf="auto") == Config().pseudo
+    defaults = Config().train
+    assert (voc.train.amp, voc.train.tower_lr_mult, voc.train.adapter_lr_mult) == (
+        defaults.amp, defaults.tower_lr_mult, defaults.adapter_lr_mult)
+    assert voc.data.normalize == Config().data.normalize
+
+
+# Every departure of the -plus presets from the release, as (key, release value, plus value).
+PLUS_SWITCHES = [
+    ("model.match_mode", "release", "chain"), ("model.bn_eval", False, True),
+    ("model.freeze_towers", False, True), ("data.normalize", "imagenet", "clip"), ("train.amp", "none", "bf16"),
+    ("train.adapter_lr_mult", 0.0, 1.0), ("loss.boundary_crf", "release", "fast"),
+    ("loss.identity_mean", "all", "valid"), ("pseudo.average", "logits", "probs"),
+    ("pseudo.size_divisor", 1, 32), ("pseudo.restrict_to_labels", False, True), ("pseudo.amp", "none", "bf16"),
+]
+
+
+def _get(cfg, key):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+@pytest.mark.parametrize("base", ["voc", "coco"])
+def test_plus_presets_differ_from_the_release_only_by_the_named_switches(base):
+    release, plus = load_preset(base), load_preset(f"{base}-plus")
+    extra = ([("model.readable_names", False, True), ("data.split", "train+train_aug", "train_aug")]
+             if base == "voc" else [("data.kind", "coco91", "coco")])
+    switches = PLUS_SWITCHES + extra
+    for key, before, after in switches:
+        assert (_get(release, key), _get(plus, key)) == (before, after), key
+    # nothing else differs
+    rd, pd = release.to_dict(), plus.to_dict()
+    changed = {f"{s}.{k}" for s in rd if isinstance(rd[s], dict) for k in rd[s] if rd[s][k] != pd[s][k]}
+    assert changed == {key for key, _, _ in switches}
 
 
 def test_overrides_are_typed():

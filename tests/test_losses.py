@@ -126,13 +126,16 @@ def test_identity_loss_ignores_255():
     torch.manual_seed(1)
     logits = torch.randn(1, 3, 2, 2)
     seeds = torch.tensor([[[0, 2], [255, 1]]])
-    value = identity_loss(logits, seeds)
+    value = identity_loss(logits, seeds, mean_over="valid")
     log_sm = logits.log_softmax(1)[0]
     expected = -(log_sm[0, 0, 0] + log_sm[2, 0, 1] + log_sm[1, 1, 1]) / 3
     assert value.item() == pytest.approx(expected.item(), rel=1e-6)
     changed = logits.clone()
     changed[0, :, 1, 0] = torch.tensor([5.0, -3.0, 9.0])
-    assert identity_loss(changed, seeds).item() == pytest.approx(value.item(), rel=1e-6)
+    assert identity_loss(changed, seeds, mean_over="valid").item() == pytest.approx(value.item(), rel=1e-6)
+    # the release (mmseg 0.19): the same sum over the 4 pixels, the unsure one counted as 0
+    assert identity_loss(logits, seeds).item() == pytest.approx(expected.item() * 3 / 4, rel=1e-6)
+    assert identity_loss(changed, seeds).item() == pytest.approx(expected.item() * 3 / 4, rel=1e-6)
 
 
 def test_identity_loss_upsamples_bilinear_to_seed_size():
@@ -142,7 +145,9 @@ def test_identity_loss_upsamples_bilinear_to_seed_size():
     expected = F.cross_entropy(
         F.interpolate(logits, size=(16, 16), mode="bilinear", align_corners=False), seeds, ignore_index=255
     )
-    assert identity_loss(logits, seeds).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert identity_loss(logits, seeds, mean_over="valid").item() == pytest.approx(expected.item(), rel=1e-6)
+    valid_fraction = (seeds != 255).float().mean().item()
+    assert identity_loss(logits, seeds).item() == pytest.approx(expected.item() * valid_fraction, rel=1e-5)
 
 
 def scene(b: int = 2, k: int = 3, size: int = 32):

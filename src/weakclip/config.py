@@ -1,11 +1,12 @@
 """Typed training configuration: presets, YAML round-trip and ``key=value`` overrides.
 
-A :class:`Config` has four sections and the class list::
+A :class:`Config` has five sections and the class list::
 
     model   ModelConfig (weakclip.models.weakclip): CLIP arch, adapter, prompts, matching, heads
     data    DataConfig: dataset kind/root/split, seed folder, training pipeline
     train   TrainConfig: iterations, GLOBAL batch, AdamW, schedule, AMP, checkpoints, logging
-    loss    LossConfig: loss resolution and identity-loss weight
+    loss    LossConfig: loss resolution, identity-loss weight and averaging, boundary-loss CRF
+    pseudo  PseudoMaskConfig: the pseudo-mask stage (test-time augmentation, label restriction, CRF)
     classes readable class names fed to the text tower as prompts (None: the dataset's names)
 
 ``load_preset("voc" | "coco" | path.yaml)`` reads the release's settings shipped in
@@ -27,6 +28,7 @@ from typing import Any, Literal
 import yaml
 
 from weakclip.errors import WeakclipError
+from weakclip.losses import BOUNDARY_CRF_MODES, IDENTITY_MEANS
 from weakclip.models.weakclip import ModelConfig
 
 __all__ = [
@@ -35,14 +37,15 @@ __all__ = [
     "DataConfig",
     "LossConfig",
     "ModelConfig",
+    "PseudoMaskConfig",
     "TrainConfig",
     "apply_overrides",
     "load_preset",
 ]
 
-PRESETS: tuple[str, ...] = ("voc", "coco")
+PRESETS: tuple[str, ...] = ("voc", "coco", "voc-plus", "coco-plus")
 
-DATASET_KINDS = ("voc", "coco", "folder")
+DATASET_KINDS = ("voc", "coco", "coco91", "folder")
 NORMALIZE_CHOICES = ("clip", "imagenet")
 AMP_CHOICES = ("bf16", "fp16", "none")
 
@@ -51,12 +54,13 @@ AMP_CHOICES = ("bf16", "fp16", "none")
 class DataConfig:
     """Training data and the release's training pipeline (see ``weakclip.data.transforms``).
 
-    ``normalize="clip"`` (the default) uses CLIP's own mean/std, natural for a frozen CLIP tower;
-    ``"imagenet"`` is what the release used. ``split=None`` takes the dataset's default split
-    (VOC ``train_aug``, COCO ``train2014``, folder: every labelled image).
+    ``normalize="imagenet"`` (the default) is what the release used; ``"clip"`` uses CLIP's own mean/std,
+    natural for a CLIP tower (a ``-plus`` switch). ``split=None`` takes the dataset's default split
+    (VOC ``train_aug``, COCO ``train2014``, folder: every labelled image); ``"a+b"`` concatenates splits,
+    repeated images kept (the release trains VOC on ``train+train_aug``: 1,464 + 10,582 = 12,046 samples).
     """
 
-    kind: Literal["voc", "coco", "folder"] = "voc"
+    kind: Literal["voc", "coco", "coco91", "folder"] = "voc"
     root: str | None = None
     split: str | None = None
     seeds: str | None = None
@@ -66,7 +70,7 @@ class DataConfig:
     cat_max_ratio: float = 0.75
     flip_prob: float = 0.5
     photometric: bool = True
-    normalize: Literal["clip", "imagenet"] = "clip"
+    normalize: Literal["clip", "imagenet"] = "imagenet"
     num_workers: int = 2
 
 
@@ -76,7 +80,17 @@ class TrainConfig:
 
     Schedule (mmcv ``CosineAnnealing`` + linear warm-up, as the release): the cosine runs from
     ``lr`` to ``min_lr`` over ``iters``; during the first ``warmup_iters`` it is scaled by a factor
-    rising linearly from ``warmup_ratio`` to 1. ``amp`` acts on CUDA only (CPU runs in float32).
+    rising linearly from ``warmup_ratio`` to 1. ``amp`` acts on CUDA only (CPU runs in float32); the release
+    trains in float32 (``"none"``).
+
+    ``tower_lr_mult`` / ``adapter_lr_mult``: multipliers of the base rate for the CLIP towers (when
+    ``model.freeze_towers`` is off) and the pyramid adapter. The release has 0 for both, and with mmcv's
+    rule (``min_lr`` absolute) their rate rises from 0 to ``min_lr`` over training.
+
+    ``eval_every`` > 0: every so many iterations the model is evaluated (single scale, sliding window) on
+    ``eval_split`` (``None``: the training split), which needs ground truth; ``eval.csv`` logs the mIoU and
+    the best one is kept as ``checkpoints/best.pth`` (the release evaluates every 500 iterations and
+    ships a chosen checkpoint). This uses ground-truth masks, which true WSSS does not have.
     """
 
     iters: int = 20000
@@ -87,7 +101,12 @@ class TrainConfig:
     warmup_ratio: float = 1e-6
     min_lr: float = 1e-6
     grad_clip: float | None = None
-    amp: Literal["bf16", "fp16", "none"] = "bf16"
+    amp: Literal["bf16", "fp16", "none"] = "none"
+    tower_lr_mult: float = 0.0
+    adapter_lr_mult: float = 0.0
+    eval_every: int = 0
+    eval_split: str | None = None
+    eval_max_images: int | None = None
     seed: int = 0
     checkpoint_every: int = 2000
     log_every: int = 10
@@ -97,10 +116,62 @@ class TrainConfig:
 
 @dataclass
 class LossConfig:
-    """Seeding + boundary loss at ``loss_size`` x ``loss_size`` plus ``identity_weight`` x identity CE."""
+    """Seeding + boundary loss at ``loss_size`` x ``loss_size`` plus ``identity_weight`` x identity CE.
+
+    ``boundary_crf``: ``"release"`` (scipy zoom + uint8 image, pydensecrf per image on the CPU, input floor
+    1e-4) or ``"fast"`` (float image, our CRF on the device); ``identity_mean``: ``"all"`` (the release:
+    mean over all pixels, unsure ones included) or ``"valid"``. See :class:`weakclip.losses.WeakCLIPLoss`.
+    """
 
     loss_size: int = 64
     identity_weight: float = 0.4
+    boundary_crf: Literal["release", "fast"] = "release"
+    identity_mean: Literal["all", "valid"] = "all"
+
+
+@dataclass
+class PseudoMaskConfig:
+    """The pseudo-mask stage (``weakclip.inference.pseudo_masks``); the defaults are the release's.
+
+    Test-time augmentation: ``scales`` of ``base_scale`` (aspect kept), ``flip``, sliding window ``crop`` /
+    ``stride``; ``average``: window logits averaged and one softmax (``"logits"``, the release) or a softmax
+    per window (``"probs"``); ``size_divisor``: windows padded to a multiple of it (1: any size, the
+    release). ``restrict_to_labels``: keep only the image's labels (+ background); off in the release.
+    ``crf``: ``auto`` (COCO parameters for COCO, else VOC), ``voc``, ``coco`` or ``none``; ``crf_workers``
+    processes run it. ``window_batch`` windows per forward pass and ``amp`` (``bf16`` on CUDA) are speed
+    settings; the release runs one window at a time in float32.
+    """
+
+    scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+    flip: bool = True
+    crop: int = 512
+    stride: int = 341
+    base_scale: tuple[int, int] = (2048, 512)
+    average: Literal["logits", "probs"] = "logits"
+    size_divisor: int = 1
+    restrict_to_labels: bool = False
+    crf: Literal["auto", "voc", "coco", "none"] = "auto"
+    crf_workers: int = 2
+    window_batch: int = 1
+    amp: Literal["bf16", "none"] = "none"
+
+    def crf_name(self, kind: str) -> str:
+        """The CRF parameter set for a dataset kind: ``voc``, ``coco`` or ``none``."""
+        return self.crf if self.crf != "auto" else ("coco" if str(kind).startswith("coco") else "voc")
+
+    def generate_kwargs(self, kind: str, device) -> dict[str, Any]:
+        """Keyword arguments of :func:`~weakclip.inference.pseudo_masks.generate_pseudo_masks` (all but the
+        model, dataset, output folder, normalisation and the run's bookkeeping)."""
+        import torch
+
+        from weakclip.crf import COCO_CRF, VOC_CRF
+
+        amp = torch.bfloat16 if self.amp == "bf16" and torch.device(device).type == "cuda" else None
+        return {"scales": tuple(self.scales), "flip": self.flip, "crop": self.crop, "stride": self.stride,
+                "base_scale": tuple(self.base_scale), "average": self.average,
+                "size_divisor": self.size_divisor, "restrict_to_labels": self.restrict_to_labels,
+                "crf_params": {"voc": VOC_CRF, "coco": COCO_CRF, "none": None}[self.crf_name(kind)],
+                "crf_workers": self.crf_workers, "window_batch": self.window_batch, "autocast_dtype": amp}
 
 
 @dataclass
@@ -109,6 +180,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    pseudo: PseudoMaskConfig = field(default_factory=PseudoMaskConfig)
     classes: list[str] | None = None
 
     # ------------------------------------------------------------------ YAML
@@ -118,6 +190,7 @@ class Config:
             "data": _section_dict(self.data),
             "train": _section_dict(self.train),
             "loss": _section_dict(self.loss),
+            "pseudo": _section_dict(self.pseudo),
             "classes": None if self.classes is None else list(self.classes),
         }
 
@@ -145,6 +218,7 @@ _SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "train": TrainConfig,
     "loss": LossConfig,
+    "pseudo": PseudoMaskConfig,
 }
 
 
@@ -300,6 +374,26 @@ def validate(cfg: Config, source: str = "config") -> None:
     need(t.checkpoint_every > 0, f"train.checkpoint_every must be positive, got {t.checkpoint_every}")
     need(t.log_every > 0, f"train.log_every must be positive, got {t.log_every}")
     need(t.keep_checkpoints > 0, f"train.keep_checkpoints must be positive, got {t.keep_checkpoints}")
+    need(t.tower_lr_mult >= 0, f"train.tower_lr_mult must be >= 0, got {t.tower_lr_mult}")
+    need(t.adapter_lr_mult >= 0, f"train.adapter_lr_mult must be >= 0, got {t.adapter_lr_mult}")
+    need(t.eval_every >= 0, f"train.eval_every must be >= 0 (0: off), got {t.eval_every}")
+    need(t.eval_max_images is None or t.eval_max_images > 0,
+         f"train.eval_max_images must be positive or none, got {t.eval_max_images}")
+    need(lo.boundary_crf in BOUNDARY_CRF_MODES,
+         f"loss.boundary_crf must be one of {', '.join(BOUNDARY_CRF_MODES)}, got {lo.boundary_crf!r}")
+    need(lo.identity_mean in IDENTITY_MEANS,
+         f"loss.identity_mean must be one of {', '.join(IDENTITY_MEANS)}, got {lo.identity_mean!r}")
+    ps = cfg.pseudo
+    need(len(ps.scales) > 0 and min(ps.scales) > 0, f"pseudo.scales must be positive, got {ps.scales}")
+    need(ps.crop > 0 and ps.stride > 0, f"pseudo.crop and pseudo.stride must be positive, got {ps.crop}, "
+                                        f"{ps.stride}")
+    need(ps.size_divisor >= 1, f"pseudo.size_divisor must be >= 1, got {ps.size_divisor}")
+    need(ps.crf_workers >= 0, f"pseudo.crf_workers must be >= 0, got {ps.crf_workers}")
+    need(ps.window_batch >= 1, f"pseudo.window_batch must be >= 1, got {ps.window_batch}")
+    need(ps.average in ("logits", "probs"), f"pseudo.average must be logits or probs, got {ps.average!r}")
+    need(ps.crf in ("auto", "voc", "coco", "none"), f"pseudo.crf must be auto, voc, coco or none, got "
+                                                     f"{ps.crf!r}")
+    need(ps.amp in ("bf16", "none"), f"pseudo.amp must be bf16 or none, got {ps.amp!r}")
     need(lo.loss_size > 0, f"loss.loss_size must be positive, got {lo.loss_size}")
     need(lo.identity_weight >= 0, f"loss.identity_weight must be >= 0, got {lo.identity_weight}")
     if cfg.classes is not None:

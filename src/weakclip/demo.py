@@ -185,10 +185,11 @@ def write_overlays(data_root: Path, pseudo_dir: Path, out_dir: Path, count: int 
 def run_demo(workdir: str | Path, size: DemoSize | None = None, *, device: str | None = None,
              progress: bool = True, log=print) -> dict[str, Any]:
     """Run the demo in ``workdir`` (resumable like ``weakclip run``) and return its report."""
+    from weakclip.config import PseudoMaskConfig
     from weakclip.data.io import write_json_atomic
     from weakclip.data.synthetic import make_synthetic_dataset
     from weakclip.distributed import barrier, init_distributed
-    from weakclip.pipeline import Pipeline, PipelineConfig, PseudoMaskSettings
+    from weakclip.pipeline import Pipeline, PipelineConfig
 
     size = size or DemoSize()
     workdir = Path(workdir)
@@ -202,8 +203,8 @@ def run_demo(workdir: str | Path, size: DemoSize | None = None, *, device: str |
         make_tiny_clip(clip_file)
     barrier()
     crop = size.image_size[0]
-    pseudo = PseudoMaskSettings(scales=(1.0,), flip=True, crop=crop, stride=max(1, (2 * crop) // 3),
-                                base_scale=(size.image_size[1], crop), crf="voc", crf_workers=0)
+    pseudo = PseudoMaskConfig(scales=(1.0,), flip=True, crop=crop, stride=max(1, (2 * crop) // 3),
+                              base_scale=(size.image_size[1], crop), crf="voc", crf_workers=0)
     cfg = PipelineConfig(workdir=workdir, data_root=data_root, preset="voc", dataset="folder",
                          train_split="train", val_split="val", clip_weights=clip_file,
                          seeds=data_root / "seeds", refine_overrides=refine_overrides(size),

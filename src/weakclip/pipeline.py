@@ -19,23 +19,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from weakclip.config import PseudoMaskConfig
 from weakclip.errors import WeakclipError
 
 STAGES = ("seeds", "refine", "pseudo_masks", "retrain")
-
-
-@dataclass
-class PseudoMaskSettings:
-    """Test-time settings of the pseudo-mask stage (the release's by default)."""
-
-    scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
-    flip: bool = True
-    crop: int = 512
-    stride: int = 341
-    base_scale: tuple[int, int] = (2048, 512)
-    crf: str = "auto"  # auto (by dataset: coco -> COCO params, else VOC), voc, coco, none
-    restrict_to_labels: bool = True
-    crf_workers: int = 2
 
 
 @dataclass
@@ -54,7 +41,8 @@ class PipelineConfig:
     refine_overrides: list[str] = field(default_factory=list)
     retrain_overrides: list[str] = field(default_factory=list)
     seed_overrides: dict[str, Any] = field(default_factory=dict)  # ClipEsConfig fields
-    pseudo: PseudoMaskSettings = field(default_factory=PseudoMaskSettings)
+    # replaces the refinement preset's ``pseudo`` section when given (``--set pseudo.key=value`` edits it)
+    pseudo: PseudoMaskConfig | None = None
     device: str | None = None
     progress: bool = True
 
@@ -107,10 +95,15 @@ class Pipeline:
         self.refine_cfg = apply_overrides(refine, [*data, *cfg.refine_overrides])
         self.kind = self.refine_cfg.data.kind
         self.train_split = self.refine_cfg.data.split
+        # seeds, pseudo masks and retraining take each image once (refinement may repeat some: VOC's
+        # "train+train_aug")
+        self.pseudo_split = self._image_split(self.train_split)
 
-        retrain_name = cfg.retrain_preset or ("coco" if str(cfg.preset).lower() == "coco" else "voc")
+        retrain_name = cfg.retrain_preset or ("coco" if str(cfg.preset).lower().startswith("coco") else "voc")
         retrain = load_retrain_preset(retrain_name)
-        r_data = [f"data.kind={self.kind}", f"data.root={cfg.data_root}", f"data.split={self.train_split}"]
+        r_data = [f"data.kind={self.kind}", f"data.root={cfg.data_root}"]
+        if self.pseudo_split:
+            r_data.append(f"data.split={self.pseudo_split}")
         if cfg.val_split:
             r_data.append(f"data.val_split={cfg.val_split}")
         self.retrain_cfg = apply_retrain_overrides(retrain, [*r_data, *cfg.retrain_overrides])
@@ -177,6 +170,20 @@ class Pipeline:
             with contextlib.redirect_stdout(_Tee(sys.stdout, fh)):
                 yield
 
+    def _image_split(self, split: str | None) -> str | None:
+        """The split whose images a concatenated training split ``"a+b"`` repeats: the part that holds every
+        image of the others (VOC ``train+train_aug`` -> ``train_aug``); a plain split is its own."""
+        if not split or "+" not in split:
+            return split
+        parts = [p.strip() for p in split.split("+")]
+        ids = {p: set(self._dataset(p, seed_dir=None, with_gt=False).ids) for p in parts}
+        union = set().union(*ids.values())
+        for part in sorted(parts, key=lambda p: -len(ids[p])):
+            if ids[part] >= union:
+                return part
+        raise WeakclipError(f"training split {split!r}: no part holds the images of all the others, so the "
+                            "seeds and pseudo masks cannot be made once per image; pass --split")
+
     def _dataset(self, split: str | None, **kwargs):
         from weakclip.data.datasets import build_dataset
 
@@ -193,7 +200,7 @@ class Pipeline:
 
         info = init_distributed(self.cfg.device)
         out = self.stage_dir("seeds")
-        dataset = self._dataset(self.train_split, seed_dir=None)
+        dataset = self._dataset(self.pseudo_split, seed_dir=None)
         es_cfg = ClipEsConfig(**self.cfg.seed_overrides)
         image_tower, text_tower = build_clip(self.refine_cfg.model.clip_arch, self.cfg.clip_weights,
                                              device=info.device)
@@ -213,7 +220,7 @@ class Pipeline:
         from weakclip.metrics import ConfusionMatrix
         from weakclip.seeds.check import check_seeds
 
-        dataset = self._dataset(self.train_split, seed_dir=seed_dir)
+        dataset = self._dataset(self.pseudo_split, seed_dir=seed_dir)
         report = check_seeds(seed_dir, dataset, progress=False)
         if not report.ok:
             problems = report.problems()
@@ -251,24 +258,20 @@ class Pipeline:
         return self._finish("refine", {"config": str(out / "config.yaml")}, metrics)
 
     def run_pseudo_masks(self) -> dict[str, Any]:
-        from weakclip.crf import COCO_CRF, VOC_CRF
         from weakclip.distributed import init_distributed
         from weakclip.inference.loading import load_trained_model, normalization_of
         from weakclip.inference.pseudo_masks import generate_pseudo_masks
 
-        p = self.cfg.pseudo
+        p = self.cfg.pseudo if self.cfg.pseudo is not None else self.refine_cfg.pseudo
         info = init_distributed(self.cfg.device)
         model, cfg = load_trained_model(self.stage_dir("refine"), self.cfg.clip_weights, device=info.device)
-        dataset = self._dataset(self.train_split, seed_dir=None)
-        crf = p.crf if p.crf != "auto" else ("coco" if self.kind == "coco" else "voc")
-        crf_params = {"voc": VOC_CRF, "coco": COCO_CRF, "none": None}[crf]
+        dataset = self._dataset(self.pseudo_split, seed_dir=None)
+        crf = p.crf_name(self.kind)
         mean, std = normalization_of(cfg)
         out = self.stage_dir("pseudo_masks")
         summary = generate_pseudo_masks(
-            model, dataset, out, scales=p.scales, flip=p.flip, crop=p.crop, stride=p.stride,
-            base_scale=p.base_scale, mean=mean, std=std, crf_params=crf_params,
-            restrict_to_labels=p.restrict_to_labels, crf_workers=p.crf_workers, rank=info.rank,
-            world_size=info.world_size, progress=self.cfg.progress)
+            model, dataset, out, mean=mean, std=std, **p.generate_kwargs(self.kind, info.device),
+            rank=info.rank, world_size=info.world_size, progress=self.cfg.progress)
         if summary.get("failed"):
             raise WeakclipError(f"pseudo masks: {summary['failed']} images failed; fix or remove them and "
                                 "run again")

@@ -71,7 +71,7 @@ def register(sub) -> None:
                    help="the CLIP weights file the model was trained with")
     p.add_argument("--data-root", required=True, type=Path,
                    help="dataset root (VOC2012, prepared COCO, folder)")
-    p.add_argument("--dataset", choices=["voc", "coco", "folder"], default=None,
+    p.add_argument("--dataset", choices=["voc", "coco", "coco91", "folder"], default=None,
                    help="dataset layout (default: the one the model was trained on)")
     p.add_argument("--split", default=None,
                    help="split name or id-list file (default: the dataset's training split: VOC train_aug, "

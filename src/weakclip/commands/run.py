@@ -8,17 +8,21 @@ from pathlib import Path
 
 def run_pipeline(args: argparse.Namespace) -> int:
     from weakclip.distributed import cleanup
-    from weakclip.pipeline import Pipeline, PipelineConfig, PseudoMaskSettings
+    from weakclip.pipeline import Pipeline, PipelineConfig
 
-    pseudo = PseudoMaskSettings(crf=args.crf, restrict_to_labels=not args.no_restrict,
-                                crf_workers=args.crf_workers)
+    # the pseudo-mask flags are overrides of the preset's pseudo section (given ones only)
+    pseudo = [f"pseudo.crf={args.crf}"] if args.crf is not None else []
+    if args.restrict:
+        pseudo.append("pseudo.restrict_to_labels=true")
+    if args.crf_workers is not None:
+        pseudo.append(f"pseudo.crf_workers={args.crf_workers}")
     if args.pseudo_scales:
-        pseudo.scales = tuple(args.pseudo_scales)
+        pseudo.append("pseudo.scales=" + ",".join(str(s) for s in args.pseudo_scales))
     cfg = PipelineConfig(workdir=args.workdir, data_root=args.data_root, preset=args.preset,
                          retrain_preset=args.retrain_preset, dataset=args.dataset, train_split=args.split,
                          val_split=args.val_split, clip_weights=args.clip_weights, seeds=args.seeds,
-                         refine_overrides=list(args.set), retrain_overrides=list(args.retrain_set),
-                         pseudo=pseudo, device=args.device, progress=not args.quiet)
+                         refine_overrides=[*pseudo, *args.set], retrain_overrides=list(args.retrain_set),
+                         device=args.device, progress=not args.quiet)
     try:
         Pipeline(cfg).run()
     finally:
@@ -40,10 +44,13 @@ def register(sub) -> None:
         description="Runs every stage in --workdir (one folder each, with its config, log and metrics); "
                     "finished stages are skipped, interrupted ones resumed. Ends with a summary table and "
                     "report.json. Works the same under torchrun.")
-    p.add_argument("--preset", default="voc", help="refinement preset: voc, coco or a .yaml (default voc)")
-    p.add_argument("--retrain-preset", default=None, help="retraining preset (default: voc, or coco)")
+    p.add_argument("--preset", default="voc",
+                   help="refinement and pseudo-mask preset: voc, coco (the release), voc-plus, coco-plus "
+                        "(our unmeasured departures) or a .yaml (default voc)")
+    p.add_argument("--retrain-preset", default=None,
+                   help="retraining preset (default: voc, or coco for the coco presets)")
     p.add_argument("--data-root", required=True, type=Path, help="dataset root (VOC2012, COCO, folder)")
-    p.add_argument("--dataset", choices=["voc", "coco", "folder"], default=None)
+    p.add_argument("--dataset", choices=["voc", "coco", "coco91", "folder"], default=None)
     p.add_argument("--split", default=None, help="training split (default: the preset's, e.g. train_aug)")
     p.add_argument("--val-split", default=None, help="val split for the final evaluation (default: val)")
     p.add_argument("--clip-weights", type=Path, default=None, help="CLIP ViT-B/16 weights (see README)")
@@ -55,10 +62,14 @@ def register(sub) -> None:
                    help="retraining override, e.g. --retrain-set model.name=deeplabv3plus_resnet101")
     p.add_argument("--pseudo-scales", type=float, nargs="+", default=None,
                    help="pseudo-mask test scales (default: the release's 0.5 .. 1.75)")
-    p.add_argument("--crf", choices=["auto", "voc", "coco", "none"], default="auto",
-                   help="full-resolution CRF of the pseudo masks (auto: by dataset)")
-    p.add_argument("--no-restrict", action="store_true", help="do not restrict pseudo masks to the labels")
-    p.add_argument("--crf-workers", type=int, default=2)
+    p.add_argument("--crf", choices=["auto", "voc", "coco", "none"], default=None,
+                   help="full-resolution CRF of the pseudo masks (default: the preset's; auto: by "
+                        "dataset)")
+    p.add_argument("--restrict", action="store_true",
+                   help="restrict pseudo masks to each image's labels (pseudo.restrict_to_labels; the "
+                        "release does not; on in the -plus presets)")
+    p.add_argument("--crf-workers", type=int, default=None,
+                   help="CRF worker processes (default: the preset's)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_pipeline)

@@ -70,7 +70,7 @@ def register(sub) -> None:
     p.add_argument("--preset", default="voc", help="voc, coco, or a config .yaml file (default voc)")
     p.add_argument("--data-root", type=Path, default=None,
                    help="dataset root (VOC2012, prepared COCO, folder)")
-    p.add_argument("--dataset", choices=["voc", "coco", "folder"], default=None,
+    p.add_argument("--dataset", choices=["voc", "coco", "coco91", "folder"], default=None,
                    help="dataset layout (default: the preset's)")
     p.add_argument("--split", default=None, help="training split or id-list file (default: the preset's)")
     p.add_argument("--seeds", type=Path, default=None, help="folder of seed PNGs (<id>.png, 255 = unsure)")

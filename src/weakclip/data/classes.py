@@ -47,6 +47,42 @@ COCO_CATEGORY_IDS: tuple[int, ...] = (
     85, 86, 87, 88, 89, 90,
 )
 
+# The 10 COCO category ids (1..90) that have no annotations in COCO 2014/2017, with their names from the
+# COCO paper's 91-category list.
+COCO_UNANNOTATED: dict[int, str] = {
+    12: "street sign", 26: "hat", 29: "shoe", 30: "eye glasses", 45: "plate", 66: "mirror", 68: "window",
+    69: "desk", 71: "door", 83: "blender",
+}
+
+
+def _coco91_classes() -> tuple[str, ...]:
+    names = dict(zip(COCO_CATEGORY_IDS, COCO_CLASSES[1:]))
+    names.update(COCO_UNANNOTATED)
+    return ("background", *(names[i] for i in range(1, 91)))
+
+
+# The release's COCO label space: label value = COCO category id (0 background, 1..90), 91 classes, the ids
+# without annotations included (the release's ``weakclip/coco.py``).
+COCO91_CLASSES: tuple[str, ...] = _coco91_classes()
+# Lookup tables between the 81 contiguous classes and the 91 category ids (255 stays 255).
+COCO81_TO_91 = np.full(256, 255, dtype=np.uint8)
+COCO81_TO_91[0] = 0
+COCO81_TO_91[1:81] = COCO_CATEGORY_IDS
+COCO91_TO_81 = np.full(256, 255, dtype=np.uint8)
+COCO91_TO_81[0] = 0
+COCO91_TO_81[list(COCO_CATEGORY_IDS)] = np.arange(1, 81)
+
+
+def coco_to_91(mask: np.ndarray) -> np.ndarray:
+    """An 81-class COCO label mask (0..80, 255) in the release's 91-id space (0..90, 255)."""
+    return COCO81_TO_91[np.asarray(mask, dtype=np.uint8)]
+
+
+def coco_to_81(mask: np.ndarray) -> np.ndarray:
+    """A 91-id COCO label mask in the 81 contiguous classes; the 10 ids without annotations become 255."""
+    return COCO91_TO_81[np.asarray(mask, dtype=np.uint8)]
+
+
 IGNORE_INDEX = 255
 
 
@@ -87,11 +123,13 @@ def read_class_file(path: str | Path) -> list[str]:
 
 
 def resolve_classes(spec: str | Path) -> list[str]:
-    """``"voc"``, ``"coco"`` or the path of a class-list file -> the list of class names."""
+    """``"voc"``, ``"coco"``, ``"coco91"`` or the path of a class-list file -> the list of class names."""
     if str(spec).lower() == "voc":
         return list(VOC_CLASSES)
     if str(spec).lower() == "coco":
         return list(COCO_CLASSES)
+    if str(spec).lower() == "coco91":
+        return list(COCO91_CLASSES)
     return read_class_file(spec)
 
 

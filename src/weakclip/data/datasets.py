@@ -65,13 +65,23 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from weakclip.data.classes import COCO_CLASSES, IGNORE_INDEX, VOC_CLASSES, read_class_file
+from weakclip.data.classes import (
+    COCO81_TO_91,
+    COCO91_CLASSES,
+    COCO_CLASSES,
+    IGNORE_INDEX,
+    VOC_CLASSES,
+    coco_to_91,
+    read_class_file,
+)
 from weakclip.data.coco import prepare_coco
 from weakclip.data.io import IMAGE_EXTENSIONS, read_image, read_json, read_label_png
 from weakclip.errors import DataError
 
 __all__ = [
+    "COCO91Dataset",
     "COCODataset",
+    "ConcatSegDataset",
     "FolderDataset",
     "SegDataset",
     "VOCDataset",
@@ -620,6 +630,33 @@ class COCODataset(SegDataset):
         return self._fg[self.ids[i]]
 
 
+class COCO91Dataset(COCODataset):
+    """COCO 2014 in the release's label space: 91 classes, label value = COCO category id (0 background),
+    the 10 ids without annotations ("street sign", "hat", ...) included (``COCO91_CLASSES``).
+
+    Reads the same prepared folder as :class:`COCODataset`; the 81-class masks are mapped to category ids on
+    reading (:func:`~weakclip.data.classes.coco_to_91`), so predictions, seeds (e.g. MCTformer's COCO seeds,
+    which use category ids) and masks written for this dataset are in the 91-id space.
+    """
+
+    kind = "coco91"
+
+    def __init__(self, root: str | Path, split: str = "train2014", **kwargs: Any) -> None:
+        super().__init__(root, split, **kwargs)
+        self.classes = list(COCO91_CLASSES)
+
+    def read_gt(self, i: int, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
+        i = self._index(i)
+        path = self.gt_path(i)
+        if path is None:
+            raise DataError(f"{type(self).__name__} has no ground-truth masks (image {self.ids[i]!r})")
+        mask = read_label_png(path, expected_hw=expected_hw, num_classes=len(COCO_CLASSES), what="mask")
+        return coco_to_91(mask)
+
+    def _label_ids(self, i: int) -> Iterable[int]:
+        return [int(COCO81_TO_91[c]) for c in self._fg[self.ids[i]]]
+
+
 # ===================================================================== folder layout
 class FolderDataset(SegDataset):
     """A user's own data in the folder layout of the module docstring.
@@ -779,7 +816,8 @@ class FolderDataset(SegDataset):
 
 
 # ===================================================================== helpers
-_KINDS: dict[str, type[SegDataset]] = {"voc": VOCDataset, "coco": COCODataset, "folder": FolderDataset}
+_KINDS: dict[str, type[SegDataset]] = {"voc": VOCDataset, "coco": COCODataset, "coco91": COCO91Dataset,
+                                       "folder": FolderDataset}
 
 
 def detect_kind(root: str | Path) -> str:
@@ -797,13 +835,66 @@ def detect_kind(root: str | Path) -> str:
     )
 
 
+class ConcatSegDataset(SegDataset):
+    """Several splits of one dataset one after the other, repeated images kept (``split="train+train_aug"``:
+    the release's VOC training set, 1,464 + 10,582 = 12,046 samples, the ``train`` images twice).
+
+    Items are read through the part that holds them (its image, mask and labels); seeds come from the
+    parts' common seed folder and the transform is applied here.
+    """
+
+    def __init__(self, parts: Sequence[SegDataset], transform: Transform | None = None) -> None:
+        if not parts:
+            raise DataError("ConcatSegDataset needs at least one dataset")
+        first = parts[0]
+        for part in parts[1:]:
+            if list(part.classes) != list(first.classes):
+                raise DataError(f"cannot concatenate datasets with different classes ({part!r}, {first!r})")
+        self.parts = list(parts)
+        self.kind = first.kind
+        self.split = "+".join(str(getattr(p, "split", "?")) for p in parts)
+        self._where = [(k, j) for k, part in enumerate(parts) for j in range(len(part))]
+        super().__init__(first.classes, [i for part in parts for i in part.ids], seed_dir=first.seed_dir,
+                         transform=transform, has_gt=all(p.has_gt for p in parts), labels_from_gt=False)
+        for part in parts:
+            self._notes.extend(part._notes)
+
+    def _part(self, i: int) -> tuple[SegDataset, int]:
+        k, j = self._where[self._index(i)]
+        return self.parts[k], j
+
+    def image_path(self, i: int) -> Path:
+        part, j = self._part(i)
+        return part.image_path(j)
+
+    def gt_path(self, i: int) -> Path | None:
+        part, j = self._part(i)
+        return part.gt_path(j)
+
+    def _labels_vector(self, i: int, gt: np.ndarray | None = None) -> np.ndarray:
+        part, j = self._part(i)
+        return part._labels_vector(j, gt)
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}, splits={self.split})"
+
+
 def build_dataset(kind_or_root: str | Path, root: str | Path | None = None, **kwargs: Any) -> SegDataset:
     """``build_dataset("voc", root, split=...)``, ``"coco"``, ``"folder"``, or ``build_dataset(root)``.
 
     With a path alone the layout is detected (:func:`detect_kind`). Keyword arguments go to the
     dataset's constructor; those set to None are dropped so each dataset's default applies, and one the
-    dataset does not take raises DataError.
+    dataset does not take raises DataError. A ``split`` of the form ``"a+b"`` concatenates the splits
+    (:class:`ConcatSegDataset`).
     """
+    split = kwargs.get("split")
+    if isinstance(split, str) and "+" in split:
+        names = [s.strip() for s in split.split("+")]
+        if not all(names):
+            raise DataError(f"bad split {split!r}: expected names joined by '+', e.g. train+train_aug")
+        transform = kwargs.pop("transform", None)
+        parts = [build_dataset(kind_or_root, root, **{**kwargs, "split": name}) for name in names]
+        return ConcatSegDataset(parts, transform=transform)
     key = str(kind_or_root).lower()
     if key in _KINDS:
         if root is None:
@@ -811,7 +902,7 @@ def build_dataset(kind_or_root: str | Path, root: str | Path | None = None, **kw
         kind = key
     else:
         if root is not None:
-            raise DataError(f"unknown dataset kind {kind_or_root!r}: expected voc, coco or folder")
+            raise DataError(f"unknown dataset kind {kind_or_root!r}: expected voc, coco, coco91 or folder")
         root = Path(kind_or_root)
         if not root.exists():
             raise DataError(f"dataset folder not found: {root}")

@@ -4,6 +4,7 @@ Layout under the work folder::
 
     checkpoints/iter_0002000.pth   one file per saved iteration
     checkpoints/latest             text file naming the newest checkpoint file (written last)
+    checkpoints/best.pth           with periodic evaluation: the model of the best evaluation so far
 
 A checkpoint is written to a hidden temporary file in the same folder and renamed over its final
 name (``os.replace``), then ``latest`` is replaced the same way; a process killed at any moment
@@ -44,6 +45,8 @@ __all__ = [
     "list_checkpoints",
     "load_checkpoint",
     "restore_rng_state",
+    "best_checkpoint_path",
+    "save_best_checkpoint",
     "save_checkpoint",
     "trainable_state_dict",
 ]
@@ -126,6 +129,18 @@ def save_checkpoint(workdir: str | Path, state: dict[str, Any], iteration: int, 
         for old in list_checkpoints(workdir)[:-keep]:
             if old != path:
                 old.unlink(missing_ok=True)
+    return path
+
+
+def best_checkpoint_path(workdir: str | Path) -> Path:
+    """``checkpoints/best.pth``: the model of the best periodic evaluation (``train.eval_every``)."""
+    return checkpoint_dir(workdir) / "best.pth"
+
+
+def save_best_checkpoint(workdir: str | Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` (``iteration``, ``model``, ...) atomically as :func:`best_checkpoint_path`."""
+    path = best_checkpoint_path(workdir)
+    _atomic_replace(path, lambda fh: torch.save(state, fh))
     return path
 
 

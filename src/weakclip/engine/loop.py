@@ -56,11 +56,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from weakclip.distributed import DistInfo
 from weakclip.engine.checkpoint import (
+    best_checkpoint_path,
     capture_rng_state,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     restore_rng_state,
+    save_best_checkpoint,
     save_checkpoint,
     trainable_state_dict,
 )
@@ -297,6 +299,8 @@ def run_training(
     desc: str = "retrain",
     progress: bool = True,
     quiet: bool = False,
+    eval_every: int = 0,
+    evaluate_fn: Callable[[nn.Module, int], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` for ``iters`` iterations of GLOBAL batch ``batch_size`` (split over the processes).
 
@@ -315,8 +319,15 @@ def run_training(
     key required to fit); ``extra_state`` holds further checkpoint fields. ``intro`` lines are logged once the
     checkpoint is loaded; ``prepare_workdir(workdir)`` runs on the main process once the workdir exists.
     ``nonfinite_hint`` ends the error on a non-finite loss (without an fp16 scaler; with one the step is
-    skipped); ``desc`` labels the progress bar. Returns a summary dict (same on every rank except
-    "checkpoint").
+    skipped); ``desc`` labels the progress bar.
+
+    ``eval_every`` > 0 with ``evaluate_fn(model, iteration) -> {"miou": ..., ...}``: every so many
+    iterations (and at the end) every process calls ``evaluate_fn`` (the model in eval mode; it returns the
+    same metrics on every process); the main process appends a row to ``eval.csv`` and, when ``miou`` beats
+    the best so far, writes ``checkpoints/best.pth`` (``iteration``, ``model``, ``miou``, the config and the
+    extra fields). The best so far is kept in the regular checkpoints, so a resumed run continues the
+    comparison. Returns a summary dict (same on every rank except "checkpoint"; ``best`` with the best
+    evaluation when there is one).
     """
     from weakclip.data.datasets import collate_samples
 
@@ -400,11 +411,44 @@ def run_training(
                      "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict() if scaler is not None else None,
                      "schedule": schedule.state_dict(), "config": config, "rng": rng_states,
-                     "world_size": info.world_size}
+                     "world_size": info.world_size, "best_eval": best}
             out = save_checkpoint(workdir, state, done, keep=keep_checkpoints)
         if info.distributed:
             dist.barrier()
         return out
+
+    best: dict[str, Any] | None = (ckpt or {}).get("best_eval")
+    eval_fh = None
+    if info.is_main and eval_every > 0 and evaluate_fn is not None:
+        eval_path = workdir / "eval.csv"
+        if ckpt is not None:
+            _truncate_csv(eval_path, start_iter)
+        fresh = not eval_path.is_file() or ckpt is None
+        eval_fh = open(eval_path, "w" if fresh else "a", newline="", encoding="utf-8")  # noqa: SIM115
+        if fresh:
+            csv.writer(eval_fh).writerow(["iter", "miou", "best_miou"])
+
+    def periodic_eval(done: int) -> None:
+        nonlocal best
+        model.eval()
+        try:
+            metrics = evaluate_fn(model, done)
+        finally:
+            model.train()
+        miou = float(metrics["miou"])
+        improved = best is None or miou > float(best["miou"])
+        if improved:
+            best = {"iteration": done, "miou": miou}
+        if info.is_main:
+            if improved:
+                save_best_checkpoint(workdir, {"iteration": done, "model": state_dict_fn(model),
+                                               **(extra_state or {}), "config": config, "miou": miou})
+            csv.writer(eval_fh).writerow([done, f"{miou:.6f}", f"{best['miou']:.6f}"])
+            eval_fh.flush()
+            log(f"eval at iteration {done}: mIoU {100 * miou:.2f}% (best {100 * best['miou']:.2f}% at "
+                f"iteration {best['iteration']})")
+        if info.distributed:
+            dist.barrier()
 
     model.train()
     window = torch.zeros(len(names), dtype=torch.float64)
@@ -448,6 +492,8 @@ def run_training(
                     csv_fh.flush()
                 window.zero_()
                 window_n, window_t0 = 0, time.perf_counter()
+            if evaluate_fn is not None and eval_every > 0 and (done % eval_every == 0 or done == iters):
+                periodic_eval(done)
             if done % checkpoint_every == 0 or done == end_iter:
                 ckpt_path = save(done) or ckpt_path
     finally:
@@ -455,6 +501,8 @@ def run_training(
             bar.close()
         if csv_fh is not None:
             csv_fh.close()
+        if eval_fh is not None:
+            eval_fh.close()
         del data_iter
     elapsed = time.perf_counter() - t0
     ran = end_iter - start_iter
@@ -465,7 +513,8 @@ def run_training(
         "finished": end_iter >= iters, "iterations_run": ran, "seconds": elapsed,
         "images_per_s": ran * batch_size / elapsed if ran and elapsed > 0 else math.nan,
         "final": last_row, "checkpoint": str(ckpt_path) if ckpt_path is not None else None,
-        "history": history, "world_size": info.world_size,
+        "history": history, "world_size": info.world_size, "best": best,
+        "best_checkpoint": str(best_checkpoint_path(workdir)) if best is not None else None,
     }
     if ran:
         final = ", ".join(f"{k} {last_row[k]:.4f}" for k in names if k in last_row)

@@ -15,6 +15,9 @@ the release used (``warmup_iters=1500, warmup_ratio=1e-6, min_lr=1e-6``):
 
 ``it`` is the 0-based index of the iteration about to run. The scheduler keeps no state but the
 iteration, so resuming at iteration ``n`` gives exactly the learning rates of an uninterrupted run.
+
+Parameter groups with an ``lr_mult`` follow mmcv's optimizer constructor and hook: the multiplier scales
+the group's *base* rate, ``min_lr`` stays absolute (see :meth:`WarmupCosineSchedule.apply`).
 """
 
 from __future__ import annotations
@@ -103,9 +106,18 @@ class WarmupCosineSchedule(_IterationSchedule):
     min_lr: float = 0.0
     iteration: int = 0
 
-    def lr_at(self, it: int) -> float:
-        return lr_at(it, base_lr=self.base_lr, total_iters=self.total_iters, warmup_iters=self.warmup_iters,
-                     warmup_ratio=self.warmup_ratio, min_lr=self.min_lr)
+    def lr_at(self, it: int, lr_mult: float = 1.0) -> float:
+        return lr_at(it, base_lr=self.base_lr * lr_mult, total_iters=self.total_iters,
+                     warmup_iters=self.warmup_iters, warmup_ratio=self.warmup_ratio, min_lr=self.min_lr)
+
+    def apply(self) -> float:
+        """mmcv's per-group rule: a group's ``lr_mult`` scales its BASE rate (mmcv's ``initial_lr``), while
+        ``min_lr`` is absolute and the same for every group. So a group with ``lr_mult=0`` (the release's
+        image tower, adapter and text tower) is not still: its cosine runs from 0 up to ``min_lr``
+        (``min_lr * (1 - cos(pi * it / total)) / 2``, times the warm-up factor). Returns the base rate."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.iteration, group.get("lr_mult", 1.0))
+        return self.current_lr
 
 
 @dataclass

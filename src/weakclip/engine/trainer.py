@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from weakclip.engine.loop import MainLog, mix_seed, optimizer_step, resume_check
 from weakclip.engine.schedule import WarmupCosineSchedule
 from weakclip.errors import WeakclipError
 
-__all__ = ["LOSS_TERMS", "refinement_loss", "train", "train_step"]
+__all__ = ["LOSS_TERMS", "optimizer_groups", "refinement_loss", "train", "train_step"]
 
 LOSS_TERMS: tuple[str, ...] = ("loss", "seeding", "boundary", "identity")
 NONFINITE_HINT = "lower train.lr, set train.grad_clip, or use train.amp=bf16/none"
@@ -58,6 +59,41 @@ def build_train_data(cfg: Config):
                                  cat_max_ratio=d.cat_max_ratio, flip_prob=d.flip_prob,
                                  photometric=d.photometric, mean=mean, std=std)
     return dataset, transform
+
+
+def build_evaluator(cfg: Config, info, mean: Sequence[float], std: Sequence[float]):
+    """``evaluate(model, iteration) -> {"miou", "images"}`` for ``train.eval_every``: the model at one scale
+    (``pseudo.base_scale``), no flip, sliding window as ``pseudo`` sets it, on the first
+    ``train.eval_max_images`` images of ``train.eval_split`` (default: the training split), which must have
+    ground truth; the images are shared among the processes and the confusion matrices summed. Ground
+    truth is opened here, so a split without it fails before training starts."""
+    from weakclip.data.datasets import build_dataset
+    from weakclip.data.io import read_image
+    from weakclip.inference.sliding import multiscale_inference
+    from weakclip.metrics import ConfusionMatrix
+
+    t, p = cfg.train, cfg.pseudo
+    split = t.eval_split or cfg.data.split
+    dataset = build_dataset(cfg.data.kind, cfg.data.root, split=split, with_gt=True)
+    if not dataset.has_gt:
+        raise WeakclipError(f"train.eval_every needs ground truth, and split {split!r} has none")
+    count = len(dataset) if t.eval_max_images is None else min(len(dataset), t.eval_max_images)
+    mine = range(info.rank, count, info.world_size)
+
+    def evaluate(model, iteration: int) -> dict[str, float]:
+        cm = ConfusionMatrix(dataset.classes)
+        for i in mine:
+            image = read_image(dataset.image_path(i))
+            probs = multiscale_inference(model, image, (1.0,), False, p.crop, p.stride, mean, std,
+                                         p.base_scale, num_classes=len(dataset.classes), device=info.device,
+                                         average=p.average, size_divisor=p.size_divisor)
+            cm.update(probs.argmax(0).cpu().numpy(), dataset.read_gt(i, image.shape[:2]),
+                      name=str(dataset.image_path(i)))
+        if info.distributed:
+            cm.all_reduce()
+        return {"miou": float(cm.scores().miou), "images": count}
+
+    return evaluate
 
 
 # ====================================================================== helpers
@@ -94,17 +130,33 @@ def _has_unused(model) -> bool:
     return bool(flag() if callable(flag) else flag)
 
 
-def _optimizer_groups(model, weight_decay: float):
-    params = model.trainable_parameters() if hasattr(model, "trainable_parameters") else None
-    if params is None:
-        params = [p for p in model.parameters() if p.requires_grad]
-    params = list(params)
-    if params and isinstance(params[0], dict):
-        return params
-    frozen = [p for p in params if not p.requires_grad]
-    if frozen:
-        raise WeakclipError("model.trainable_parameters() returned parameters with requires_grad False")
-    return [{"params": params, "weight_decay": weight_decay}]
+# Parameter-name prefixes of the release's ``lr_mult=0`` optimizer groups ("backbone" = image tower + pyramid
+# adapter ``fpn1..fpn4``; "text_encoder" = text tower), mapped to our module names.
+_TOWER_PREFIXES = ("image_tower.", "text_tower.")
+_ADAPTER_PREFIXES = ("adapter.",)
+
+
+def optimizer_groups(model, weight_decay: float, *, tower_lr_mult: float = 1.0,
+                     adapter_lr_mult: float = 1.0) -> list[dict]:
+    """AdamW parameter groups of the trainable parameters: ``towers`` (``tower_lr_mult``), ``adapter``
+    (``adapter_lr_mult``) and ``rest`` (1), each with ``weight_decay`` (empty groups left out).
+
+    The release puts the image tower, the adapter and the text tower in mmcv groups with ``lr_mult=0``; with
+    :class:`~weakclip.engine.schedule.WarmupCosineSchedule` (mmcv's rule) their rate still rises from 0 to
+    ``min_lr``. A model without these submodules gets one group.
+    """
+    named = (model.named_trainable_parameters() if hasattr(model, "named_trainable_parameters")
+             else [(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    buckets: dict[str, list] = {"towers": [], "adapter": [], "rest": []}
+    for name, param in named:
+        if not param.requires_grad:
+            raise WeakclipError(f"trainable parameter {name} has requires_grad False")
+        key = ("towers" if name.startswith(_TOWER_PREFIXES)
+               else "adapter" if name.startswith(_ADAPTER_PREFIXES) else "rest")
+        buckets[key].append(param)
+    mults = {"towers": float(tower_lr_mult), "adapter": float(adapter_lr_mult), "rest": 1.0}
+    return [{"params": params, "weight_decay": weight_decay, "lr_mult": mults[key], "name": key}
+            for key, params in buckets.items() if params]
 
 
 # ====================================================================== step
@@ -115,7 +167,8 @@ def refinement_loss(model, loss_fn, images: torch.Tensor, seeds: torch.Tensor, m
     out = model(images)
     with torch.autocast(device_type=images.device.type, enabled=False):
         images_rgb = images * std + mean
-        return loss_fn(out["logits"].float(), out["score_logits"].float(), seeds, images_rgb)
+        return loss_fn(out["logits"].float(), out["score_logits"].float(), seeds, images_rgb,
+                       images_norm=images, mean=mean, std=std)
 
 
 def train_step(model, loss_fn, optimizer, images: torch.Tensor, seeds: torch.Tensor, mean: torch.Tensor,
@@ -187,9 +240,11 @@ def train(cfg: Config, workdir: str | Path, *, clip_weights: str | Path | None =
         raise WeakclipError(f"the config names {len(classes)} classes, the dataset has {dataset.num_classes}")
     model = build_model(cfg.model, classes, clip_weights=clip_weights).to(info.device)
     model.train()
-    loss_fn = WeakCLIPLoss(loss_size=cfg.loss.loss_size, identity_weight=cfg.loss.identity_weight)
+    loss_fn = WeakCLIPLoss(loss_size=cfg.loss.loss_size, identity_weight=cfg.loss.identity_weight,
+                           boundary_crf=cfg.loss.boundary_crf, identity_mean=cfg.loss.identity_mean)
     loss_fn = loss_fn.to(info.device) if isinstance(loss_fn, torch.nn.Module) else loss_fn
-    groups = _optimizer_groups(model, t_cfg.weight_decay)
+    groups = optimizer_groups(model, t_cfg.weight_decay, tower_lr_mult=t_cfg.tower_lr_mult,
+                              adapter_lr_mult=t_cfg.adapter_lr_mult)
     optimizer = torch.optim.AdamW(groups, lr=t_cfg.lr, weight_decay=t_cfg.weight_decay)
     schedule = WarmupCosineSchedule(optimizer, t_cfg.lr, t_cfg.iters, t_cfg.warmup_iters, t_cfg.warmup_ratio,
                                     t_cfg.min_lr)
@@ -225,7 +280,9 @@ def train(cfg: Config, workdir: str | Path, *, clip_weights: str | Path | None =
         load_state_fn=lambda m, state: load_trainable_state_dict(m, state, "the checkpoint"),
         extra_state={"clip_weights": None if clip_weights is None else str(clip_weights)},
         intro=intro, prepare_workdir=lambda w: cfg.to_yaml(w / "config.yaml"), nonfinite_hint=NONFINITE_HINT,
-        desc="train", progress=progress)
+        desc="train", progress=progress, eval_every=t_cfg.eval_every,
+        evaluate_fn=(build_evaluator(cfg, info, *norm_constants(cfg.data.normalize))
+                     if t_cfg.eval_every > 0 else None))
     if started_group and info.distributed:
         dist.destroy_process_group()
     return summary

@@ -71,6 +71,14 @@ def restrict_probs(probs: np.ndarray, labels: np.ndarray | Sequence[float] | Non
     return keys, kept / total
 
 
+def argmax_probs(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The release's unrestricted rule -> ``(keys, probs[keys])``: the classes that win some pixel of the
+    argmax, their probabilities NOT renormalised (what the release saves in ``prob_npy`` and its
+    ``make_crf.py`` hands to the CRF, whose label set is therefore these classes only)."""
+    keys = np.unique(probs.argmax(axis=0))
+    return keys, probs[keys]
+
+
 def _crf_job(image: np.ndarray, probs: np.ndarray, keys: np.ndarray, params, out_png: str
              ) -> tuple[np.ndarray, float]:
     """Dense CRF of one image, written to ``out_png`` -> (mask, seconds). Runs in a worker process."""
@@ -162,6 +170,8 @@ def generate_pseudo_masks(
     start_method: str | None = None,
     window_batch: int = 1,
     autocast_dtype: torch.dtype | None = None,
+    average: str = "logits",
+    size_divisor: int = 1,
     evaluate: bool = True,
     limit: int | None = None,
     rank: int | None = None,
@@ -176,13 +186,17 @@ def generate_pseudo_masks(
         scales, flip, crop, stride, base_scale: test-time augmentation (:func:`multiscale_inference`).
         mean, std: the normalisation the model was trained with.
         crf_params: a :class:`~weakclip.crf.DenseCRFParams` (``VOC_CRF``, ``COCO_CRF``) or None (no CRF).
-        restrict_to_labels: zero the classes outside the image's labels (background always allowed).
+        restrict_to_labels: zero the classes outside the image's labels (background always allowed) and
+            renormalise. Off (the release): the CRF and ``probs/`` get the classes present in the argmax
+            before the CRF, their probabilities as they are (the release's ``keys`` of ``prob_npy``).
         save_probs: also write ``probs/<id>.npz``.
         crf_workers: CRF worker processes (0: run the CRF in this process); ``max_pending`` bounds the
             images waiting for them (default twice the workers). ``start_method`` of the workers:
             default ``fork`` on CPU, ``spawn`` once CUDA is initialised (scripts then need the
             ``if __name__ == "__main__":`` guard).
         window_batch, autocast_dtype: passed to the sliding window (speed on GPU).
+        average, size_divisor: window averaging and padding (:func:`slide_inference`; the release:
+            ``"logits"``, 1).
         evaluate: score against the ground truth when the dataset has it.
         limit: stop after writing this many images in this process (the rest is left for a later run).
         rank, world_size: this process's share; default from the ``torchrun`` environment.
@@ -250,19 +264,18 @@ def generate_pseudo_masks(
             start = time.perf_counter()
             probs = multiscale_inference(model, image, scales, flip, crop, stride, mean, std, base_scale,
                                          num_classes=num_classes, window_batch=window_batch,
-                                         autocast_dtype=autocast_dtype)
+                                         autocast_dtype=autocast_dtype, average=average,
+                                         size_divisor=size_divisor)
             probs = probs.cpu().numpy()
             model_seconds += time.perf_counter() - start
             computed += 1
 
-            keys, kept = restrict_probs(probs, labels)
+            keys, kept = restrict_probs(probs, labels) if restrict_to_labels else argmax_probs(probs)
             del probs
             mask = keys.astype(np.uint8)[kept.argmax(axis=0)]
             if save_probs:
-                present = keys if restrict_to_labels else np.union1d([0], np.unique(mask))
-                rows = np.searchsorted(keys, present)
-                write_npz_atomic(probs_dir / f"{ident}.npz", keys=present.astype(np.int16),
-                                 probs=kept[rows].astype(np.float16))
+                write_npz_atomic(probs_dir / f"{ident}.npz", keys=keys.astype(np.int16),
+                                 probs=kept.astype(np.float16))
             if gt is not None:
                 cm_before.update(mask, gt, name=f"{no_crf_dir / ident}.png")
             if use_crf:
@@ -291,7 +304,8 @@ def generate_pseudo_masks(
         "settings": {
             "scales": [float(s) for s in scales], "flip": bool(flip), "crop": int(crop),
             "stride": int(stride), "base_scale": [int(v) for v in base_scale],
-            "restrict_to_labels": bool(restrict_to_labels),
+            "restrict_to_labels": bool(restrict_to_labels), "average": average,
+            "size_divisor": int(size_divisor),
             "crf": None if crf_params is None else _params_dict(crf_params),
             "save_probs": bool(save_probs),
         },

@@ -2,19 +2,21 @@
 
 * :func:`slide_inference`: windows of ``crop`` px every ``stride`` px (the last row/column of windows
   is shifted back to end at the border, mmseg's rule, so every pixel is covered); each window's
-  logits are resized to the window, turned into probabilities (softmax), and averaged over the
-  windows covering a pixel.
+  logits are resized to the window and averaged over the windows covering a pixel
+  (``average="logits"``, the release), or turned into probabilities first and then averaged
+  (``average="probs"``, a ``-plus`` switch).
 * :func:`multiscale_inference`: for each ratio ``r`` the image is resized keeping its aspect ratio to
   fit ``base_scale * r`` (mmseg's ``MultiScaleFlipAug(img_scale=(2048, 512), img_ratios=...)``),
   normalised, run through :func:`slide_inference` (and again flipped, when ``flip``), and the
   probabilities, resized to the original size, are added IN PLACE into one K x H x W accumulator:
   only one scale is alive at a time, so memory is bounded by the largest scale, not by their number.
 
-Difference from mmseg, on purpose: mmseg averages raw *logits* over the windows and applies the
-softmax once per scale; here each window is softmaxed first (the brief's "softmax averaged"), so every
-intermediate is a distribution and the result is exactly the mean of distributions. Windows smaller
-than the model's stride multiple (32) are padded bottom/right with zeros (the mean colour after
-normalisation) and the padding is cropped off the output.
+As the release (``average="logits"``, ``size_divisor=1``): the window logits are averaged, resized to
+the original image (bilinear) and softmaxed once per pass; windows go to the model at any size. The
+``-plus`` alternative (``average="probs"``) softmaxes each window first, so every intermediate is a
+distribution and the result is exactly a mean of distributions, and ``size_divisor=32`` pads windows
+bottom/right with zeros (the mean colour after normalisation) to a multiple of the decoder's stride-32
+level, cropping the padding off the output.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch import nn
 from weakclip.data.transforms import CLIP_MEAN, CLIP_STD, rescale_size
 
 __all__ = [
+    "AVERAGE_MODES",
     "RELEASE_SCALES",
     "multiscale_inference",
     "scaled_size",
@@ -40,8 +43,8 @@ __all__ = [
 #: The release's test-time ratios of the base scale (2048, 512).
 RELEASE_SCALES: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
-# Inputs are padded to a multiple of this (ViT patch 16 and the decoder's stride-32 level).
-_SIZE_DIVISOR = 32
+#: What a window contributes to the average: its logits (the release) or its softmax.
+AVERAGE_MODES: tuple[str, ...] = ("logits", "probs")
 
 
 def window_grid(height: int, width: int, crop: int | Sequence[int], stride: int | Sequence[int]
@@ -78,20 +81,24 @@ def _pad_to(x: torch.Tensor, divisor: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def slide_inference(model: nn.Module, image: torch.Tensor, num_classes: int, crop: int = 512,
-                    stride: int = 341, *, window_batch: int = 1, size_divisor: int = _SIZE_DIVISOR,
-                    autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Window-averaged softmax probabilities ``1 x K x H x W`` (float32) of a normalised ``1 x 3 x H x W``.
+                    stride: int = 341, *, window_batch: int = 1, size_divisor: int = 1,
+                    autocast_dtype: torch.dtype | None = None, average: str = "logits") -> torch.Tensor:
+    """Window-averaged logits (``average="logits"``, the release) or softmax probabilities
+    (``average="probs"``), ``1 x K x H x W`` float32, of a normalised ``1 x 3 x H x W``.
 
     Args:
         model: returns ``{"logits": B x K x h x w}`` (any h, w; resized bilinearly to the window) or
             the logits tensor itself.
         image: normalised image on the model's device.
         window_batch: windows run through the model together (all windows of an image have one size).
-        size_divisor: windows are zero-padded (bottom/right) to a multiple of it before the model.
+        size_divisor: windows are zero-padded (bottom/right) to a multiple of it before the model (1: none,
+            the release).
         autocast_dtype: e.g. ``torch.bfloat16`` to run the model under autocast on CUDA.
     """
     if image.dim() != 4 or image.shape[0] != 1:
         raise ValueError(f"slide_inference takes one image 1 x 3 x H x W, got {tuple(image.shape)}")
+    if average not in AVERAGE_MODES:
+        raise ValueError(f"average must be one of {AVERAGE_MODES}, got {average!r}")
     _, _, h, w = image.shape
     windows = window_grid(h, w, crop, stride)
     probs = torch.zeros(1, num_classes, h, w, device=image.device, dtype=torch.float32)
@@ -103,13 +110,15 @@ def slide_inference(model: nn.Module, image: torch.Tensor, num_classes: int, cro
         group = windows[start:start + step]
         wh, ww = group[0][1] - group[0][0], group[0][3] - group[0][2]
         batch = torch.cat([image[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in group])
-        batch = _pad_to(batch, size_divisor)
+        batch = _pad_to(batch, size_divisor) if size_divisor > 1 else batch
         with amp:
             logits = _model_logits(model, batch)
         if logits.shape[1] != num_classes:
             raise ValueError(f"the model gives {logits.shape[1]} classes, expected {num_classes}")
         logits = F.interpolate(logits.float(), size=batch.shape[-2:], mode="bilinear", align_corners=False)
-        p = logits[:, :, :wh, :ww].softmax(dim=1)
+        p = logits[:, :, :wh, :ww]
+        if average == "probs":
+            p = p.softmax(dim=1)
         for j, (y1, y2, x1, x2) in enumerate(group):
             probs[:, :, y1:y2, x1:x2] += p[j:j + 1]
             count[:, :, y1:y2, x1:x2] += 1
@@ -139,7 +148,8 @@ def multiscale_inference(model: nn.Module, image: np.ndarray, scales: Sequence[f
                          mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
                          base_scale: Sequence[int] = (2048, 512), *, num_classes: int | None = None,
                          device: str | torch.device | None = None, window_batch: int = 1,
-                         autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+                         autocast_dtype: torch.dtype | None = None, average: str = "logits",
+                         size_divisor: int = 1) -> torch.Tensor:
     """Test-time-augmented class probabilities ``K x H x W`` (float32, on ``device``) of a uint8 image.
 
     Args:
@@ -150,10 +160,13 @@ def multiscale_inference(model: nn.Module, image: np.ndarray, scales: Sequence[f
         mean, std: normalisation (0-255 scale, RGB), as the model was trained with.
         num_classes: K; default ``model.num_classes``.
         device: where the model runs; default the device of its first parameter.
+        average, size_divisor: see :func:`slide_inference`.
 
     Each scale's image is resized bilinearly (half-pixel centres, no antialiasing, rounded to 8 bits
-    like the release's cv2 pipeline) and normalised; its probabilities are resized back to ``H x W``
-    (bilinear) and added into the one accumulator, then divided by the number of passes. The result
+    like the release's cv2 pipeline) and normalised. With ``average="logits"`` (the release) each pass's
+    window-averaged logits are resized back to ``H x W`` (bilinear) and softmaxed; with ``"probs"`` the
+    window-averaged probabilities are resized back. Each pass's probabilities (flipped back for the
+    flipped pass) are added into the one accumulator, then divided by the number of passes. The result
     sums to 1 over the classes at every pixel.
     """
     if not scales:
@@ -177,18 +190,16 @@ def multiscale_inference(model: nn.Module, image: np.ndarray, scales: Sequence[f
             scaled = F.interpolate(src, size=(sh, sw), mode="bilinear", align_corners=False)
             scaled = scaled.round_().clamp_(0, 255)
         scaled = (scaled - mean_t) / std_t
-        probs = slide_inference(model, scaled, k, crop, stride, window_batch=window_batch,
-                                autocast_dtype=autocast_dtype)
-        passes += 1
-        if flip:
-            flipped = slide_inference(model, scaled.flip(-1), k, crop, stride, window_batch=window_batch,
-                                      autocast_dtype=autocast_dtype)
-            probs.add_(flipped.flip(-1))
-            del flipped
+        for flipped in (False, True) if flip else (False,):
+            view = scaled.flip(-1) if flipped else scaled
+            out = slide_inference(model, view, k, crop, stride, window_batch=window_batch,
+                                  autocast_dtype=autocast_dtype, average=average, size_divisor=size_divisor)
+            if (sh, sw) != (h, w):
+                out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
+            if average == "logits":
+                out = out.softmax(dim=1)
+            acc.add_((out.flip(-1) if flipped else out)[0])
             passes += 1
+            del out
         del scaled
-        if (sh, sw) != (h, w):
-            probs = F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)
-        acc.add_(probs[0])
-        del probs
     return acc.div_(passes)

@@ -54,8 +54,16 @@ class ModelConfig:
         bias of the q/k/v projections: off in the release); gamma_init: initial gamma and beta.
     neck_channels / head_channels / head_dropout: FPN neck and Semantic-FPN head.
     tau: temperature of the identity head (score_logits = score_map / tau).
-    bn_eval: keep every BatchNorm in eval mode (running statistics frozen) even in train mode.
-    frozen_no_grad: run the frozen image tower under ``torch.no_grad()`` (nothing trainable precedes it).
+    bn_eval: keep every BatchNorm in eval mode (running statistics frozen) even in train mode. Off in the
+        release: its ``norm_eval`` only catches ``BatchNorm2d``, and its BNs are SyncBN, so all of them train
+        with batch statistics (the ``-plus`` presets turn it on).
+    freeze_towers: both CLIP towers get ``requires_grad=False`` and stay out of the optimizer. Off in the
+        release, whose towers sit in an ``lr_mult=0`` optimizer group that still receives gradients and tiny
+        AdamW updates (``train.tower_lr_mult``; see ``weakclip.engine.schedule``).
+    frozen_no_grad: with ``freeze_towers``, run the image tower under ``torch.no_grad()`` (nothing
+        trainable precedes it).
+    readable_names: prompt readable class names ("diningtable" -> "dining table"); off in the release,
+        which prompts the raw dataset strings.
     """
 
     clip_arch: str = "ViT-B/16"
@@ -69,15 +77,17 @@ class ModelConfig:
     match_heads: int = 4
     match_layers: int = 3
     match_dropout: float = 0.1
-    match_mode: str = "chain"
+    match_mode: str = "release"
     match_qkv_bias: bool = False
     gamma_init: float = 0.1
     neck_channels: int = 256
     head_channels: int = 256
     head_dropout: float = 0.1
     tau: float = 0.07
-    bn_eval: bool = True
+    bn_eval: bool = False
+    freeze_towers: bool = False
     frozen_no_grad: bool = True
+    readable_names: bool = False
 
     def __post_init__(self) -> None:
         self.out_blocks = tuple(int(b) for b in self.out_blocks)
@@ -162,8 +172,8 @@ class WeakCLIP(nn.Module):
         self.cfg = cfg
         self.class_names = list(class_names)
         self.num_classes = len(self.class_names)
-        self.image_tower = image_tower.requires_grad_(False)
-        self.text_tower = text_tower.requires_grad_(False)
+        self.image_tower = image_tower.requires_grad_(not cfg.freeze_towers)
+        self.text_tower = text_tower.requires_grad_(not cfg.freeze_towers)
         width = image_tower.width
         embed_dim = image_tower.embed_dim
         self.adapter = PyramidAdapter(width)
@@ -324,11 +334,12 @@ def build_model(
 ) -> WeakCLIP:
     """Build the refinement model for ``class_names`` (dataset or readable names; index 0 background).
 
-    Class names go through ``prompt_names`` ("diningtable" -> "dining table"). The CLIP towers are built
+    With ``cfg.readable_names`` class names go through ``prompt_names`` ("diningtable" -> "dining table");
+    the release prompts them as given. The CLIP towers are built
     from ``clip_weights`` (see ``build_clip``; ``None`` downloads OpenAI's weights unless
     ``pretrained_download=False``, which leaves them RANDOM: tests only) with ``cfg.drop_path_rate``, or
-    passed ready-made as ``image_tower`` and ``text_tower`` (both; they are frozen here and keep their own
-    stochastic depth, which should equal ``cfg.drop_path_rate``).
+    passed ready-made as ``image_tower`` and ``text_tower`` (both; frozen here with ``cfg.freeze_towers``;
+    they keep their own stochastic depth, which should equal ``cfg.drop_path_rate``).
     """
     if (image_tower is None) != (text_tower is None):
         raise WeakclipError("pass both image_tower and text_tower, or neither")
@@ -360,5 +371,6 @@ def build_model(
         )
     if not class_names or isinstance(class_names, str):
         raise WeakclipError("build_model needs a list of class names")
-    model = WeakCLIP(cfg, image_tower, text_tower, prompt_names(list(class_names)))
+    names = prompt_names(list(class_names)) if cfg.readable_names else list(class_names)
+    model = WeakCLIP(cfg, image_tower, text_tower, names)
     return model.to(device)
