@@ -48,8 +48,8 @@ def mmcv_lr(it, base_lr, total=20000, warmup=1500, ratio=1e-6, min_lr=1e-6):
 
 def test_lr_mult_zero_group_follows_mmcv_min_lr_rule():
     params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
-    opt = torch.optim.AdamW([{"params": [params[0]], "lr_mult": 1.0}, {"params": [params[1]], "lr_mult": 0.0}],
-                            lr=1e-4)
+    opt = torch.optim.AdamW([{"params": [params[0]], "lr_mult": 1.0},
+                             {"params": [params[1]], "lr_mult": 0.0}], lr=1e-4)
     sched = WarmupCosineSchedule(opt, 1e-4, 20000, 1500, 1e-6, 1e-6)
     for it in (0, 1, 750, 1499, 1500, 5000, 10000, 19999, 20000):
         sched.set_iteration(it)
@@ -177,7 +177,8 @@ def test_release_crf_target_equals_pydensecrf_on_the_floored_probs():
     seeds = torch.randint(0, 3, (2, 32, 32))
     out = crit(logits, torch.randn(2, 3, 8, 8), seeds, images)
     fast = WeakCLIPLoss(loss_size=16, boundary_crf="fast")(logits, torch.randn(2, 3, 8, 8), seeds, images)
-    assert torch.isfinite(out["boundary"]) and out["boundary"].item() != pytest.approx(fast["boundary"].item())
+    assert torch.isfinite(out["boundary"])
+    assert out["boundary"].item() != pytest.approx(fast["boundary"].item())
 
 
 # ============================================================= 12. the concatenated training set
@@ -263,7 +264,8 @@ def test_unrestricted_masks_keep_the_argmax_classes_unnormalised():
 
 # ============================================================= 17. COCO's 91-id label space
 def test_coco_91_label_space_round_trip():
-    assert len(COCO91_CLASSES) == 91 and COCO91_CLASSES[12] == "street sign" and COCO91_CLASSES[90] == "toothbrush"
+    assert len(COCO91_CLASSES) == 91
+    assert COCO91_CLASSES[12] == "street sign" and COCO91_CLASSES[90] == "toothbrush"
     mask = np.arange(81, dtype=np.uint8).reshape(9, 9)
     mask[0, 0] = 255
     ids = coco_to_91(mask)
@@ -273,7 +275,7 @@ def test_coco_91_label_space_round_trip():
     assert ids[0, 0] == 255 and coco_to_81(np.array([12, 26, 83], np.uint8)).tolist() == [255, 255, 255]
 
 
-# ============================================================= 16. periodic evaluation and the best checkpoint
+# ============================================================= 16. periodic evaluation, best checkpoint
 def test_periodic_evaluation_keeps_the_best_checkpoint(synth, tmp_path):
     cfg = apply_overrides(load_preset("voc"), [
         "data.kind=folder", f"data.root={synth}", "data.split=train", "data.crop_size=48",
