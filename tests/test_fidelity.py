@@ -298,3 +298,28 @@ def test_periodic_evaluation_keeps_the_best_checkpoint(synth, tmp_path):
     assert best["miou"] == pytest.approx(max(mious), abs=1e-6) and rest["best"]["miou"] == best["miou"]
     assert best["iteration"] == [2, 4][int(np.argmax(mious))]
     assert any(k.startswith("head.") for k in best["model"])
+
+
+def test_release_checkpoints_hold_the_trained_towers_and_load_without_weights(synth, tmp_path):
+    from weakclip.inference.loading import load_trained_model
+    from weakclip.models.clip import get_arch, make_open_clip_model
+
+    weights = tmp_path / "tiny.pt"
+    torch.save(make_open_clip_model(get_arch("tiny")).state_dict(), weights)
+    cfg = apply_overrides(load_preset("voc"), [
+        "data.kind=folder", f"data.root={synth}", "data.split=train", "data.crop_size=48",
+        "data.scale=64,48", "data.num_workers=0", "model.clip_arch=tiny", "model.out_blocks=1,2,3,4",
+        "model.neck_channels=16", "model.head_channels=16", "model.match_width=16", "model.match_layers=1",
+        "train.iters=2", "train.batch_size=2", "train.warmup_iters=0", "train.log_every=1",
+        "loss.loss_size=16", "classes=none",
+    ])
+    summary = train(cfg, tmp_path / "w", clip_weights=weights, device="cpu", progress=False)
+    state = load_checkpoint(summary["checkpoint"])["model"]
+    original = make_open_clip_model(get_arch("tiny"))
+    original.load_state_dict(torch.load(weights))
+    prefix = "image_tower.visual."
+    tower = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    assert tower and any(not torch.equal(v, original.visual.state_dict()[k]) for k, v in tower.items())
+    weights.unlink()  # the checkpoint alone suffices
+    model, _ = load_trained_model(tmp_path / "w")
+    assert torch.equal(model.image_tower.visual.conv1.weight, tower["conv1.weight"])

@@ -54,8 +54,10 @@ def trained(tmp_path_factory, _one_thread):
     from weakclip.engine.trainer import train
 
     cfg = Config()
+    # frozen towers (the -plus switch): the checkpoint leaves them out and records the weights file
     cfg.model = ModelConfig(clip_arch="tiny", out_blocks=(1, 2, 3, 4), drop_path_rate=0.0, match_width=32,
-                            match_heads=2, match_layers=1, neck_channels=32, head_channels=32)
+                            match_heads=2, match_layers=1, neck_channels=32, head_channels=32,
+                            freeze_towers=True)
     cfg.data.kind = "folder"
     cfg.data.root = str(root)
     cfg.data.split = "train"
@@ -111,9 +113,11 @@ def test_windows_cover_every_pixel_and_pixelwise_model_is_unchanged():
         assert count.min() >= 1
     model = PixelwiseModel().eval()
     x = torch.randn(1, 3, 100, 150)
-    expected = model(x)["logits"].softmax(1)
-    got = slide_inference(model, x, 3, crop=64, stride=43, window_batch=3)
+    expected = model(x)["logits"]
+    got = slide_inference(model, x, 3, crop=64, stride=43, window_batch=3)  # the release: mean logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    got = slide_inference(model, x, 3, crop=64, stride=43, window_batch=3, average="probs", size_divisor=32)
+    torch.testing.assert_close(got, expected.softmax(1), rtol=1e-5, atol=1e-6)
 
 
 def test_crop_covering_the_image_equals_one_forward(model_and_data):
@@ -121,9 +125,11 @@ def test_crop_covering_the_image_equals_one_forward(model_and_data):
     x = torch.randn(1, 3, 64, 96)
     with torch.inference_mode():
         logits = model(x)["logits"]
-        expected = nn.functional.interpolate(logits, size=(64, 96), mode="bilinear").softmax(1)
+        expected = nn.functional.interpolate(logits, size=(64, 96), mode="bilinear")
     got = slide_inference(model, x, model.num_classes, crop=128, stride=85)
     torch.testing.assert_close(got, expected)
+    got = slide_inference(model, x, model.num_classes, crop=128, stride=85, average="probs")
+    torch.testing.assert_close(got, expected.softmax(1))
 
 
 def test_multiscale_is_a_distribution_of_the_original_size(model_and_data):
@@ -148,8 +154,9 @@ def test_restrict_probs_keeps_background_and_labels_only():
 def test_pseudo_masks_crf_on_and_off_labels_and_scores(model_and_data, tmp_path):
     model, _, dataset = model_and_data
     on = generate_pseudo_masks(model, dataset, tmp_path / "crf", crf_params=VOC_CRF, crf_workers=1,
-                               save_probs=True, progress=False, **TTA)
-    off = generate_pseudo_masks(model, dataset, tmp_path / "plain", crf_params=None, progress=False, **TTA)
+                               save_probs=True, progress=False, restrict_to_labels=True, **TTA)
+    off = generate_pseudo_masks(model, dataset, tmp_path / "plain", crf_params=None, progress=False,
+                                restrict_to_labels=True, **TTA)
     assert on["written"] == off["written"] == len(dataset) and on["failed"] == 0
     for i, ident in enumerate(dataset.ids):
         allowed = set(np.flatnonzero(dataset.get_labels(i)).tolist())

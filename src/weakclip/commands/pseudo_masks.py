@@ -6,29 +6,45 @@ import argparse
 from pathlib import Path
 
 
-def _crf_params(args: argparse.Namespace, kind: str):
+def _pseudo_overrides(args: argparse.Namespace) -> list[str]:
+    """The flags given, as overrides of the checkpoint's ``pseudo`` section (its preset's settings)."""
+    out = []
+    if args.scales is not None:
+        out.append("pseudo.scales=" + ",".join(str(s) for s in args.scales))
+    if args.base_scale is not None:
+        out.append(f"pseudo.base_scale={args.base_scale[0]},{args.base_scale[1]}")
+    for flag in ("crop", "stride", "crf_workers", "window_batch", "average", "size_divisor"):
+        if getattr(args, flag) is not None:
+            out.append(f"pseudo.{flag}={getattr(args, flag)}")
+    if args.no_flip:
+        out.append("pseudo.flip=false")
     if args.no_crf:
-        return None
-    from weakclip.crf import COCO_CRF, VOC_CRF
-
-    preset = args.crf or ("coco" if kind == "coco" else "voc")
-    return COCO_CRF if preset == "coco" else VOC_CRF
+        out.append("pseudo.crf=none")
+    elif args.crf is not None:
+        out.append(f"pseudo.crf={args.crf}")
+    if args.restrict and args.no_restrict:
+        raise SystemExit("weakclip pseudo-masks: --restrict and --no-restrict exclude each other")
+    if args.restrict or args.no_restrict:
+        out.append(f"pseudo.restrict_to_labels={'true' if args.restrict else 'false'}")
+    if args.amp:
+        out.append("pseudo.amp=bf16")
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
+    from weakclip.config import apply_overrides
     from weakclip.data.datasets import build_dataset
     from weakclip.distributed import cleanup, init_distributed
     from weakclip.errors import WeakclipError
     from weakclip.inference.loading import load_trained_model, normalization_of
     from weakclip.inference.pseudo_masks import format_summary, generate_pseudo_masks
 
-    if args.crf_workers < 0:
-        raise WeakclipError("--crf-workers must be >= 0")
-    if any(s <= 0 for s in args.scales):
-        raise WeakclipError(f"--scales must be positive, got {args.scales}")
+    overrides = _pseudo_overrides(args)
     info = init_distributed(args.device)
     try:
-        model, cfg = load_trained_model(args.checkpoint, args.clip_weights, device=info.device)
+        model, cfg = load_trained_model(args.checkpoint, args.clip_weights, device=info.device,
+                                        best=args.best)
+        settings = apply_overrides(cfg, overrides).pseudo  # typed and checked: one-line errors
         kind = args.dataset or cfg.data.kind
         root = args.data_root
         if not root.exists():
@@ -38,18 +54,9 @@ def run(args: argparse.Namespace) -> int:
             raise WeakclipError(f"the model was trained on {len(cfg.classes)} classes, the dataset at "
                                 f"{root} has {len(dataset.classes)}")
         mean, std = normalization_of(cfg)
-        crf = _crf_params(args, kind)
-        amp = None
-        if args.amp and info.device.type == "cuda":
-            import torch
-
-            amp = torch.bfloat16
         summary = generate_pseudo_masks(
-            model, dataset, args.out, scales=args.scales, flip=not args.no_flip, crop=args.crop,
-            stride=args.stride, base_scale=tuple(args.base_scale), mean=mean, std=std, crf_params=crf,
-            restrict_to_labels=not args.no_restrict, save_probs=args.save_probs, crf_workers=args.crf_workers,
-            window_batch=args.window_batch, autocast_dtype=amp, limit=args.max_images,
-            progress=not args.quiet)
+            model, dataset, args.out, mean=mean, std=std, **settings.generate_kwargs(kind, info.device),
+            save_probs=args.save_probs, limit=args.max_images, progress=not args.quiet)
         if info.is_main:
             print(format_summary(summary))
     finally:
@@ -60,11 +67,12 @@ def run(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = sub.add_parser(
         "pseudo-masks", help="pseudo masks of a dataset split from a trained model (TTA, labels, CRF)",
-        description="Multi-scale + flip sliding-window inference of a trained WeakCLIP model over a dataset "
-                    "split, restricted to each image's labels (+ background), then the full-resolution dense "
-                    "CRF in worker processes. Writes OUT/<id>.png (VOC palette), OUT/no_crf/<id>.png and, "
-                    "with --save-probs, OUT/probs/<id>.npz. Resumable (existing masks are skipped); runs "
-                    "sharded under torchrun; with ground truth it prints the mIoU before and after CRF.")
+        description="Multi-scale + flip sliding-window inference of a trained WeakCLIP model over a "
+                    "dataset split with the settings of the checkpoint's preset (the release's for voc and "
+                    "coco), then the full-resolution dense CRF in worker processes. Writes OUT/<id>.png (VOC "
+                    "palette), OUT/no_crf/<id>.png and, with --save-probs, OUT/probs/<id>.npz. Resumable "
+                    "(existing masks are skipped); runs sharded under torchrun; with ground truth it prints "
+                    "the mIoU before and after CRF.")
     p.add_argument("--checkpoint", required=True, type=Path,
                    help="training checkpoint (.pth) or the training work folder (its latest checkpoint)")
     p.add_argument("--clip-weights", type=Path, default=None,
@@ -77,23 +85,32 @@ def register(sub) -> None:
                    help="split name or id-list file (default: the dataset's training split: VOC train_aug, "
                         "COCO train2014, folder: every labelled image)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--scales", type=float, nargs="+", default=[0.5, 0.75, 1.0, 1.25, 1.5, 1.75],
-                   help="ratios of the base scale (default: the release's 0.5 ... 1.75)")
-    p.add_argument("--base-scale", type=int, nargs=2, default=[2048, 512], metavar=("LONG", "SHORT"),
-                   help="base resize scale, aspect kept (default 2048 512)")
-    p.add_argument("--crop", type=int, default=512, help="sliding-window size (default 512)")
-    p.add_argument("--stride", type=int, default=341, help="sliding-window stride (default 341)")
+    p.add_argument("--best", action="store_true",
+                   help="with a work folder: its checkpoints/best.pth (train.eval_every), not the latest")
+    # Test-time settings: each defaults to the checkpoint's config (its preset's `pseudo` section).
+    p.add_argument("--scales", type=float, nargs="+", default=None,
+                   help="ratios of the base scale (default: the checkpoint's; the release: 0.5 ... 1.75)")
+    p.add_argument("--base-scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"),
+                   help="base resize scale, aspect kept (the release: 2048 512)")
+    p.add_argument("--crop", type=int, default=None, help="sliding-window size (the release: 512)")
+    p.add_argument("--stride", type=int, default=None, help="sliding-window stride (the release: 341)")
+    p.add_argument("--average", choices=["logits", "probs"], default=None,
+                   help="average window logits (the release) or window softmaxes (-plus)")
+    p.add_argument("--size-divisor", type=int, default=None,
+                   help="pad windows to a multiple of this (the release: 1, no padding; -plus: 32)")
     p.add_argument("--no-flip", action="store_true", help="no horizontal-flip augmentation")
     p.add_argument("--no-crf", action="store_true", help="no dense CRF (OUT/<id>.png is the model's mask)")
-    p.add_argument("--crf", choices=["voc", "coco"], default=None,
-                   help="CRF parameters (default: coco for COCO, voc otherwise)")
+    p.add_argument("--crf", choices=["auto", "voc", "coco"], default=None,
+                   help="CRF parameters (auto: coco for COCO, voc otherwise)")
+    p.add_argument("--restrict", action="store_true",
+                   help="keep only each image's labels (+ background), renormalised (-plus)")
     p.add_argument("--no-restrict", action="store_true",
-                   help="predict over all classes, not only the image's labels (as the release)")
+                   help="all classes; the CRF gets the argmax's classes (the release)")
     p.add_argument("--save-probs", action="store_true",
-                   help="also write OUT/probs/<id>.npz (float16 probabilities of the present classes)")
-    p.add_argument("--crf-workers", type=int, default=2,
-                   help="CRF worker processes per process (default 2; 0 = run the CRF inline)")
-    p.add_argument("--window-batch", type=int, default=1, help="sliding windows per forward pass")
+                   help="also write OUT/probs/<id>.npz (float16 probabilities of the kept classes)")
+    p.add_argument("--crf-workers", type=int, default=None,
+                   help="CRF worker processes per process (0 = run the CRF inline)")
+    p.add_argument("--window-batch", type=int, default=None, help="sliding windows per forward pass")
     p.add_argument("--max-images", type=int, default=None,
                    help="stop after writing this many images per process (continue later)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for the model on CUDA (faster)")

@@ -397,12 +397,11 @@ class PhotometricDistortion(_Transform):
 class Normalize(_Transform):
     """``(image - mean) / std`` per RGB channel (0-255 scale) -> float32 ``HxWx3`` numpy array.
 
-    The default is CLIP's own mean/std: the image tower is frozen, so its inputs should have the
-    statistics it was trained with. The release normalised with ImageNet's
-    (:data:`IMAGENET_MEAN`, :data:`IMAGENET_STD`); pass those to reproduce it exactly.
+    The default is ImageNet's mean/std, as the release; CLIP's own (:data:`CLIP_MEAN`,
+    :data:`CLIP_STD`, the statistics the towers were trained with) is the ``-plus`` choice.
     """
 
-    def __init__(self, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD):
+    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
@@ -481,7 +480,7 @@ class ToTensor(_Transform):
 def train_transforms(crop_size: int | Sequence[int] = 512, scale: Sequence[int] = (2048, 512),
                      ratio_range: Sequence[float] = (0.5, 2.0), cat_max_ratio: float = 0.75,
                      flip_prob: float = 0.5, photometric: bool = True,
-                     mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
+                     mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                      rng: np.random.Generator | None = None) -> Compose:
     """The release's training pipeline: random resize, cat-max-ratio crop, flip, photometric
     distortion, normalise, pad to ``crop_size`` (masks with 255), to tensors."""
@@ -496,8 +495,8 @@ def train_transforms(crop_size: int | Sequence[int] = 512, scale: Sequence[int] 
     return Compose(ts, rng=rng)
 
 
-def test_transforms(scale: Sequence[int] = (2048, 512), mean: Sequence[float] = CLIP_MEAN,
-                    std: Sequence[float] = CLIP_STD, resize_masks: bool = False) -> Compose:
+def test_transforms(scale: Sequence[int] = (2048, 512), mean: Sequence[float] = IMAGENET_MEAN,
+                    std: Sequence[float] = IMAGENET_STD, resize_masks: bool = False) -> Compose:
     """Test pipeline: keep-ratio resize to ``scale``, normalise, to tensors; no crop, no padding.
 
     Masks stay at the original resolution by default (metrics are computed there); the original

@@ -239,6 +239,9 @@ def train(cfg: Config, workdir: str | Path, *, clip_weights: str | Path | None =
     if len(classes) != dataset.num_classes:
         raise WeakclipError(f"the config names {len(classes)} classes, the dataset has {dataset.num_classes}")
     model = build_model(cfg.model, classes, clip_weights=clip_weights).to(info.device)
+    if info.distributed and info.device.type == "cuda" and not cfg.model.bn_eval:
+        # BatchNorm with batch statistics over the GLOBAL batch, as the release's SyncBN
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.train()
     loss_fn = WeakCLIPLoss(loss_size=cfg.loss.loss_size, identity_weight=cfg.loss.identity_weight,
                            boundary_crf=cfg.loss.boundary_crf, identity_mean=cfg.loss.identity_mean)

@@ -17,11 +17,20 @@ from weakclip.errors import WeakclipError
 __all__ = ["load_trained_model", "normalization_of", "resolve_checkpoint", "trained_classes"]
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or a training work folder (its latest checkpoint)."""
-    from weakclip.engine.checkpoint import latest_checkpoint
+def resolve_checkpoint(path: str | Path, best: bool = False) -> Path:
+    """A checkpoint file, or a training work folder (its latest checkpoint; with ``best`` the
+    ``checkpoints/best.pth`` of its periodic evaluation)."""
+    from weakclip.engine.checkpoint import best_checkpoint_path, latest_checkpoint
 
     path = Path(path)
+    if best:
+        if not path.is_dir():
+            raise WeakclipError(f"--best takes the training work folder, got {path}")
+        found = best_checkpoint_path(path)
+        if not found.is_file():
+            raise WeakclipError(f"no best checkpoint in {path}: it is written by training with "
+                                "train.eval_every > 0")
+        return found
     if path.is_dir():
         found = latest_checkpoint(path)
         if found is None:
@@ -57,7 +66,7 @@ def _load_everything(model, model_state: Mapping[str, Any], path: Path) -> None:
 
 def trained_classes(cfg) -> list[str]:
     """The class list the model was trained on: ``cfg.classes``, else the dataset's."""
-    from weakclip.data.classes import COCO_CLASSES, VOC_CLASSES, read_class_file
+    from weakclip.data.classes import COCO91_CLASSES, COCO_CLASSES, VOC_CLASSES, read_class_file
 
     if cfg.classes:
         return list(cfg.classes)
@@ -66,6 +75,8 @@ def trained_classes(cfg) -> list[str]:
         return list(VOC_CLASSES)
     if kind == "coco":
         return list(COCO_CLASSES)
+    if kind == "coco91":
+        return list(COCO91_CLASSES)
     if cfg.data.root and (Path(cfg.data.root) / "classes.txt").is_file():
         return read_class_file(Path(cfg.data.root) / "classes.txt")
     raise WeakclipError(
@@ -82,7 +93,7 @@ def normalization_of(cfg) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 def load_trained_model(checkpoint: str | Path, clip_weights: str | Path | None = None,
-                       device: str | torch.device = "cpu"):
+                       device: str | torch.device = "cpu", *, best: bool = False):
     """Rebuild the trained model in eval mode -> ``(model, config)``.
 
     Args:
@@ -91,6 +102,7 @@ def load_trained_model(checkpoint: str | Path, clip_weights: str | Path | None =
             checkpoint records, when it exists. Unused when the checkpoint holds the towers itself
             (the engine stores them when it trained without a weights file).
         device: where to put the model.
+        best: take the work folder's ``checkpoints/best.pth`` (periodic evaluation) instead of the latest.
 
     Raises:
         WeakclipError: unreadable checkpoint, missing CLIP weights (one line: pass --clip-weights),
@@ -100,7 +112,7 @@ def load_trained_model(checkpoint: str | Path, clip_weights: str | Path | None =
     from weakclip.engine.checkpoint import load_checkpoint, load_trainable_state_dict
     from weakclip.models.weakclip import build_model
 
-    path = resolve_checkpoint(checkpoint)
+    path = resolve_checkpoint(checkpoint, best=best)
     state = load_checkpoint(path)
     if not isinstance(state.get("config"), Mapping):
         raise WeakclipError(f"checkpoint {path} holds no config")

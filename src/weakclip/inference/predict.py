@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from weakclip.data.classes import voc_palette
 from weakclip.data.io import _atomic_write, read_image, write_label_png
-from weakclip.data.transforms import CLIP_MEAN, CLIP_STD
+from weakclip.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from weakclip.errors import DataError, WeakclipError
 from weakclip.inference.jobs import warn
 from weakclip.inference.pseudo_masks import restrict_probs
@@ -114,7 +114,8 @@ def predict_images(model: torch.nn.Module, paths: Sequence[str | Path], class_na
                    labels: str | Sequence[str] | None = None, out_dir: str | Path = "predictions", *,
                    scales: Sequence[float] = RELEASE_SCALES, flip: bool = True, crop: int = 512,
                    stride: int = 341, base_scale: Sequence[int] = (2048, 512),
-                   mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD, crf_params=None,
+                   mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                   crf_params=None,
                    alpha: float = 0.5, window_batch: int = 1, progress: bool = True) -> dict[str, Any]:
     """Predict a mask for each image and write ``<stem>.png`` and ``<stem>_overlay.png`` to ``out_dir``.
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from weakclip.data.io import jsonable, read_image, read_label_png, write_json_atomic, write_label_png
-from weakclip.data.transforms import CLIP_MEAN, CLIP_STD
+from weakclip.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from weakclip.errors import DataError
 from weakclip.inference.jobs import JobLedger, gather_objects, warn, write_npz_atomic
 from weakclip.inference.sliding import RELEASE_SCALES, multiscale_inference
@@ -160,10 +160,10 @@ def generate_pseudo_masks(
     crop: int = 512,
     stride: int = 341,
     base_scale: Sequence[int] = (2048, 512),
-    mean: Sequence[float] = CLIP_MEAN,
-    std: Sequence[float] = CLIP_STD,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
     crf_params=None,
-    restrict_to_labels: bool = True,
+    restrict_to_labels: bool = False,
     save_probs: bool = False,
     crf_workers: int = 2,
     max_pending: int | None = None,

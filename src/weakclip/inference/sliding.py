@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weakclip.data.transforms import CLIP_MEAN, CLIP_STD, rescale_size
+from weakclip.data.transforms import IMAGENET_MEAN, IMAGENET_STD, rescale_size
 
 __all__ = [
     "AVERAGE_MODES",
@@ -42,6 +42,9 @@ __all__ = [
 
 #: The release's test-time ratios of the base scale (2048, 512).
 RELEASE_SCALES: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+
+# Smallest window side the model takes (the stride-32 pyramid level needs one cell).
+_MIN_SIDE = 32
 
 #: What a window contributes to the average: its logits (the release) or its softmax.
 AVERAGE_MODES: tuple[str, ...] = ("logits", "probs")
@@ -111,6 +114,11 @@ def slide_inference(model: nn.Module, image: torch.Tensor, num_classes: int, cro
         wh, ww = group[0][1] - group[0][0], group[0][3] - group[0][2]
         batch = torch.cat([image[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in group])
         batch = _pad_to(batch, size_divisor) if size_divisor > 1 else batch
+        # A window under 32 px a side would leave the stride-32 pyramid level empty (the release crashes
+        # there); such tiny windows are zero-padded to 32 and the padding cropped off again.
+        short_h, short_w = max(0, _MIN_SIDE - batch.shape[-2]), max(0, _MIN_SIDE - batch.shape[-1])
+        if short_h or short_w:
+            batch = F.pad(batch, (0, short_w, 0, short_h))
         with amp:
             logits = _model_logits(model, batch)
         if logits.shape[1] != num_classes:
@@ -145,7 +153,7 @@ def _to_device_image(image: np.ndarray | torch.Tensor, device: torch.device) -> 
 @torch.inference_mode()
 def multiscale_inference(model: nn.Module, image: np.ndarray, scales: Sequence[float] = RELEASE_SCALES,
                          flip: bool = True, crop: int = 512, stride: int = 341,
-                         mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
+                         mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                          base_scale: Sequence[int] = (2048, 512), *, num_classes: int | None = None,
                          device: str | torch.device | None = None, window_batch: int = 1,
                          autocast_dtype: torch.dtype | None = None, average: str = "logits",

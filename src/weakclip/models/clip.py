@@ -296,8 +296,9 @@ class CLIPImageTower(nn.Module):
             raise WeakclipError(f"CLIP image tower expects B x 3 x H x W images, got {tuple(images.shape)}")
         batch, _, height, width = images.shape
         p = self.patch_size
-        if height % p or width % p:
-            raise WeakclipError(f"image size {height}x{width} is not divisible by the CLIP patch size {p}")
+        if height < p or width < p:
+            raise WeakclipError(f"image size {height}x{width} is smaller than the CLIP patch size {p}")
+        # as the release's strided patch convolution: a remainder of less than a patch is ignored
         grid_h, grid_w = height // p, width // p
         blocks = self._check_blocks(out_blocks)
         visual = self.visual
