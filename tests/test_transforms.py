@@ -168,7 +168,8 @@ def test_normalize_known_values_and_tensor_types():
     assert out["gt"].dtype == torch.int64 and out["labels"].dtype == torch.float32
     default = T.Normalize()({"image": np.full((1, 1, 3), T.IMAGENET_MEAN, np.float32)})["image"]
     assert np.allclose(default, 0, atol=1e-5)  # the release's ImageNet statistics by default
-    clip = T.Normalize(T.CLIP_MEAN, T.CLIP_STD)({"image": np.full((1, 1, 3), T.CLIP_MEAN, np.float32)})["image"]
+    clip_norm = T.Normalize(T.CLIP_MEAN, T.CLIP_STD)
+    clip = clip_norm({"image": np.full((1, 1, 3), T.CLIP_MEAN, np.float32)})["image"]
     assert np.allclose(clip, 0, atol=1e-5)
     assert np.allclose(np.array(T.CLIP_MEAN) / 255, (0.48145466, 0.4578275, 0.40821073))
 
