@@ -11,7 +11,7 @@ loaded float16 arrays):
   Gaussian ``sxy=1, compat=3`` and bilateral ``sxy=67, srgb=3, compat=4``, 10 iterations, then the
   argmax, and 255 where the CRF's marginal is under 0.95 (its "+CRF" pseudo masks). Its CRF image is
   the BGR image minus the mean ``(104.008, 116.669, 122.675)`` cast straight to uint8, so negative
-  values wrap around (``fix_wrap`` passes the image itself instead).
+  values wrap around (``fix_wrap`` passes the BGR image itself instead).
 
 The dense CRF is pydensecrf2 (module ``pydensecrf``), called as CLIP-ES calls it.
 """
@@ -71,20 +71,20 @@ def argmax_mask(cams: np.ndarray, keys: Sequence[int], power: float = 1.0) -> np
 
 
 def crf_image(image: np.ndarray, fix_wrap: bool = False) -> np.ndarray:
-    """The H x W x 3 uint8 image CLIP-ES gives its CRF, from an RGB uint8 image.
+    """The H x W x 3 uint8 image CLIP-ES gives its CRF, from an RGB uint8 image: BGR order (as
+    ``cv2.imread`` gives it; the order matters a little, the lattice is not symmetric in its features).
 
-    CLIP-ES reads the image as BGR float32, subtracts :data:`MEAN_BGR` and casts to uint8, which
-    truncates towards zero and wraps negative values modulo 256 (what numpy's cast does on x86; we
-    write that rule out, as C leaves it undefined). The channel order is irrelevant to the CRF (one
-    colour scale for all channels), so the result stays in RGB order. ``fix_wrap``: the image itself.
+    CLIP-ES subtracts :data:`MEAN_BGR` from the float32 image and casts to uint8, which truncates
+    towards zero and wraps negative values modulo 256 (what numpy's cast does on x86; we write that
+    rule out, as C leaves it undefined). ``fix_wrap``: the BGR image itself, without the mean.
     """
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an H x W x 3 uint8 RGB image, got {image.shape} {image.dtype}")
+    bgr = image[..., ::-1]
     if fix_wrap:
-        return np.ascontiguousarray(image)
-    mean_rgb = np.asarray(MEAN_BGR[::-1], dtype=np.float32)
-    shifted = image.astype(np.float32) - mean_rgb
+        return np.ascontiguousarray(bgr)
+    shifted = bgr.astype(np.float32) - np.asarray(MEAN_BGR, dtype=np.float32)
     return np.ascontiguousarray((np.trunc(shifted).astype(np.int64) % 256).astype(np.uint8))
 
 
