@@ -1,4 +1,4 @@
-"""``weakclip seeds``: training-free CLIP-ES style seeds; ``weakclip seeds check DIR``: validate seeds."""
+"""``weakclip seeds``: training-free CLIP-ES seeds and masks; ``weakclip seeds check DIR``: validate seeds."""
 
 from __future__ import annotations
 
@@ -18,16 +18,33 @@ def _dataset(args: argparse.Namespace):
     return build_dataset(args.data_root, **options)
 
 
-def _background(spec: str | None):
-    from weakclip.seeds.clip_es import BACKGROUND_PROMPTS
-
-    if spec is None:
-        return BACKGROUND_PROMPTS
+def _background(spec: str) -> tuple[str, ...]:
     path = Path(spec)
     if path.is_file():
         lines = path.read_text(encoding="utf-8").splitlines()
         return tuple(s.strip() for s in lines if s.strip() and not s.strip().startswith("#"))
     return tuple(s.strip() for s in spec.split(",") if s.strip())
+
+
+def seed_config(args: argparse.Namespace, dataset_kind: str):
+    """The seed settings: ``--preset`` (default: ``coco`` for a COCO dataset, else ``voc``), then the
+    switches given on the command line."""
+    from weakclip.seeds.clip_es import seed_preset
+
+    preset = args.preset or ("coco" if dataset_kind == "coco" else "voc")
+    given = {"scales": tuple(args.scales) if args.scales else None, "input_size": args.input_size,
+             "lo": args.lo, "hi": args.hi, "box_threshold": args.box_threshold,
+             "softmax_over": args.softmax_over, "precision": args.precision, "bg_power": args.bg_power,
+             "background": _background(args.background) if args.background is not None else None,
+             "templates": tuple(args.template) if args.template else None,
+             "masks": tuple(args.masks) if args.masks is not None else None}
+    overrides = {k: v for k, v in given.items() if v is not None}
+    for flag in ("flip", "plain_names", "inclusive_boxes", "float_resize", "crf_fix_wrap"):
+        if getattr(args, flag):
+            overrides[flag] = True
+    if args.no_refine:
+        overrides["refine"] = False
+    return preset, seed_preset(preset, **overrides)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -43,22 +60,22 @@ def run_generate(args: argparse.Namespace) -> int:
     from weakclip.data.io import jsonable, write_json_atomic
     from weakclip.distributed import cleanup, init_distributed
     from weakclip.models.clip import build_clip
-    from weakclip.seeds.clip_es import ClipEsConfig, ClipEsSeeder
+    from weakclip.seeds.clip_es import ClipEsSeeder
     from weakclip.seeds.run import format_summary, generate_seeds
 
     info = init_distributed(args.device)
     try:
         dataset = _dataset(args)
-        settings = {"scales": tuple(args.scales), "flip": args.flip, "input_size": args.input_size,
-                    "lo": args.lo, "hi": args.hi, "box_threshold": args.box_threshold,
-                    "softmax_over": args.softmax_over, "background": _background(args.background),
-                    "refine": not args.no_refine}
-        if args.template:
-            settings["templates"] = tuple(args.template)
-        config = ClipEsConfig(**settings)
+        preset, config = seed_config(args, getattr(dataset, "kind", ""))
         image_tower, text_tower = build_clip(args.arch, args.clip_weights, device=info.device)
         seeder = ClipEsSeeder(image_tower, dataset.classes, text_tower=text_tower, config=config)
         del text_tower
+        if info.is_main and not args.quiet:
+            cfg = seeder.config
+            names = "CLIP-ES's" if seeder.clip_es_names else "plain"
+            print(f"seed preset {preset}: {names} class names, softmax over {cfg.softmax_over}, "
+                  f"{len(seeder.background_prompts)} background prompts, box threshold {cfg.box_threshold}, "
+                  f"{str(seeder.dtype).replace('torch.', '')}, masks: {', '.join(cfg.masks) or 'none'}")
         if seeder.dropped_background and info.is_main:
             dropped = ", ".join(seeder.dropped_background)
             print(f"background prompts that name a class are left out: {dropped}")
@@ -103,36 +120,60 @@ def _data_args(p: argparse.ArgumentParser, required: bool) -> None:
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "seeds", help="training-free CLIP CAM seeds (CLIP-ES style), or check a seed folder",
-        description="Writes <out>/<id>.png seeds (class id, 0 = background, 255 = unsure) from Grad-CAM on "
-                    "the frozen CLIP image tower refined by class-aware attention affinity, for the labelled "
-                    "classes of each image. Resumable; run under torchrun to shard. Ends with the seeds' "
-                    "mIoU when ground truth exists. 'weakclip seeds check DIR --data-root ...' validates "
-                    "a seed folder made by any method.")
+        "seeds", help="training-free CLIP-ES seeds and masks, or check a seed folder",
+        description="CLIP-ES (Grad-CAM on the frozen CLIP image tower refined by class-aware attention "
+                    "affinity, for the labelled classes of each image; defaults = CLIP-ES's VOC or COCO "
+                    "script). Writes <out>/<id>.png seeds (class id, 0 = background, 255 = unsure; what "
+                    "refinement trains on) and CLIP-ES's own masks: argmax/<id>.png (background score "
+                    "argmax) and crf/<id>.png (dense CRF, 255 under 0.95 confidence). Resumable; run under "
+                    "torchrun to shard. Ends with the mIoUs when ground truth exists. "
+                    "'weakclip seeds check DIR --data-root ...' validates a seed folder made by any method.")
     _data_args(p, required=False)
     p.add_argument("--clip-weights", type=Path, default=None,
                    help="CLIP weights file (OpenAI ViT-B-16.pt, open_clip state dict or HF folder)")
     p.add_argument("--arch", default="ViT-B/16", help="CLIP architecture ('auto': from the file)")
     p.add_argument("--out", type=Path, default=None, help="output seed folder")
-    p.add_argument("--scales", type=float, nargs="+", default=[1.0],
+    p.add_argument("--preset", choices=["voc", "coco", "voc-plus", "coco-plus"], default=None,
+                   help="seed settings: voc / coco = CLIP-ES's VOC / COCO script exactly (default: by the "
+                        "dataset, coco for COCO, else voc); -plus = our departures switched on (unmeasured)")
+    p.add_argument("--scales", type=float, nargs="+", default=None,
                    help="image scales, CAMs averaged (default 1.0, as CLIP-ES)")
     p.add_argument("--flip", action="store_true", help="also use horizontally flipped images")
     p.add_argument("--input-size", type=int, default=None,
                    help="resize the short side to this before scaling (default: the image's own size)")
-    p.add_argument("--lo", type=float, default=0.25, help="background where every label CAM is below this")
-    p.add_argument("--hi", type=float, default=0.5, help="a class where its CAM is the largest and >= this")
-    p.add_argument("--box-threshold", type=float, default=0.4,
-                   help="fraction of the CAM maximum outlining the affinity boxes")
-    p.add_argument("--softmax-over", choices=["all", "labels"], default="all",
-                   help="Grad-CAM target: softmax over all class prompts (default) or the image's labels, "
+    p.add_argument("--lo", type=float, default=None,
+                   help="seeds: background where every label CAM is below this (default 0.25)")
+    p.add_argument("--hi", type=float, default=None,
+                   help="seeds: a class where its CAM is the largest and >= this (default 0.5)")
+    p.add_argument("--box-threshold", type=float, default=None,
+                   help="fraction of the CAM maximum outlining the affinity boxes "
+                        "(CLIP-ES: 0.4 VOC, 0.7 COCO)")
+    p.add_argument("--softmax-over", choices=["labels", "all"], default=None,
+                   help="Grad-CAM target: softmax over the image's labels (CLIP-ES) or all class prompts, "
                         "plus the background prompts")
+    p.add_argument("--plain-names", action="store_true",
+                   help="prompt plain class names instead of CLIP-ES's synonym-extended ones")
+    p.add_argument("--inclusive-boxes", action="store_true",
+                   help="keep the last row / column of boxes at the border (CLIP-ES drops them)")
+    p.add_argument("--float-resize", action="store_true",
+                   help="resize the image as floats with torch bicubic instead of PIL bicubic on uint8")
+    p.add_argument("--precision", choices=["auto", "fp16", "fp32"], default=None,
+                   help="CLIP precision (auto: fp16 on CUDA as CLIP-ES, fp32 on CPU)")
     p.add_argument("--background", default=None,
                    help="background prompts: a comma-separated list or a file (one a line); "
-                        "default: CLIP-ES's 25 words")
+                        "default: CLIP-ES's list for the dataset (25 words VOC, 23 COCO)")
     p.add_argument("--template", action="append", default=None,
                    help="prompt template with {} (repeatable; default 'a clean origami {}.')")
     p.add_argument("--no-refine", action="store_true", help="plain Grad-CAM, no attention affinity")
-    p.add_argument("--save-cams", action="store_true", help="also write cams/<id>.npz (float16)")
+    p.add_argument("--masks", nargs="*", choices=["argmax", "crf"], default=None,
+                   help="CLIP-ES's masks written besides the seeds, to argmax/ and crf/ (default both; "
+                        "'--masks' alone: none)")
+    p.add_argument("--bg-power", type=float, default=None,
+                   help="exponent t of CLIP-ES's background score (1 - max CAM)^t (default 1)")
+    p.add_argument("--crf-fix-wrap", action="store_true",
+                   help="give the CRF the image itself (CLIP-ES wraps the mean-subtracted image to uint8)")
+    p.add_argument("--save-cams", action="store_true",
+                   help="also write cams/<id>.npz (keys, float16 CAMs after the affinity at image size)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images through the CLIP tower at once, those of one size batched "
                         "(default: 8 on CUDA, 1 on CPU)")

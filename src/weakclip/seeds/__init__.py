@@ -1,5 +1,6 @@
-"""Seed masks: the built-in training-free CLIP CAM (CLIP-ES style), its batch runner, and a checker
-for seed folders made by any method.
+"""Seed masks: the built-in training-free CLIP-ES (its VOC / COCO scripts by default, departures as
+switches), CLIP-ES's own argmax and CRF masks, the batch runner, and a checker for seed folders made
+by any method.
 
 A seed folder holds ``<id>.png`` per image: single-channel label maps of class ids (0 = background)
 and 255 = unsure, of the image's size. ``weakclip seeds`` writes one; ``check_seeds`` validates one.
@@ -13,17 +14,24 @@ __all__ = [
     "ClipEsConfig",
     "ClipEsSeeder",
     "SeedReport",
+    "argmax_mask",
+    "crf_mask",
     "check_seeds",
     "generate_seeds",
     "seed_from_cams",
+    "seed_preset",
 ]
 
 
 def __getattr__(name: str):
-    if name in ("BACKGROUND_PROMPTS", "ClipEsConfig", "ClipEsSeeder", "seed_from_cams"):
+    if name in ("BACKGROUND_PROMPTS", "ClipEsConfig", "ClipEsSeeder", "seed_from_cams", "seed_preset"):
         from weakclip.seeds import clip_es
 
         return getattr(clip_es, name)
+    if name in ("argmax_mask", "crf_mask"):
+        from weakclip.seeds import masks
+
+        return getattr(masks, name)
     if name in ("SeedReport", "check_seeds"):
         from weakclip.seeds import check
 

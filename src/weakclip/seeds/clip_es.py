@@ -1,98 +1,144 @@
-"""Training-free seeds from a frozen CLIP, in the style of CLIP-ES (Lin et al., CVPR 2023).
+"""Training-free seeds from a frozen CLIP: CLIP-ES (Lin et al., CVPR 2023, github linyq2117/CLIP-ES).
 
-Per image and per labelled foreground class ``c``:
+The defaults reproduce CLIP-ES's scripts (``generate_cams_voc12.py`` / ``generate_cams_coco14.py``,
+``eval_cam.py``, ``eval_cam_with_crf.py``); every departure is a named switch of :class:`ClipEsConfig`
+(on in the ``-plus`` presets of :func:`seed_preset`). Per image and per labelled foreground class ``c``:
 
-1. The image (at each scale, optionally flipped) runs through the image tower; blocks 1..L-1 without
+1. The uint8 image is resized with PIL bicubic to sides rounded up to multiples of the patch size
+   (``float_resize``: torch bicubic on floats instead), scaled to [0, 1] and normalised; it runs
+   through the image tower (fp16 on CUDA, as CLIP-ES; ``precision``), blocks 1..L-1 without
    gradients, collecting the head-averaged attention of the last ``affinity_blocks`` blocks.
 2. Grad-CAM on the last block: the target is the softmax probability of ``c`` over the prompt
-   embeddings of all classes plus the background prompts (``softmax_over="all"``; ``"labels"`` keeps
-   only the image's labels, as CLIP-ES's code does), with logits ``logit_scale * cos(image, text)``
-   and the image embedding the mean of the projected patch tokens. The activation is the last
-   block's attention input (``ln_1`` output); channel weights are the patch-averaged gradients;
-   ``cam = relu(sum_ch w_ch * A_ch)``, min-max normalised per class. All labelled classes share one
-   forward and one backward pass (one copy of the last block per class).
+   embeddings of the image's labels plus the background prompts (``softmax_over="labels"``, CLIP-ES;
+   ``"all"`` puts every class in the softmax), with logits ``logit_scale * cos(image, text)`` and the
+   image embedding the mean over the patch tokens after ``ln_post``, projected. Prompts use CLIP-ES's
+   synonym-extended class names for VOC and COCO (:mod:`weakclip.seeds.names`; ``plain_names``).
+   The activation is the last block's attention input (``ln_1`` output), channel weights the
+   patch-averaged gradients, ``cam = relu(sum_ch w_ch * A_ch)``, normalised twice as
+   ``(x - min) / (max + 1e-7)`` (CLIP-ES's Grad-CAM library normalises per layer, then again after
+   averaging its one layer). All labelled classes share one forward and one backward pass.
 3. Class-aware attention affinity (CAA): the attention averaged over the blocks, patch-to-patch part,
    alternately column- and row-normalised ``sinkhorn_iters`` times, symmetrised, raised to the power
-   ``affinity_power``; the refined CAM is that matrix applied to the Grad-CAM masked to the bounding
-   boxes of the 8-connected regions where the CAM exceeds ``box_threshold`` times its maximum; then
-   min-max normalised.
+   ``affinity_power``, applied to the Grad-CAM masked to boxes (:func:`box_mask`: the CAM scaled to
+   uint8, thresholded at ``int(box_threshold * max)``, the bounding boxes of its 8-connected regions,
+   their end clipped to the last row / column and used as an exclusive end, as CLIP-ES's
+   ``scoremap2bbox`` does; ``inclusive_boxes`` keeps the full box); normalised once more.
 4. The per-view CAMs are resized (bilinear) to the image size and averaged over scales and flips.
 
-The seed marks a labelled class where its CAM is the largest and at least ``hi``, background where
-every labelled class's CAM is below ``lo``, and 255 (unsure) in between.
+Three label maps come from the CAMs (:mod:`weakclip.seeds.masks` has the two CLIP-ES rules):
+
+* the seed (what refinement trains on): a labelled class where its CAM is the largest and at least
+  ``hi``, background where every labelled class's CAM is below ``lo``, 255 (unsure) in between;
+* CLIP-ES's mask: argmax over the CAMs and a background score ``(1 - max)^bg_power``;
+* CLIP-ES's CRF pseudo mask: dense CRF on those scores, 255 where its confidence is under 0.95.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
-from weakclip.data.classes import IGNORE_INDEX, prompt_names
+from weakclip.data.classes import COCO_CLASSES, IGNORE_INDEX
 from weakclip.errors import WeakclipError
+from weakclip.seeds.names import BACKGROUND_COCO, BACKGROUND_VOC, class_prompt_names
 
 __all__ = [
     "BACKGROUND_PROMPTS",
     "CLIP_MEAN",
     "CLIP_STD",
+    "MASK_KINDS",
+    "SEED_PRESETS",
     "ClipEsConfig",
     "ClipEsSeeder",
     "box_mask",
     "encode_prompts",
+    "es_normalise",
     "seed_from_cams",
+    "seed_preset",
     "split_background",
 ]
 
-#: CLIP-ES's background prompt list (scene and stuff words that often co-occur with VOC objects).
-BACKGROUND_PROMPTS: tuple[str, ...] = (
-    "ground", "land", "grass", "tree", "building", "wall", "sky", "lake", "water", "river", "sea",
-    "railway", "railroad", "keyboard", "helmet", "cloud", "house", "mountain", "ocean", "road", "rock",
-    "street", "valley", "bridge", "sign",
-)
+#: CLIP-ES's background prompt list of its VOC script (scene and stuff words that often co-occur with
+#: VOC objects); its COCO script leaves out "keyboard" and "sign" (``names.BACKGROUND_COCO``).
+BACKGROUND_PROMPTS: tuple[str, ...] = BACKGROUND_VOC
 
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
+#: CLIP-ES's normalisation constant: ``(x - min) / (max + 1e-7)``.
+ES_EPS = 1e-7
+#: The extra label maps the seed stage can write besides the seeds (see :mod:`weakclip.seeds.masks`).
+MASK_KINDS: tuple[str, ...] = ("argmax", "crf")
+
 
 @dataclass(frozen=True)
 class ClipEsConfig:
-    """Settings of the CLIP-ES style CAM and of the seed thresholds (defaults: CLIP-ES's choices).
+    """Settings of the seed stage. The defaults are CLIP-ES's; ``None`` means "CLIP-ES's value for the
+    dataset", resolved from the class list (COCO's 80 classes: the COCO script's, otherwise the VOC
+    script's). See :func:`seed_preset` for the named presets.
 
-    templates: prompt templates, ``{}`` = the readable class name; embeddings averaged over templates.
-    background: background prompts, added to the softmax as extra "classes" that are never labels.
+    templates: prompt templates, ``{}`` = the class name; embeddings averaged over templates.
+    background: background prompts, extra softmax entries that are never labels (None: CLIP-ES's
+        list for the dataset, 25 words for VOC, 23 for COCO).
     scales: resize factors of the (``input_size``-scaled) image; CAMs averaged over them.
     flip: also run each scale horizontally flipped.
     input_size: short side the image is resized to before ``scales``; None keeps its own size. Sides
         are rounded up to multiples of the patch size.
     logit_scale: CLIP's temperature for the softmax (OpenAI's trained value is 100).
-    softmax_over: ``"all"`` (every class prompt + background prompts) or ``"labels"``.
+    softmax_over: ``"labels"`` (the image's labels + background prompts, CLIP-ES) or ``"all"``
+        (every class prompt + background prompts; departure).
+    plain_names: prompt the readable class names instead of CLIP-ES's synonym-extended ones
+        (departure; CLIP-ES's names exist for VOC and COCO only, other class lists always use plain).
     refine: apply the class-aware attention affinity (False: plain Grad-CAM).
     affinity_blocks: how many of the last blocks' attentions are averaged (clipped to the depth).
     sinkhorn_iters: rounds of column-then-row normalisation of the attention.
     affinity_power: power of the symmetrised transition matrix.
-    box_threshold: fraction of a CAM's maximum outlining the boxes that restrict the propagation.
+    box_threshold: fraction of a CAM's (uint8) maximum outlining the affinity boxes (None: 0.4 for
+        VOC, 0.7 for COCO, as CLIP-ES's two scripts).
+    inclusive_boxes: a box touching the right / bottom border keeps its last column / row
+        (departure; CLIP-ES clips the exclusive box end to W-1 / H-1, which drops them).
+    float_resize: resize the image as floats with torch bicubic (antialiased) instead of PIL bicubic
+        on uint8 (departure).
+    precision: ``"auto"`` (fp16 on CUDA, as CLIP-ES runs its whole model; fp32 on CPU, where fp16 is
+        impractically slow), ``"fp16"`` or ``"fp32"`` (departure on CUDA).
     lo, hi: seed thresholds (background below ``lo`` for every label, a class at or above ``hi``).
+    masks: which CLIP-ES label maps to write besides the seeds (:data:`MASK_KINDS`).
+    bg_power: exponent ``t`` of CLIP-ES's background score ``(1 - max)^t`` (its CRF script uses 1;
+        its eval script tries 1 and 2 and keeps the better on the ground truth).
+    crf_confidence: CRF pixels whose marginal is under this become 255 (CLIP-ES: 0.95).
+    crf_fix_wrap: feed the CRF the image itself (departure); CLIP-ES casts the mean-subtracted BGR
+        image straight to uint8, so negative values wrap around.
     """
 
     templates: tuple[str, ...] = ("a clean origami {}.",)
-    background: tuple[str, ...] = BACKGROUND_PROMPTS
+    background: tuple[str, ...] | None = None
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
     input_size: int | None = None
     logit_scale: float = 100.0
-    softmax_over: str = "all"
+    softmax_over: str = "labels"
+    plain_names: bool = False
     refine: bool = True
     affinity_blocks: int = 8
     sinkhorn_iters: int = 3
     affinity_power: int = 2
-    box_threshold: float = 0.4
+    box_threshold: float | None = None
+    inclusive_boxes: bool = False
+    float_resize: bool = False
+    precision: str = "auto"
     lo: float = 0.25
     hi: float = 0.5
+    masks: tuple[str, ...] = MASK_KINDS
+    bg_power: float = 1.0
+    crf_confidence: float = 0.95
+    crf_fix_wrap: bool = False
     mean: tuple[float, float, float] = field(default=CLIP_MEAN)
     std: tuple[float, float, float] = field(default=CLIP_STD)
 
@@ -101,9 +147,11 @@ class ClipEsConfig:
             raise WeakclipError(f"seed settings: {msg}")
 
         object.__setattr__(self, "templates", tuple(self.templates))
-        background = tuple(str(b).strip() for b in self.background if str(b).strip())
-        object.__setattr__(self, "background", background)
+        if self.background is not None:
+            background = tuple(str(b).strip() for b in self.background if str(b).strip())
+            object.__setattr__(self, "background", background)
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+        object.__setattr__(self, "masks", tuple(dict.fromkeys(str(m) for m in self.masks)))
         if not self.templates or any("{}" not in t for t in self.templates):
             fail(f"every prompt template needs a '{{}}' for the class name, got {self.templates}")
         if not self.scales or any(not (0.0 < s <= 8.0) for s in self.scales):
@@ -112,14 +160,61 @@ class ClipEsConfig:
             fail(f"input_size must be at least 16 pixels, got {self.input_size}")
         if self.softmax_over not in ("all", "labels"):
             fail(f"softmax_over must be 'all' or 'labels', got {self.softmax_over!r}")
+        if self.precision not in ("auto", "fp16", "fp32"):
+            fail(f"precision must be 'auto', 'fp16' or 'fp32', got {self.precision!r}")
         if not 0.0 <= self.lo <= self.hi <= 1.0:
             fail(f"thresholds must satisfy 0 <= lo <= hi <= 1, got lo={self.lo} hi={self.hi}")
-        if not 0.0 <= self.box_threshold < 1.0:
+        if self.box_threshold is not None and not 0.0 <= self.box_threshold < 1.0:
             fail(f"box_threshold must lie in [0, 1), got {self.box_threshold}")
         if self.affinity_blocks < 1 or self.sinkhorn_iters < 0 or self.affinity_power < 1:
             fail("affinity_blocks and affinity_power must be >= 1 and sinkhorn_iters >= 0")
         if self.logit_scale <= 0:
             fail(f"logit_scale must be positive, got {self.logit_scale}")
+        bad = [m for m in self.masks if m not in MASK_KINDS]
+        if bad:
+            fail(f"unknown mask kinds {bad}; choose from {list(MASK_KINDS)}")
+        if not self.bg_power > 0:
+            fail(f"bg_power must be positive, got {self.bg_power}")
+        if not 0.0 <= self.crf_confidence <= 1.0:
+            fail(f"crf_confidence must lie in [0, 1], got {self.crf_confidence}")
+
+    def for_classes(self, classes: Sequence[str]) -> ClipEsConfig:
+        """This config with the dataset-dependent ``None`` fields filled in for ``classes``."""
+        coco = tuple(classes) == COCO_CLASSES
+        return replace(
+            self,
+            background=self.background if self.background is not None else (
+                BACKGROUND_COCO if coco else BACKGROUND_VOC),
+            box_threshold=self.box_threshold if self.box_threshold is not None else (0.7 if coco else 0.4),
+        )
+
+    def dtype_on(self, device: torch.device | str) -> torch.dtype:
+        """The tower precision on ``device``."""
+        if self.precision == "fp16" or (self.precision == "auto" and torch.device(device).type == "cuda"):
+            return torch.float16
+        return torch.float32
+
+
+#: Departures from CLIP-ES, all on in the ``-plus`` presets (unmeasured; see docs/method.md).
+PLUS_SWITCHES: dict = {"softmax_over": "all", "plain_names": True, "inclusive_boxes": True,
+                       "float_resize": True, "precision": "fp32", "crf_fix_wrap": True}
+
+SEED_PRESETS: dict[str, dict] = {
+    "voc": {"background": BACKGROUND_VOC, "box_threshold": 0.4},
+    "coco": {"background": BACKGROUND_COCO, "box_threshold": 0.7},
+    "voc-plus": {"background": BACKGROUND_VOC, "box_threshold": 0.4, **PLUS_SWITCHES},
+    "coco-plus": {"background": BACKGROUND_COCO, "box_threshold": 0.7, **PLUS_SWITCHES},
+}
+
+
+def seed_preset(name: str, **overrides) -> ClipEsConfig:
+    """The seed settings of a preset: ``voc`` / ``coco`` are CLIP-ES's VOC / COCO scripts exactly;
+    ``voc-plus`` / ``coco-plus`` switch on our departures (:data:`PLUS_SWITCHES`). ``overrides`` are
+    :class:`ClipEsConfig` fields set on top."""
+    key = str(name).lower()
+    if key not in SEED_PRESETS:
+        raise WeakclipError(f"unknown seed preset {name!r}; choose from {sorted(SEED_PRESETS)}")
+    return ClipEsConfig(**{**SEED_PRESETS[key], **overrides})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,7 +223,8 @@ class ClipEsConfig:
 
 @torch.no_grad()
 def encode_prompts(text_tower, names: Sequence[str], templates: Sequence[str], chunk: int = 256) -> Tensor:
-    """One L2-normalised embedding per name: templates filled, encoded, normalised, averaged, normalised.
+    """One L2-normalised embedding per name: templates filled, encoded, normalised, averaged, normalised
+    (as CLIP-ES's ``zeroshot_classifier``), in the text tower's precision.
 
     All prompts are encoded in batches, cut after the longest one's [EOT] (exact: the text tower is
     causal, so padding after [EOT] never reaches it).
@@ -138,7 +234,7 @@ def encode_prompts(text_tower, names: Sequence[str], templates: Sequence[str], c
         return torch.zeros(0, text_tower.embed_dim)
     ids = text_tower.tokenize([t.format(n) for n in names for t in templates], truncate=True)
     ids = ids[:, : int(ids.argmax(dim=-1).max()) + 1]
-    emb = torch.cat([text_tower.encode(ids[i : i + chunk]).float() for i in range(0, len(ids), chunk)])
+    emb = torch.cat([text_tower.encode(ids[i : i + chunk]) for i in range(0, len(ids), chunk)])
     emb = F.normalize(emb, dim=-1).view(len(names), len(templates), -1).mean(dim=1)
     return F.normalize(emb, dim=-1)
 
@@ -156,37 +252,51 @@ def split_background(background: Sequence[str], class_names: Sequence[str]) -> t
     return kept, dropped
 
 
-def _minmax(x: Tensor) -> Tensor:
-    """Per row of a K x ... tensor: subtract the minimum, divide by the (new) maximum; a constant row
-    becomes 0. (No absolute epsilon: Grad-CAM magnitudes vary over many orders between models.)"""
-    flat = x.flatten(1)
+def es_normalise(x: Tensor) -> Tensor:
+    """Per row of a K x ... tensor, CLIP-ES's (and its Grad-CAM library's) normalisation in float32:
+    ``x - min``, then divided by ``max + 1e-7`` (so the peak stays just under 1; a constant row -> 0)."""
+    flat = x.float().flatten(1)
     flat = flat - flat.min(dim=1, keepdim=True).values
-    top = flat.max(dim=1, keepdim=True).values
-    flat = torch.where(top > 0, flat / top.clamp_min(torch.finfo(flat.dtype).tiny), torch.zeros_like(flat))
-    return flat.view_as(x)
+    flat = flat / (flat.max(dim=1, keepdim=True).values + ES_EPS)
+    return flat.view(x.shape)
 
 
-def box_mask(cam: Tensor, threshold: float) -> Tensor:
-    """Union of the bounding boxes of the 8-connected regions where ``cam > threshold * cam.max()``.
-
-    cam: h x w. Returns an h x w bool tensor (all False when the CAM has no positive value).
-    """
-    top = float(cam.max())
-    if top <= 0:
-        return torch.zeros_like(cam, dtype=torch.bool)
-    mask = cam > threshold * top
+def _components(mask: Tensor) -> Tensor:
+    """Labels (> 0) of the 8-connected regions of a 2-D bool mask, 0 outside it."""
     h, w = mask.shape
-    # connected components by max-propagation of pixel indices inside the mask
-    labels = torch.arange(1, h * w + 1, device=cam.device, dtype=torch.float32).view(h, w) * mask
+    labels = torch.arange(1, h * w + 1, device=mask.device, dtype=torch.float32).view(h, w) * mask
     for _ in range(h * w):
         grown = F.max_pool2d(labels[None, None], 3, stride=1, padding=1)[0, 0] * mask
         if torch.equal(grown, labels):
             break
         labels = grown
+    return labels
+
+
+def box_mask(cam: Tensor, threshold: float, inclusive: bool = False) -> Tensor:
+    """Union of the bounding boxes of the regions of a CAM above ``threshold`` of its maximum, with
+    CLIP-ES's ``scoremap2bbox`` semantics (re-implemented without OpenCV):
+
+    the CAM (values in [0, 1]) is scaled to uint8 (``cam * 255``, truncated), thresholded strictly
+    above ``int(threshold * max)``; every 8-connected region gives its bounding box, whose exclusive
+    end ``max + 1`` is clipped to ``W - 1`` / ``H - 1``, so a box touching the right / bottom border
+    loses its last column / row. ``inclusive`` keeps those (departure).
+
+    cam: h x w. Returns an h x w bool tensor (all False when nothing exceeds the threshold).
+    """
+    u8 = (cam.float() * 255).to(torch.uint8)
+    mask = u8 > int(threshold * int(u8.max()))
+    h, w = mask.shape
     out = torch.zeros_like(mask)
+    if not mask.any():
+        return out
+    labels = _components(mask)
     for lab in labels[mask].unique():
         ys, xs = torch.nonzero(labels == lab, as_tuple=True)
-        out[int(ys.min()) : int(ys.max()) + 1, int(xs.min()) : int(xs.max()) + 1] = True
+        y1, x1 = int(ys.max()) + 1, int(xs.max()) + 1
+        if not inclusive:
+            y1, x1 = min(y1, h - 1), min(x1, w - 1)
+        out[int(ys.min()) : y1, int(xs.min()) : x1] = True
     return out
 
 
@@ -217,21 +327,43 @@ def seed_from_cams(cams: np.ndarray, keys: Sequence[int], lo: float, hi: float) 
     return seed
 
 
+def resize_image(image: np.ndarray, size: tuple[int, int], float_resize: bool = False) -> Tensor:
+    """An H x W x 3 uint8 image as a 1 x 3 x h x w float32 tensor in [0, 1] of ``size`` (h, w).
+
+    Default: CLIP-ES's preprocessing, PIL bicubic on the uint8 image, then ``/ 255`` (torchvision's
+    ``Resize`` + ``ToTensor`` on a PIL image). ``float_resize``: torch bicubic (antialiased) on the
+    float image, clamped to [0, 1] (departure). The same size returns the image unchanged either way.
+    """
+    h, w = size
+    if not float_resize and image.shape[:2] != (h, w):
+        image = np.array(Image.fromarray(np.ascontiguousarray(image)).resize((w, h), Image.BICUBIC))
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255
+    if float_resize and image.shape[:2] != (h, w):
+        x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True).clamp_(0, 1)
+    return x
+
+
 # --------------------------------------------------------------------------------------------------
 
 
 class ClipEsSeeder:
-    """CLIP-ES style CAMs and seeds for images with known image-level labels.
+    """CLIP-ES CAMs, seeds and masks for images with known image-level labels.
 
     Args:
-        image_tower: a ``CLIPImageTower`` (frozen; its device is used).
-        class_names: the dataset's classes, background first (``dataset.classes``); foreground names
-            go through :func:`~weakclip.data.classes.prompt_names` into the templates.
-        text_tower: a ``CLIPTextTower`` to embed the prompts once; may be omitted when both embeddings
-            below are given.
-        config: :class:`ClipEsConfig`.
+        image_tower: a ``CLIPImageTower`` (frozen; its device is used). It is cast IN PLACE to the
+            config's precision (fp16 on CUDA by default, as CLIP-ES runs its model).
+        class_names: the dataset's classes, background first (``dataset.classes``); the foreground
+            names in the prompts are CLIP-ES's for VOC and COCO (:mod:`weakclip.seeds.names`).
+        text_tower: a ``CLIPTextTower`` to embed the prompts once (cast in place like the image
+            tower); may be omitted when both embeddings below are given.
+        config: :class:`ClipEsConfig` (its dataset-dependent ``None`` fields are filled in from
+            ``class_names``: ``self.config`` is the resolved one).
         class_embeddings: (K-1) x D text embeddings of the foreground classes (instead of the tower).
         background_embeddings: n_bg x D embeddings of the background prompts (instead of the tower).
+
+    Attributes ``class_prompts`` / ``background_prompts`` list the names put into the templates
+    (empty when the embeddings were given), ``dropped_background`` the background words left out
+    because they name a class.
     """
 
     def __init__(
@@ -244,27 +376,31 @@ class ClipEsSeeder:
         class_embeddings: Tensor | None = None,
         background_embeddings: Tensor | None = None,
     ) -> None:
-        self.config = config or ClipEsConfig()
-        self.image_tower = image_tower.eval()
         self.classes = list(class_names)
+        self.config = (config or ClipEsConfig()).for_classes(self.classes)
         if len(self.classes) < 2:
             raise WeakclipError("the seeder needs background plus at least one object class")
-        param = next(image_tower.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        self.device = next(image_tower.parameters()).device
+        self.dtype = self.config.dtype_on(self.device)
+        self.image_tower = image_tower.to(self.dtype).eval()
         if (class_embeddings is None or background_embeddings is None) and text_tower is None:
             raise WeakclipError("ClipEsSeeder needs a text tower or precomputed text embeddings")
+        if text_tower is not None:
+            text_tower = text_tower.to(self.dtype)
+        names, self.clip_es_names = class_prompt_names(self.classes, plain=self.config.plain_names)
+        self.class_prompts: list[str] = []
         if class_embeddings is None:
-            names = prompt_names(self.classes)[1:]
+            self.class_prompts = names
             class_embeddings = encode_prompts(text_tower, names, self.config.templates)
         self.background_prompts: list[str] = []
         self.dropped_background: list[str] = []
         if background_embeddings is None:
             self.background_prompts, self.dropped_background = split_background(
-                self.config.background, prompt_names(self.classes)[1:]
+                self.config.background, names
             )
             background_embeddings = encode_prompts(text_tower, self.background_prompts, self.config.templates)
-        fg = F.normalize(torch.as_tensor(class_embeddings).float(), dim=-1)
-        bg = torch.as_tensor(background_embeddings).float().reshape(-1, fg.shape[-1])
+        fg = F.normalize(torch.as_tensor(class_embeddings).to(self.dtype), dim=-1)
+        bg = torch.as_tensor(background_embeddings).to(self.dtype).reshape(-1, fg.shape[-1])
         bg = F.normalize(bg, dim=-1)
         if fg.shape[0] != len(self.classes) - 1:
             raise WeakclipError(
@@ -303,7 +439,6 @@ class ClipEsSeeder:
         h, w = image.shape[:2]
         base = 1.0 if cfg.input_size is None else cfg.input_size / min(h, w)
         p = self.image_tower.patch_size
-        x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1)[None].float() / 255
         mean = torch.tensor(cfg.mean, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(cfg.std, device=self.device).view(1, 3, 1, 1)
         views = []
@@ -312,9 +447,7 @@ class ClipEsSeeder:
                 max(p, math.ceil(s * base * h / p) * p),
                 max(p, math.ceil(s * base * w / p) * p),
             )
-            y = x if size == (h, w) else F.interpolate(
-                x, size=size, mode="bicubic", align_corners=False, antialias=True
-            ).clamp_(0, 1)
+            y = resize_image(image, size, float_resize=cfg.float_resize).to(self.device)
             y = ((y - mean) / std).to(self.dtype)
             views.append((y, False))
             if cfg.flip:
@@ -363,7 +496,9 @@ class ClipEsSeeder:
         with torch.enable_grad():
             act = normed.detach()[rows].clone().requires_grad_(True)
             out, weights = tower.run_block(depth, x.detach()[rows], normed=act, need_weights=cfg.refine)
-            feat = F.normalize(tower.project(out[:, 1:]).float().mean(dim=1), dim=-1)
+            # CLIP-ES: ln_post, mean over the patch tokens, projection, cosine logits, in the tower's dtype
+            pooled = tower.visual.ln_post(out[:, 1:]).mean(dim=1) @ tower.visual.proj
+            feat = pooled / pooled.norm(dim=-1, keepdim=True)
             score = feat.new_zeros(())
             for i, keys in enumerate(keys_list):
                 text, target = self._text_rows(keys)
@@ -373,7 +508,7 @@ class ClipEsSeeder:
             (grad,) = torch.autograd.grad(score, act)
         act, grad = act.detach()[:, 1:].float(), grad[:, 1:].float()
         cam = (act * grad.mean(dim=1, keepdim=True)).sum(dim=-1).clamp_min(0)  # rows x n
-        cam = _minmax(cam)
+        cam = es_normalise(es_normalise(cam))  # twice, as CLIP-ES's Grad-CAM library
         result = []
         for i, keys in enumerate(keys_list):
             c = cam[first_row[i]:first_row[i] + len(keys)]
@@ -381,8 +516,10 @@ class ClipEsSeeder:
                 a = weights[first_row[i]].detach().float().mean(dim=0)  # the same for all rows of image i
                 attn = a if attn_sum is None else attn_sum[i] + a
                 trans = affinity_matrix(attn[1:, 1:], cfg.sinkhorn_iters, cfg.affinity_power)
-                masks = torch.stack([box_mask(row.view(gh, gw), cfg.box_threshold).flatten() for row in c])
-                c = _minmax((c * masks) @ trans.t())
+                masks = torch.stack([
+                    box_mask(row.view(gh, gw), cfg.box_threshold, cfg.inclusive_boxes).flatten() for row in c
+                ])
+                c = es_normalise((c * masks) @ trans.t())
             result.append(c.view(len(keys), gh, gw))
         return result
 

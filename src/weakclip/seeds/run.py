@@ -5,9 +5,11 @@ PNG already exists (and, with ``save_cams``, its CAM file) is skipped, so an int
 files are written atomically (CAM file first, the PNG last), so any PNG found is complete. An image
 that cannot be read (or whose labels cannot be) is reported, skipped and listed in the summary.
 
-Layout of ``out_dir``: ``<id>.png`` (the seed folder, same format as external seeds),
-``cams/<id>.npz`` with ``keys`` (class ids) and ``cams`` (float16, keys x H x W) when ``save_cams``,
-and ``seeds_summary.json``.
+Layout of ``out_dir``: ``<id>.png`` (the seeds with their ignore band: the seed folder refinement
+trains on, same format as external seeds), ``argmax/<id>.png`` and ``crf/<id>.png`` (CLIP-ES's
+training-free masks, :mod:`weakclip.seeds.masks`, when the seeder's ``config.masks`` asks for them),
+``cams/<id>.npz`` with ``keys`` (class ids) and ``cams`` (float16, keys x H x W, after the affinity,
+at image resolution) when ``save_cams``, and ``seeds_summary.json``.
 """
 
 from __future__ import annotations
@@ -121,8 +123,13 @@ def generate_seeds(
     Returns the summary (identical on every process; also written to ``seeds_summary.json`` by rank 0):
     counts written / skipped / failed, the failures ``{id: message}``, seconds per computed image and,
     with ground truth, ``miou`` (unsure as background), ``miou_confident`` (unsure pixels left out),
-    ``coverage`` (share of confident pixels), per-class IoU, and the two ``SegScores`` under
-    ``"scores"`` (not JSON; left out of the file).
+    ``coverage`` (share of confident pixels), per-class IoU, ``masks_miou`` (CLIP-ES's masks:
+    ``argmax``; ``crf``, its CRF labels before the confidence cut, as CLIP-ES scores them, over the
+    images computed in this run; ``crf_confident``, the written CRF masks with 255 left out), and the
+    two ``SegScores`` under ``"scores"`` (not JSON; left out of the file).
+
+    The seeder's ``config.masks`` (when it has one) says which of CLIP-ES's masks are written
+    (``argmax/<id>.png``, ``crf/<id>.png``); an image counts as done when all its files exist.
     """
     env_rank, env_world_size, _ = env_world()
     rank = env_rank if rank is None else int(rank)
@@ -134,6 +141,13 @@ def generate_seeds(
     with_gt = evaluate and bool(getattr(dataset, "has_gt", False))
     cm_bg = ConfusionMatrix(classes, unsure="background")
     cm_conf = ConfusionMatrix(classes, unsure="ignore")
+    config = getattr(seeder, "config", None)
+    mask_kinds = tuple(getattr(config, "masks", ()))
+    # scores of CLIP-ES's masks: "argmax"; "crf" = the CRF labels before the 0.95 cut (CLIP-ES's
+    # --eval_only protocol; images computed in this run only, the uncut labels are not written);
+    # "crf_confident" = the written CRF masks, 255 left out
+    score_keys = [k for k in ("argmax", "crf", "crf_confident") if k.split("_")[0] in mask_kinds]
+    cm_masks = {key: ConfusionMatrix(classes, unsure="ignore") for key in score_keys}
     confident = total = 0
     written = skipped = 0
     failures: list[tuple[str, str]] = []
@@ -157,11 +171,23 @@ def generate_seeds(
         ident = dataset.ids[i]
         return ident, out_dir / f"{ident}.png", cam_dir / f"{ident}.npz"
 
+    def mask_path(kind: str, ident: str) -> Path:
+        return out_dir / kind / f"{ident}.png"
+
+    def score_masks(i: int, ident: str, masks: dict[str, np.ndarray]) -> None:
+        try:
+            gt = dataset.read_gt(i, next(iter(masks.values())).shape)
+        except DataError:
+            return  # reported by score() already
+        for kind, mask in masks.items():
+            cm_masks[kind].update(mask, gt, name=str(mask_path(kind, ident)))
+
     mine = shard(range(len(dataset)), rank, world_size)
     todo = []
     for i in mine:
         ident, png, npz = paths(i)
-        if not (png.is_file() and (not save_cams or npz.is_file())):
+        done = png.is_file() and (not save_cams or npz.is_file())
+        if not (done and all(mask_path(kind, ident).is_file() for kind in mask_kinds)):
             todo.append(i)
             continue
         skipped += 1
@@ -172,6 +198,15 @@ def generate_seeds(
                 unscored.append((ident, str(exc)))
                 continue
             score(i, ident, seed, png)
+            if cm_masks:
+                try:
+                    masks = {kind: read_label_png(mask_path(kind, ident), num_classes=len(classes))
+                             for kind in mask_kinds}
+                except DataError:
+                    continue
+                if "crf" in masks:  # the uncut CRF labels are not on disk: score the written ones only
+                    masks["crf_confident"] = masks.pop("crf")
+                score_masks(i, ident, masks)
 
     if batch_size is None:
         device = getattr(seeder, "device", None)
@@ -200,16 +235,23 @@ def generate_seeds(
             else:
                 results = [seeder.cams_and_keys(image, labels) for _, image, labels in group]
             compute_s += time.perf_counter() - start
-            for (i, _, _), (cams, keys) in zip(group, results):
+            for (i, image, _), (cams, keys) in zip(group, results):
                 ident, png, npz = paths(i)
                 seed = seeder.seed_from(cams, keys)
+                masks = _clip_es_masks(config, mask_kinds, image, cams, keys)
                 if save_cams:
                     write_cams_npz(npz, cams, keys)
+                for kind in mask_kinds:
+                    write_label_png(mask_path(kind, ident), masks[kind])
                 write_label_png(png, seed)
                 written += 1
                 bar.update(1)
                 if with_gt:
                     score(i, ident, seed, png)
+                    if cm_masks:
+                        named = {"argmax": masks.get("argmax"), "crf": masks.get("crf_uncut"),
+                                 "crf_confident": masks.get("crf")}
+                        score_masks(i, ident, {k: v for k, v in named.items() if v is not None})
     bar.close()
 
     computed = written
@@ -242,11 +284,32 @@ def generate_seeds(
             "iou": dict(zip(classes, s_bg.iou.tolist())),
             "iou_confident": dict(zip(classes, s_conf.iou.tolist())),
         })
+        for cm in cm_masks.values():
+            cm.all_reduce()
+        summary["masks_miou"] = {key: cm.scores().miou for key, cm in cm_masks.items()
+                                 if cm.matrix.sum() > 0}
     if rank == 0:
         write_json_atomic(out_dir / "seeds_summary.json", jsonable(summary))
     if with_gt:
         summary["scores"] = {"unsure_as_background": s_bg, "confident_only": s_conf}
     return summary
+
+
+def _clip_es_masks(config, kinds: tuple[str, ...], image: np.ndarray, cams: np.ndarray, keys
+                   ) -> dict[str, np.ndarray]:
+    """CLIP-ES's masks of one image for ``kinds`` (of :data:`~weakclip.seeds.clip_es.MASK_KINDS`):
+    "argmax", and with "crf" both "crf" (255 under the confidence cut, as written) and "crf_uncut"."""
+    from weakclip.seeds.masks import argmax_mask, crf_labels
+
+    out: dict[str, np.ndarray] = {}
+    if "argmax" in kinds:
+        out["argmax"] = argmax_mask(cams, keys, config.bg_power)
+    if "crf" in kinds:
+        label, conf = crf_labels(image, cams, keys, power=config.bg_power, fix_wrap=config.crf_fix_wrap)
+        out["crf_uncut"] = label.copy()
+        label[conf < config.crf_confidence] = 255
+        out["crf"] = label
+    return out
 
 
 def _warn(msg: str, with_bar: bool) -> None:
@@ -280,4 +343,8 @@ def format_summary(summary: dict) -> str:
         lines.append(f"mIoU of confident pixels:    {100 * summary['miou_confident']:.2f}% "
                      f"(pixel precision {100 * summary['pixel_accuracy_confident']:.2f}%, "
                      f"coverage {100 * summary['coverage']:.2f}%)")
+        labels = {"argmax": "CLIP-ES masks, argmax", "crf": "CLIP-ES masks, CRF (before the cut)",
+                  "crf_confident": "CLIP-ES masks, CRF (confident pixels)"}
+        for key, value in summary.get("masks_miou", {}).items():
+            lines.append(f"mIoU of {labels.get(key, key) + ':':<40} {100 * value:.2f}%")
     return "\n".join(lines)
