@@ -323,3 +323,15 @@ def test_release_checkpoints_hold_the_trained_towers_and_load_without_weights(sy
     weights.unlink()  # the checkpoint alone suffices
     model, _ = load_trained_model(tmp_path / "w")
     assert torch.equal(model.image_tower.visual.conv1.weight, tower["conv1.weight"])
+
+
+def test_clip_es_seeds_know_the_release_coco_space():
+    from weakclip.seeds.clip_es import ClipEsConfig
+    from weakclip.seeds.names import COCO_NAMES, class_prompt_names
+
+    names, theirs = class_prompt_names(COCO91_CLASSES)
+    assert theirs and len(names) == 90
+    by_id = dict(zip(COCO91_CLASSES[1:], names))
+    assert [by_id[c] for c in COCO_CLASSES[1:]] == list(COCO_NAMES)  # CLIP-ES's names on the 80 classes
+    assert by_id["street sign"] == "street sign"
+    assert ClipEsConfig().for_classes(COCO91_CLASSES).box_threshold == 0.7

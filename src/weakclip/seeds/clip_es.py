@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from weakclip.data.classes import COCO_CLASSES, IGNORE_INDEX
+from weakclip.data.classes import COCO91_CLASSES, COCO_CLASSES, IGNORE_INDEX
 from weakclip.errors import WeakclipError
 from weakclip.seeds.names import BACKGROUND_COCO, BACKGROUND_VOC, class_prompt_names
 
@@ -180,7 +180,7 @@ class ClipEsConfig:
 
     def for_classes(self, classes: Sequence[str]) -> ClipEsConfig:
         """This config with the dataset-dependent ``None`` fields filled in for ``classes``."""
-        coco = tuple(classes) == COCO_CLASSES
+        coco = tuple(classes) in (COCO_CLASSES, COCO91_CLASSES)
         return replace(
             self,
             background=self.background if self.background is not None else (

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from weakclip.data.classes import COCO_CLASSES, VOC_CLASSES, prompt_names
+from weakclip.data.classes import COCO91_CLASSES, COCO_CLASSES, VOC_CLASSES, prompt_names
 
 __all__ = [
     "BACKGROUND_COCO",
@@ -69,4 +69,7 @@ def class_prompt_names(classes: Sequence[str], plain: bool = False) -> tuple[lis
             return list(VOC_NAMES), True
         if classes == COCO_CLASSES:
             return list(COCO_NAMES), True
+        if classes == COCO91_CLASSES:  # the release's 91 ids: CLIP-ES's names where COCO has annotations
+            es = dict(zip(COCO_CLASSES[1:], COCO_NAMES))
+            return [es.get(c, c) for c in classes[1:]], True
     return prompt_names(list(classes))[1:], False
