@@ -459,10 +459,46 @@ def test_eval_only_on_synthetic_data(tmp_path, capsys):
     torch.save(other.net.state_dict(), tmp_path / "other.pth")
     assert main([*args[:5], str(tmp_path / "other.pth"), *args[6:]]) == 2
     err = capsys.readouterr().err
-    assert "cls_conv" in err and "4 classes" in err
+    assert "cls_conv" in err and f"{val.num_classes} classes" in err and "\n" not in err.strip()
 
 
 def test_model_is_a_segmenter_with_the_dataset_class_count():
     model = build_deeplabv1(91, pretrained_backbone=False, width_divisor=W)
     assert isinstance(model, DeepLabV1Segmenter) and model.num_classes == 91
     assert model.net.cls_conv.out_channels == 91
+
+
+def test_release_training_run_on_synthetic_data(tmp_path):
+    """The voc preset end to end (narrow network): release augmentation, groups, schedule, conv1a frozen
+    after the first epoch, BN affine never updated, then the release evaluation with the CRF."""
+    from weakclip.data.synthetic import make_synthetic_dataset
+    from weakclip.retrain.train import retrain
+
+    root = make_synthetic_dataset(tmp_path / "data", n_train=4, n_val=2, image_size=(40, 48), n_classes=3,
+                                  seed=1)
+    cfg = _release_cfg("data.kind=folder", f"data.root={root}", "data.split=train", "data.val_split=val",
+                       f"model.width_divisor={W}", "data.crop_size=32", "data.num_workers=0", "train.iters=4",
+                       "train.batch_size=2", "train.checkpoint_every=1", "train.keep_checkpoints=4",
+                       "train.lr=0.01", "eval.scales=1.0")
+    work = tmp_path / "w"
+    summary = retrain(cfg, root / "masks", workdir=work, progress=False, quiet=True)
+    assert summary["finished"] and summary["end_iter"] == 4
+    record = json.loads((work / "eval.json").read_text())
+    assert record["crf_classes"] == "present" and record["crf"]["bilateral_srgb"] == 2.0
+    states = [torch.load(work / "checkpoints" / f"iter_{i:07d}.pth", weights_only=False)["model"]
+              for i in (1, 2, 3, 4)]
+    # our own checkpoints hold numpy RNG states: --eval-only refuses them and says to use --resume
+    with pytest.raises(WeightsError, match="--resume") as info:
+        load_release_checkpoint(build_deeplabv1(4, pretrained_backbone=False, width_divisor=W),
+                                work / "checkpoints" / "iter_0000004.pth")
+    assert "\n" not in str(info.value)
+    stem = "net.backbone.conv1a.weight"
+    assert not torch.equal(states[0][stem], states[1][stem])  # iterations 0-1: the first epoch (4 // 2)
+    assert torch.equal(states[1][stem], states[2][stem]) and torch.equal(states[2][stem], states[3][stem])
+    conv = "net.backbone.b3.conv_branch2a.weight"
+    assert not torch.equal(states[2][conv], states[3][conv])
+    for k, v in states[3].items():
+        if ".bn" in k and k.endswith(".weight"):
+            assert torch.all(v == 1), k
+        elif ".bn" in k and k.endswith(".bias"):
+            assert torch.all(v == 0), k

@@ -141,8 +141,9 @@ def register(sub) -> None:
     p.add_argument("--eval-only", action="store_true",
                    help="no training: evaluate --checkpoint on the val split with the preset's evaluation")
     p.add_argument("--checkpoint", type=Path, default=None,
-                   help="with --eval-only: the network to evaluate (the authors' released .pth, or a "
-                        "checkpoints/iter_*.pth of a run); loaded with weights_only=True")
+                   help="with --eval-only: the network to evaluate (the authors' released .pth or another "
+                        "state dict; loaded with weights_only=True). A run of this package is re-evaluated "
+                        "with --resume on its workdir")
     p.add_argument("--crf", action="store_true", help="dense CRF on the evaluation's probabilities")
     p.add_argument("--no-eval", action="store_true", help="train only")
     p.add_argument("--save-predictions", type=Path, default=None,

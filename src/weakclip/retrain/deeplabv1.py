@@ -156,10 +156,13 @@ class ReleasePolySchedule(PolySchedule):
 # ====================================================================== checkpoints
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """A model state dict from ``path``: the release's (``torch.save(net.state_dict())``, keys
-    ``backbone.conv1a.weight`` ...), with or without ``module.``, or this package's training checkpoint
-    (``{"model": Segmenter state, ...}``, keys ``net.*``). Loaded with ``weights_only=True``: a file that
-    needs arbitrary pickled objects is refused with a one-line WeightsError."""
+    ``backbone.conv1a.weight`` ...), with or without ``module.`` / ``net.`` prefixes, or a
+    ``{"model": state dict}`` / ``{"state_dict": ...}`` wrapper. Loaded with ``weights_only=True``: a file
+    that needs arbitrary pickled objects is refused with a one-line WeightsError (this package's own
+    training checkpoints hold numpy RNG states, so they are refused too; ``--resume`` on their workdir
+    evaluates them)."""
     import pickle
+    import re
 
     path = Path(path)
     if not path.is_file():
@@ -167,9 +170,13 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = " ".join(str(exc).split())[:140]
-        raise WeightsError(f"checkpoint {path} needs arbitrary pickled objects, which are not loaded "
-                           f"(weights_only=True refused it: {first})") from exc
+        reason = " ".join(str(exc).split())
+        glob = re.search(r"Unsupported global: GLOBAL (\S+)", reason)
+        what = glob.group(1) if glob else reason[:120]
+        hint = ("; a training checkpoint of this package (it holds RNG states) is evaluated with --resume on "
+                "its workdir" if "numpy" in what else "")
+        raise WeightsError(f"checkpoint {path} needs arbitrary pickled objects ({what}), which are not "
+                           f"loaded (weights_only=True){hint}") from exc
     except Exception as exc:  # noqa: BLE001 - corrupt zip, wrong format ...
         raise WeightsError(f"cannot read checkpoint {path}: {' '.join(str(exc).split())[:160]}") from exc
     for key in ("model", "state_dict"):

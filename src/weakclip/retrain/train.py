@@ -390,9 +390,9 @@ def evaluate_checkpoint(cfg: RetrainConfig, checkpoint: str | Path, workdir: str
                         progress: bool = True, quiet: bool = False,
                         pred_dir: str | Path | None = None) -> dict[str, Any]:
     """Evaluate a trained network on ``cfg.data.val_split`` with ``cfg.eval``: the authors' released
-    DeepLab-v1 checkpoints (``torch.save(net.state_dict())``) or this package's checkpoints. No ImageNet
-    weights are needed; the class count is the val set's. Writes ``<workdir>/eval.json``; returns the scores
-    (percent) and the record."""
+    DeepLab-v1 checkpoints (``torch.save(net.state_dict())``) or any state dict of ``cfg.model``'s network
+    (:func:`weakclip.retrain.deeplabv1.read_checkpoint`). No ImageNet weights are needed; the class count
+    is the val set's. Writes ``<workdir>/eval.json``; returns the scores (percent) and the record."""
     import torch.distributed as dist
 
     from weakclip.distributed import init_distributed
