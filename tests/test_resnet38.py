@@ -502,3 +502,23 @@ def test_release_training_run_on_synthetic_data(tmp_path):
             assert torch.all(v == 1), k
         elif ".bn" in k and k.endswith(".bias"):
             assert torch.all(v == 0), k
+
+
+def test_missing_resnet38_weights_stop_before_any_work(tmp_path, capsys):
+    from weakclip.cli import main
+    from weakclip.retrain.train import check_backbone_weights
+
+    voc = load_retrain_preset("voc")
+    with pytest.raises(WeightsError, match="ilsvrc-cls_rna-a1_cls1000_ep-0001.params"):
+        check_backbone_weights(voc)
+    with pytest.raises(WeightsError, match="not found"):
+        missing = tmp_path / "x.params"
+        check_backbone_weights(apply_retrain_overrides(voc, [f"model.backbone_weights={missing}"]))
+    check_backbone_weights(apply_retrain_overrides(voc, ["model.pretrained_backbone=false"]))
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "data").mkdir()
+    assert main(["retrain", "--preset", "coco", "--masks", str(tmp_path / "masks"), "--data-root",
+                 str(tmp_path / "data"), "--workdir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert "ilsvrc-cls_rna-a1_cls1000_ep-0001.params" in err and err.count("\n") == 1
+    assert not (tmp_path / "w").exists()

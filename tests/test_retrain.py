@@ -301,7 +301,7 @@ def test_cli_retrain_tiny_run(synth, tmp_path, capsys):
     assert main(["retrain", "--workdir", str(work), "--print-config", "--iters", "7"]) == 0
     assert "iters: 7" in capsys.readouterr().out
     assert main(["retrain", "--workdir", str(work), "--data-root", str(synth), "--dataset", "folder",
-                 "--masks", str(tmp_path / "none")]) == 2
+                 "--preset", "voc-plus", "--masks", str(tmp_path / "none")]) == 2
     assert "pseudo-mask folder not found" in capsys.readouterr().err
 
 

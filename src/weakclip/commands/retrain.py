@@ -45,7 +45,7 @@ def build_retrain_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from weakclip.distributed import env_world
     from weakclip.errors import WeakclipError
-    from weakclip.retrain.train import evaluate_checkpoint, retrain
+    from weakclip.retrain.train import check_backbone_weights, evaluate_checkpoint, retrain
 
     if args.backbone_weights is not None and args.no_pretrained:
         raise WeakclipError("--backbone-weights and --no-pretrained exclude each other")
@@ -69,8 +69,7 @@ def run(args: argparse.Namespace) -> int:
     if not cfg.data.masks:
         raise WeakclipError("no pseudo masks given: pass --masks DIR (a folder of <id>.png label maps, "
                             "255 = ignore)")
-    if cfg.model.backbone_weights is not None and not Path(cfg.model.backbone_weights).is_file():
-        raise WeakclipError(f"backbone weights file not found: {cfg.model.backbone_weights}")
+    check_backbone_weights(cfg)
     summary = retrain(cfg, cfg.data.masks, None, args.workdir, resume=args.resume, device=args.device,
                       max_iters_this_run=args.max_iters_this_run, evaluate=not args.no_eval,
                       progress=not args.quiet, pred_dir=args.save_predictions)

@@ -42,6 +42,7 @@ __all__ = [
     "ReleasePolySchedule",
     "build_deeplabv1",
     "load_release_checkpoint",
+    "missing_weights_error",
     "read_checkpoint",
 ]
 
@@ -127,13 +128,18 @@ def build_deeplabv1(num_classes: int, backbone_weights: str | Path | None = None
     if num_classes < 2:
         raise WeakclipError(f"a segmentation network needs at least 2 classes, got {num_classes}")
     if backbone_weights is None and pretrained_backbone:
-        raise WeightsError(f"ResNet-38 has no automatic download: supply {MXNET_FILE} (the MXNet ImageNet "
-                           f"weights of AffinityNet / SEAM) or its converted .pth with --backbone-weights "
-                           f"FILE, or train from scratch with --no-pretrained")
+        raise missing_weights_error()
     net = DeepLabV1(int(num_classes), bn_momentum=bn_momentum, width_divisor=width_divisor)
     if backbone_weights is not None:
         load_resnet38_weights(net.backbone, backbone_weights)
     return DeepLabV1Segmenter(net, MODEL_NAME, num_classes, 8)
+
+
+def missing_weights_error() -> WeightsError:
+    """The one-line error when the ResNet-38 ImageNet weights are needed and no file is given."""
+    return WeightsError(f"ResNet-38 has no automatic download: supply {MXNET_FILE} (the MXNet ImageNet "
+                        f"weights of AffinityNet / SEAM) or its converted .pth with --backbone-weights FILE "
+                        f"(model.backbone_weights), or train from scratch with --no-pretrained")
 
 
 @dataclass

@@ -50,6 +50,8 @@ __all__ = [
     "RetrainTrainConfig",
     "apply_retrain_overrides",
     "build_retrain_transform",
+    "check_backbone_weights",
+    "evaluate_checkpoint",
     "load_retrain_preset",
     "retrain",
 ]
@@ -329,6 +331,23 @@ def build_model(cfg: RetrainConfig, num_classes: int, *, pretrained: bool | None
     return model
 
 
+def check_backbone_weights(cfg: RetrainConfig) -> None:
+    """Fail now, not after the data checks (or, in the pipeline, hours of refinement), when the network needs
+    an ImageNet weights file that is not given (ResNet-38 has no download) or does not exist."""
+    from weakclip.errors import WeightsError
+    from weakclip.retrain.deeplabv1 import missing_weights_error
+    from weakclip.retrain.models import RELEASE_MODEL
+
+    m = cfg.model
+    if not m.pretrained_backbone:
+        return
+    if m.backbone_weights is not None:
+        if not Path(m.backbone_weights).is_file():
+            raise WeightsError(f"backbone weights file not found: {m.backbone_weights}")
+    elif m.name.strip().lower() == RELEASE_MODEL:
+        raise missing_weights_error()
+
+
 def build_optimizer(model, cfg: RetrainConfig, train_size: int):
     """The optimizer over ``model.param_groups`` and its schedule (the release's four DeepLab-v1 groups and
     ``(1 - it / (iters + 1)) ** power`` when so configured)."""
@@ -454,6 +473,7 @@ def retrain(cfg: RetrainConfig, masks_dir: str | Path | None = None,
     if not masks.is_dir():
         raise DataError(f"pseudo-mask folder not found: {masks}")
     cfg = apply_retrain_overrides(cfg, [f"data.masks={masks}"])
+    check_backbone_weights(cfg)
     workdir = Path(workdir)
     started_group = not (dist.is_available() and dist.is_initialized())
     info = init_distributed(device)
