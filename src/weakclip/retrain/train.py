@@ -1,20 +1,20 @@
 """Retraining: a DeepLab-family network trained on the (refined) pseudo masks, then evaluated on val.
 
-The recipe (:class:`RetrainConfig`; presets ``weakclip/configs/retrain_voc.yaml`` and ``retrain_coco.yaml``,
-whose comments give the source of every number) is the usual DeepLab recipe of WSSS papers:
+Presets (:class:`RetrainConfig`; ``weakclip/configs/retrain_<name>.yaml``, whose comments give the source of
+every number):
 
-* DeepLabV3 on an ImageNet-pretrained ResNet-101, output stride 16 (ASPP rates 6/12/18), BatchNorm trained;
-* SGD, momentum 0.9, weight decay 1e-4; backbone lr 1e-3 and the freshly initialised head x10 (1e-2);
-  "poly" decay ``(1 - it / iters) ** 0.9`` (AdamW is an option: ``train.optimizer=adamw``);
-* random scale 0.5-2.0 of the original image, random crop 512 (padded with 255 when smaller), horizontal flip;
-  ImageNet mean/std (the backbone's own statistics);
-* pixel-wise cross-entropy with 255 ignored (pseudo masks may mark unsure pixels 255);
-* VOC: 30k iterations of 16 images; COCO: 80k iterations of 16 images;
-* evaluation on val at full resolution, single scale by default, multi-scale (0.5-1.75) + flip and dense CRF
-  as options.
+* ``voc`` / ``coco``: the authors' retraining (github Yingyue-L/deeplabv1-resnet38): DeepLab-v1 (LargeFOV) on
+  the wide ResNet-38 (:mod:`weakclip.retrain.deeplabv1`), SGD with the release's four convolution-only groups
+  (x1 / x2 / x10 / x20), ``(1 - it / (iters + 1)) ** 0.9``, BatchNorm momentum 3e-4 and its affine parameters
+  never updated, weight decay 5e-4, batch 10, crop 448 with HSV jitter, flip and scale 0.5-1.5
+  (:mod:`weakclip.retrain.augment`); VOC lr 1e-3 for 40k iterations, COCO lr 1.5e-3 for 160k; evaluation at
+  scales 0.5-1.5 with flip, softmax of the mean logits, dense CRF over the predicted classes;
+* ``voc-plus`` / ``coco-plus``: torchvision's DeepLabV3 on ResNet-101 with the common DeepLabV3 recipe (SGD,
+  weight decay 1e-4, lr 1e-3 and head x10, poly, scale 0.5-2.0, crop 512, flip; 30k / 80k iterations of 16).
 
-:func:`retrain` runs the whole stage on top of the training engine (deterministic data order, atomic
-checkpoints, exact resume, DDP under torchrun, CSV log, progress bar; :mod:`weakclip.engine.loop`).
+Pixel-wise cross-entropy with 255 ignored. :func:`retrain` runs the whole stage on top of the training engine
+(deterministic data order, atomic checkpoints, exact resume, DDP under torchrun, CSV log, progress bar;
+:mod:`weakclip.engine.loop`); :func:`evaluate_checkpoint` scores a released or trained network.
 """
 
 from __future__ import annotations
