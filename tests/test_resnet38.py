@@ -62,13 +62,13 @@ def _mx_array(a: np.ndarray, version: str) -> bytes:
 def write_mxnet_params(path: Path, arrays: dict[str, np.ndarray], version: str = "v2") -> Path:
     """MXNet's NDArray-list layout: uint64 0x112, uint64 0, uint64 n + arrays, uint64 n + (uint64 len,
     bytes)."""
-    out = struct.pack("<QQQ", 0x112, 0, len(arrays))
-    out += b"".join(_mx_array(a, version) for a in arrays.values())
-    out += struct.pack("<Q", len(arrays))
+    parts = [struct.pack("<QQQ", 0x112, 0, len(arrays))]
+    parts += [_mx_array(a, version) for a in arrays.values()]
+    parts.append(struct.pack("<Q", len(arrays)))
     for name in arrays:
         raw = name.encode()
-        out += struct.pack("<Q", len(raw)) + raw
-    path.write_bytes(out)
+        parts += [struct.pack("<Q", len(raw)), raw]
+    path.write_bytes(b"".join(parts))
     return path
 
 
