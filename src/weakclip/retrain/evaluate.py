@@ -3,7 +3,9 @@ mIoU.
 
 Each image is evaluated at its full resolution: for every scale ``s`` the normalised image is resized
 (bilinear) to ``s`` times its size, the logits are resized back and turned into probabilities; with ``flip``
-the mirrored image is added too; the softmax maps are averaged. With a CRF the averaged probabilities are
+the mirrored image is added too; the softmax maps are averaged (or, ``fuse="logits"``, the logits, then one
+softmax: the authors' DeepLab-v1 test, which also rescales bicubically and upsamples with
+``align_corners=True``). With a CRF the averaged probabilities are
 refined by :func:`weakclip.crf.dense_crf_numpy` (pydensecrf2) on the original RGB image. The argmax is scored
 against the ground truth (255 ignored) with :class:`weakclip.metrics.ConfusionMatrix`; under torchrun every
 process takes every ``world_size``-th image and the matrices are summed across processes.
