@@ -47,7 +47,7 @@ def synth(tmp_path_factory) -> Path:
 
 
 def small_cfg(root: Path, *extra: str):
-    cfg = load_retrain_preset("voc")
+    cfg = load_retrain_preset("voc-plus")
     return apply_retrain_overrides(cfg, ["data.kind=folder", f"data.root={root}", "data.split=train",
                                          "data.val_split=val", *SMALL, *extra])
 
@@ -258,8 +258,8 @@ def test_offline_without_weights_names_the_file(monkeypatch):
 
 
 # ====================================================================== config, schedule, CLI
-def test_presets_and_overrides():
-    voc, coco = load_retrain_preset("voc"), load_retrain_preset("coco")
+def test_plus_presets_and_overrides():
+    voc, coco = load_retrain_preset("voc-plus"), load_retrain_preset("COCO-plus")
     assert voc.model.name == "deeplabv3_resnet101" and voc.model.output_stride == 16
     assert (voc.train.optimizer, voc.train.lr, voc.train.head_lr_mult) == ("sgd", 1e-3, 10.0)
     assert (voc.train.iters, voc.train.batch_size, voc.data.crop_size) == (30000, 16, 512)
@@ -284,7 +284,7 @@ def test_cli_retrain_tiny_run(synth, tmp_path, capsys):
 
     work = tmp_path / "w"
     args = ["retrain", "--masks", str(synth / "masks"), "--data-root", str(synth), "--dataset", "folder",
-            "--split", "train", "--val-split", "val", "--workdir", str(work), "--preset", "voc",
+            "--split", "train", "--val-split", "val", "--workdir", str(work), "--preset", "voc-plus",
             "--model", "deeplabv3plus_resnet18", "--no-pretrained", "--iters", "2", "--batch-size", "2",
             "--crop-size", "48", "--num-workers", "0", "--set", "model.head_channels=16", "--quiet",
             "--ms-eval", "--set", "eval.scales=0.75,1.0"]
@@ -301,7 +301,7 @@ def test_cli_retrain_tiny_run(synth, tmp_path, capsys):
     assert main(["retrain", "--workdir", str(work), "--print-config", "--iters", "7"]) == 0
     assert "iters: 7" in capsys.readouterr().out
     assert main(["retrain", "--workdir", str(work), "--data-root", str(synth), "--dataset", "folder",
-                 "--masks", str(tmp_path / "none")]) == 2
+                 "--preset", "voc-plus", "--masks", str(tmp_path / "none")]) == 2
     assert "pseudo-mask folder not found" in capsys.readouterr().err
 
 
@@ -315,9 +315,9 @@ def test_torchrun_two_processes(synth, tmp_path):
     work = tmp_path / "w"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "weakclip", "retrain", "--masks", str(synth / "masks"), "--data-root", str(synth), "--dataset",
-           "folder", "--split", "train", "--val-split", "val", "--workdir", str(work), "--model",
-           "deeplabv3plus_resnet18", "--no-pretrained", "--iters", "2", "--batch-size", "4", "--crop-size",
-           "48", "--num-workers", "0", "--set", "model.head_channels=16", "--quiet"]
+           "folder", "--split", "train", "--val-split", "val", "--workdir", str(work), "--preset", "voc-plus",
+           "--model", "deeplabv3plus_resnet18", "--no-pretrained", "--iters", "2", "--batch-size", "4",
+           "--crop-size", "48", "--num-workers", "0", "--set", "model.head_channels=16", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -208,7 +208,8 @@ def run_demo(workdir: str | Path, size: DemoSize | None = None, *, device: str |
     cfg = PipelineConfig(workdir=workdir, data_root=data_root, preset="voc", dataset="folder",
                          train_split="train", val_split="val", clip_weights=clip_file,
                          seeds=data_root / "seeds", refine_overrides=refine_overrides(size),
-                         retrain_overrides=retrain_overrides(size), pseudo=pseudo, device=device,
+                         retrain_overrides=retrain_overrides(size), retrain_preset="voc-plus", pseudo=pseudo,
+                         device=device,
                          progress=progress)
     report = Pipeline(cfg, log=log).run()
     if not info.is_main:

@@ -297,7 +297,10 @@ class Pipeline:
     def run(self, stages: Sequence[str] = STAGES) -> dict[str, Any]:
         from weakclip.data.io import write_json_atomic
         from weakclip.distributed import barrier, env_world, init_distributed
+        from weakclip.retrain.train import check_backbone_weights
 
+        if "retrain" in stages:  # ResNet-38 has no download: fail now, not after hours of refinement
+            check_backbone_weights(self.retrain_cfg)
         # One process group for the whole run (under torchrun): the stages find it and leave it up.
         init_distributed(self.cfg.device)
         self.workdir.mkdir(parents=True, exist_ok=True)

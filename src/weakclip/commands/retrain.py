@@ -45,7 +45,7 @@ def build_retrain_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from weakclip.distributed import env_world
     from weakclip.errors import WeakclipError
-    from weakclip.retrain.train import retrain
+    from weakclip.retrain.train import check_backbone_weights, evaluate_checkpoint, retrain
 
     if args.backbone_weights is not None and args.no_pretrained:
         raise WeakclipError("--backbone-weights and --no-pretrained exclude each other")
@@ -55,11 +55,21 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not cfg.data.root:
         raise WeakclipError("no dataset given: pass --data-root")
+    if args.checkpoint is not None and not args.eval_only:
+        raise WeakclipError("--checkpoint is for --eval-only (to continue a training run use --resume)")
+    if args.eval_only:
+        if args.checkpoint is None:
+            raise WeakclipError("--eval-only needs --checkpoint FILE (a released or trained network)")
+        result = evaluate_checkpoint(cfg, args.checkpoint, args.workdir, device=args.device,
+                                     progress=not args.quiet, pred_dir=args.save_predictions)
+        if env_world()[0] == 0:
+            print(json.dumps({"checkpoint": str(args.checkpoint), "val_miou": result["miou"],
+                              "images": result["images"]}, indent=1))
+        return 0
     if not cfg.data.masks:
         raise WeakclipError("no pseudo masks given: pass --masks DIR (a folder of <id>.png label maps, "
                             "255 = ignore)")
-    if cfg.model.backbone_weights is not None and not Path(cfg.model.backbone_weights).is_file():
-        raise WeakclipError(f"backbone weights file not found: {cfg.model.backbone_weights}")
+    check_backbone_weights(cfg)
     summary = retrain(cfg, cfg.data.masks, None, args.workdir, resume=args.resume, device=args.device,
                       max_iters_this_run=args.max_iters_this_run, evaluate=not args.no_eval,
                       progress=not args.quiet, pred_dir=args.save_predictions)
@@ -76,11 +86,14 @@ def run(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = sub.add_parser(
         "retrain", help="train a DeepLab network on pseudo masks and evaluate it on val",
-        description="Stage 4: train a torchvision segmentation network (DeepLabV3-ResNet101 by default) on "
-                    "the pseudo masks with the usual WSSS recipe (SGD + poly, random scale/crop/flip, 255 "
-                    "ignored; see the retrain_voc / retrain_coco presets), then evaluate it on val and write "
-                    "<workdir>/eval.json. Runs alone or under `torchrun --nproc_per_node=N` (--batch-size is "
-                    "GLOBAL). Settings: the preset, then the flags, then --set key=value.")
+        description="Stage 4: train a segmentation network on the pseudo masks, then evaluate it on val "
+                    "and write <workdir>/eval.json. The voc / coco presets are the authors' retraining "
+                    "(DeepLab-v1 on ResNet-38, their recipe and their multi-scale + flip + CRF evaluation; "
+                    "ImageNet weights from --backbone-weights ilsvrc-cls_rna-a1_cls1000_ep-0001.params or a "
+                    "converted .pth); voc-plus / coco-plus train torchvision's DeepLabV3-ResNet101 instead. "
+                    "--eval-only --checkpoint FILE evaluates a released or trained network. Runs alone or "
+                    "under `torchrun --nproc_per_node=N` (--batch-size is GLOBAL). Settings: the preset, "
+                    "then the flags, then --set key=value.")
     p.add_argument("--masks", type=Path, default=None,
                    help="folder of pseudo-mask PNGs (<id>.png, 255 = ignore)")
     p.add_argument("--data-root", type=Path, default=None,
@@ -91,17 +104,20 @@ def register(sub) -> None:
     p.add_argument("--val-split", default=None, help="validation split (default: the preset's, e.g. val)")
     p.add_argument("--workdir", type=Path, required=True,
                    help="output folder: config.yaml, log.csv, checkpoints/, eval.json")
-    p.add_argument("--preset", default="voc", help="voc, coco, or a retrain config .yaml (default voc)")
+    p.add_argument("--preset", default="voc",
+                   help="voc, coco (the authors' DeepLab-v1 / ResNet-38), voc-plus, coco-plus (torchvision's "
+                        "DeepLabV3), or a retrain config .yaml (default voc)")
     p.add_argument("--model", default=None,
-                   help="network: deeplabv3_resnet101 (default), deeplabv3_resnet50, "
+                   help="network: deeplabv1_resnet38 (voc/coco), deeplabv3_resnet101 (the -plus presets), "
                         "deeplabv3plus_resnet101, fcn_resnet50, lraspp_mobilenet_v3_large, ... (any "
                         "torchvision segmentation builder)")
     p.add_argument("--output-stride", type=int, choices=[8, 16, 32], default=None,
-                   help="output stride of ResNet backbones (default 16)")
+                   help="output stride of torchvision ResNet backbones (default 16; ResNet-38 is 8)")
     weights = p.add_mutually_exclusive_group()
     weights.add_argument("--backbone-weights", type=Path, default=None,
-                         help="ImageNet state dict of the backbone (e.g. torchvision's "
-                              "resnet101-63fe2227.pth)")
+                         help="ImageNet weights of the backbone: ilsvrc-cls_rna-a1_cls1000_ep-0001.params "
+                              "(MXNet, read without MXNet) or a converted .pth for ResNet-38; torchvision's "
+                              "resnet101-63fe2227.pth for the -plus presets")
     weights.add_argument("--no-pretrained", action="store_true",
                          help="train from random initialisation (no ImageNet weights)")
     p.add_argument("--iters", type=int, default=None, help="total iterations (train.iters)")
@@ -118,7 +134,15 @@ def register(sub) -> None:
                    help="continue from the workdir's latest checkpoint (a finished run is only re-evaluated)")
     p.add_argument("--max-iters-this-run", type=int, default=None,
                    help="stop (with a checkpoint) after this many iterations; continue later with --resume")
-    p.add_argument("--ms-eval", action="store_true", help="evaluate at scales 0.5-1.75 with flip")
+    p.add_argument("--ms-eval", action="store_true",
+                   help="evaluate at scales 0.5-1.75 with flip (the voc/coco presets already evaluate at "
+                        "0.5-1.5 with flip)")
+    p.add_argument("--eval-only", action="store_true",
+                   help="no training: evaluate --checkpoint on the val split with the preset's evaluation")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="with --eval-only: the network to evaluate (the authors' released .pth or another "
+                        "state dict; loaded with weights_only=True). A run of this package is re-evaluated "
+                        "with --resume on its workdir")
     p.add_argument("--crf", action="store_true", help="dense CRF on the evaluation's probabilities")
     p.add_argument("--no-eval", action="store_true", help="train only")
     p.add_argument("--save-predictions", type=Path, default=None,

@@ -3,7 +3,9 @@ mIoU.
 
 Each image is evaluated at its full resolution: for every scale ``s`` the normalised image is resized
 (bilinear) to ``s`` times its size, the logits are resized back and turned into probabilities; with ``flip``
-the mirrored image is added too; the softmax maps are averaged. With a CRF the averaged probabilities are
+the mirrored image is added too; the softmax maps are averaged (or, ``fuse="logits"``, the logits, then one
+softmax: the authors' DeepLab-v1 test, which also rescales bicubically and upsamples with
+``align_corners=True``). With a CRF the averaged probabilities are
 refined by :func:`weakclip.crf.dense_crf_numpy` (pydensecrf2) on the original RGB image. The argmax is scored
 against the ground truth (255 ignored) with :class:`weakclip.metrics.ConfusionMatrix`; under torchrun every
 process takes every ``world_size``-th image and the matrices are summed across processes.
@@ -24,18 +26,29 @@ from torch import nn
 from weakclip.distributed import DistInfo
 from weakclip.metrics import ConfusionMatrix, SegScores
 
-__all__ = ["MS_SCALES", "evaluate_segmenter", "predict_probs", "write_eval"]
+__all__ = ["MS_SCALES", "RELEASE_SCALES", "crf_present", "evaluate_segmenter", "predict_probs", "write_eval"]
 
 #: The usual multi-scale test set (DeepLab / the release's inference scales).
 MS_SCALES: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+#: The authors' DeepLab-v1 test scales (``tools/test.py --test_multiscale``).
+RELEASE_SCALES: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)
 
 
 @torch.no_grad()
 def predict_probs(model: nn.Module, image: np.ndarray, mean: Sequence[float], std: Sequence[float],
                   scales: Sequence[float] = (1.0,), flip: bool = False,
-                  device: torch.device | str = "cpu") -> torch.Tensor:
-    """Softmax probabilities K x H x W (CPU float32) of one ``H x W x 3`` uint8 image, averaged over
-    ``scales`` (and their mirror images with ``flip``)."""
+                  device: torch.device | str = "cpu", *, fuse: str = "probs", resize: str = "bilinear",
+                  align_corners: bool = False) -> torch.Tensor:
+    """Class probabilities K x H x W (CPU float32) of one ``H x W x 3`` uint8 image over ``scales`` (and their
+    mirror images with ``flip``).
+
+    ``fuse="probs"``: the mean of the softmax maps; ``"logits"``: the softmax of the mean logits (the authors'
+    DeepLab-v1 test). ``resize``: how the normalised image is rescaled (``"bilinear"`` or ``"bicubic"``, the
+    latter like ``cv2.INTER_CUBIC``); ``align_corners``: of the bilinear upsampling of the logits back to the
+    image size (True in the authors' test).
+    """
+    if fuse not in ("probs", "logits"):
+        raise ValueError(f"fuse must be probs or logits, got {fuse!r}")
     device = torch.device(device)
     x = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None].float()
     m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
@@ -46,25 +59,44 @@ def predict_probs(model: nn.Module, image: np.ndarray, mean: Sequence[float], st
     n = 0
     for scale in scales:
         size = (max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5)))
-        xs = x if size == (h, w) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        xs = x if size == (h, w) else F.interpolate(x, size=size, mode=resize, align_corners=False)
         batch = torch.cat([xs, xs.flip(-1)]) if flip else xs
         logits = model(batch).float()
         if flip:
             logits = torch.stack([logits[0], logits[1].flip(-1)])
-        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-        probs = logits.softmax(dim=1).sum(dim=0)
-        total = probs if total is None else total + probs
+        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=align_corners)
+        part = logits.sum(dim=0) if fuse == "logits" else logits.softmax(dim=1).sum(dim=0)
+        total = part if total is None else total + part
         n += logits.shape[0]
-    return (total / n).cpu()
+    mean_map = total / n
+    return (mean_map.softmax(dim=0) if fuse == "logits" else mean_map).cpu()
+
+
+def crf_present(image: np.ndarray, probs: np.ndarray, params) -> np.ndarray:
+    """The authors' CRF (``tools/make_crf.py``): only the classes of the argmax take part; their probabilities
+    are renormalised (the softmax of their logits), refined by the dense CRF, and the label map returned."""
+    from weakclip.crf import dense_crf_numpy
+
+    keys = np.unique(probs.argmax(axis=0))
+    if len(keys) == 1:
+        return np.full(probs.shape[1:], keys[0], dtype=keys.dtype)
+    sub = probs[keys]
+    sub = sub / np.maximum(sub.sum(axis=0, keepdims=True), 1e-20)
+    refined = dense_crf_numpy(image, np.ascontiguousarray(sub, dtype=np.float32), params)
+    return keys[refined.argmax(axis=0)]
 
 
 def evaluate_segmenter(model: nn.Module, dataset, *, mean: Sequence[float], std: Sequence[float],
                        scales: Sequence[float] = (1.0,), flip: bool = False, crf=None,
                        info: DistInfo | None = None, progress: bool = True, max_images: int | None = None,
-                       pred_dir: str | Path | None = None) -> tuple[SegScores, dict[str, Any]]:
+                       pred_dir: str | Path | None = None, fuse: str = "probs", resize: str = "bilinear",
+                       align_corners: bool = False,
+                       crf_classes: str = "all") -> tuple[SegScores, dict[str, Any]]:
     """mIoU of ``model`` on ``dataset`` (which must have ground truth); ``crf``: a
-    :class:`weakclip.crf.DenseCRFParams` or None. Returns the merged scores and a record of the settings.
-    ``pred_dir``: also write each prediction as a palette PNG there."""
+    :class:`weakclip.crf.DenseCRFParams` or None, over all classes or (``crf_classes="present"``) only those
+    of the argmax (:func:`crf_present`). ``fuse`` / ``resize`` / ``align_corners``: see :func:`predict_probs`.
+    Returns the merged scores and a record of the settings. ``pred_dir``: also write each prediction as a
+    palette PNG there."""
     from tqdm import tqdm
 
     from weakclip.data.io import write_label_png
@@ -83,8 +115,11 @@ def evaluate_segmenter(model: nn.Module, dataset, *, mean: Sequence[float], std:
         bar = tqdm(indices, desc="evaluate", disable=not progress or rank != 0, dynamic_ncols=True)
         for i in bar:
             sample = dataset[i]
-            probs = predict_probs(model, sample["image"], mean, std, scales, flip, device)
-            if crf is not None:
+            probs = predict_probs(model, sample["image"], mean, std, scales, flip, device, fuse=fuse,
+                                  resize=resize, align_corners=align_corners)
+            if crf is not None and crf_classes == "present":
+                pred = crf_present(sample["image"], probs.numpy(), crf)
+            elif crf is not None:
                 from weakclip.crf import dense_crf_numpy
 
                 pred = dense_crf_numpy(sample["image"], probs.numpy(), crf).argmax(axis=0)
@@ -98,7 +133,8 @@ def evaluate_segmenter(model: nn.Module, dataset, *, mean: Sequence[float], std:
         model.train(was_training)
     cm.all_reduce()
     record = {"images": n, "scales": [float(s) for s in scales], "flip": bool(flip),
-              "crf": None if crf is None else dataclasses.asdict(crf)}
+              "crf": None if crf is None else dataclasses.asdict(crf), "fuse": fuse, "resize": resize,
+              "align_corners": bool(align_corners), "crf_classes": crf_classes}
     return cm.scores(), record
 
 

@@ -1,6 +1,10 @@
-"""Segmentation networks for the retraining stage, built on torchvision.
+"""Segmentation networks for the retraining stage.
 
 Names understood by :func:`build_segmenter`:
+
+``deeplabv1_resnet38``       the authors' DeepLab-v1 (LargeFOV) on the wide ResNet-38
+                             (:mod:`weakclip.retrain.deeplabv1`; the ``voc`` / ``coco`` presets); its backbone
+                             weights are the MXNet ``.params`` file or a converted ``.pth`` (no download).
 
 ``deeplabv3_<resnet>``       DeepLabV3 (ASPP head) on any torchvision ResNet: ``deeplabv3_resnet101`` (the
                              default), ``deeplabv3_resnet50``, ``deeplabv3_resnet18`` ...
@@ -43,6 +47,8 @@ from weakclip.errors import WeakclipError, WeightsError
 __all__ = ["DeepLabV3Plus", "Segmenter", "available_models", "build_segmenter", "load_backbone_file"]
 
 DEFAULT_MODEL = "deeplabv3_resnet101"
+#: The authors' retraining network (:mod:`weakclip.retrain.deeplabv1`); output stride 8, its own head.
+RELEASE_MODEL = "deeplabv1_resnet38"
 _FAMILIES = ("deeplabv3plus", "deeplabv3", "fcn")
 _RATES = {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}
 
@@ -61,7 +67,7 @@ def available_models() -> list[str]:
     seg = tvm.list_models(module=tvm.segmentation)
     resnets = _resnet_names()
     ours = [f"{fam}_{r}" for fam in _FAMILIES for r in resnets]
-    return sorted(set(ours) | set(seg))
+    return sorted(set(ours) | set(seg) | {RELEASE_MODEL})
 
 
 class Segmenter(nn.Module):
@@ -279,18 +285,24 @@ def _torchvision_model(name: str, num_classes: int, weights_file, pretrained: bo
 
 def build_segmenter(name: str = DEFAULT_MODEL, num_classes: int = 21,
                     backbone_weights: str | Path | None = None, pretrained_backbone: bool = True,
-                    output_stride: int = 16, head_channels: int = 256) -> Segmenter:
+                    output_stride: int = 16, head_channels: int = 256, width_divisor: int = 1) -> Segmenter:
     """Build a segmentation network by name (module docstring) with ``num_classes`` outputs.
 
     ``backbone_weights``: a local ImageNet state dict for the backbone (takes precedence); otherwise
     ``pretrained_backbone=True`` downloads torchvision's (WeightsError with the file name when offline) and
     ``False`` starts from random weights. ``head_channels``: width of the ASPP / decoder (256 in the papers).
+    ``width_divisor``: ``deeplabv1_resnet38`` only, every channel count divided (1 = the authors' network).
     """
     import torchvision.models as tvm
 
     key = str(name).strip().lower()
     if num_classes < 2:
         raise WeakclipError(f"a segmenter needs at least 2 classes, got {num_classes}")
+    if key == RELEASE_MODEL:
+        from weakclip.retrain.deeplabv1 import build_deeplabv1
+
+        return build_deeplabv1(num_classes, backbone_weights, pretrained_backbone,
+                               width_divisor=width_divisor)
     for family in _FAMILIES:
         prefix = family + "_"
         if key.startswith(prefix) and key[len(prefix):] in _resnet_names():
@@ -304,5 +316,6 @@ def build_segmenter(name: str = DEFAULT_MODEL, num_classes: int = 21,
 
     close = difflib.get_close_matches(key, available_models(), n=3, cutoff=0.6)
     hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-    raise WeakclipError(f"unknown segmentation model {name!r}{hint}; names look like deeplabv3_resnet101, "
+    raise WeakclipError(f"unknown segmentation model {name!r}{hint}; names look like deeplabv1_resnet38, "
+                        f"deeplabv3_resnet101, "
                         f"deeplabv3plus_resnet50, fcn_resnet50, lraspp_mobilenet_v3_large")

@@ -1,20 +1,20 @@
 """Retraining: a DeepLab-family network trained on the (refined) pseudo masks, then evaluated on val.
 
-The recipe (:class:`RetrainConfig`; presets ``weakclip/configs/retrain_voc.yaml`` and ``retrain_coco.yaml``,
-whose comments give the source of every number) is the usual DeepLab recipe of WSSS papers:
+Presets (:class:`RetrainConfig`; ``weakclip/configs/retrain_<name>.yaml``, whose comments give the source of
+every number):
 
-* DeepLabV3 on an ImageNet-pretrained ResNet-101, output stride 16 (ASPP rates 6/12/18), BatchNorm trained;
-* SGD, momentum 0.9, weight decay 1e-4; backbone lr 1e-3 and the freshly initialised head x10 (1e-2);
-  "poly" decay ``(1 - it / iters) ** 0.9`` (AdamW is an option: ``train.optimizer=adamw``);
-* random scale 0.5-2.0 of the original image, random crop 512 (padded with 255 when smaller), horizontal flip;
-  ImageNet mean/std (the backbone's own statistics);
-* pixel-wise cross-entropy with 255 ignored (pseudo masks may mark unsure pixels 255);
-* VOC: 30k iterations of 16 images; COCO: 80k iterations of 16 images;
-* evaluation on val at full resolution, single scale by default, multi-scale (0.5-1.75) + flip and dense CRF
-  as options.
+* ``voc`` / ``coco``: the authors' retraining (github Yingyue-L/deeplabv1-resnet38): DeepLab-v1 (LargeFOV) on
+  the wide ResNet-38 (:mod:`weakclip.retrain.deeplabv1`), SGD with the release's four convolution-only groups
+  (x1 / x2 / x10 / x20), ``(1 - it / (iters + 1)) ** 0.9``, BatchNorm momentum 3e-4 and its affine parameters
+  never updated, weight decay 5e-4, batch 10, crop 448 with HSV jitter, flip and scale 0.5-1.5
+  (:mod:`weakclip.retrain.augment`); VOC lr 1e-3 for 40k iterations, COCO lr 1.5e-3 for 160k; evaluation at
+  scales 0.5-1.5 with flip, softmax of the mean logits, dense CRF over the predicted classes;
+* ``voc-plus`` / ``coco-plus``: torchvision's DeepLabV3 on ResNet-101 with the common DeepLabV3 recipe (SGD,
+  weight decay 1e-4, lr 1e-3 and head x10, poly, scale 0.5-2.0, crop 512, flip; 30k / 80k iterations of 16).
 
-:func:`retrain` runs the whole stage on top of the training engine (deterministic data order, atomic
-checkpoints, exact resume, DDP under torchrun, CSV log, progress bar; :mod:`weakclip.engine.loop`).
+Pixel-wise cross-entropy with 255 ignored. :func:`retrain` runs the whole stage on top of the training engine
+(deterministic data order, atomic checkpoints, exact resume, DDP under torchrun, CSV log, progress bar;
+:mod:`weakclip.engine.loop`); :func:`evaluate_checkpoint` scores a released or trained network.
 """
 
 from __future__ import annotations
@@ -50,11 +50,13 @@ __all__ = [
     "RetrainTrainConfig",
     "apply_retrain_overrides",
     "build_retrain_transform",
+    "check_backbone_weights",
+    "evaluate_checkpoint",
     "load_retrain_preset",
     "retrain",
 ]
 
-RETRAIN_PRESETS: tuple[str, ...] = ("voc", "coco")
+RETRAIN_PRESETS: tuple[str, ...] = ("voc", "coco", "voc-plus", "coco-plus")
 
 
 @dataclass
@@ -67,6 +69,8 @@ class RetrainModelConfig:
     backbone_weights: str | None = None
     head_channels: int = 256
     sync_bn: bool = True  # SyncBatchNorm under DDP on CUDA (several processes); plain BatchNorm otherwise
+    bn_momentum: float | None = None  # of every BatchNorm of the network (PyTorch convention); None: as built
+    width_divisor: int = 1  # deeplabv1_resnet38 only: channel counts divided (1 = the authors'; >1 for tests)
 
 
 @dataclass
@@ -84,6 +88,10 @@ class RetrainDataConfig:
     photometric: bool = False
     normalize: Literal["imagenet", "clip"] = "imagenet"
     num_workers: int = 4
+    # "standard": scale, crop (top-left padding), flip, [photometric]; "release": the authors' DeepLab-v1
+    # pipeline (weakclip.retrain.augment: HSV jitter, flip, bicubic scale, normalise, random-offset crop)
+    pipeline: Literal["standard", "release"] = "standard"
+    hsv_jitter: tuple[int, int, int] = (10, 10, 10)  # "release" pipeline: H, S, V shift ranges
 
 
 @dataclass
@@ -107,17 +115,30 @@ class RetrainTrainConfig:
     checkpoint_every: int = 2000
     log_every: int = 50
     keep_checkpoints: int = 3
+    # "poly": (1 - it / iters) ** power; "poly_release": (1 - it / (iters + 1)) ** power (the authors')
+    schedule: Literal["poly", "poly_release"] = "poly"
+    # DeepLab-v1 only (its four convolution-only groups): bias rate multiplier and bias weight decay
+    bias_lr_mult: float = 2.0
+    bias_weight_decay: float | None = 0.0
+    # DeepLab-v1 only: conv1a's rate drops to 0 after the first epoch (len(train set) // batch iterations)
+    freeze_stem_after_first_epoch: bool = False
 
 
 @dataclass
 class RetrainEvalConfig:
-    """Validation: ``scales`` (1.0 = the original size), ``flip``, dense CRF with ``crf_params``."""
+    """Validation: ``scales`` (1.0 = the original size), ``flip``, dense CRF with ``crf_params``; ``fuse``
+    (mean of softmax maps or softmax of mean logits), ``resize`` of the input per scale, ``align_corners`` of
+    the logits' upsampling, ``crf_classes`` (all, or only those of the argmax as the authors' make_crf.py)."""
 
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
     crf: bool = False
-    crf_params: Literal["voc", "coco"] = "voc"
+    crf_params: Literal["voc", "coco", "release_voc", "release_coco"] = "voc"
     max_images: int | None = None
+    fuse: Literal["probs", "logits"] = "probs"
+    resize: Literal["bilinear", "bicubic"] = "bilinear"
+    align_corners: bool = False
+    crf_classes: Literal["all", "present"] = "all"
 
 
 @dataclass
@@ -172,17 +193,27 @@ def _validate(cfg: RetrainConfig, source: str) -> None:
     need(t.checkpoint_every > 0 and t.log_every > 0 and t.keep_checkpoints > 0,
          "train.checkpoint_every, train.log_every and train.keep_checkpoints must be positive")
     need(len(e.scales) > 0 and min(e.scales) > 0, f"eval.scales must be positive numbers, got {e.scales}")
+    need(m.bn_momentum is None or 0 <= m.bn_momentum <= 1,
+         f"model.bn_momentum must lie in [0, 1], got {m.bn_momentum}")
+    need(m.width_divisor >= 1 and 64 % m.width_divisor == 0,
+         f"model.width_divisor must divide 64, got {m.width_divisor}")
+    need(min(d.hsv_jitter) >= 0, f"data.hsv_jitter must be >= 0, got {d.hsv_jitter}")
+    need(t.bias_lr_mult > 0, f"train.bias_lr_mult must be positive, got {t.bias_lr_mult}")
+    need(t.bias_weight_decay is None or t.bias_weight_decay >= 0,
+         f"train.bias_weight_decay must be >= 0, got {t.bias_weight_decay}")
 
 
 def load_retrain_preset(name: str | Path) -> RetrainConfig:
-    """``"voc"`` / ``"coco"`` (``weakclip/configs/retrain_<name>.yaml``) or a YAML file of these sections."""
+    """``"voc"`` / ``"coco"`` (the authors' DeepLab-v1 retraining), ``"voc-plus"`` / ``"coco-plus"``
+    (torchvision's DeepLabV3) (``weakclip/configs/retrain_<name>.yaml``) or a YAML file of these sections."""
     key = str(name).strip()
     if key.lower() in RETRAIN_PRESETS:
         return RetrainConfig.from_dict(packaged_yaml(f"retrain_{key.lower()}.yaml"),
                                        source=f"retrain preset {key.lower()}")
     path = Path(key)
     if not path.is_file():
-        raise WeakclipError(f"unknown retrain preset {key!r}: expected voc, coco or a .yaml file")
+        raise WeakclipError(f"unknown retrain preset {key!r}: expected {', '.join(RETRAIN_PRESETS)} or a "
+                            f".yaml file")
     return RetrainConfig.from_dict(read_yaml(path), source=str(path))
 
 
@@ -228,7 +259,8 @@ def norm_stats(normalize: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 def build_retrain_transform(d: RetrainDataConfig):
-    """Random scale, random crop (padded with 255 when smaller), flip, [photometric], normalise, tensors."""
+    """Random scale, random crop (padded with 255 when smaller), flip, [photometric], normalise, tensors; or
+    (``pipeline: release``) the authors' :class:`~weakclip.retrain.augment.ReleaseAugment`."""
     from weakclip.data.transforms import (
         Compose,
         Normalize,
@@ -240,6 +272,10 @@ def build_retrain_transform(d: RetrainDataConfig):
     )
 
     mean, std = norm_stats(d.normalize)
+    if d.pipeline == "release":
+        from weakclip.retrain.augment import ReleaseAugment
+
+        return Compose([ReleaseAugment(d.crop_size, d.scale_range, d.hsv_jitter, d.flip_prob, mean, std)])
     ts: list = [RandomScale(d.scale_range), RandomCrop(d.crop_size, cat_max_ratio=1.0),
                 RandomFlip(d.flip_prob)]
     if d.photometric:
@@ -276,6 +312,139 @@ def cross_entropy_step(model, batch: dict[str, Any], it: int) -> dict[str, torch
     return {"loss": F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)}
 
 
+
+# ====================================================================== model, optimiser, evaluation
+def build_model(cfg: RetrainConfig, num_classes: int, *, pretrained: bool | None = None):
+    """``cfg.model``'s network for ``num_classes`` (the dataset's), with ``model.bn_momentum`` applied."""
+    from weakclip.retrain.models import build_segmenter
+
+    m = cfg.model
+    use_pretrained = m.pretrained_backbone if pretrained is None else pretrained
+    weights = m.backbone_weights if use_pretrained else None
+    model = build_segmenter(m.name, num_classes, backbone_weights=weights,
+                            pretrained_backbone=use_pretrained, output_stride=m.output_stride,
+                            head_channels=m.head_channels, width_divisor=m.width_divisor)
+    if m.bn_momentum is not None:
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.momentum = float(m.bn_momentum)
+    return model
+
+
+def check_backbone_weights(cfg: RetrainConfig) -> None:
+    """Fail now, not after the data checks (or, in the pipeline, hours of refinement), when the network needs
+    an ImageNet weights file that is not given (ResNet-38 has no download) or does not exist."""
+    from weakclip.errors import WeightsError
+    from weakclip.retrain.deeplabv1 import missing_weights_error
+    from weakclip.retrain.models import RELEASE_MODEL
+
+    m = cfg.model
+    if not m.pretrained_backbone:
+        return
+    if m.backbone_weights is not None:
+        if not Path(m.backbone_weights).is_file():
+            raise WeightsError(f"backbone weights file not found: {m.backbone_weights}")
+    elif m.name.strip().lower() == RELEASE_MODEL:
+        raise missing_weights_error()
+
+
+def build_optimizer(model, cfg: RetrainConfig, train_size: int):
+    """The optimizer over ``model.param_groups`` and its schedule (the release's four DeepLab-v1 groups and
+    ``(1 - it / (iters + 1)) ** power`` when so configured)."""
+    from weakclip.engine.schedule import PolySchedule
+    from weakclip.retrain.deeplabv1 import DeepLabV1Segmenter, ReleasePolySchedule
+
+    t = cfg.train
+    if isinstance(model, DeepLabV1Segmenter):
+        stem = max(1, train_size // t.batch_size) if t.freeze_stem_after_first_epoch else None
+        groups = model.param_groups(t.head_lr_mult, t.bias_lr_mult, None, t.bias_weight_decay, stem)
+    else:
+        groups = model.param_groups(t.head_lr_mult)
+    if t.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+    if t.schedule == "poly_release":
+        schedule = ReleasePolySchedule(optimizer, t.lr, t.iters, t.poly_power)
+    else:
+        schedule = PolySchedule(optimizer, t.lr, t.iters, t.poly_power, t.min_lr, t.warmup_iters, 1e-6)
+    return optimizer, schedule
+
+
+def crf_params_of(e: RetrainEvalConfig):
+    """The dense-CRF parameters named by ``eval.crf_params`` (None when ``eval.crf`` is off)."""
+    from weakclip.crf import COCO_CRF, VOC_CRF, DenseCRFParams
+
+    if not e.crf:
+        return None
+    return {"voc": VOC_CRF, "coco": COCO_CRF,
+            # tools/densecrf.py of the authors' retraining: crf_inference_voc12 / crf_inference_coco
+            "release_voc": DenseCRFParams(1.0, 3.0, 112.0, 2.0, 3.0, 10),
+            "release_coco": DenseCRFParams(1.0, 3.0, 67.0, 3.0, 4.0, 10)}[e.crf_params]
+
+
+def run_evaluation(model, val, cfg: RetrainConfig, info, *, progress: bool, pred_dir=None):
+    from weakclip.retrain.evaluate import evaluate_segmenter
+
+    e = cfg.eval
+    mean, std = norm_stats(cfg.data.normalize)
+    return evaluate_segmenter(model, val, mean=mean, std=std, scales=e.scales, flip=e.flip,
+                              crf=crf_params_of(e), info=info, progress=progress, max_images=e.max_images,
+                              pred_dir=pred_dir, fuse=e.fuse, resize=e.resize, align_corners=e.align_corners,
+                              crf_classes=e.crf_classes)
+
+
+def _report(scores, record, path: Path, quiet: bool) -> None:
+    from weakclip.retrain.evaluate import write_eval
+
+    write_eval(path, scores, record)
+    if not quiet:
+        print(scores.table())
+        print(f"val mIoU {100 * scores.miou:.2f}% over {record['images']} images (scales {record['scales']}, "
+              f"flip {record['flip']}, crf {'on' if record['crf'] else 'off'}); wrote {path}", flush=True)
+
+
+def evaluate_checkpoint(cfg: RetrainConfig, checkpoint: str | Path, workdir: str | Path = "work_retrain", *,
+                        val_kwargs: dict[str, Any] | None = None, device: str | None = None,
+                        progress: bool = True, quiet: bool = False,
+                        pred_dir: str | Path | None = None) -> dict[str, Any]:
+    """Evaluate a trained network on ``cfg.data.val_split`` with ``cfg.eval``: the authors' released
+    DeepLab-v1 checkpoints (``torch.save(net.state_dict())``) or any state dict of ``cfg.model``'s network
+    (:func:`weakclip.retrain.deeplabv1.read_checkpoint`). No ImageNet weights are needed; the class count
+    is the val set's. Writes ``<workdir>/eval.json``; returns the scores (percent) and the record."""
+    import torch.distributed as dist
+
+    from weakclip.distributed import init_distributed
+    from weakclip.retrain.deeplabv1 import load_release_checkpoint
+
+    if not cfg.data.root:
+        raise WeakclipError("no dataset root given (--data-root / data.root)")
+    if not Path(cfg.data.root).exists():
+        raise DataError(f"dataset folder not found: {cfg.data.root}")
+    if not cfg.data.val_split:
+        raise WeakclipError("no validation split given (data.val_split)")
+    if not Path(checkpoint).is_file():
+        raise WeakclipError(f"checkpoint not found: {checkpoint}")
+    workdir = Path(workdir)
+    started_group = not (dist.is_available() and dist.is_initialized())
+    info = init_distributed(device)
+    try:
+        val = _val_dataset(cfg, dict(val_kwargs or {}))
+        model = build_model(cfg, val.num_classes, pretrained=False)
+        load_release_checkpoint(model, checkpoint)
+        model = model.to(info.device)
+        scores, record = run_evaluation(model, val, cfg, info, progress=progress and not quiet,
+                                        pred_dir=pred_dir)
+        record.update({"model": cfg.model.name, "split": cfg.data.val_split, "checkpoint": str(checkpoint)})
+        if info.is_main:
+            workdir.mkdir(parents=True, exist_ok=True)
+            _report(scores, record, workdir / "eval.json", quiet)
+        return {**scores.to_dict(), **record, "scores": scores}
+    finally:
+        if started_group and info.distributed:
+            dist.destroy_process_group()
+
+
 # ====================================================================== the stage
 def retrain(cfg: RetrainConfig, masks_dir: str | Path | None = None,
             dataset_kwargs: dict[str, Any] | None = None, workdir: str | Path = "work_retrain", *,
@@ -296,10 +465,7 @@ def retrain(cfg: RetrainConfig, masks_dir: str | Path | None = None,
 
     from weakclip.distributed import init_distributed
     from weakclip.engine.loop import mix_seed, run_training
-    from weakclip.engine.schedule import PolySchedule
     from weakclip.retrain.check import preflight_masks
-    from weakclip.retrain.evaluate import evaluate_segmenter, write_eval
-    from weakclip.retrain.models import build_segmenter
 
     masks = Path(masks_dir) if masks_dir is not None else (Path(cfg.data.masks) if cfg.data.masks else None)
     if masks is None:
@@ -307,6 +473,7 @@ def retrain(cfg: RetrainConfig, masks_dir: str | Path | None = None,
     if not masks.is_dir():
         raise DataError(f"pseudo-mask folder not found: {masks}")
     cfg = apply_retrain_overrides(cfg, [f"data.masks={masks}"])
+    check_backbone_weights(cfg)
     workdir = Path(workdir)
     started_group = not (dist.is_available() and dist.is_initialized())
     info = init_distributed(device)
@@ -322,25 +489,18 @@ def retrain(cfg: RetrainConfig, masks_dir: str | Path | None = None,
 
         m, t = cfg.model, cfg.train
         torch.manual_seed(mix_seed(t.seed, -1, 0))  # same initial weights on every process
-        model = build_segmenter(m.name, dataset.num_classes, backbone_weights=m.backbone_weights,
-                                pretrained_backbone=m.pretrained_backbone, output_stride=m.output_stride,
-                                head_channels=m.head_channels)
+        model = build_model(cfg, dataset.num_classes)
         if info.distributed and m.sync_bn and info.device.type == "cuda":  # SyncBatchNorm is CUDA-only
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(info.device)
-        groups = model.param_groups(t.head_lr_mult)
-        if t.optimizer == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-        else:
-            optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
-        schedule = PolySchedule(optimizer, t.lr, t.iters, t.poly_power, t.min_lr, t.warmup_iters, 1e-6)
+        optimizer, schedule = build_optimizer(model, cfg, len(dataset))
         if info.is_main:
             workdir.mkdir(parents=True, exist_ok=True)
             cfg.to_yaml(workdir / "config.yaml")
             if not quiet:
                 n_back = sum(p.numel() for p in model.backbone_parameters())
                 n_all = sum(p.numel() for p in model.parameters())
-                print(f"retrain: {m.name} (output stride {m.output_stride}), {n_all:,} parameters "
+                print(f"retrain: {m.name} (output stride {model.output_stride}), {n_all:,} parameters "
                       f"({n_back:,} backbone); {len(dataset)} images, {dataset.num_classes} classes, "
                       f"masks {masks}; {t.iters} iterations x {t.batch_size} ({info.world_size} "
                       f"process(es)), {t.optimizer} lr {t.lr:g} (head x{t.head_lr_mult:g}), poly "
@@ -355,26 +515,14 @@ def retrain(cfg: RetrainConfig, masks_dir: str | Path | None = None,
             amp=t.amp, grad_clip=t.grad_clip, progress=progress, quiet=quiet)
         summary["model"] = model
         if val is not None and summary["finished"]:
-            from weakclip.crf import COCO_CRF, VOC_CRF
-
-            e = cfg.eval
-            mean, std = norm_stats(cfg.data.normalize)
-            crf = (VOC_CRF if e.crf_params == "voc" else COCO_CRF) if e.crf else None
-            scores, record = evaluate_segmenter(model, val, mean=mean, std=std, scales=e.scales, flip=e.flip,
-                                                crf=crf, info=info, progress=progress and not quiet,
-                                                max_images=e.max_images, pred_dir=pred_dir)
+            scores, record = run_evaluation(model, val, cfg, info, progress=progress and not quiet,
+                                            pred_dir=pred_dir)
             record.update({"model": m.name, "split": cfg.data.val_split, "masks": str(masks),
                            "iteration": summary["end_iter"]})
             summary["eval"] = {**scores.to_dict(), **record}
             summary["scores"] = scores
             if info.is_main:
-                write_eval(workdir / "eval.json", scores, record)
-                if not quiet:
-                    print(scores.table())
-                    print(f"val mIoU {100 * scores.miou:.2f}% over {record['images']} images "
-                          f"(scales {record['scales']}, flip {record['flip']}, "
-                          f"crf {'on' if crf else 'off'}); "
-                          f"wrote {workdir / 'eval.json'}", flush=True)
+                _report(scores, record, workdir / "eval.json", quiet)
         return summary
     finally:
         if started_group and info.distributed:
