@@ -32,7 +32,7 @@ class PipelineConfig:
     workdir: Path
     data_root: Path
     preset: str = "voc"  # refinement preset (voc, coco or a YAML file)
-    retrain_preset: str | None = None  # default: the same name as ``preset`` (voc or coco)
+    retrain_preset: str | None = None  # default: the same name as ``preset`` (voc, coco, voc-plus, coco-plus)
     dataset: str | None = None  # voc, coco, folder; default: the preset's
     train_split: str | None = None  # default: the preset's
     val_split: str | None = None  # default: the retrain preset's
@@ -70,6 +70,15 @@ def _percent(value: float | None) -> float | None:
     return None if value is None or value != value else round(100.0 * float(value), 2)
 
 
+def _retrain_preset_for(preset: str | Path) -> str:
+    """The retraining preset that goes with a refinement preset: the same name for the packaged ones
+    (``voc``, ``coco``: the authors' DeepLab-v1; ``voc-plus``, ``coco-plus``), ``voc`` for a YAML file."""
+    from weakclip.config import PRESETS
+
+    name = str(preset).strip().lower()
+    return name if name in PRESETS else "voc"
+
+
 class Pipeline:
     """The four stages over one work directory. ``run()`` does what is left and returns the report."""
 
@@ -99,7 +108,7 @@ class Pipeline:
         # "train+train_aug")
         self.pseudo_split = self._image_split(self.train_split)
 
-        retrain_name = cfg.retrain_preset or ("coco" if str(cfg.preset).lower().startswith("coco") else "voc")
+        retrain_name = cfg.retrain_preset or _retrain_preset_for(cfg.preset)
         retrain = load_retrain_preset(retrain_name)
         r_data = [f"data.kind={self.kind}", f"data.root={cfg.data_root}"]
         if self.pseudo_split:

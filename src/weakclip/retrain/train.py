@@ -77,7 +77,7 @@ class RetrainModelConfig:
 class RetrainDataConfig:
     """Training data (the pseudo masks are the targets) and the augmentation."""
 
-    kind: Literal["voc", "coco", "folder"] = "voc"
+    kind: Literal["voc", "coco", "coco91", "folder"] = "voc"
     root: str | None = None
     split: str | None = "train_aug"
     val_split: str | None = "val"
@@ -177,7 +177,8 @@ def _validate(cfg: RetrainConfig, source: str) -> None:
 
     need(m.output_stride in (8, 16, 32), f"model.output_stride must be 8, 16 or 32, got {m.output_stride}")
     need(m.head_channels > 0, f"model.head_channels must be positive, got {m.head_channels}")
-    need(d.kind in ("voc", "coco", "folder"), f"data.kind must be voc, coco or folder, got {d.kind!r}")
+    need(d.kind in ("voc", "coco", "coco91", "folder"),
+         f"data.kind must be voc, coco, coco91 or folder, got {d.kind!r}")
     need(d.crop_size > 0, f"data.crop_size must be positive, got {d.crop_size}")
     need(0 < d.scale_range[0] <= d.scale_range[1],
          f"data.scale_range must be 0 < low <= high, got {d.scale_range}")
