@@ -20,10 +20,10 @@ def _free_port() -> int:
 
 
 def _args(root, workdir):
-    # Dropout and stochastic depth off: their random masks differ between 1 and 2 processes.
-    # The identity CE is a mean over the valid pixels of the LOCAL batch (as mmseg's CE per GPU in the
-    # release), so with unequal seed coverage two half-batches do not average to the full batch; its
-    # weight is 0 here to compare the engine, not the loss's normalisation.
+    # Dropout and stochastic depth off: their random masks differ between 1 and 2 processes. BatchNorm in
+    # eval mode: with batch statistics (the release) each CPU process would normalise by its own half
+    # batch (on CUDA they become SyncBatchNorm, as the release's). The identity CE averages over ALL pixels
+    # (the release's mmseg), so two equal half-batches average exactly to the full batch.
     return ["train", "--preset", "voc", "--dataset", "folder", "--data-root", str(root), "--split", "train",
             "--workdir", str(workdir), "--device", "cpu", "--quiet", "--iters", "4", "--batch-size", "4",
             "--crop-size", "64", "--num-workers", "0", "--lr", "1e-3",
@@ -32,7 +32,7 @@ def _args(root, workdir):
             "--set", "model.neck_channels=32", "--set", "model.head_channels=32",
             "--set", "loss.loss_size=16", "--set", "classes=none", "--set", "model.drop_path_rate=0",
             "--set", "model.match_dropout=0", "--set", "model.head_dropout=0",
-            "--set", "loss.identity_weight=0", "--set", "train.log_every=1", "--set", "model.match_width=32",
+            "--set", "model.bn_eval=true", "--set", "train.log_every=1", "--set", "model.match_width=32",
             "--set", "model.match_layers=1", "--checkpoint-every", "1", "--set", "train.keep_checkpoints=10"]
 
 

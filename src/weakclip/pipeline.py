@@ -104,17 +104,18 @@ class Pipeline:
         self.refine_cfg = apply_overrides(refine, [*data, *cfg.refine_overrides])
         self.kind = self.refine_cfg.data.kind
         self.train_split = self.refine_cfg.data.split
-        # seeds, pseudo masks and retraining take each image once (refinement may repeat some: VOC's
-        # "train+train_aug")
-        self.pseudo_split = self._image_split(self.train_split)
-
         retrain_name = cfg.retrain_preset or _retrain_preset_for(cfg.preset)
         retrain = load_retrain_preset(retrain_name)
         r_data = [f"data.kind={self.kind}", f"data.root={cfg.data_root}"]
-        if self.pseudo_split:
-            r_data.append(f"data.split={self.pseudo_split}")
         if cfg.val_split:
             r_data.append(f"data.val_split={cfg.val_split}")
+        # the user's keys are checked before any dataset is opened
+        apply_retrain_overrides(retrain, [*r_data, *cfg.retrain_overrides])
+        # seeds, pseudo masks and retraining take each image once (refinement may repeat some: VOC's
+        # "train+train_aug")
+        self.pseudo_split = self._image_split(self.train_split)
+        if self.pseudo_split:
+            r_data.append(f"data.split={self.pseudo_split}")
         self.retrain_cfg = apply_retrain_overrides(retrain, [*r_data, *cfg.retrain_overrides])
         self._check_data()
 

@@ -213,8 +213,11 @@ class WeakCLIP(nn.Module):
 
     @property
     def has_unused_parameters(self) -> bool:
-        """True when some trainable parameters get no gradient (DDP then needs find_unused_parameters)."""
-        return self.matching.has_unused_parameters
+        """True when some trainable parameters get no gradient (DDP then needs find_unused_parameters):
+        the unused matching layers of ``match_mode="release"``, and with trainable towers the text tower's
+        ``logit_scale``, which the model never uses (the release runs DDP with find_unused_parameters)."""
+        towers_train = any(p.requires_grad for p in self.text_tower.parameters())
+        return self.matching.has_unused_parameters or towers_train
 
     def train(self, mode: bool = True) -> WeakCLIP:
         super().train(mode)
