@@ -380,3 +380,13 @@ def test_browser_check_catches_a_broken_page(tmp_path):
     blank = tmp_path / "blank.html"
     blank.write_text("<html><body></body></html>")
     assert check_page(blank).pixel_std == 0.0
+
+
+def test_a_mask_that_cannot_be_scored_is_named_not_fatal(tmp_path):
+    work, _, dataset = _fake_run(tmp_path)
+    write_label_png(work / "pseudo_masks" / f"{dataset.ids[1]}.png", np.zeros((5, 7), dtype=np.uint8))
+    a = analyse(work, log=lambda line: None)
+    assert a["sets"]["pseudo"]["images"] == 5
+    (note,) = [n for n in a["notes"] if n.startswith("pseudo masks: 1 masks not scored")]
+    assert dataset.ids[1] in note
+    assert note in build_report(work, log=lambda line: None, analysis=a).read_text()

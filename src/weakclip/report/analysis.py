@@ -183,7 +183,8 @@ class _SetScorer:
     def result(self, with_gt: bool) -> dict[str, Any]:
         out: dict[str, Any] = {"folder": str(self.folder), "images": len(self.images),
                                "pixels": self.pixels.tolist(), "unsure_pixels": self.unsure,
-                               "per_image": self.images, "problems": self.problems[:20]}
+                               "per_image": self.images, "problems": self.problems[:20],
+                               "problem_count": len(self.problems)}
         if with_gt and self.images:
             s = self.cm.scores()
             out.update({"miou": _frac(s.miou), "iou": [_frac(v) for v in s.iou],
@@ -300,6 +301,10 @@ def analyse(workdir: str | Path, log: Callable[[str], None] = print) -> dict[str
         out["classes"] = list(dataset.classes)
         out["has_gt"] = bool(dataset.has_gt)
         out["sets"] = score_mask_sets(info, dataset, log=log)
+        for name, scored in out["sets"].items():
+            if scored.get("problems"):
+                count, first = scored.get("problem_count"), scored["problems"][0]
+                out["notes"].append(f"{SET_TITLES[name]}: {count} masks not scored, e.g. {first}")
         out["final"] = final_scores(workdir, out["classes"])
         out["dataset_images"] = len(dataset)
     return out
