@@ -239,6 +239,7 @@ def test_stop_on_regression_stops_before_retraining(tmp_path):
     assert not (work / "retrain").exists()
     report = json.loads((work / "report.json").read_text())
     assert any("worse than the seeds" in w for w in report["warnings"])
+    assert report["html"] == str(work / "report.html")
     assert "worse than the seeds" in (work / "report.html").read_text()
     assert json.loads((work / "run.json").read_text())["kind"] == "folder"
 

@@ -384,7 +384,6 @@ class Pipeline:
         if analysis is None:
             analysis = self._analyse()
         report["warnings"] = [str(r) for r in analysis["regressions"]]
-        write_json_atomic(self.workdir / "report.json", report)
         if self.cfg.write_html and not analysis.get("failed"):
             from weakclip.report.page import build_report
 
@@ -393,6 +392,7 @@ class Pipeline:
             except Exception as exc:  # the run's results stand without their page
                 self.log(f"report: could not write report.html: {type(exc).__name__}: {exc} "
                          f"('weakclip report {self.workdir}' tries again)")
+        write_json_atomic(self.workdir / "report.json", report)
         self.log(format_report(report))
         return report
 

@@ -132,12 +132,12 @@ def _stage_table(a: dict[str, Any]) -> str:
     head = ("<tr><th>stage</th><th>status</th><th>mIoU %</th><th>images</th><th>time</th><th>notes</th>"
             "<th>settings</th></tr>")
     rows = []
-    shown_settings: set[str] = set()
-    for row in _stage_rows(a):
+    table = _stage_rows(a)
+    for k, row in enumerate(table):
         status = a["stages"][row["stage"]]["status"]
         cls = "status-" + status.split()[0]
-        settings = "" if row["stage"] in shown_settings else _settings_html(a, row["stage"])
-        shown_settings.add(row["stage"])
+        last_of_stage = k + 1 == len(table) or table[k + 1]["stage"] != row["stage"]
+        settings = _settings_html(a, row["stage"]) if last_of_stage else ""
         rows.append(f"<tr><td>{_e(row['name'])}</td><td class='{cls}'>{_e(status)}</td>"
                     f"<td class='num'>{_pct(row['miou'])}</td><td class='num'>{_e(row['images'] or '-')}</td>"
                     f"<td class='num'>{_seconds(row['seconds'])}</td><td>{_e(row['notes'])}</td>"
