@@ -368,7 +368,7 @@ class Pipeline:
         try:
             analysis = analyse(self.workdir, log=self.log)
         except Exception as exc:  # the report must not stop a run whose stages succeeded
-            self.log(f"report: could not analyse {self.workdir}: {type(exc).__name__}: {exc}")
+            self.log(f"report page: could not analyse {self.workdir}: {type(exc).__name__}: {exc}")
             return {"regressions": [], "failed": True}
         analysis["regressions"] = find_regressions(analysis)
         return analysis
@@ -390,7 +390,7 @@ class Pipeline:
             try:
                 report["html"] = str(build_report(self.workdir, log=self.log, analysis=analysis))
             except Exception as exc:  # the run's results stand without their page
-                self.log(f"report: could not write report.html: {type(exc).__name__}: {exc} "
+                self.log(f"report page: could not write report.html: {type(exc).__name__}: {exc} "
                          f"('weakclip report {self.workdir}' tries again)")
         write_json_atomic(self.workdir / "report.json", report)
         self.log(format_report(report))

@@ -251,7 +251,7 @@ def score_mask_sets(info: RunInfo, dataset, log: Callable[[str], None] = print) 
                 write_json_atomic(workdir / "report" / f"scores_{name}.json",
                                   jsonable({**result, "signature": sig}))
             results[name] = result
-        log(f"report: scored {', '.join(todo)} over {len(dataset)} images in "
+        log(f"report page: scored {', '.join(todo)} over {len(dataset)} images in "
             f"{time.perf_counter() - start:.1f} s")
     return results
 

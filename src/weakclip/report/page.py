@@ -237,7 +237,7 @@ def _gallery(a: dict[str, Any], dataset, log: Callable[[str], None]) -> str:
                     gt = dataset.read_gt(i, image.shape[:2])
                     cells.append((tile(gt, TILE_HEIGHT, True), "ground truth"))
             except Exception as exc:  # a picture that cannot be drawn must not stop the report
-                log(f"report: gallery image {ident!r} skipped: {exc}")
+                log(f"report page: gallery image {ident!r} skipped: {exc}")
                 continue
             tds = "".join(f"<td>{_img(png_bytes(im), cap)}<div class='cap'>{_e(cap)}</div></td>"
                           for im, cap in cells)
