@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from weakclip.errors import DataError, WeakclipError
+from weakclip.report import REPORT_DIR
 
 STAGES = ("seeds", "refine", "pseudo_masks", "retrain")  # the pipeline's, in order
 MASK_SETS = ("seeds", "pseudo_no_crf", "pseudo")
@@ -212,7 +213,7 @@ def score_mask_sets(info: RunInfo, dataset, log: Callable[[str], None] = print) 
         if folder is None or not folder.is_dir() or not any(folder.glob("*.png")):
             continue
         sig = _signature(workdir, name)
-        cache = workdir / "report" / f"scores_{name}.json"
+        cache = workdir / REPORT_DIR / f"scores_{name}.json"
         if sig is not None and cache.is_file():
             try:
                 cached = read_json(cache, what="score cache")
@@ -248,7 +249,7 @@ def score_mask_sets(info: RunInfo, dataset, log: Callable[[str], None] = print) 
             result = scorer.result(with_gt)
             sig = _signature(workdir, name)
             if sig is not None:
-                write_json_atomic(workdir / "report" / f"scores_{name}.json",
+                write_json_atomic(workdir / REPORT_DIR / f"scores_{name}.json",
                                   jsonable({**result, "signature": sig}))
             results[name] = result
         log(f"report page: scored {', '.join(todo)} over {len(dataset)} images in "
