@@ -10,10 +10,18 @@ from weakclip.errors import WeakclipError
 from weakclip.pipeline import Pipeline, PipelineConfig
 
 
-@pytest.mark.slow
-def test_demo_runs_end_to_end_and_refinement_beats_the_seeds(tmp_path):
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory):
+    """The reduced demo, run once for this module's tests: (work folder, report, printed lines)."""
+    work = tmp_path_factory.mktemp("demo")
     lines = []
-    report = run_demo(tmp_path, DemoSize.small(), device="cpu", progress=False, log=lines.append)
+    report = run_demo(work, DemoSize.small(), device="cpu", progress=False, log=lines.append)
+    return work, report, lines
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_refinement_beats_the_seeds(small_demo):
+    tmp_path, report, lines = small_demo
     on_disk = json.loads((tmp_path / "report.json").read_text())
     for key in ("seeds_miou", "pseudo_miou", "final_miou"):
         assert isinstance(on_disk[key], float) and 0.0 <= on_disk[key] <= 100.0
@@ -22,10 +30,10 @@ def test_demo_runs_end_to_end_and_refinement_beats_the_seeds(tmp_path):
                                                              abs=0.02)
     assert report["final_miou"] == on_disk["final_miou"]
     assert any("beat the seeds by" in line for line in lines)
-    # every stage recorded, with its metrics
+    # every stage recorded, with its metrics and time
     for stage in ("seeds", "refine", "pseudo_masks", "retrain"):
         record = json.loads((tmp_path / stage / "stage.json").read_text())
-        assert record["status"] == "complete" and record["metrics"]
+        assert record["status"] == "complete" and record["metrics"] and record["seconds"] >= 0
         assert (tmp_path / stage / "log.txt").read_text().startswith(f"== {stage} ")
     assert "done: iterations 0->120 of 120" in (tmp_path / "refine" / "log.txt").read_text()
     assert "val mIoU" in (tmp_path / "retrain" / "log.txt").read_text()
@@ -36,15 +44,40 @@ def test_demo_runs_end_to_end_and_refinement_beats_the_seeds(tmp_path):
         source = Image.open(tmp_path / "data" / "images" / overlays[0].name)
         assert im.width == 4 * (3 * source.width + 4) and im.height == 3 * source.height + 16
     with Image.open(tmp_path / "losses.png") as im:
-        assert im.size == (640, 360)
+        assert im.size == (540, 340)  # matplotlib, 5.4 x 3.4 inches at 100 dpi
+    # the page, and the warnings of the run's summary in report.json and at the end of what it printed
+    assert on_disk["html"] == str(tmp_path / "report.html") and (tmp_path / "report.html").is_file()
+    summary = next(line for line in lines if line.startswith("stage "))
+    assert all(f"WARNING: {w}" in summary for w in on_disk["warnings"])
 
     # a second run finds every stage complete and redoes nothing
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "pseudo_masks").glob("*.png")}
-    lines.clear()
-    again = run_demo(tmp_path, DemoSize.small(), device="cpu", progress=False, log=lines.append)
-    assert sum("skipped" in line for line in lines) == 4
+    again_lines = []
+    again = run_demo(tmp_path, DemoSize.small(), device="cpu", progress=False, log=again_lines.append)
+    assert sum("skipped" in line for line in again_lines) == 4
     assert again["pseudo_miou"] == report["pseudo_miou"]
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+
+
+@pytest.mark.slow
+def test_demo_report_opens_in_headless_chromium(small_demo):
+    """The demo's report.html in a real browser: no error, every image loaded, nothing fetched, not blank."""
+    pytest.importorskip("websocket", reason="websocket-client is not installed (pip install -e '.[dev]')")
+    from weakclip.report.browser import check_page, find_chromium
+
+    if find_chromium() is None:
+        pytest.skip("no chromium on this machine (Debian: apt-get install chromium); .ci/run installs it")
+    work = small_demo[0]
+    page = work / "report.html"
+    html = page.read_text()
+    check = check_page(page)
+    assert check.errors == []
+    assert len(check.images) == html.count("<img ") >= 1 + 2 * 4 * 4 + 2  # chart, gallery, curves
+    assert check.broken_images == [] and min(im["natural_width"] for im in check.images) > 0
+    assert check.remote_requests == []
+    assert check.pixel_std > 20.0
+    for heading in ("Stages", "Per class", "Gallery", "Training curves"):
+        assert f"<h2>{heading}</h2>" in html
 
 
 def test_pipeline_rejects_bad_paths(tmp_path):

@@ -5,7 +5,8 @@ noisy seed masks standing in for a CAM method's seeds) -> a tiny CLIP built on t
 weights (no download) -> refinement training -> pseudo masks with flip and dense CRF -> retraining of a
 small DeepLabV3 from scratch -> val evaluation. It writes ``report.json`` (``seeds_miou``,
 ``pseudo_miou``, ``final_miou``: mIoU in percent against the synthetic ground truth), overlay
-pictures (image | seed | pseudo mask | ground truth) and a plot of the refinement's training losses.
+pictures (image | seed | pseudo mask | ground truth), a plot of the refinement's training losses and, like
+every ``weakclip run``, the page ``report.html`` (:mod:`weakclip.report`).
 
 A random CLIP has no knowledge of the classes, so the built-in CLIP-ES seeds would be noise: the demo
 uses the dataset's own seeds, the way a user brings MCTformer or any CAM method's seeds. On real data
@@ -14,15 +15,11 @@ with real CLIP weights, ``weakclip run`` without ``--seeds`` makes the seeds its
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image, ImageDraw, ImageFont
-
-from weakclip.data.classes import voc_palette
+from weakclip.report.panels import panel_row
 
 DEMO_ARCH = "tiny-p8"
 
@@ -86,78 +83,12 @@ def make_tiny_clip(path: Path, seed: int = 0) -> Path:
 
 
 # ---------------------------------------------------------------------- pictures
-def _font(size: int = 12):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
+def plot_losses(log_csv: Path, out_png: Path) -> Path:
+    """The refinement's training curves (loss terms and learning rate against the iteration), matplotlib."""
+    from weakclip.report.analysis import read_log_csv
+    from weakclip.report.plots import plot_training
 
-
-def _colour(mask: np.ndarray) -> np.ndarray:
-    rgb = voc_palette(256)[mask]
-    rgb[mask == 255] = (255, 255, 255)  # unsure seed pixels in white
-    return rgb
-
-
-def panel_row(image: np.ndarray, masks: list[np.ndarray], titles: list[str], scale: int = 3) -> Image.Image:
-    """``image | mask | mask ...`` side by side, each enlarged ``scale`` times, with a title above each."""
-    h, w = image.shape[:2]
-    tiles = [image] + [_colour(m) for m in masks]
-    th = 16
-    canvas = Image.new("RGB", (len(tiles) * (w * scale + 4), h * scale + th), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    font = _font(12)
-    for k, (tile, title) in enumerate(zip(tiles, ["image", *titles])):
-        x = k * (w * scale + 4)
-        big = Image.fromarray(tile.astype(np.uint8)).resize((w * scale, h * scale), Image.NEAREST)
-        canvas.paste(big, (x, th))
-        draw.text((x + 2, 1), title, fill=(0, 0, 0), font=font)
-    return canvas
-
-
-def plot_losses(log_csv: Path, out_png: Path, size: tuple[int, int] = (640, 360)) -> Path:
-    """Line plot of the loss terms in a training log CSV (iteration on x), drawn with PIL."""
-    with open(log_csv, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    terms = [t for t in ("loss", "seeding", "boundary", "identity") if rows and t in rows[0]]
-    iters = np.array([float(r["iter"]) for r in rows])
-    series = {t: np.array([float(r[t]) for r in rows]) for t in terms}
-    width, height = size
-    left, right, top, bottom = 50, 110, 20, 30
-    img = Image.new("RGB", size, (255, 255, 255))
-    draw = ImageDraw.Draw(img)
-    font = _font(11)
-    ymax = max(float(v.max()) for v in series.values()) * 1.05 if series else 1.0
-    xmin, xmax = (float(iters.min()), float(iters.max())) if len(iters) else (0.0, 1.0)
-    xspan = max(xmax - xmin, 1.0)
-
-    def xy(x, y):
-        return (left + (x - xmin) / xspan * (width - left - right),
-                height - bottom - y / ymax * (height - top - bottom))
-
-    draw.rectangle([left, top, width - right, height - bottom], outline=(0, 0, 0))
-    for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
-        _, y = xy(xmin, frac * ymax)
-        draw.line([left - 4, y, left, y], fill=(0, 0, 0))
-        draw.text((4, y - 6), f"{frac * ymax:.2f}", fill=(0, 0, 0), font=font)
-    for frac in (0.0, 0.5, 1.0):
-        x, _ = xy(xmin + frac * xspan, 0.0)
-        draw.text((x - 10, height - bottom + 6), f"{int(xmin + frac * xspan)}", fill=(0, 0, 0), font=font)
-    draw.text((width // 2 - 30, height - 14), "iteration", fill=(0, 0, 0), font=font)
-    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
-    for k, term in enumerate(terms):
-        pts = [xy(x, y) for x, y in zip(iters, series[term])]
-        if len(pts) > 1:
-            draw.line(pts, fill=colours[k], width=2)
-        ly = top + 6 + 16 * k
-        draw.line([width - right + 8, ly + 6, width - right + 28, ly + 6], fill=colours[k], width=3)
-        draw.text((width - right + 32, ly), term, fill=(0, 0, 0), font=font)
-    draw.text((left, 4), "refinement training losses", fill=(0, 0, 0), font=font)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    img.save(tmp)
-    tmp.replace(out_png)
-    return out_png
+    return plot_training(read_log_csv(log_csv), "refinement training losses", out_png)
 
 
 def write_overlays(data_root: Path, pseudo_dir: Path, out_dir: Path, count: int = 4) -> list[Path]:
@@ -226,5 +157,5 @@ def run_demo(workdir: str | Path, size: DemoSize | None = None, *, device: str |
         verdict = "beat" if gain > 0 else "do NOT beat"
         log(f"the refined pseudo masks {verdict} the seeds by {gain:+.2f} mIoU points "
             f"({report['seeds_miou']:.2f}% -> {report['pseudo_miou']:.2f}%)")
-    log(f"overlays: {workdir / 'overlays'}; loss plot: {plot}")
+    log(f"overlays: {workdir / 'overlays'}; loss plot: {plot}; page: {workdir / 'report.html'}")
     return report

@@ -6,7 +6,10 @@ Each stage works in its own folder of the work directory and, when it has finish
 ``<workdir>/<stage>/log.txt``. A stage whose ``stage.json`` exists is
 skipped; a stage that was interrupted is resumed (the refinement and retraining from their latest
 checkpoints, the seeds and pseudo masks from the images already written). The run ends with one
-summary table and ``<workdir>/report.json``. Under ``torchrun`` every stage is shared by all processes.
+summary table, ``<workdir>/report.json`` and the page ``<workdir>/report.html`` (:mod:`weakclip.report`),
+with warnings when a stage made things worse or a class vanished; with ``stop_on_regression`` the run stops
+at the first such stage instead of going on. ``<workdir>/run.json`` records the data the run uses (the
+report reads it). Under ``torchrun`` every stage is shared by all processes.
 """
 
 from __future__ import annotations
@@ -45,6 +48,23 @@ class PipelineConfig:
     pseudo: PseudoMaskConfig | None = None
     device: str | None = None
     progress: bool = True
+    stop_on_regression: bool = False  # stop after a stage that made things worse (see weakclip.report.checks)
+    write_html: bool = True  # report.html at the end (and on a stop)
+
+
+class RegressionStop(WeakclipError):
+    """``stop_on_regression``: a stage made things worse; the report has been written."""
+
+
+def _broadcast(obj: Any) -> Any:
+    """``obj`` of the first process on every process (itself when alone)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
 
 
 class _Tee:
@@ -95,6 +115,7 @@ class Pipeline:
         if cfg.seeds is not None and not Path(cfg.seeds).is_dir():
             raise WeakclipError(f"seed folder not found: {cfg.seeds}")
         self._log = log
+        self._stage_t0: float | None = None
 
         refine = load_preset(cfg.preset)
         kind = cfg.dataset or refine.data.kind
@@ -160,6 +181,8 @@ class Pipeline:
         from weakclip.distributed import barrier, env_world
 
         record = {"stage": stage, "status": "complete", "settings": settings, "metrics": metrics}
+        if self._stage_t0 is not None:  # wall time of this session of the stage
+            record["seconds"] = round(time.perf_counter() - self._stage_t0, 2)
         if env_world()[0] == 0:
             write_json_atomic(self.stage_dir(stage) / "stage.json", jsonable(record))
         barrier()
@@ -305,7 +328,6 @@ class Pipeline:
 
     # ------------------------------------------------------------------ driver
     def run(self, stages: Sequence[str] = STAGES) -> dict[str, Any]:
-        from weakclip.data.io import write_json_atomic
         from weakclip.distributed import barrier, env_world, init_distributed
         from weakclip.retrain.train import check_backbone_weights
 
@@ -316,6 +338,8 @@ class Pipeline:
         self.workdir.mkdir(parents=True, exist_ok=True)
         runners = {"seeds": self.run_seeds, "refine": self.run_refine, "pseudo_masks": self.run_pseudo_masks,
                    "retrain": self.run_retrain}
+        if env_world()[0] == 0:
+            self._write_run_info()
         records: dict[str, Any] = {}
         for stage in stages:
             record = self.stage_record(stage)
@@ -325,14 +349,67 @@ class Pipeline:
                 self.log(f"== {stage}: complete, skipped (delete {self.stage_dir(stage)} to redo it)")
             else:
                 self.log(f"== {stage}")
+                self._stage_t0 = time.perf_counter()
                 with self._stage_log(stage):
                     record = runners[stage]()
+                self._stage_t0 = None
             records[stage] = record
-        report = self.report(records)
-        if env_world()[0] == 0:
-            write_json_atomic(self.workdir / "report.json", report)
-            self.log(format_report(report))
+            if self.cfg.stop_on_regression and stage in ("pseudo_masks", "retrain"):
+                analysis = self._analyse() if env_world()[0] == 0 else None
+                found = _broadcast(None if analysis is None else
+                                   [str(r) for r in analysis["regressions"] if r.stage == stage])
+                if found:
+                    self._write_report(records, analysis)
+                    barrier()
+                    raise RegressionStop(f"stopped after the {stage} stage (--stop-on-regression): "
+                                         + "; ".join(found))
+        report = self._write_report(records, None)
         barrier()
+        return report
+
+    def _write_run_info(self) -> None:
+        from weakclip.data.io import write_json_atomic
+        from weakclip.report.analysis import RUN_INFO
+
+        info = {"data_root": str(Path(self.cfg.data_root).resolve()), "kind": self.kind,
+                "train_split": self.train_split, "val_split": self.retrain_cfg.data.val_split,
+                "seed_dir": str(Path(self.seed_dir()).resolve()), "preset": str(self.cfg.preset)}
+        write_json_atomic(self.workdir / RUN_INFO, info)
+
+    def _analyse(self) -> dict[str, Any]:
+        """The report's analysis of the work folder plus its ``regressions`` (first process only)."""
+        from weakclip.report.analysis import analyse
+        from weakclip.report.checks import find_regressions
+
+        try:
+            analysis = analyse(self.workdir, log=self.log)
+        except Exception as exc:  # the report must not stop a run whose stages succeeded
+            self.log(f"report page: could not analyse {self.workdir}: {type(exc).__name__}: {exc}")
+            return {"regressions": [], "failed": True}
+        analysis["regressions"] = find_regressions(analysis)
+        return analysis
+
+    def _write_report(self, records: dict[str, Any], analysis: dict[str, Any] | None) -> dict[str, Any]:
+        """report.json, report.html and the summary table with the warnings (first process)."""
+        from weakclip.data.io import write_json_atomic
+        from weakclip.distributed import env_world
+
+        report = self.report(records)
+        if env_world()[0] != 0:
+            return report
+        if analysis is None:
+            analysis = self._analyse()
+        report["warnings"] = [str(r) for r in analysis["regressions"]]
+        if self.cfg.write_html and not analysis.get("failed"):
+            from weakclip.report.page import build_report
+
+            try:
+                report["html"] = str(build_report(self.workdir, log=self.log, analysis=analysis))
+            except Exception as exc:  # the run's results stand without their page
+                self.log(f"report page: could not write report.html: {type(exc).__name__}: {exc} "
+                         f"('weakclip report {self.workdir}' tries again)")
+        write_json_atomic(self.workdir / "report.json", report)
+        self.log(format_report(report))
         return report
 
     def report(self, records: dict[str, Any]) -> dict[str, Any]:
@@ -363,5 +440,9 @@ def format_report(report: dict[str, Any]) -> str:
     width = max(len(r[0]) for r in rows)
     lines = [f"{'stage':<{width}}  mIoU %", "-" * (width + 8)]
     lines += [f"{name:<{width}}  {cell(v)}" for name, v in rows]
+    for warning in report.get("warnings") or []:
+        lines.append(f"WARNING: {warning}")
     lines.append(f"report: {Path(report['workdir']) / 'report.json'}")
+    if report.get("html"):
+        lines.append(f"page: {report['html']}")
     return "\n".join(lines)

@@ -14,6 +14,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "weakclip.commands.pseudo_masks",
     "weakclip.commands.predict",
     "weakclip.commands.run",
+    "weakclip.commands.report",
 )
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
 def run_pipeline(args: argparse.Namespace) -> int:
     from weakclip.distributed import cleanup
-    from weakclip.pipeline import Pipeline, PipelineConfig
+    from weakclip.pipeline import Pipeline, PipelineConfig, RegressionStop
 
     # the pseudo-mask flags are overrides of the preset's pseudo section (given ones only)
     pseudo = [f"pseudo.crf={args.crf}"] if args.crf is not None else []
@@ -22,9 +23,13 @@ def run_pipeline(args: argparse.Namespace) -> int:
                          retrain_preset=args.retrain_preset, dataset=args.dataset, train_split=args.split,
                          val_split=args.val_split, clip_weights=args.clip_weights, seeds=args.seeds,
                          refine_overrides=[*pseudo, *args.set], retrain_overrides=list(args.retrain_set),
-                         device=args.device, progress=not args.quiet)
+                         device=args.device, progress=not args.quiet,
+                         stop_on_regression=args.stop_on_regression)
     try:
         Pipeline(cfg).run()
+    except RegressionStop as stop:
+        print(f"weakclip run: {stop}", file=sys.stderr)
+        return 3
     finally:
         cleanup()
     return 0
@@ -42,13 +47,13 @@ def register(sub) -> None:
     p = sub.add_parser(
         "run", help="the whole pipeline: seeds -> refinement -> pseudo masks -> retraining -> val mIoU",
         description="Runs every stage in --workdir (one folder each, with its config, log and metrics); "
-                    "finished stages are skipped, interrupted ones resumed. Ends with a summary table and "
-                    "report.json. Works the same under torchrun.")
+                    "finished stages are skipped, interrupted ones resumed. Ends with a summary table, "
+                    "report.json and report.html (see 'weakclip report'). Works the same under torchrun.")
     p.add_argument("--preset", default="voc",
                    help="refinement and pseudo-mask preset: voc, coco (the release), voc-plus, coco-plus "
                         "(our unmeasured departures) or a .yaml (default voc)")
     p.add_argument("--retrain-preset", default=None,
-                   help="retraining preset (default: voc, or coco for the coco presets)")
+                   help="retraining preset (default: the same name as --preset; voc for a .yaml)")
     p.add_argument("--data-root", required=True, type=Path, help="dataset root (VOC2012, COCO, folder)")
     p.add_argument("--dataset", choices=["voc", "coco", "coco91", "folder"], default=None)
     p.add_argument("--split", default=None, help="training split (default: the preset's, e.g. train_aug)")
@@ -70,13 +75,18 @@ def register(sub) -> None:
                         "release does not; on in the -plus presets)")
     p.add_argument("--crf-workers", type=int, default=None,
                    help="CRF worker processes (default: the preset's)")
+    p.add_argument("--stop-on-regression", action="store_true",
+                   help="stop after a stage that made things worse (pseudo masks below the seeds, final "
+                        "network below the pseudo masks, a class vanished) instead of going on (exit "
+                        "status 3; the report is written)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_pipeline)
 
     d = sub.add_parser("demo", help="the whole pipeline on the embedded synthetic dataset (CPU, minutes)",
                        description="Synthetic data + a tiny random CLIP: refinement, pseudo masks, "
-                                   "retraining; writes report.json, overlays/ and losses.png in --workdir.")
+                                   "retraining; writes report.json, report.html, overlays/ and losses.png in "
+                                   "--workdir.")
     d.add_argument("--workdir", type=Path, default=Path("weakclip_demo"))
     d.add_argument("--small", action="store_true", help="a reduced size (what the test suite runs)")
     d.add_argument("--device", default=None)

@@ -389,6 +389,7 @@ def run_training(
     names = list(loss_terms)
     csv_fh = None
     writer = None
+    tb = None
     if info.is_main:
         path = workdir / "log.csv"
         new = not (ckpt is not None and path.is_file())
@@ -396,6 +397,9 @@ def run_training(
         writer = csv.writer(csv_fh)
         if new:
             writer.writerow(["iter", "lr", *names, "seconds", "images_per_s"])
+        from weakclip.report.tensorboard import scalar_writer
+
+        tb = scalar_writer(workdir, desc)  # None without the tensorboard package
     bar = None
     if info.is_main and progress and not quiet:
         from tqdm import tqdm
@@ -490,6 +494,8 @@ def run_training(
                     writer.writerow([done, f"{lr:.6e}", *(f"{v:.6f}" for v in means.tolist()),
                                      f"{seconds:.3f}", f"{ips:.3f}"])
                     csv_fh.flush()
+                if tb is not None:
+                    tb.add(done, {"lr": lr, **dict(zip(names, means.tolist())), "images_per_s": ips})
                 window.zero_()
                 window_n, window_t0 = 0, time.perf_counter()
             if evaluate_fn is not None and eval_every > 0 and (done % eval_every == 0 or done == iters):
@@ -503,6 +509,8 @@ def run_training(
             csv_fh.close()
         if eval_fh is not None:
             eval_fh.close()
+        if tb is not None:
+            tb.close()
         del data_iter
     elapsed = time.perf_counter() - t0
     ran = end_iter - start_iter
