@@ -371,8 +371,9 @@ class Pipeline:
         from weakclip.data.io import write_json_atomic
         from weakclip.report.analysis import RUN_INFO
 
+        # the split whose images were seeded and pseudo-masked (each image once)
         info = {"data_root": str(Path(self.cfg.data_root).resolve()), "kind": self.kind,
-                "train_split": self.train_split, "val_split": self.retrain_cfg.data.val_split,
+                "train_split": self.pseudo_split, "val_split": self.retrain_cfg.data.val_split,
                 "seed_dir": str(Path(self.seed_dir()).resolve()), "preset": str(self.cfg.preset)}
         write_json_atomic(self.workdir / RUN_INFO, info)
 
