@@ -1,8 +1,9 @@
 """Regression warnings: a stage that made things worse than the one before it, or a class that vanished.
 
 - the pseudo masks (after CRF) score below the seeds on the training split;
-- the final network scores below the pseudo masks it was trained on (val against train: the splits
-  differ, so this compares what the run can measure; a drop of a few points is common);
+- the final network scores more than :data:`FINAL_TOLERANCE` (5 mIoU points) below the pseudo masks it
+  was trained on. Val against train: the splits differ, and a drop of a few points is normal (the paper's
+  own: 77.2 -> 74.0 on VOC, 48.4 -> 46.1 on COCO), so a smaller drop is no warning;
 - a class present in the seeds (confident pixels) is absent from every pseudo mask;
 - a class present in the val ground truth and in the pseudo masks is never predicted by the final network.
 
@@ -13,6 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+#: How far (mIoU, 0..1) the final network on val may fall below the pseudo masks on the training split
+#: before it is a warning: more than the paper's own gaps (3.2 points VOC, 2.3 COCO).
+FINAL_TOLERANCE = 0.05
 
 
 @dataclass
@@ -48,9 +53,10 @@ def find_regressions(analysis: dict[str, Any]) -> list[Regression]:
                                                       "pixels, none in the pseudo masks"))
     if final and pseudo:
         p, f = pseudo.get("miou"), final.get("miou")
-        if p is not None and f is not None and round(f, 4) < round(p, 4):
-            out.append(Regression("retrain", f"the final network ({_pct(f)} mIoU on val) is below the pseudo "
-                                             f"masks it was trained on ({_pct(p)} on the training split)"))
+        if p is not None and f is not None and round(p - f, 4) > FINAL_TOLERANCE:
+            out.append(Regression("retrain", f"the final network ({_pct(f)} mIoU on val) is more than "
+                                             f"{100 * FINAL_TOLERANCE:.0f} points below the pseudo masks it "
+                                             f"was trained on ({_pct(p)} on the training split)"))
         for c, name in enumerate(classes):
             iou, fp = final["iou"][c], final["fp"][c]
             if iou is not None and iou == 0 and not fp and pseudo["pixels"][c] > 0:
