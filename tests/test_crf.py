@@ -209,7 +209,7 @@ def test_dense_crf_numpy_output():
 
 
 def test_fast_and_exact_kernel_paths_agree(monkeypatch):
-    from weakclip import crf
+    from weakclip.crf import exact as crf
 
     feats = torch.cat([torch.rand(2, 150, 2) * 3, torch.rand(2, 150, 3) * 15], dim=-1)
     fast = crf._normalised_kernels(feats, 2.5)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weakclip.crf import TRAIN_CRF, DenseCRFParams, dense_crf_torch
+from weakclip.crf import TRAIN_CRF, DenseCRFParams, dense_crf
 
 __all__ = [
     "WeakCLIPLoss",
@@ -138,7 +138,7 @@ class WeakCLIPLoss(nn.Module):
     @torch.no_grad()
     def crf_target(self, probs: torch.Tensor, images_small: torch.Tensor) -> torch.Tensor:
         """q = dense CRF of ``probs`` on the (already resized) images, clamped and renormalised."""
-        q = dense_crf_torch(probs.detach(), images_small, self.crf_params).clamp_min(self.q_clamp)
+        q = dense_crf(probs.detach(), images_small, self.crf_params).clamp_min(self.q_clamp)
         return q / q.sum(dim=1, keepdim=True)
 
     def forward(
