@@ -167,7 +167,8 @@ class PermutohedralLattice:
             counts = torch.bincount(flat, minlength=m + 1)
             crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
             self._splat = torch.sparse_csr_tensor(
-                crow.to(index), (by_vertex // dp1).to(index), weights.reshape(-1)[by_vertex], size=(m + 1, points)
+                crow.to(index), (by_vertex // dp1).to(index), weights.reshape(-1)[by_vertex],
+                size=(m + 1, points),
             )
 
     def filter(self, values: torch.Tensor) -> torch.Tensor:
