@@ -126,10 +126,16 @@ class PermutohedralLattice:
         codes = torch.stack(
             [base + (canonical[r][rank_i] * axis_strides).sum(-1) for r in range(dp1)], dim=1
         )
-        keys, inverse = torch.unique(codes.reshape(-1), sorted=True, return_inverse=True)
+        # Unique vertices by one stable sort: vertex ids follow the key order, and ``by_vertex``
+        # lists the (point, remainder) entries vertex by vertex, points ascending (the splat's CSR).
+        sorted_codes, by_vertex = codes.reshape(-1).sort(stable=True)
+        is_new = torch.ones_like(sorted_codes, dtype=torch.bool)
+        is_new[1:] = sorted_codes[1:] != sorted_codes[:-1]
+        keys = sorted_codes[is_new]
+        vertex_of_sorted = is_new.cumsum(0) - 1
         self.num_vertices = m = keys.numel()
-        offsets = inverse.reshape(p, dp1)
-        self._build_splat_and_slice(offsets, weights, m)
+        offsets = torch.empty_like(vertex_of_sorted).scatter_(0, by_vertex, vertex_of_sorted).reshape(p, dp1)
+        self._build_splat_and_slice(offsets, weights, m, by_vertex, vertex_of_sorted)
 
         # Blur neighbours along each lattice direction; index m is an always-zero row.
         all_axes = int(axis_strides.sum())
@@ -144,7 +150,8 @@ class PermutohedralLattice:
             neighbours.append(pair)
         self.neighbours = neighbours
 
-    def _build_splat_and_slice(self, offsets: torch.Tensor, weights: torch.Tensor, m: int) -> None:
+    def _build_splat_and_slice(self, offsets: torch.Tensor, weights: torch.Tensor, m: int,
+                               by_vertex: torch.Tensor, vertex_of_sorted: torch.Tensor) -> None:
         """Splat (M+1) x (B*N) and slice (B*N) x (M+1) as CSR matrices (row M: the zero vertex).
 
         A sparse matrix product sums each output row without atomics: on CPU several times faster
@@ -152,6 +159,7 @@ class PermutohedralLattice:
         """
         device = offsets.device
         points, dp1 = offsets.shape
+        flat_weights = weights.reshape(-1)
         offsets, order = offsets.sort(dim=1)  # sorted column indices in each row of the slice
         weights = weights.gather(1, order)
         flat = offsets.reshape(-1)
@@ -163,11 +171,10 @@ class PermutohedralLattice:
                 torch.arange(0, points * dp1 + 1, dp1, device=device, dtype=index), flat.to(index),
                 weights.reshape(-1) * self.alpha, size=(points, m + 1),
             )
-            by_vertex = torch.argsort(flat, stable=True)
-            counts = torch.bincount(flat, minlength=m + 1)
+            counts = torch.bincount(vertex_of_sorted, minlength=m + 1)
             crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
             self._splat = torch.sparse_csr_tensor(
-                crow.to(index), (by_vertex // dp1).to(index), weights.reshape(-1)[by_vertex],
+                crow.to(index), (by_vertex // dp1).to(index), flat_weights[by_vertex],
                 size=(m + 1, points),
             )
 
