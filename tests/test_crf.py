@@ -453,3 +453,11 @@ def test_dense_crf_unknown_backend_and_non_tensors():
         dense_crf(torch.rand(1, 2, 4, 4), torch.rand(1, 3, 4, 4), TRAIN_CRF, backend="fast")
     with pytest.raises(WeakclipError, match="takes tensors"):
         dense_crf(np.zeros((1, 2, 4, 4)), torch.rand(1, 3, 4, 4), TRAIN_CRF)
+
+
+@pytest.mark.parametrize("backend", ["exact", "lattice", "pydensecrf"])
+def test_dense_crf_empty_batch(backend):
+    if backend == "pydensecrf":
+        pytest.importorskip("pydensecrf.densecrf")
+    q = dense_crf(torch.rand(0, 2, 4, 4), torch.rand(0, 3, 4, 4), TRAIN_CRF, backend=backend)
+    assert q.shape == (0, 2, 4, 4)

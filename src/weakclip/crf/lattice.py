@@ -10,8 +10,8 @@ pydensecrf2 wraps, so that both give nearly the same marginals:
 * the enclosing simplex is found by rounding to the nearest multiple of d+1 (round half to even)
   and ranking the residuals; its d+1 vertices and the barycentric weights give the *splat*;
 * the lattice points that receive any weight are made unique (here: keys packed into one int64
-  per point, ``torch.unique``; points of different images get disjoint keys, so one lattice serves
-  a whole batch);
+  per point and one stable sort, instead of a hash table; points of different images get disjoint
+  keys, so one lattice serves a whole batch); splat and slice are then CSR sparse matrices;
 * *blur*: along each of the d+1 lattice directions in turn, ``v <- v + (v[n-] + v[n+]) / 2``,
   a missing neighbour counting as zero;
 * *slice*: the barycentric interpolation of the blurred values, times ``1 / (1 + 2^-d)``.
@@ -54,15 +54,15 @@ class PermutohedralLattice:
         if features.dim() == 3 and groups is None:
             groups = torch.arange(features.shape[0], device=device).repeat_interleave(features.shape[1])
             features = features.reshape(-1, features.shape[-1])
-        if features.dim() != 2 or features.shape[-1] < 1:
-            raise ValueError(f"expected features P×d or B×N×d, got {tuple(features.shape)}")
+        if features.dim() != 2 or features.shape[-1] < 1 or features.shape[0] < 1:
+            raise ValueError(f"expected features P×d or B×N×d (P, d >= 1), got {tuple(features.shape)}")
         p, d = features.shape
         if groups is None:
             groups = torch.zeros(p, device=device, dtype=torch.long)
         if groups.shape != (p,):
             raise ValueError(f"expected {p} group ids, got shape {tuple(groups.shape)}")
         groups = groups.to(device=device, dtype=torch.long)
-        b = int(groups.max()) + 1 if p else 1
+        b = int(groups.max()) + 1
         self.num_points, self.dim = p, d
         self.alpha = 1.0 / (1.0 + 2.0 ** (-d))
         dp1 = d + 1
@@ -98,7 +98,7 @@ class PermutohedralLattice:
         bary.scatter_add_(1, d - rank, v)
         bary.scatter_add_(1, d - rank + 1, -v)
         bary[:, 0] += 1.0 + bary[:, d + 1]
-        weights = bary[:, :dp1]  # (B*N) x (d+1)
+        weights = bary[:, :dp1]  # P x (d+1)
 
         # Vertex keys: key_r[i] = rem0[i] + canonical[r][rank[i]] for i < d (the last coordinate is
         # implied by sum = 0). Packed into one int64 per vertex with each axis shifted to >= 0 and
@@ -218,7 +218,7 @@ def dense_crf_lattice(
         # (n*b) x k value matrix for the bilateral lattice and an n x (b*k) one for the Gaussian.
         log_p = probs.detach().float().clamp(unary_clip, 1.0).log().permute(2, 3, 0, 1).reshape(n * b, k)
         q = torch.softmax(log_p, dim=1)
-        if params.iterations == 0 or b == 0:
+        if params.iterations == 0 or b * n == 0:
             return q.reshape(h, w, b, k).permute(2, 3, 0, 1).contiguous()
 
         ys = torch.arange(h, device=device, dtype=torch.float32).repeat_interleave(w)
