@@ -94,9 +94,10 @@ class PermutohedralLattice:
 
         # Barycentric weights of the d+1 simplex vertices (Adams et al., p. 10).
         v = (elevated - rem0) / dp1
-        bary = torch.zeros(p, d + 2, device=device, dtype=torch.float32)
-        bary.scatter_add_(1, d - rank, v)
-        bary.scatter_add_(1, d - rank + 1, -v)
+        # The ranks of a point are a permutation of 0..d, so plain scatters (unique indices, no
+        # atomics: deterministic on CUDA too) place +v at d - rank and -v at d - rank + 1.
+        zeros = torch.zeros(p, d + 2, device=device, dtype=torch.float32)
+        bary = zeros.scatter(1, d - rank, v) - zeros.scatter(1, d - rank + 1, v)
         bary[:, 0] += 1.0 + bary[:, d + 1]
         weights = bary[:, :dp1]  # P x (d+1)
 
