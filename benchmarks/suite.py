@@ -139,7 +139,7 @@ def measure(stage: str, path: str, setting: str, device: torch.device, images: i
                 torch.cuda.synchronize(device)
             best = min(best, time.perf_counter() - start)
     row = Row(stage, path, setting, str(device), images, best, mem.peak_mib)
-    print(f"  {stage:<9} {path:<8} {setting:<44} {row.images_per_s:9.2f} images/s", flush=True)
+    print(f"  {stage:<9} {path:<8} {setting:<58} {row.images_per_s:9.3f} images/s", flush=True)
     return row
 
 
@@ -202,7 +202,9 @@ def seeds_rows(device: torch.device, args) -> list[Row]:
     ours = args.seed_batch or (8 if device.type == "cuda" else 1)
     return [measure("seeds", "release", f"CLIP-ES, one image at a time, {n} x 500x375", device, n,
                     lambda: run(1), args.repeats),
-            measure("seeds", "ours", f"batches of {ours} images", device, n, lambda: run(ours), args.repeats)]
+            measure("seeds", "ours", f"batches of {ours} images" if ours > 1 else
+                    "one image at a time (batching measured slower on CPU)", device, n, lambda: run(ours),
+                    args.repeats)]
 
 
 def train_rows(device: torch.device, args) -> list[Row]:
@@ -324,12 +326,12 @@ def crf_rows(stage: str, device: torch.device, args) -> list[Row]:
 
 def print_table(rows: list[Row], device: torch.device) -> None:
     mem = "peak CUDA MiB" if device.type == "cuda" else "peak +RSS MiB"
-    print(f"\n{'stage':<9} {'path':<8} {'setting':<44} {'device':<7} {'images/s':>9} {mem:>14} "
+    print(f"\n{'stage':<9} {'path':<8} {'setting':<58} {'device':<7} {'images/s':>9} {mem:>14} "
           f"{'x release':>10}")
     for row in rows:
         release = next((r for r in rows if r.stage == row.stage and r.path == "release"), None)
         ratio = f"{row.images_per_s / release.images_per_s:.2f}x" if release else "-"
-        print(f"{row.stage:<9} {row.path:<8} {row.setting:<44} {row.device:<7} {row.images_per_s:9.2f} "
+        print(f"{row.stage:<9} {row.path:<8} {row.setting:<58} {row.device:<7} {row.images_per_s:9.3f} "
               f"{row.peak_mib:14.0f} {ratio:>10}")
 
 
