@@ -153,7 +153,7 @@ class PermutohedralLattice:
 
     def _build_splat_and_slice(self, offsets: torch.Tensor, weights: torch.Tensor, m: int,
                                by_vertex: torch.Tensor, vertex_of_sorted: torch.Tensor) -> None:
-        """Splat (M+1) x (B*N) and slice (B*N) x (M+1) as CSR matrices (row M: the zero vertex).
+        """Splat (M+1) x P and slice P x (M+1) as CSR matrices (row M: the zero vertex).
 
         A sparse matrix product sums each output row without atomics: on CPU several times faster
         than ``index_add_`` over the d+1 vertices of each point.
@@ -180,7 +180,7 @@ class PermutohedralLattice:
             )
 
     def filter(self, values: torch.Tensor) -> torch.Tensor:
-        """Approximate Gaussian filter of ``values`` (B*N) x C (fp32), including each point itself."""
+        """Approximate Gaussian filter of ``values`` P x C (fp32), including each point itself."""
         if values.dim() != 2 or values.shape[0] != self.num_points:
             raise ValueError(f"expected values {self.num_points}×C, got {tuple(values.shape)}")
         lattice = self._splat @ values.float()
