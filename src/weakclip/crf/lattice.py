@@ -136,7 +136,11 @@ class PermutohedralLattice:
         vertex_of_sorted = is_new.cumsum(0) - 1
         self.num_vertices = m = keys.numel()
         offsets = torch.empty_like(vertex_of_sorted).scatter_(0, by_vertex, vertex_of_sorted).reshape(p, dp1)
-        self._build_splat_and_slice(offsets, weights, m, by_vertex, vertex_of_sorted)
+        # CSR row starts of the splat: where each vertex's run begins in the sorted entries (the
+        # last row, vertex m, is the empty zero row).
+        total = sorted_codes.new_full((2,), sorted_codes.numel())
+        splat_rows = torch.cat([is_new.nonzero().flatten(), total])
+        self._build_splat_and_slice(offsets, weights, m, by_vertex, splat_rows)
 
         # Blur neighbours along each lattice direction; index m is an always-zero row.
         all_axes = int(axis_strides.sum())
@@ -152,7 +156,7 @@ class PermutohedralLattice:
         self.neighbours = neighbours
 
     def _build_splat_and_slice(self, offsets: torch.Tensor, weights: torch.Tensor, m: int,
-                               by_vertex: torch.Tensor, vertex_of_sorted: torch.Tensor) -> None:
+                               by_vertex: torch.Tensor, splat_rows: torch.Tensor) -> None:
         """Splat (M+1) x P and slice P x (M+1) as CSR matrices (row M: the zero vertex).
 
         A sparse matrix product sums each output row without atomics: on CPU several times faster
@@ -172,10 +176,8 @@ class PermutohedralLattice:
                 torch.arange(0, points * dp1 + 1, dp1, device=device, dtype=index), flat.to(index),
                 weights.reshape(-1) * self.alpha, size=(points, m + 1),
             )
-            counts = torch.bincount(vertex_of_sorted, minlength=m + 1)
-            crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
             self._splat = torch.sparse_csr_tensor(
-                crow.to(index), (by_vertex // dp1).to(index), flat_weights[by_vertex],
+                splat_rows.to(index), (by_vertex // dp1).to(index), flat_weights[by_vertex],
                 size=(m + 1, points),
             )
 
