@@ -1,14 +1,10 @@
-"""Fully connected CRF (Krähenbühl & Koltun) for the boundary loss and the pseudo-mask stage.
+"""The ``exact`` backend: dense-CRF mean-field with exact N x N kernels in PyTorch (the reference).
 
-Two implementations share one parameter set:
+:func:`dense_crf_torch` runs batched mean-field with *exact* Gaussian and bilateral kernels over all
+pixel pairs, on the tensors' device. Memory and time are O((h w)^2) per image: fit for small maps
+(64x64: N = 4096) and for the tests, where it is the reference for the lattice backends.
 
-* :func:`dense_crf_torch`: batched mean-field with *exact* Gaussian and bilateral kernels over all
-  pixel pairs, in PyTorch, on the tensors' device. Meant for the 64x64 boundary loss, where an
-  N x N kernel (N = h*w = 4096) per image is affordable.
-* :func:`dense_crf_numpy`: full-resolution wrapper over pydensecrf2 (permutohedral-lattice
-  approximation), for the pseudo-mask and inference post-processing stages.
-
-The torch version reproduces pydensecrf's semantics (``DenseCRF2D`` with ``addPairwiseGaussian`` /
+It reproduces pydensecrf's semantics (``DenseCRF2D`` with ``addPairwiseGaussian`` /
 ``addPairwiseBilateral`` defaults: ``DIAG_KERNEL``, ``NORMALIZE_SYMMETRIC``):
 
 * features: Gaussian ``(x/sxy, y/sxy)``; bilateral ``(x/sxy, y/sxy, r/srgb, g/srgb, b/srgb)``, with
@@ -20,7 +16,7 @@ The torch version reproduces pydensecrf's semantics (``DenseCRF2D`` with ``addPa
   the other labels by ``w``), starting from ``Q = softmax(-U)``;
 * unary ``U = -log(clip(p, 1e-5, 1))`` like ``pydensecrf.utils.unary_from_softmax``.
 
-Only the lattice's approximation error separates the two (see ``tests/test_crf.py``).
+Only the lattice's approximation error separates it from pydensecrf2 (see ``tests/test_crf.py``).
 """
 
 from __future__ import annotations
