@@ -10,8 +10,9 @@ Toggles:
   sdpa             the towers' attention via F.scaled_dot_product_attention; "off" runs the explicit
                    softmax(QK^T)V path of weakclip.models.clip (the towers have no public switch: the
                    benchmark routes every block through the path used for attention maps)
-  crf_batched      boundary-loss CRF batched on the device (dense_crf_torch); "off" runs pydensecrf2
-                   per image through NumPy (dense_crf_numpy), as the release did
+  crf_batched      boundary-loss CRF through weakclip.crf.dense_crf (auto backend: the PyTorch lattice
+                   batched on a GPU, pydensecrf2 on CPU); "off" runs pydensecrf2 per image through
+                   NumPy (dense_crf_numpy), as the release did
   bf16             bf16 autocast (CUDA only; skipped on CPU)
 
 Peak memory: torch.cuda.max_memory_allocated on GPU; on CPU the process's peak RSS (VmHWM, reset before

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weakclip.crf import TRAIN_CRF, DenseCRFParams, dense_crf_numpy, dense_crf_torch
+from weakclip.crf import TRAIN_CRF, DenseCRFParams, dense_crf, dense_crf_numpy
 
 __all__ = [
     "BOUNDARY_CRF_MODES",
@@ -159,8 +159,8 @@ class WeakCLIPLoss(nn.Module):
         boundary_crf: how the CRF target q is made. ``"release"``: as the release, the image is resized with
             ``scipy.ndimage.zoom`` (corner-aligned) and cast to uint8 (:func:`release_crf_image`), the
             probabilities are floored at ``q_clamp`` before the CRF, and pydensecrf's lattice CRF runs per
-            image on the CPU. ``"fast"``: half-pixel bilinear float image, our batched exact CRF on the
-            tensors' device (unary floor 1e-5).
+            image on the CPU. ``"fast"``: half-pixel bilinear float image, :func:`~weakclip.crf.dense_crf` on
+            the tensors' device (batched lattice on a GPU; unary floor 1e-5).
         identity_mean: ``"all"`` (the release: mmseg's CE averages over all pixels, unsure ones included) or
             ``"valid"`` (over the valid seed pixels); see :func:`identity_loss`.
     """
@@ -194,9 +194,10 @@ class WeakCLIPLoss(nn.Module):
 
     @torch.no_grad()
     def crf_target(self, probs: torch.Tensor, images_small: torch.Tensor) -> torch.Tensor:
-        """q of the ``"fast"`` mode: dense CRF of ``probs`` on the (already resized, float RGB) images,
-        clamped at ``q_clamp`` and renormalised."""
-        q = dense_crf_torch(probs.detach(), images_small, self.crf_params).clamp_min(self.q_clamp)
+        """q of the ``"fast"`` mode: :func:`~weakclip.crf.dense_crf` (auto backend: our lattice on a GPU,
+        pydensecrf2 on the CPU) of ``probs`` on the (already resized, float RGB) images, clamped at
+        ``q_clamp`` and renormalised."""
+        q = dense_crf(probs.detach(), images_small, self.crf_params).clamp_min(self.q_clamp)
         return q / q.sum(dim=1, keepdim=True)
 
     @torch.no_grad()

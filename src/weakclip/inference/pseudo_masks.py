@@ -82,10 +82,11 @@ def argmax_probs(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _crf_job(image: np.ndarray, probs: np.ndarray, keys: np.ndarray, params, out_png: str
              ) -> tuple[np.ndarray, float]:
     """Dense CRF of one image, written to ``out_png`` -> (mask, seconds). Runs in a worker process."""
-    from weakclip.crf import dense_crf_numpy
+    from weakclip.crf import dense_crf
 
     start = time.perf_counter()
-    q = dense_crf_numpy(image, probs, params)
+    q = dense_crf(torch.from_numpy(probs)[None], torch.tensor(image).permute(2, 0, 1)[None].float(),
+                  params)[0].numpy()
     mask = np.asarray(keys, dtype=np.uint8)[q.argmax(axis=0)]
     write_label_png(out_png, mask)
     return mask, time.perf_counter() - start

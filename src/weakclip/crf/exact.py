@@ -1,14 +1,10 @@
-"""Fully connected CRF (Krähenbühl & Koltun) for the boundary loss and the pseudo-mask stage.
+"""The ``exact`` backend: dense-CRF mean-field with exact N x N kernels in PyTorch (the reference).
 
-Two implementations share one parameter set:
+:func:`dense_crf_torch` runs batched mean-field with *exact* Gaussian and bilateral kernels over all
+pixel pairs, on the tensors' device. Memory and time are O((h w)^2) per image: fit for small maps
+(64x64: N = 4096) and for the tests, where it is the reference for the lattice backends.
 
-* :func:`dense_crf_torch`: batched mean-field with *exact* Gaussian and bilateral kernels over all
-  pixel pairs, in PyTorch, on the tensors' device. Meant for the 64x64 boundary loss, where an
-  N x N kernel (N = h*w = 4096) per image is affordable.
-* :func:`dense_crf_numpy`: full-resolution wrapper over pydensecrf2 (permutohedral-lattice
-  approximation), for the pseudo-mask and inference post-processing stages.
-
-The torch version reproduces pydensecrf's semantics (``DenseCRF2D`` with ``addPairwiseGaussian`` /
+It reproduces pydensecrf's semantics (``DenseCRF2D`` with ``addPairwiseGaussian`` /
 ``addPairwiseBilateral`` defaults: ``DIAG_KERNEL``, ``NORMALIZE_SYMMETRIC``):
 
 * features: Gaussian ``(x/sxy, y/sxy)``; bilateral ``(x/sxy, y/sxy, r/srgb, g/srgb, b/srgb)``, with
@@ -20,63 +16,21 @@ The torch version reproduces pydensecrf's semantics (``DenseCRF2D`` with ``addPa
   the other labels by ``w``), starting from ``Q = softmax(-U)``;
 * unary ``U = -log(clip(p, 1e-5, 1))`` like ``pydensecrf.utils.unary_from_softmax``.
 
-Only the lattice's approximation error separates the two (see ``tests/test_crf.py``).
+Only the lattice's approximation error separates it from pydensecrf2 (see ``tests/test_crf.py``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from weakclip.errors import WeakclipError
+from weakclip.crf.params import TRAIN_CRF, UNARY_CLIP, DenseCRFParams
 
-__all__ = [
-    "COCO_CRF",
-    "TRAIN_CRF",
-    "VOC_CRF",
-    "CRFUnavailableError",
-    "DenseCRFParams",
-    "dense_crf_numpy",
-    "dense_crf_torch",
-]
+__all__ = ["dense_crf_torch"]
 
-# Probability floor of the unary, as pydensecrf.utils.unary_from_softmax(clip=1e-5).
-UNARY_CLIP = 1e-5
 # Largest squared feature norm (after centring) for which the kernel exponent is expanded as a
 # matmul (fp32 cancellation: <= ~3e-4 absolute on the exponent); beyond it, exact differences.
 # 2048 keeps TRAIN_CRF (srgb=13: |f|^2 <= 3 * (255/13)^2 ~ 1154) on the fast path.
 _EXPANSION_LIMIT = 2048.0
-
-
-class CRFUnavailableError(WeakclipError, ImportError):
-    """pydensecrf2 (module ``pydensecrf``) is not installed."""
-
-
-@dataclass(frozen=True)
-class DenseCRFParams:
-    """Dense-CRF kernel parameters (pixel / RGB units) and the number of mean-field iterations."""
-
-    gaussian_sxy: float = 3.0
-    gaussian_compat: float = 3.0
-    bilateral_sxy: float = 80.0
-    bilateral_srgb: float = 13.0
-    bilateral_compat: float = 10.0
-    iterations: int = 10
-
-    def __post_init__(self) -> None:
-        for name in ("gaussian_sxy", "bilateral_sxy", "bilateral_srgb"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"DenseCRFParams.{name} must be > 0, got {getattr(self, name)}")
-        if self.iterations < 0:
-            raise ValueError(f"DenseCRFParams.iterations must be >= 0, got {self.iterations}")
-
-
-# Boundary loss during training (spec "Losses").
-TRAIN_CRF = DenseCRFParams(3.0, 3.0, 80.0, 13.0, 10.0, 10)
-# Full-resolution post-processing (spec "Training and inference settings").
-VOC_CRF = DenseCRFParams(3.0, 3.0, 83.0, 5.0, 3.0, 10)
-COCO_CRF = DenseCRFParams(1.0, 3.0, 67.0, 3.0, 4.0, 10)
 
 
 def _pixel_grid(h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,47 +131,3 @@ def dense_crf_torch(
             out[sl] = qc
         del buffer
         return out.reshape(b, k, h, w)
-
-
-def _import_pydensecrf():
-    try:
-        import pydensecrf.densecrf as dcrf
-        from pydensecrf.utils import unary_from_softmax
-    except ImportError as exc:  # pragma: no cover - exercised only where the package is missing
-        raise CRFUnavailableError(
-            "the full-resolution dense CRF needs pydensecrf2 (module 'pydensecrf'): pip install pydensecrf2"
-        ) from exc
-    return dcrf, unary_from_softmax
-
-
-def dense_crf_numpy(image, probs, params: DenseCRFParams = VOC_CRF):
-    """Full-resolution dense CRF with pydensecrf2; returns marginals K x H x W (float32 ndarray).
-
-    Args:
-        image: RGB image H x W x 3, uint8 (other integer/float arrays are clipped and cast).
-        probs: class probabilities K x H x W (float); clipped at 1e-5 for the unary.
-        params: kernel parameters (``VOC_CRF`` / ``COCO_CRF`` for post-processing).
-    """
-    import numpy as np
-
-    dcrf, unary_from_softmax = _import_pydensecrf()
-    image = np.asarray(image)
-    probs = np.asarray(probs, dtype=np.float32)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an H×W×3 RGB image, got shape {image.shape}")
-    if probs.ndim != 3 or probs.shape[1:] != image.shape[:2]:
-        raise ValueError(f"probs {probs.shape} do not match image {image.shape} (expected K×H×W)")
-    if image.dtype != np.uint8:
-        image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
-    k, h, w = probs.shape
-    crf = dcrf.DenseCRF2D(w, h, k)
-    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs, clip=UNARY_CLIP)))
-    crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
-    crf.addPairwiseBilateral(
-        sxy=params.bilateral_sxy,
-        srgb=params.bilateral_srgb,
-        rgbim=np.ascontiguousarray(image),
-        compat=params.bilateral_compat,
-    )
-    q = crf.inference(params.iterations)
-    return np.asarray(q, dtype=np.float32).reshape(k, h, w)
