@@ -233,8 +233,10 @@ def test_windows_average_logits_then_softmax_and_take_any_size():
     torch.testing.assert_close(got, acc / count)
     probs = slide_inference(model, image, 3, crop=32, stride=21, average="probs")
     assert not torch.allclose(probs, (acc / count).softmax(1), atol=1e-4)  # the plus mode differs
-    small = slide_inference(model, image[:, :, :20, :30], 3, crop=32, stride=21)
-    assert small.shape == (1, 3, 20, 30) and model.sizes[-1] == (20, 30)  # smaller than the crop: as it is
+    small = slide_inference(model, image[:, :, :40, :50], 3, crop=48, stride=32)
+    assert small.shape == (1, 3, 40, 50) and model.sizes[-1] == (40, 48)  # no padding to a multiple of 32
+    tiny = slide_inference(model, image[:, :, :20, :30], 3, crop=48, stride=32)
+    assert tiny.shape == (1, 3, 20, 30) and model.sizes[-1] == (32, 32)  # under 32 px: padded, then cropped
 
 
 def test_multiscale_softmax_after_resizing_the_averaged_logits():
