@@ -375,9 +375,14 @@ def test_model_config_fidelity_switches():
     model = tiny_model()
     assert model.image_tower.double_cls and model.image_tower.drop_path_mode == "token"
     assert model.image_tower.native_grid == (32, 32)  # 512 px / patch 16, resized at build
-    plus = tiny_model(double_cls=False, pos_embed_size=0, drop_path_mode="sample", init_scheme="mmseg")
+    with torch.no_grad():  # any size: the last 70 mod 16 = 6 rows are left out, as the release's ViT does
+        assert model(torch.randn(1, 3, 70, 64))["logits"].shape == (1, K, 16, 16)
+    plus = tiny_model(double_cls=False, pos_embed_size=0, drop_path_mode="sample", init_scheme="mmseg",
+                      partial_patches="error")
     assert not plus.image_tower.double_cls and plus.image_tower.native_grid == (4, 4)
     assert plus.image_tower.drop_path_mode == "sample"
+    with pytest.raises(WeakclipError, match="divisible"):
+        plus(torch.randn(1, 3, 70, 64))
     assert not plus.head.classifier.bias.any()
     for bad in (dict(drop_path_mode="pixel"), dict(init_scheme="xavier"), dict(pos_embed_size=-1)):
         with pytest.raises(WeakclipError):

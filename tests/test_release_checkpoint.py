@@ -151,3 +151,21 @@ def test_an_old_pickled_numpy_state_is_refused(tmp_path):
     torch.save({"iteration": 1, "model": {}, "rng": [{"numpy": np.random.get_state()}]}, path)
     with pytest.raises(WeakclipError, match="allow-list"):
         load_checkpoint(path)
+
+
+@pytest.mark.slow
+def test_real_size_release_layout_round_trip():
+    from weakclip.models.release_checkpoint import build_release_model
+
+    model = _tiny(RELEASE_VOC_CLASSES, clip_arch="ViT-B/16", out_blocks=(4, 6, 8, 12))
+    release = to_release_state_dict(model.state_dict(), text_length=13)
+    assert len(release) == 521  # the key count of the release's segmentor at ViT-B/16 (checked side by side)
+    assert release["backbone.positional_embedding"].shape == (1025, 768)
+    assert release["text_encoder.positional_embedding"].shape == (13, 512)
+    assert release["contexts"].shape == (1, 8, 512)
+    assert release["neck.lateral_convs.0.conv.weight"].shape == (256, 768 + 21, 1, 1)
+    loaded = build_release_model(release, model.class_names)
+    assert loaded.cfg.clip_arch == "ViT-B/16" and loaded.cfg.pos_embed_size == 512
+    image = torch.randn(1, 3, 256, 320, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(image)["logits"], model(image)["logits"])

@@ -148,10 +148,12 @@ class CLIPImageTower(nn.Module):
     Accepts any H, W divisible by the patch size: the stored positional embedding (14 x 14 for B/16,
     or the grid ``resize_stored_grid`` set) is bilinearly resized (align_corners=False) to the input grid
     (CLS position kept) and cached per grid size.
-    Stochastic depth rises linearly over the blocks from 0 to ``drop_path_rate`` and acts only in
-    train mode; ``drop_path_mode`` "sample" (per sample) or "token" (per token position, shared by the
-    batch: the release's). ``double_cls``: the CLS position also gets ``class_embedding`` added, so the
-    CLS token is ``2 * class_embedding + pos[0]`` (the release's ViT); CLIP adds it once.
+    ``partial_patches``: "error" (default) or "drop" (sizes not divisible by the patch: the last
+    rows/columns are left out). Stochastic depth rises linearly over the blocks from 0 to
+    ``drop_path_rate`` and acts only in train mode; ``drop_path_mode`` "sample" (per sample) or "token"
+    (per token position, shared by the batch: the release's). ``double_cls``: the CLS position also gets
+    ``class_embedding`` added, so the CLS token is ``2 * class_embedding + pos[0]`` (the release's ViT);
+    CLIP adds it once.
     All blocks always run (the embeddings need the last one).
     """
 
@@ -171,6 +173,7 @@ class CLIPImageTower(nn.Module):
             raise WeakclipError(f"drop_path_mode must be one of {DROP_PATH_MODES}, got {drop_path_mode!r}")
         self.drop_path_mode = drop_path_mode
         self.double_cls = bool(double_cls)
+        self.partial_patches = "error"  # "drop": accept any size (see ``_grid_of``)
         self.visual = visual
         self.arch = arch
         self.width = arch.width
@@ -236,6 +239,17 @@ class CLIPImageTower(nn.Module):
             self._pos_cache[(grid_h, grid_w)] = (stamp, resized)
         return resized
 
+    def _grid_of(self, height: int, width: int) -> tuple[int, int]:
+        """The patch grid of an input; sizes not divisible by the patch size raise unless
+        ``partial_patches == "drop"`` (then the strided patch convolution leaves the last rows/columns
+        out, as in the release, whose ViT accepts any size)."""
+        p = self.patch_size
+        if (height % p or width % p) and self.partial_patches != "drop":
+            raise WeakclipError(f"image size {height}x{width} is not divisible by the CLIP patch size {p}")
+        if height < p or width < p:
+            raise WeakclipError(f"image size {height}x{width} is smaller than the CLIP patch size {p}")
+        return height // p, width // p
+
     def _check_blocks(self, out_blocks: Sequence[int] | None) -> tuple[int, ...]:
         if out_blocks is None:
             return self.out_blocks
@@ -251,10 +265,7 @@ class CLIPImageTower(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             raise WeakclipError(f"CLIP image tower expects B x 3 x H x W images, got {tuple(images.shape)}")
         batch, _, height, width = images.shape
-        p = self.patch_size
-        if height % p or width % p:
-            raise WeakclipError(f"image size {height}x{width} is not divisible by the CLIP patch size {p}")
-        grid_h, grid_w = height // p, width // p
+        grid_h, grid_w = self._grid_of(height, width)
         blocks = self._check_blocks(out_blocks)
         visual = self.visual
         x = self._embed(images, grid_h, grid_w)
@@ -303,12 +314,7 @@ class CLIPImageTower(nn.Module):
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise WeakclipError(f"CLIP image tower expects B x 3 x H x W images, got {tuple(images.shape)}")
-        p = self.patch_size
-        if images.shape[2] % p or images.shape[3] % p:
-            raise WeakclipError(
-                f"image size {images.shape[2]}x{images.shape[3]} is not divisible by the CLIP patch size {p}"
-            )
-        grid = (images.shape[2] // p, images.shape[3] // p)
+        grid = self._grid_of(images.shape[2], images.shape[3])
         return self._embed(images, *grid), grid
 
     @property

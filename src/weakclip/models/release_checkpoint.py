@@ -310,6 +310,7 @@ def release_model_config(state: Mapping[str, Tensor], source: str = "release che
         pos_embed_size=int(grid * patch),
         drop_path_mode="token",
         init_scheme="release",
+        partial_patches="drop",
     )
 
 

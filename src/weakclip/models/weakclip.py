@@ -70,6 +70,9 @@ class ModelConfig:
         Linear layers trunc-normal std 0.02 cut at +-2 absolute, i.e. untruncated in effect: what the
         release's constructors do, its ``init_weights`` never being called); "mmseg" (the init mmseg
         declares: neck Xavier-uniform, classifier normal std 0.01, matching cut at +-2 std).
+    partial_patches: "drop" (release) accepts any input size, the strided patch convolution leaving the
+        last H mod 16 rows / W mod 16 columns out (the release runs whole images smaller than its 512 crop
+        so); "error": such sizes raise (callers pad).
     """
 
     clip_arch: str = "ViT-B/16"
@@ -96,6 +99,7 @@ class ModelConfig:
     pos_embed_size: int = 512
     drop_path_mode: str = "token"
     init_scheme: str = "release"
+    partial_patches: str = "drop"
 
     def __post_init__(self) -> None:
         self.out_blocks = tuple(int(b) for b in self.out_blocks)
@@ -110,6 +114,8 @@ class ModelConfig:
             raise WeakclipError(
                 f"drop_path_mode must be one of {DROP_PATH_MODES}, got {self.drop_path_mode!r}"
             )
+        if self.partial_patches not in ("drop", "error"):
+            raise WeakclipError(f"partial_patches must be 'drop' or 'error', got {self.partial_patches!r}")
         if self.init_scheme not in INIT_SCHEMES:
             raise WeakclipError(f"init_scheme must be one of {INIT_SCHEMES}, got {self.init_scheme!r}")
         if int(self.pos_embed_size) < 0:
@@ -164,7 +170,8 @@ class WeakCLIP(nn.Module):
     """The refinement model. ``forward(images) -> {"logits", "score_logits", "score_map"}``.
 
     images: B x 3 x H x W, normalised, H and W multiples of the patch size (16) -- and of 32 for the
-    pyramid sizes to be exact (H/4, H/8, H/16, H/32).
+    pyramid sizes to be exact (H/4, H/8, H/16, H/32); with ``cfg.partial_patches == "drop"`` any size,
+    the last H mod 16 rows and W mod 16 columns left out (the outputs follow the floored patch grid).
     logits: B x K x H/4 x W/4 (decode head); score_map: B x K x H/16 x W/16 cosines in [-1, 1];
     score_logits: score_map / tau (identity head).
 
@@ -402,10 +409,11 @@ def build_model(
 
 
 def configure_image_tower(image_tower: CLIPImageTower, cfg: ModelConfig) -> None:
-    """Apply the config's tower switches: CLS doubling, drop-path mode, and the stored positional grid
+    """Apply the config's tower switches: CLS doubling, drop-path mode, partial patches, the stored grid
     (resized once to the grid of a ``cfg.pos_embed_size`` px input; no-op when already that grid)."""
     image_tower.double_cls = cfg.double_cls
     image_tower.drop_path_mode = cfg.drop_path_mode
+    image_tower.partial_patches = cfg.partial_patches
     if cfg.pos_embed_size:
         side = int(cfg.pos_embed_size) // image_tower.patch_size
         if side < 1:
