@@ -426,3 +426,64 @@ def test_weights_command_describes_each_format(tiny_pt, tmp_path, capsys):
     assert main(["weights", str(tmp_path / "junk.pt")]) == 2
     err = capsys.readouterr().err.strip()
     assert "junk.pt" in err and "\n" not in err
+
+
+# ------------------------------------------------------------------------------------------------
+# the release's tower variants (ModelConfig switches)
+
+
+def test_double_cls_token_equals_manual_computation(tiny_pt):
+    single, _ = build_clip("tiny", weights=tiny_pt)
+    double, _ = build_clip("tiny", weights=tiny_pt, double_cls=True)
+    images = _images(1)
+    visual = double.visual
+    with torch.no_grad():
+        tokens, grid = double.embed(images)
+        patches = visual.conv1(images).flatten(2).transpose(1, 2)
+        cls = visual.class_embedding + (visual.positional_embedding[0] + visual.class_embedding)
+        manual = visual.ln_pre(torch.cat([cls.view(1, 1, -1), patches + visual.positional_embedding[1:]], 1))
+        once, _ = single.embed(images)
+    assert grid == (4, 4)
+    assert torch.allclose(tokens, manual, atol=1e-6)
+    assert torch.allclose(tokens[:, 1:], once[:, 1:]) and not torch.allclose(tokens[:, 0], once[:, 0])
+
+
+def test_stored_grid_is_resized_once_and_other_sizes_come_from_it(tiny_pt):
+    tower, _ = build_clip("tiny", weights=tiny_pt)
+    native = tower.visual.positional_embedding.detach().clone()  # 4 x 4 grid + CLS
+
+    def bilinear(pos, side_from, size):
+        grid = pos[1:].reshape(1, side_from[0], side_from[1], -1).permute(0, 3, 1, 2)
+        grid = torch.nn.functional.interpolate(grid, size=size, mode="bilinear", align_corners=False)
+        return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(size[0] * size[1], -1)])
+
+    tower.resize_stored_grid(32, 32)  # the release: 512 px / patch 16
+    stored = tower.visual.positional_embedding
+    assert tower.native_grid == (32, 32) and stored.shape == (1 + 32 * 32, 64)
+    assert torch.allclose(stored, bilinear(native, (4, 4), (32, 32)), atol=1e-6)
+    assert tower.positional_embedding(32, 32) is stored
+    with torch.no_grad():
+        got = tower.positional_embedding(20, 20)
+    assert torch.allclose(got, bilinear(stored.detach(), (32, 32), (20, 20)), atol=1e-6)
+    # not resized from CLIP's grid: the two paths differ between the stored grid's samples
+    assert (got - bilinear(native, (4, 4), (20, 20))).abs().max() > 1e-2
+    assert tower(_images(1, 48, 80)).dense_embed.shape == (1, 32, 3, 5)
+    with pytest.raises(WeakclipError, match="positive"):
+        tower.resize_stored_grid(0, 4)
+
+
+def test_drop_path_per_token_mask_is_shared_by_batch_and_channels():
+    from weakclip.models.clip import _drop_path
+
+    torch.manual_seed(0)
+    x = torch.ones(4, 50, 8)
+    out = _drop_path(x, 0.5, True, "token")
+    mask = out[0, :, 0]
+    assert set(mask.unique().tolist()) <= {0.0, 2.0} and 0 < int((mask == 0).sum()) < 50  # scaled by 1/keep
+    assert torch.equal(out, mask.view(1, 50, 1).expand(4, 50, 8))  # same draw for every sample and channel
+    per_sample = _drop_path(torch.ones(16, 5, 8), 0.5, True, "sample")
+    assert torch.equal(per_sample, per_sample[:, :1, :1].expand(16, 5, 8))  # one draw per sample
+    assert len(per_sample[:, 0, 0].unique()) == 2
+    assert torch.equal(_drop_path(x, 0.5, False, "token"), x)  # eval: identity
+    with pytest.raises(WeakclipError, match="drop_path_mode"):
+        build_clip("tiny", pretrained_download=False, drop_path_mode="pixel")

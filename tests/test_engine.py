@@ -17,7 +17,7 @@ from weakclip.engine.loop import GlobalBatchSampler
 from weakclip.engine.schedule import WarmupCosineSchedule, lr_at
 from weakclip.engine.trainer import train
 from weakclip.metrics import ConfusionMatrix
-from weakclip.models import clip as clip_module
+from weakclip.models import clip_arch as clip_module
 from weakclip.models.clip import CLIP_ARCHS, ClipArch
 
 # Test-only CLIP shape: patch 8, so a 64-96 px crop gives an 8-12 token grid; random weights.

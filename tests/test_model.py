@@ -329,3 +329,61 @@ def test_text_embeddings_cached_without_autograd():
     live = model.text_embeddings()  # with autograd: recomputed, with a graph to the context
     assert live.requires_grad
     torch.testing.assert_close(live.detach(), second)
+
+
+# ------------------------------------------------------------------------------------ initialisation
+
+
+def test_release_init_of_neck_classifier_and_matching():
+    torch.manual_seed(0)
+    neck = FPNNeck([64] * 4, 256, init="release")
+    lateral, output = neck.lateral_convs[0].weight, neck.output_convs[0].weight
+    # Kaiming-normal, fan_out, relu: std sqrt(2 / (256 * k * k)), zero bias
+    assert lateral.std().item() == pytest.approx((2 / 256) ** 0.5, rel=0.05)
+    assert output.std().item() == pytest.approx((2 / (256 * 9)) ** 0.5, rel=0.05)
+    assert not neck.lateral_convs[0].bias.any()
+    mmseg_neck = FPNNeck([64] * 4, 256, init="mmseg")  # Xavier-uniform: |w| <= sqrt(6 / (fan_in + fan_out))
+    assert mmseg_neck.lateral_convs[0].weight.abs().max() <= (6 / (64 + 256)) ** 0.5
+
+    head = SemanticFPNHead(256, 21, 256, init="release")
+    bound = 1 / 256 ** 0.5  # PyTorch's default conv init: uniform within 1/sqrt(fan_in), bias too
+    w, b = head.classifier.weight, head.classifier.bias
+    assert w.abs().max() <= bound and w.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.1)
+    assert b.abs().max() <= bound and b.abs().max() > 0
+    mmseg_head = SemanticFPNHead(256, 21, 256, init="mmseg")
+    assert mmseg_head.classifier.weight.std().item() == pytest.approx(0.01, rel=0.1)
+    assert not mmseg_head.classifier.bias.any()
+    stage = head.scale_heads[1][0].weight  # head stages: Kaiming-normal fan_out in both schemes
+    assert stage.std().item() == pytest.approx((2 / (256 * 9)) ** 0.5, rel=0.05)
+
+    release = CoAttentionMatching(512, 256, 4, 1, init="release")
+    mmseg = CoAttentionMatching(512, 256, 4, 1, init="mmseg")
+    for matching, cut in ((release, False), (mmseg, True)):
+        w = matching.text_decoder.layers[0].mlp[0].weight  # 1024 x 256 samples of N(0, 0.02)
+        assert w.std().item() == pytest.approx(0.02, rel=0.05 if not cut else 0.15)
+        # release: timm's trunc_normal_(std=.02) cuts at +-2 absolute, i.e. nowhere: ~4.6% lie beyond 2 std
+        assert (w.abs().max() > 0.04) is not cut and w.abs().max() <= 0.04 + (0 if cut else 2)
+    assert torch.equal(release.gamma, torch.full((512,), 0.1)) and torch.equal(release.beta, release.gamma)
+    with pytest.raises(WeakclipError, match="init"):
+        FPNNeck([8], 8, init="xavier")
+
+
+def test_model_config_fidelity_switches():
+    cfg = ModelConfig()
+    release = (True, 512, "token", "release")
+    assert (cfg.double_cls, cfg.pos_embed_size, cfg.drop_path_mode, cfg.init_scheme) == release
+    model = tiny_model()
+    assert model.image_tower.double_cls and model.image_tower.drop_path_mode == "token"
+    assert model.image_tower.native_grid == (32, 32)  # 512 px / patch 16, resized at build
+    with torch.no_grad():  # any size: the last 70 mod 16 = 6 rows are left out, as the release's ViT does
+        assert model(torch.randn(1, 3, 70, 64))["logits"].shape == (1, K, 16, 16)
+    plus = tiny_model(double_cls=False, pos_embed_size=0, drop_path_mode="sample", init_scheme="mmseg",
+                      partial_patches="error")
+    assert not plus.image_tower.double_cls and plus.image_tower.native_grid == (4, 4)
+    assert plus.image_tower.drop_path_mode == "sample"
+    with pytest.raises(WeakclipError, match="divisible"):
+        plus(torch.randn(1, 3, 70, 64))
+    assert not plus.head.classifier.bias.any()
+    for bad in (dict(drop_path_mode="pixel"), dict(init_scheme="xavier"), dict(pos_embed_size=-1)):
+        with pytest.raises(WeakclipError):
+            ModelConfig(**bad)

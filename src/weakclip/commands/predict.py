@@ -42,7 +42,8 @@ def register(sub) -> None:
                     "image's width, same height).")
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files")
     p.add_argument("--checkpoint", required=True, type=Path,
-                   help="training checkpoint (.pth) or the training work folder (its latest checkpoint)")
+                   help="training checkpoint (.pth), the training work folder (its latest checkpoint) "
+                        "or an authors' release checkpoint (mmseg .pth; needs no --clip-weights)")
     p.add_argument("--clip-weights", type=Path, default=None,
                    help="the CLIP weights file the model was trained with")
     p.add_argument("--labels", default=None,

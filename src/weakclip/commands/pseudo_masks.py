@@ -74,7 +74,8 @@ def register(sub) -> None:
                     "(existing masks are skipped); runs sharded under torchrun; with ground truth it prints "
                     "the mIoU before and after CRF.")
     p.add_argument("--checkpoint", required=True, type=Path,
-                   help="training checkpoint (.pth) or the training work folder (its latest checkpoint)")
+                   help="training checkpoint (.pth), the training work folder (its latest checkpoint) "
+                        "or an authors' release checkpoint (mmseg .pth; needs no --clip-weights)")
     p.add_argument("--clip-weights", type=Path, default=None,
                    help="the CLIP weights file the model was trained with")
     p.add_argument("--data-root", required=True, type=Path,

@@ -10,7 +10,8 @@ A checkpoint is written to a hidden temporary file in the same folder and rename
 name (``os.replace``), then ``latest`` is replaced the same way; a process killed at any moment
 leaves either the previous state or the new one, never a half-written file under a final name.
 
-Contents (a dict, loaded with ``torch.load(weights_only=False)``: open only your own files)::
+Contents (a dict of tensors and plain values only -- dict, list, tuple, str, int, float, bool, None -- so
+that it loads with ``torch.load(weights_only=True)``: opening a checkpoint never runs pickled code)::
 
     "iteration"     number of finished iterations (the next one to run)
     "model"         trainable parameters and all buffers of the model (frozen CLIP weights are left
@@ -19,7 +20,9 @@ Contents (a dict, loaded with ``torch.load(weights_only=False)``: open only your
     "clip_weights"  the CLIP weights file the towers were built from (None: random towers)
     "optimizer", "scaler", "schedule"   state dicts (scaler None without fp16)
     "config"        the Config as a dict
-    "rng"           per-rank RNG states: python, numpy, torch CPU, CUDA (list indexed by rank)
+    "rng"           per-rank RNG states (list indexed by rank): python (``random.getstate()``, a tuple of
+                    ints), numpy (the legacy MT19937 state as a dict: key as an int64 tensor, pos,
+                    has_gauss, cached_gaussian), torch CPU and CUDA (uint8 tensors)
     "world_size"    the number of processes that wrote it
 """
 
@@ -37,13 +40,16 @@ import torch
 from torch import nn
 
 from weakclip.errors import WeakclipError
+from weakclip.safe_load import safe_torch_load
 
 __all__ = [
     "capture_rng_state",
+    "check_training_checkpoint",
     "checkpoint_dir",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "read_checkpoint_file",
     "restore_rng_state",
     "best_checkpoint_path",
     "save_best_checkpoint",
@@ -90,9 +96,16 @@ def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor], 
 
 
 def capture_rng_state() -> dict[str, Any]:
+    kind, key, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            "bit_generator": str(kind),
+            "key": torch.from_numpy(np.asarray(key, dtype=np.int64).copy()),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
@@ -100,8 +113,15 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        key = numpy_state["key"]
+        key = np.asarray(key.numpy() if torch.is_tensor(key) else key, dtype=np.uint32)
+        numpy_state = (numpy_state["bit_generator"], key, int(numpy_state["pos"]),
+                       int(numpy_state["has_gauss"]), float(numpy_state["cached_gaussian"]))
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         cuda = state["cuda"]
@@ -156,14 +176,19 @@ def latest_checkpoint(workdir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise WeakclipError(f"checkpoint not found: {path}") from None
-    except Exception as exc:  # noqa: BLE001 - unpickling failures come in many types
-        raise WeakclipError(f"cannot read checkpoint {path}: {' '.join(str(exc).split())}") from exc
+def read_checkpoint_file(path: str | Path) -> Any:
+    """Whatever a ``.pth`` file holds, read with ``torch.load(weights_only=True)`` (no extra types allowed);
+    WeakclipError (one line) when it is missing, unreadable or needs types outside that set."""
+    return safe_torch_load(path, what="checkpoint")
+
+
+def check_training_checkpoint(state: Any, path: str | Path) -> dict[str, Any]:
+    """``state`` when it is a weakclip training checkpoint, else WeakclipError."""
     if not isinstance(state, dict) or "iteration" not in state or "model" not in state:
         raise WeakclipError(f"{path} is not a weakclip training checkpoint")
     return state
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A training checkpoint (refinement or retraining), loaded with ``weights_only=True``."""
+    return check_training_checkpoint(read_checkpoint_file(path), path)

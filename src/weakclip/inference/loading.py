@@ -1,7 +1,10 @@
-"""Load a trained refinement model from a training checkpoint (``weakclip train``'s output).
+"""Load a trained refinement model from a training checkpoint (``weakclip train``'s output) or from one
+of the authors' released checkpoints (mmseg ``.pth``, e.g. ``train_74p03_iter_8000.pth``).
 
-A checkpoint holds the trainable parameters and the config, not the frozen CLIP towers: those come
-from a CLIP weights file, the one the model was trained with.
+Our checkpoint holds the trainable parameters and the config, not the frozen CLIP towers: those come
+from a CLIP weights file, the one the model was trained with. A release checkpoint holds everything (the
+towers and the BatchNorm statistics included): no CLIP weights file is read
+(:mod:`weakclip.models.release_checkpoint`). Every file is read with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ import torch
 
 from weakclip.errors import WeakclipError
 
-__all__ = ["load_trained_model", "normalization_of", "resolve_checkpoint", "trained_classes"]
+__all__ = [
+    "load_trained_model", "normalization_of", "release_config", "resolve_checkpoint", "trained_classes",
+]
 
 
 def resolve_checkpoint(path: str | Path, best: bool = False) -> Path:
@@ -92,12 +97,27 @@ def normalization_of(cfg) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return (IMAGENET_MEAN, IMAGENET_STD) if cfg.data.normalize == "imagenet" else (CLIP_MEAN, CLIP_STD)
 
 
+def release_config(model_cfg, classes: list[str]):
+    """The run config of a release checkpoint: the ``voc`` preset (21 classes) or ``coco`` (otherwise)
+    with the checkpoint's model section, its classes and the release's ImageNet normalisation."""
+    from weakclip.config import load_preset
+
+    cfg = load_preset("voc" if len(classes) == 21 else "coco")
+    cfg.model = model_cfg
+    cfg.classes = list(classes)
+    cfg.data.normalize = "imagenet"
+    return cfg
+
+
 def load_trained_model(checkpoint: str | Path, clip_weights: str | Path | None = None,
                        device: str | torch.device = "cpu", *, best: bool = False):
     """Rebuild the trained model in eval mode -> ``(model, config)``.
 
     Args:
-        checkpoint: a ``checkpoints/iter_*.pth`` file or the training work folder (latest checkpoint).
+        checkpoint: a ``checkpoints/iter_*.pth`` file, the training work folder (latest checkpoint), or a
+            release checkpoint of the authors (then ``clip_weights`` is not needed and is ignored; the
+            config is the ``voc``/``coco`` preset with the checkpoint's model, classes and ImageNet
+            normalisation).
         clip_weights: the CLIP weights file the model was trained with; default: the path the
             checkpoint records, when it exists. Unused when the checkpoint holds the towers itself
             (the engine stores them when it trained without a weights file).
@@ -109,11 +129,20 @@ def load_trained_model(checkpoint: str | Path, clip_weights: str | Path | None =
             or weights that do not fit.
     """
     from weakclip.config import Config
-    from weakclip.engine.checkpoint import load_checkpoint, load_trainable_state_dict
+    from weakclip.engine.checkpoint import (
+        check_training_checkpoint,
+        load_trainable_state_dict,
+        read_checkpoint_file,
+    )
+    from weakclip.models.release_checkpoint import is_release_checkpoint, load_release_checkpoint
     from weakclip.models.weakclip import build_model
 
     path = resolve_checkpoint(checkpoint, best=best)
-    state = load_checkpoint(path)
+    raw = read_checkpoint_file(path)
+    if is_release_checkpoint(raw):
+        model, model_cfg, classes, _ = load_release_checkpoint(path, raw)
+        return model.to(device), release_config(model_cfg, classes)
+    state = check_training_checkpoint(raw, path)
     if not isinstance(state.get("config"), Mapping):
         raise WeakclipError(f"checkpoint {path} holds no config")
     cfg = Config.from_dict(dict(state["config"]), source=f"config of {path}")

@@ -10,9 +10,8 @@ input grid), and the text tower can insert learnable context vectors after [SOT]
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from os import PathLike
 
 import torch
@@ -21,6 +20,8 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from torch import Tensor, nn
 
 from weakclip.errors import WeakclipError
+from weakclip.models import clip_weights
+from weakclip.models.clip_arch import CLIP_ARCHS, ClipArch, default_out_blocks, get_arch
 
 __all__ = [
     "CLIP_ARCHS",
@@ -34,96 +35,7 @@ __all__ = [
     "make_open_clip_model",
 ]
 
-
-def default_out_blocks(layers: int) -> tuple[int, ...]:
-    """Blocks at 1/3, 1/2, 2/3 and all of the depth (4, 6, 8, 12 for 12 blocks), 1-based."""
-    picks = {max(1, layers // 3), max(1, layers // 2), max(1, (2 * layers) // 3), layers}
-    return tuple(sorted(picks))
-
-
-@dataclass(frozen=True)
-class ClipArch:
-    """Shape of a CLIP ViT: image tower, text tower, and the blocks whose patch tokens are returned.
-
-    ``out_blocks`` are 1-based block indices; left empty, they default to ``default_out_blocks(layers)``.
-    ``quick_gelu`` is True for OpenAI's weights (they were trained with QuickGELU).
-    """
-
-    name: str
-    image_size: int
-    patch_size: int
-    width: int
-    layers: int
-    heads: int
-    embed_dim: int
-    text_width: int
-    text_layers: int
-    text_heads: int
-    context_length: int = 77
-    vocab_size: int = 49408
-    quick_gelu: bool = True
-    out_blocks: tuple[int, ...] = field(default=())
-
-    def __post_init__(self) -> None:
-        if self.image_size % self.patch_size:
-            raise WeakclipError(
-                f"CLIP arch {self.name}: image size {self.image_size} "
-                f"is not a multiple of patch {self.patch_size}"
-            )
-        if self.width % self.heads or self.text_width % self.text_heads:
-            raise WeakclipError(f"CLIP arch {self.name}: widths must be multiples of the head counts")
-        blocks = tuple(sorted(set(self.out_blocks))) if self.out_blocks else default_out_blocks(self.layers)
-        if not all(1 <= b <= self.layers for b in blocks):
-            raise WeakclipError(
-                f"CLIP arch {self.name}: out_blocks {self.out_blocks} must lie in 1..{self.layers}"
-            )
-        object.__setattr__(self, "out_blocks", blocks)
-
-    @property
-    def grid_size(self) -> int:
-        """Side of the patch grid the stored positional embedding was trained for (14 for B/16)."""
-        return self.image_size // self.patch_size
-
-    def describe(self) -> str:
-        return (
-            f"{self.name} (width {self.width}, {self.layers} blocks, patch {self.patch_size}, "
-            f"embed {self.embed_dim})"
-        )
-
-
-CLIP_ARCHS: dict[str, ClipArch] = {
-    arch.name: arch
-    for arch in (
-        ClipArch("ViT-B/16", 224, 16, 768, 12, 12, 512, 512, 12, 8, out_blocks=(4, 6, 8, 12)),
-        ClipArch("ViT-B/32", 224, 32, 768, 12, 12, 512, 512, 12, 8, out_blocks=(4, 6, 8, 12)),
-        ClipArch("ViT-L/14", 224, 14, 1024, 24, 16, 768, 768, 12, 12, out_blocks=(6, 12, 18, 24)),
-        ClipArch("ViT-L/14@336px", 336, 14, 1024, 24, 16, 768, 768, 12, 12, out_blocks=(6, 12, 18, 24)),
-        # For tests only: 4x4 patch grid at 64 px, real vocabulary so that the real tokenizer works.
-        ClipArch("tiny", 64, 16, 64, 4, 2, 32, 32, 2, 2, out_blocks=(1, 2, 3, 4)),
-        # For the demo and tests that train: patch 8, so that a 64-96 px image has an 8-12 token grid.
-        ClipArch("tiny-p8", 64, 8, 64, 4, 2, 32, 32, 2, 2, out_blocks=(1, 2, 3, 4)),
-    )
-}
-
-_EXTRA_ALIASES = {"ViT-L-14-336": "ViT-L/14@336px", "vit_l_14_336": "ViT-L/14@336px"}
-
-
-def _alias_key(name: str) -> str:
-    return re.sub(r"[^0-9a-z]", "", name.lower())
-
-
-_ALIASES: dict[str, str] = {_alias_key(n): n for n in CLIP_ARCHS}
-_ALIASES.update({_alias_key(a): n for a, n in _EXTRA_ALIASES.items()})
-
-
-def get_arch(name: str | ClipArch) -> ClipArch:
-    """Look up a registered architecture; accepts "ViT-B/16", "ViT-B-16", "vit_b_16" and the like."""
-    if isinstance(name, ClipArch):
-        return name
-    key = _ALIASES.get(_alias_key(str(name)))
-    if key is None:
-        raise WeakclipError(f"unknown CLIP architecture {name!r}; known: {', '.join(CLIP_ARCHS)}")
-    return CLIP_ARCHS[key]
+DROP_PATH_MODES = ("sample", "token")
 
 
 def make_open_clip_model(arch: ClipArch) -> CLIP:
@@ -169,11 +81,18 @@ def _self_attention(
     return attn.out_proj(out), weights
 
 
-def _drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
+def _drop_path(x: Tensor, rate: float, training: bool, mode: str = "sample") -> Tensor:
+    """Stochastic depth on a residual branch ``x`` (B x N x D), scaled by 1/keep.
+
+    ``"sample"``: one draw per sample (B x 1 x 1), the usual form. ``"token"``: one draw per token
+    position, shared by the batch and the channels (1 x N x 1): what timm's ``drop_path`` does on the
+    release's token-first (N x B x D) layout.
+    """
     if rate <= 0.0 or not training:
         return x
     keep = 1.0 - rate
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    shape = (1, x.shape[1], 1) if mode == "token" else (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = x.new_empty(shape).bernoulli_(keep)
     return x * mask / keep
 
 
@@ -185,10 +104,11 @@ def _run_block(
     drop_rate: float = 0.0,
     training: bool = False,
     need_weights: bool = False,
+    drop_mode: str = "sample",
 ) -> tuple[Tensor, Tensor | None]:
     y, weights = _self_attention(block.attn, block.ln_1(x), mask, need_weights)
-    x = x + _drop_path(block.ls_1(y), drop_rate, training)
-    x = x + _drop_path(block.ls_2(block.mlp(block.ln_2(x))), drop_rate, training)
+    x = x + _drop_path(block.ls_1(y), drop_rate, training, drop_mode)
+    x = x + _drop_path(block.ls_2(block.mlp(block.ln_2(x))), drop_rate, training, drop_mode)
     return x, weights
 
 
@@ -225,16 +145,35 @@ class ImageFeatures:
 class CLIPImageTower(nn.Module):
     """CLIP ViT image tower returning multi-level patch tokens plus global and dense embeddings.
 
-    Accepts any H, W divisible by the patch size: the stored positional embedding (14 x 14 for B/16)
-    is bilinearly resized to the input grid (CLS position kept) and cached per grid size.
-    Stochastic depth rises linearly over the blocks from 0 to ``drop_path_rate`` and acts only in
-    train mode. All blocks always run (the embeddings need the last one).
+    Accepts any H, W divisible by the patch size: the stored positional embedding (14 x 14 for B/16,
+    or the grid ``resize_stored_grid`` set) is bilinearly resized (align_corners=False) to the input grid
+    (CLS position kept) and cached per grid size.
+    ``partial_patches``: "error" (default) or "drop" (sizes not divisible by the patch: the last
+    rows/columns are left out). Stochastic depth rises linearly over the blocks from 0 to
+    ``drop_path_rate`` and acts only in train mode; ``drop_path_mode`` "sample" (per sample) or "token"
+    (per token position, shared by the batch: the release's). ``double_cls``: the CLS position also gets
+    ``class_embedding`` added, so the CLS token is ``2 * class_embedding + pos[0]`` (the release's ViT);
+    CLIP adds it once.
+    All blocks always run (the embeddings need the last one).
     """
 
-    def __init__(self, visual: nn.Module, arch: ClipArch, drop_path_rate: float = 0.0) -> None:
+    def __init__(
+        self,
+        visual: nn.Module,
+        arch: ClipArch,
+        drop_path_rate: float = 0.0,
+        *,
+        drop_path_mode: str = "sample",
+        double_cls: bool = False,
+    ) -> None:
         super().__init__()
         if not 0.0 <= drop_path_rate < 1.0:
             raise WeakclipError(f"drop_path_rate must lie in [0, 1), got {drop_path_rate}")
+        if drop_path_mode not in DROP_PATH_MODES:
+            raise WeakclipError(f"drop_path_mode must be one of {DROP_PATH_MODES}, got {drop_path_mode!r}")
+        self.drop_path_mode = drop_path_mode
+        self.double_cls = bool(double_cls)
+        self.partial_patches = "error"  # "drop": accept any size (see ``_grid_of``)
         self.visual = visual
         self.arch = arch
         self.width = arch.width
@@ -254,7 +193,31 @@ class CLIPImageTower(nn.Module):
 
     @property
     def native_grid(self) -> tuple[int, int]:
+        """The patch grid of the stored positional embedding (CLIP's 14 x 14 for B/16 unless resized)."""
         return tuple(self.visual.grid_size)
+
+    def _resize_grid(self, pos: Tensor, grid_h: int, grid_w: int) -> Tensor:
+        native_h, native_w = self.native_grid
+        width = pos.shape[1]
+        grid = pos[1:].reshape(1, native_h, native_w, width).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid.float(), size=(grid_h, grid_w), mode="bilinear", align_corners=False)
+        grid = grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(grid_h * grid_w, width)
+        return torch.cat([pos[:1], grid], dim=0)
+
+    def resize_stored_grid(self, grid_h: int, grid_w: int) -> None:
+        """Replace the stored positional embedding by its bilinear resize (align_corners=False, in fp32)
+        to ``grid_h x grid_w`` once: later inputs are resized from that grid (the release resizes CLIP's
+        14 x 14 to 32 x 32 when it loads the weights, for its 512 px input)."""
+        if grid_h < 1 or grid_w < 1:
+            raise WeakclipError(f"positional grid must be positive, got {grid_h}x{grid_w}")
+        if (grid_h, grid_w) == self.native_grid:
+            return
+        old = self.visual.positional_embedding
+        with torch.no_grad():
+            new = self._resize_grid(old.detach(), grid_h, grid_w)
+        self.visual.positional_embedding = nn.Parameter(new, requires_grad=old.requires_grad)
+        self.visual.grid_size = (grid_h, grid_w)
+        self._pos_cache.clear()
 
     def positional_embedding(self, grid_h: int, grid_w: int) -> Tensor:
         """The positional embedding for a grid_h x grid_w patch grid: (1 + grid_h*grid_w) x width."""
@@ -270,15 +233,22 @@ class CLIPImageTower(nn.Module):
             usable = hit is not None and (torch.is_inference_mode_enabled() or not hit[1].is_inference())
             if usable and hit[0] == stamp:
                 return hit[1]
-        width = pos.shape[1]
-        grid = pos[1:].reshape(1, native_h, native_w, width).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid.float(), size=(grid_h, grid_w), mode="bilinear", align_corners=False)
-        grid = grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(grid_h * grid_w, width)
-        resized = torch.cat([pos[:1], grid], dim=0)
+        resized = self._resize_grid(pos, grid_h, grid_w)
         if cacheable:
             resized = resized.detach()
             self._pos_cache[(grid_h, grid_w)] = (stamp, resized)
         return resized
+
+    def _grid_of(self, height: int, width: int) -> tuple[int, int]:
+        """The patch grid of an input; sizes not divisible by the patch size raise unless
+        ``partial_patches == "drop"`` (then the strided patch convolution leaves the last rows/columns
+        out, as in the release, whose ViT accepts any size)."""
+        p = self.patch_size
+        if (height % p or width % p) and self.partial_patches != "drop":
+            raise WeakclipError(f"image size {height}x{width} is not divisible by the CLIP patch size {p}")
+        if height < p or width < p:
+            raise WeakclipError(f"image size {height}x{width} is smaller than the CLIP patch size {p}")
+        return height // p, width // p
 
     def _check_blocks(self, out_blocks: Sequence[int] | None) -> tuple[int, ...]:
         if out_blocks is None:
@@ -295,11 +265,7 @@ class CLIPImageTower(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             raise WeakclipError(f"CLIP image tower expects B x 3 x H x W images, got {tuple(images.shape)}")
         batch, _, height, width = images.shape
-        p = self.patch_size
-        if height < p or width < p:
-            raise WeakclipError(f"image size {height}x{width} is smaller than the CLIP patch size {p}")
-        # as the release's strided patch convolution: a remainder of less than a patch is ignored
-        grid_h, grid_w = height // p, width // p
+        grid_h, grid_w = self._grid_of(height, width)
         blocks = self._check_blocks(out_blocks)
         visual = self.visual
         x = self._embed(images, grid_h, grid_w)
@@ -315,6 +281,7 @@ class CLIPImageTower(nn.Module):
                 drop_rate=self.drop_path_rates[index - 1],
                 training=self.training,
                 need_weights=return_attn and last,
+                drop_mode=self.drop_path_mode,
             )
             if weights is not None:
                 attn = weights
@@ -334,7 +301,10 @@ class CLIPImageTower(nn.Module):
         x = visual.conv1(images.to(visual.conv1.weight.dtype))
         x = x.flatten(2).transpose(1, 2)
         cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding(grid_h, grid_w).to(x.dtype)
+        pos = self.positional_embedding(grid_h, grid_w).to(x.dtype)
+        if self.double_cls:  # the release: pos[0] + class_embedding at the CLS position, on top of the token
+            pos = torch.cat([pos[:1] + visual.class_embedding.to(x.dtype), pos[1:]], dim=0)
+        x = torch.cat([cls, x], dim=1) + pos
         return visual.ln_pre(x)
 
     def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
@@ -344,12 +314,7 @@ class CLIPImageTower(nn.Module):
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise WeakclipError(f"CLIP image tower expects B x 3 x H x W images, got {tuple(images.shape)}")
-        p = self.patch_size
-        if images.shape[2] % p or images.shape[3] % p:
-            raise WeakclipError(
-                f"image size {images.shape[2]}x{images.shape[3]} is not divisible by the CLIP patch size {p}"
-            )
-        grid = (images.shape[2] // p, images.shape[3] // p)
+        grid = self._grid_of(images.shape[2], images.shape[3])
         return self._embed(images, *grid), grid
 
     @property
@@ -499,6 +464,8 @@ def build_clip(
     *,
     pretrained_download: bool = True,
     drop_path_rate: float = 0.0,
+    drop_path_mode: str = "sample",
+    double_cls: bool = False,
     frozen: bool = True,
     device: str | torch.device = "cpu",
     downloader: Callable[[ClipArch], str | PathLike] | None = None,
@@ -514,10 +481,9 @@ def build_clip(
     the towers keep open_clip's RANDOM initialisation, which is meant for tests only.
     ``downloader(arch) -> path`` replaces open_clip's download (tests).
     With ``frozen`` every tower parameter has requires_grad False. The towers come back in eval mode;
-    stochastic depth (``drop_path_rate``) acts only after ``.train()``.
+    stochastic depth (``drop_path_rate``, ``drop_path_mode``) acts only after ``.train()``.
+    ``double_cls``: see ``CLIPImageTower`` (off: CLIP's own forward).
     """
-    from weakclip.models import clip_weights
-
     auto = isinstance(arch, str) and arch.strip().lower() == "auto"
     spec = None if auto else get_arch(arch)
     if weights is None and pretrained_download:
@@ -552,7 +518,13 @@ def build_clip(
     if loaded is not None:
         clip_weights.load_into_model(model, loaded.state_dict, loaded.path, spec)
     model = model.to(device).eval()
-    image_tower = CLIPImageTower(model.visual, spec, drop_path_rate=drop_path_rate).eval()
+    image_tower = CLIPImageTower(
+        model.visual,
+        spec,
+        drop_path_rate=drop_path_rate,
+        drop_path_mode=drop_path_mode,
+        double_cls=double_cls,
+    ).eval()
     text_tower = CLIPTextTower(model, spec).eval()
     if frozen:
         for tower in (image_tower, text_tower):

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from weakclip.errors import WeightsError
-from weakclip.models.clip import CLIP_ARCHS, ClipArch, default_out_blocks
+from weakclip.models.clip_arch import CLIP_ARCHS, ClipArch, default_out_blocks
 
 __all__ = [
     "OFFLINE_ENV",

@@ -7,6 +7,12 @@ nearest-upsampled to the finer level's size and added), then a 3x3 output conv p
 ``2**(i+2)`` (i = 0..3) goes through ``max(1, i)`` stages of conv3x3-BN-ReLU, each followed (for i > 0)
 by a 2x bilinear upsampling, which brings every level to stride 4; the levels are summed, then dropout
 (channel-wise, ``nn.Dropout2d``, as mmsegmentation's heads) and a 1x1 conv to the K classes.
+
+Initialisation (``init``): "release" is what the release's modules get from their constructors (mmcv's
+``ConvModule`` runs ``kaiming_init`` when built; the release never calls ``init_weights``): every conv of
+the neck and of the head's stages Kaiming-normal (fan_out, relu) with zero bias, the classifier PyTorch's
+default. "mmseg" applies the init mmsegmentation declares in ``init_cfg``: neck convs Xavier-uniform, the
+classifier normal (std 0.01) with zero bias (head stages Kaiming-normal as before).
 """
 
 from __future__ import annotations
@@ -19,14 +25,22 @@ from torch import Tensor, nn
 
 from weakclip.errors import WeakclipError
 
-__all__ = ["FPNNeck", "SemanticFPNHead"]
+__all__ = ["INIT_SCHEMES", "FPNNeck", "SemanticFPNHead"]
+
+INIT_SCHEMES = ("release", "mmseg")
+
+
+def _check_init(init: str) -> None:
+    if init not in INIT_SCHEMES:
+        raise WeakclipError(f"init must be one of {INIT_SCHEMES}, got {init!r}")
 
 
 class FPNNeck(nn.Module):
     """Feature pyramid network neck: ``len(in_channels)`` inputs (fine to coarse) -> as many outputs."""
 
-    def __init__(self, in_channels: Sequence[int], out_channels: int = 256) -> None:
+    def __init__(self, in_channels: Sequence[int], out_channels: int = 256, *, init: str = "release") -> None:
         super().__init__()
+        _check_init(init)
         self.in_channels = tuple(int(c) for c in in_channels)
         self.out_channels = out_channels
         self.lateral_convs = nn.ModuleList([nn.Conv2d(c, out_channels, 1) for c in self.in_channels])
@@ -35,7 +49,10 @@ class FPNNeck(nn.Module):
         )
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
-                nn.init.xavier_uniform_(module.weight)
+                if init == "release":
+                    nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                else:
+                    nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
 
     def forward(self, features: Sequence[Tensor]) -> list[Tensor]:
@@ -65,8 +82,10 @@ class SemanticFPNHead(nn.Module):
         dropout: float = 0.1,
         *,
         batch_norm: type[nn.Module] = nn.BatchNorm2d,
+        init: str = "release",
     ) -> None:
         super().__init__()
+        _check_init(init)
         strides = tuple(int(s) for s in feature_strides)
         if any(b != 2 * a for a, b in zip(strides, strides[1:])):
             raise WeakclipError(f"feature strides must double from level to level, got {strides}")
@@ -86,8 +105,9 @@ class SemanticFPNHead(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Conv2d) and module is not self.classifier:
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        nn.init.normal_(self.classifier.weight, std=0.01)
-        nn.init.zeros_(self.classifier.bias)
+        if init == "mmseg":  # "release": the classifier keeps PyTorch's default init
+            nn.init.normal_(self.classifier.weight, std=0.01)
+            nn.init.zeros_(self.classifier.bias)
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
         if len(features) != len(self.scale_heads):

@@ -132,8 +132,12 @@ class CoAttentionMatching(nn.Module):
         mode: str = "chain",
         gamma_init: float = 0.1,
         qkv_bias: bool = False,
+        init: str = "release",
     ) -> None:
         super().__init__()
+        if init not in ("release", "mmseg"):
+            raise WeakclipError(f"init must be 'release' or 'mmseg', got {init!r}")
+        self.init = init
         self.embed_dim = embed_dim
         self.width = width
         self.mode = mode
@@ -150,10 +154,13 @@ class CoAttentionMatching(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Linear weights truncated-normal (std 0.02, cut at +-2 std), biases 0; LayerNorms (1, 0)."""
+        """Linear weights truncated-normal at std 0.02, biases 0; LayerNorms (1, 0). The cut: "release"
+        +-2 ABSOLUTE (timm's ``trunc_normal_(std=.02)`` defaults, the release's: 100 std, so a plain normal
+        in effect); "mmseg" +-2 std."""
+        bound = 2.0 if self.init == "release" else 0.04
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02, a=-0.04, b=0.04)
+                nn.init.trunc_normal_(module.weight, std=0.02, a=-bound, b=bound)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.LayerNorm):

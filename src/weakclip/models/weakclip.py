@@ -30,12 +30,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from weakclip.data.classes import prompt_names
 from weakclip.errors import WeakclipError
 from weakclip.models.adapter import PyramidAdapter
-from weakclip.models.clip import CLIPImageTower, CLIPTextTower, build_clip, get_arch
-from weakclip.models.decoder import FPNNeck, SemanticFPNHead
+from weakclip.models.clip import DROP_PATH_MODES, CLIPImageTower, CLIPTextTower, build_clip, get_arch
+from weakclip.models.decoder import INIT_SCHEMES, FPNNeck, SemanticFPNHead
 from weakclip.models.matching import MATCH_MODES, CoAttentionMatching
 from weakclip.models.prompts import PromptLearner
 
-__all__ = ["ModelConfig", "WeakCLIP", "build_model"]
+__all__ = ["ModelConfig", "WeakCLIP", "build_model", "configure_image_tower"]
 
 _TOWERS = ("image_tower", "text_tower")
 
@@ -64,6 +64,23 @@ class ModelConfig:
         trainable precedes it).
     readable_names: prompt readable class names ("diningtable" -> "dining table"); off in the release,
         which prompts the raw dataset strings.
+
+    Fidelity switches (default: the release's behaviour; the other value is our departure):
+    double_cls: True (release) adds ``class_embedding`` twice to the CLS token (token + CLS position);
+        False: once, as CLIP.
+    pos_embed_size: 512 (release) resizes the stored positional embedding once, at build, to the patch
+        grid of a ``pos_embed_size`` px input (32 x 32 for patch 16) and resizes every other input grid
+        from that one; 0 keeps CLIP's native grid (14 x 14) and resizes from it. Both bilinear,
+        align_corners=False.
+    drop_path_mode: "token" (release) draws stochastic depth per token position, shared by the batch
+        and the channels; "sample": per sample.
+    init_scheme: "release" (neck convs Kaiming-normal fan_out, classifier PyTorch's default, matching
+        Linear layers trunc-normal std 0.02 cut at +-2 absolute, i.e. untruncated in effect: what the
+        release's constructors do, its ``init_weights`` never being called); "mmseg" (the init mmseg
+        declares: neck Xavier-uniform, classifier normal std 0.01, matching cut at +-2 std).
+    partial_patches: "drop" (release) accepts any input size, the strided patch convolution leaving the
+        last H mod 16 rows / W mod 16 columns out (the release runs whole images smaller than its 512 crop
+        so); "error": such sizes raise (callers pad).
     """
 
     clip_arch: str = "ViT-B/16"
@@ -88,6 +105,11 @@ class ModelConfig:
     freeze_towers: bool = False
     frozen_no_grad: bool = True
     readable_names: bool = False
+    double_cls: bool = True
+    pos_embed_size: int = 512
+    drop_path_mode: str = "token"
+    init_scheme: str = "release"
+    partial_patches: str = "drop"
 
     def __post_init__(self) -> None:
         self.out_blocks = tuple(int(b) for b in self.out_blocks)
@@ -98,6 +120,18 @@ class ModelConfig:
             raise WeakclipError(f"out_blocks must be ascending (shallow to deep), got {self.out_blocks}")
         if self.match_mode not in MATCH_MODES:
             raise WeakclipError(f"match_mode must be one of {MATCH_MODES}, got {self.match_mode!r}")
+        if self.drop_path_mode not in DROP_PATH_MODES:
+            raise WeakclipError(
+                f"drop_path_mode must be one of {DROP_PATH_MODES}, got {self.drop_path_mode!r}"
+            )
+        if self.partial_patches not in ("drop", "error"):
+            raise WeakclipError(f"partial_patches must be 'drop' or 'error', got {self.partial_patches!r}")
+        if self.init_scheme not in INIT_SCHEMES:
+            raise WeakclipError(f"init_scheme must be one of {INIT_SCHEMES}, got {self.init_scheme!r}")
+        if int(self.pos_embed_size) < 0:
+            raise WeakclipError(
+                f"pos_embed_size must be 0 (CLIP's grid) or a size in px, got {self.pos_embed_size}"
+            )
         if self.tau <= 0:
             raise WeakclipError(f"tau must be positive, got {self.tau}")
         if not 0.0 <= self.drop_path_rate < 1.0:
@@ -146,7 +180,8 @@ class WeakCLIP(nn.Module):
     """The refinement model. ``forward(images) -> {"logits", "score_logits", "score_map"}``.
 
     images: B x 3 x H x W, normalised, H and W multiples of the patch size (16) -- and of 32 for the
-    pyramid sizes to be exact (H/4, H/8, H/16, H/32).
+    pyramid sizes to be exact (H/4, H/8, H/16, H/32); with ``cfg.partial_patches == "drop"`` any size,
+    the last H mod 16 rows and W mod 16 columns left out (the outputs follow the floored patch grid).
     logits: B x K x H/4 x W/4 (decode head); score_map: B x K x H/16 x W/16 cosines in [-1, 1];
     score_logits: score_map / tau (identity head).
 
@@ -194,12 +229,20 @@ class WeakCLIP(nn.Module):
             mode=cfg.match_mode,
             gamma_init=cfg.gamma_init,
             qkv_bias=cfg.match_qkv_bias,
+            init=cfg.init_scheme,
         )
         in_channels = width + self.num_classes
-        self.neck = FPNNeck([in_channels] * PyramidAdapter.num_levels, cfg.neck_channels)
+        self.neck = FPNNeck(
+            [in_channels] * PyramidAdapter.num_levels, cfg.neck_channels, init=cfg.init_scheme
+        )
         # Nominal strides (exact for patch 16); the head only uses their ratios (x4, x2, x1, x1/2).
         self.head = SemanticFPNHead(
-            cfg.neck_channels, self.num_classes, cfg.head_channels, (4, 8, 16, 32), cfg.head_dropout
+            cfg.neck_channels,
+            self.num_classes,
+            cfg.head_channels,
+            (4, 8, 16, 32),
+            cfg.head_dropout,
+            init=cfg.init_scheme,
         )
         self._text_cache: tuple[tuple, Tensor] | None = None
         self.train()
@@ -374,6 +417,22 @@ def build_model(
         )
     if not class_names or isinstance(class_names, str):
         raise WeakclipError("build_model needs a list of class names")
+    configure_image_tower(image_tower, cfg)
     names = prompt_names(list(class_names)) if cfg.readable_names else list(class_names)
     model = WeakCLIP(cfg, image_tower, text_tower, names)
     return model.to(device)
+
+
+def configure_image_tower(image_tower: CLIPImageTower, cfg: ModelConfig) -> None:
+    """Apply the config's tower switches: CLS doubling, drop-path mode, partial patches, the stored grid
+    (resized once to the grid of a ``cfg.pos_embed_size`` px input; no-op when already that grid)."""
+    image_tower.double_cls = cfg.double_cls
+    image_tower.drop_path_mode = cfg.drop_path_mode
+    image_tower.partial_patches = cfg.partial_patches
+    if cfg.pos_embed_size:
+        side = int(cfg.pos_embed_size) // image_tower.patch_size
+        if side < 1:
+            raise WeakclipError(
+                f"pos_embed_size {cfg.pos_embed_size} is smaller than the patch size {image_tower.patch_size}"
+            )
+        image_tower.resize_stored_grid(side, side)
