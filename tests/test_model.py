@@ -63,9 +63,16 @@ VITB16_VOC_TRAINABLE = 21_240_853
 
 @pytest.mark.slow
 def test_full_size_vitb16_forward_backward():
-    model = build_model(ModelConfig(), VOC_CLASSES, pretrained_download=False)  # random CLIP weights
+    # the -plus model (frozen towers, chained matching): the hand count above is its trainable part
+    plus = build_model(ModelConfig(freeze_towers=True, match_mode="chain"), VOC_CLASSES,
+                       pretrained_download=False)
+    assert plus.num_trainable_parameters() == VITB16_VOC_TRAINABLE
+    del plus
+    # the release's model (the defaults): the towers train too (in the lr_mult=0 group), random CLIP weights
+    model = build_model(ModelConfig(), VOC_CLASSES, pretrained_download=False)
     assert model.num_classes == K
-    assert model.num_trainable_parameters() == VITB16_VOC_TRAINABLE
+    towers = n_params(model.image_tower) + n_params(model.text_tower)
+    assert model.num_trainable_parameters() == VITB16_VOC_TRAINABLE + towers
     assert n_params(model.adapter) == 7_087_872
     assert n_params(model.prompts) == 4_096
     assert n_params(model.matching) == 6_841_856
@@ -81,13 +88,17 @@ def test_full_size_vitb16_forward_backward():
     assert out["score_logits"].shape == (1, K, 32, 32)
     (out["logits"].logsumexp(1).mean() + out["score_logits"].logsumexp(1).mean()).backward()
 
+    # the release: only the last matching layer of each decoder runs; the text tower's logit_scale is unused
+    unused = ("matching.text_decoder.layers.0.", "matching.text_decoder.layers.1.",
+              "matching.visual_decoder.layers.0.", "matching.visual_decoder.layers.1.",
+              "text_tower.logit_scale")
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            assert p.grad is not None, f"trainable {name} got no gradient"
+        assert p.requires_grad, name
+        if name.startswith(unused):
+            assert p.grad is None, f"unused {name} got a gradient"
         else:
-            assert p.grad is None, f"frozen {name} got a gradient"
-    frozen = [p for n, p in model.named_parameters() if n.startswith(("image_tower.", "text_tower."))]
-    assert frozen and not any(p.requires_grad for p in frozen)
+            assert p.grad is not None, f"trainable {name} got no gradient"
+    assert model.image_tower.visual.conv1.weight.grad.abs().sum() > 0
 
 
 # ------------------------------------------------------------------------------------ modules
@@ -219,7 +230,7 @@ def test_score_map_is_cosine():
 
 
 def test_bn_eval_keeps_running_stats():
-    model = tiny_model().train()
+    model = tiny_model(bn_eval=True).train()
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert bns and not any(m.training for m in bns)
     before = [(m.running_mean.clone(), m.running_var.clone()) for m in bns]
@@ -250,7 +261,7 @@ def test_train_mode_policy():
 
 
 def test_frozen_towers_not_updated_by_optimizer_step():
-    model = tiny_model().train()
+    model = tiny_model(freeze_towers=True).train()
     towers = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("image_", "text_"))}
     head_w = model.head.classifier.weight.detach().clone()
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2, weight_decay=0.1)
@@ -277,7 +288,7 @@ def test_frozen_no_grad_flag_and_input_gradients():
 
 
 def test_summary_state_dict_and_names():
-    model = tiny_model()
+    model = tiny_model(freeze_towers=True, readable_names=True)
     summary = model.parameter_summary()
     for name in ("image_tower", "text_tower", "adapter", "prompts", "matching", "neck", "head", "total"):
         assert name in summary
@@ -285,6 +296,9 @@ def test_summary_state_dict_and_names():
     keys = model.trainable_state_dict().keys()
     assert keys and not any(k.startswith(("image_tower.", "text_tower.")) for k in keys)
     assert "dining table" in model.class_names and "diningtable" not in model.class_names
+    release = tiny_model()  # the release: raw names, and the trainable towers belong to the state
+    assert "diningtable" in release.class_names and "dining table" not in release.class_names
+    assert any(k.startswith("image_tower.") for k in release.trainable_state_dict())
 
 
 def test_config_validation_and_tower_checks(tiny_towers):
@@ -308,9 +322,9 @@ def test_config_validation_and_tower_checks(tiny_towers):
 
 
 def test_release_mode_model_has_unused_parameters():
-    model = tiny_model(match_mode="release")
-    assert model.has_unused_parameters
-    assert not tiny_model().has_unused_parameters
+    assert tiny_model(match_mode="release", freeze_towers=True).has_unused_parameters
+    assert tiny_model(match_mode="chain").has_unused_parameters  # trainable towers: unused logit_scale
+    assert not tiny_model(match_mode="chain", freeze_towers=True).has_unused_parameters
 
 
 def test_text_embeddings_cached_without_autograd():

@@ -293,9 +293,11 @@ class WeakCLIP(nn.Module):
         return "\n".join(lines)
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
-        """The state dict without the frozen CLIP towers (what a checkpoint needs to store)."""
-        prefixes = tuple(t + "." for t in _TOWERS)
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(prefixes)}
+        """The state dict without the frozen CLIP towers (what a checkpoint needs to store); towers that
+        train (the release: ``freeze_towers`` off) are part of it."""
+        frozen = tuple(t + "." for t in _TOWERS
+                       if not any(p.requires_grad for p in getattr(self, t).parameters()))
+        return {k: v for k, v in self.state_dict().items() if not (frozen and k.startswith(frozen))}
 
     # -------------------------------------------------------------------------------------- forward
 
