@@ -207,10 +207,12 @@ class FixedLogits(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.sizes = []
+        self.batches = []
         self.w = torch.nn.Parameter(torch.tensor([[1.0, -2.0, 0.5], [0.3, 1.0, -1.0], [-1.5, 0.2, 2.0]]))
 
     def forward(self, x):
         self.sizes.append(tuple(x.shape[-2:]))
+        self.batches.append(x.shape[0])
         logits = torch.einsum("kc,bchw->bkhw", self.w, x) * (1 + x.shape[-1] / 100)
         return {"logits": logits[:, :, ::2, ::2]}
 
@@ -337,3 +339,17 @@ def test_clip_es_seeds_know_the_release_coco_space():
     assert [by_id[c] for c in COCO_CLASSES[1:]] == list(COCO_NAMES)  # CLIP-ES's names on the 80 classes
     assert by_id["street sign"] == "street sign"
     assert ClipEsConfig().for_classes(COCO91_CLASSES).box_threshold == 0.7
+
+
+def test_flips_share_window_batches_with_the_same_result():
+    torch.manual_seed(0)
+    model = FixedLogits()
+    image = (np.random.default_rng(1).random((70, 90, 3)) * 255).astype(np.uint8)
+    kw = dict(scales=(1.0, 0.5), flip=True, crop=32, stride=21, mean=(0, 0, 0), std=(255, 255, 255),
+              base_scale=(90, 70), num_classes=3)
+    one = multiscale_inference(model, image, window_batch=1, **kw)
+    assert max(model.batches) == 1  # the release: one window at a time
+    model.batches.clear()
+    many = multiscale_inference(model, image, window_batch=8, **kw)
+    torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-6)
+    assert max(model.batches) == 8  # 4 windows of the image and the same 4 of its flip

@@ -87,32 +87,35 @@ def slide_inference(model: nn.Module, image: torch.Tensor, num_classes: int, cro
                     stride: int = 341, *, window_batch: int = 1, size_divisor: int = 1,
                     autocast_dtype: torch.dtype | None = None, average: str = "logits") -> torch.Tensor:
     """Window-averaged logits (``average="logits"``, the release) or softmax probabilities
-    (``average="probs"``), ``1 x K x H x W`` float32, of a normalised ``1 x 3 x H x W``.
+    (``average="probs"``), ``B x K x H x W`` float32, of normalised images ``B x 3 x H x W`` of one size
+    (e.g. an image and its flip).
 
     Args:
-        model: returns ``{"logits": B x K x h x w}`` (any h, w; resized bilinearly to the window) or
+        model: returns ``{"logits": N x K x h x w}`` (any h, w; resized bilinearly to the window) or
             the logits tensor itself.
-        image: normalised image on the model's device.
-        window_batch: windows run through the model together (all windows of an image have one size).
+        image: normalised images on the model's device.
+        window_batch: windows run through the model together (all windows have one size); the same window
+            of the ``B`` images always goes together, so a forward pass takes
+            ``B * max(1, window_batch // B)`` windows.
         size_divisor: windows are zero-padded (bottom/right) to a multiple of it before the model (1: none,
             the release).
         autocast_dtype: e.g. ``torch.bfloat16`` to run the model under autocast on CUDA.
     """
-    if image.dim() != 4 or image.shape[0] != 1:
-        raise ValueError(f"slide_inference takes one image 1 x 3 x H x W, got {tuple(image.shape)}")
+    if image.dim() != 4 or image.shape[0] < 1 or image.shape[1] != 3:
+        raise ValueError(f"slide_inference takes images B x 3 x H x W, got {tuple(image.shape)}")
     if average not in AVERAGE_MODES:
         raise ValueError(f"average must be one of {AVERAGE_MODES}, got {average!r}")
-    _, _, h, w = image.shape
+    n, _, h, w = image.shape
     windows = window_grid(h, w, crop, stride)
-    probs = torch.zeros(1, num_classes, h, w, device=image.device, dtype=torch.float32)
+    probs = torch.zeros(n, num_classes, h, w, device=image.device, dtype=torch.float32)
     count = torch.zeros(1, 1, h, w, device=image.device, dtype=torch.float32)
     amp = (torch.autocast(device_type=image.device.type, dtype=autocast_dtype)
            if autocast_dtype is not None else contextlib.nullcontext())
-    step = max(1, int(window_batch))
+    step = max(1, int(window_batch) // n)
     for start in range(0, len(windows), step):
         group = windows[start:start + step]
         wh, ww = group[0][1] - group[0][0], group[0][3] - group[0][2]
-        batch = torch.cat([image[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in group])
+        batch = torch.cat([image[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in group])  # window-major
         batch = _pad_to(batch, size_divisor) if size_divisor > 1 else batch
         # A window under 32 px a side would leave the stride-32 pyramid level empty (the release crashes
         # there); such tiny windows are zero-padded to 32 and the padding cropped off again.
@@ -128,7 +131,7 @@ def slide_inference(model: nn.Module, image: torch.Tensor, num_classes: int, cro
         if average == "probs":
             p = p.softmax(dim=1)
         for j, (y1, y2, x1, x2) in enumerate(group):
-            probs[:, :, y1:y2, x1:x2] += p[j:j + 1]
+            probs[:, :, y1:y2, x1:x2] += p[j * n:(j + 1) * n]
             count[:, :, y1:y2, x1:x2] += 1
     return probs.div_(count)
 
@@ -198,16 +201,22 @@ def multiscale_inference(model: nn.Module, image: np.ndarray, scales: Sequence[f
             scaled = F.interpolate(src, size=(sh, sw), mode="bilinear", align_corners=False)
             scaled = scaled.round_().clamp_(0, 255)
         scaled = (scaled - mean_t) / std_t
-        for flipped in (False, True) if flip else (False,):
-            view = scaled.flip(-1) if flipped else scaled
-            out = slide_inference(model, view, k, crop, stride, window_batch=window_batch,
-                                  autocast_dtype=autocast_dtype, average=average, size_divisor=size_divisor)
+        # With window batches, an image and its flip share them (same window sizes); one window at a time
+        # (the release) runs the passes one after the other.
+        views = [scaled, scaled.flip(-1)] if flip else [scaled]
+        together = len(views) > 1 and window_batch >= len(views)
+        outs = []
+        for batch in ([torch.cat(views)] if together else views):
+            outs.extend(slide_inference(model, batch, k, crop, stride, window_batch=window_batch,
+                                        autocast_dtype=autocast_dtype, average=average,
+                                        size_divisor=size_divisor).split(1))
+        del views
+        for flipped, out in zip((False, True), outs):
             if (sh, sw) != (h, w):
                 out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
             if average == "logits":
                 out = out.softmax(dim=1)
             acc.add_((out.flip(-1) if flipped else out)[0])
             passes += 1
-            del out
-        del scaled
+        del outs, scaled
     return acc.div_(passes)
