@@ -12,3 +12,14 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module: small tensors run faster so, and two OpenMP threads on a busy
+    2-core runner can run 10-40x slower. Modules use it with ``pytestmark = pytest.mark.usefixtures(...)``
+    or as an argument of their own module-scoped fixtures."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from weakclip.cli import main
 from weakclip.data.synthetic import make_synthetic_dataset
@@ -36,12 +35,7 @@ def _args(root, workdir):
             "--set", "model.match_layers=1", "--checkpoint-every", "1", "--set", "train.keep_checkpoints=10"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # two OpenMP threads on a busy 2-core runner can run 10-40x slower
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _max_diff(a, b):

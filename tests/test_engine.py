@@ -43,13 +43,7 @@ def small_config(root, *extra, arch="tiny", crop=64, iters=6, batch=2):
     ])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a busy 2-core runner two OpenMP threads can run 10-40x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

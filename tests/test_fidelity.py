@@ -22,13 +22,7 @@ from weakclip.inference.sliding import multiscale_inference, slide_inference
 from weakclip.losses import WeakCLIPLoss, release_crf_image, softmax_probs
 from weakclip.models.weakclip import ModelConfig, build_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(**changes):

@@ -34,17 +34,11 @@ TTA = dict(scales=(1.0,), flip=True, crop=64, stride=43, base_scale=(64, 48))
 CLI_TTA = ["--scales", "1.0", "--base-scale", "64", "48", "--crop", "64", "--stride", "43"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, _one_thread):
+def trained(tmp_path_factory, one_thread):
     """(dataset root, CLIP weights file, work folder) of a tiny model trained for a few iterations."""
     base = tmp_path_factory.mktemp("inference")
     root = make_synthetic_dataset(base / "data", n_train=5, n_val=0, image_size=(48, 64), n_classes=3)
