@@ -487,11 +487,10 @@ def test_release_training_run_on_synthetic_data(tmp_path):
     assert record["crf_classes"] == "present" and record["crf"]["bilateral_srgb"] == 2.0
     states = [torch.load(work / "checkpoints" / f"iter_{i:07d}.pth", weights_only=False)["model"]
               for i in (1, 2, 3, 4)]
-    # our own checkpoints hold numpy RNG states: --eval-only refuses them and says to use --resume
-    with pytest.raises(WeightsError, match="--resume") as info:
-        load_release_checkpoint(build_deeplabv1(4, pretrained_backbone=False, width_divisor=W),
-                                work / "checkpoints" / "iter_0000004.pth")
-    assert "\n" not in str(info.value)
+    # our own checkpoints load under weights_only too (RNG states stored as plain values): --eval-only
+    own = build_deeplabv1(4, pretrained_backbone=False, width_divisor=W)
+    load_release_checkpoint(own, work / "checkpoints" / "iter_0000004.pth")
+    assert all(torch.equal(v, states[3]["net." + k]) for k, v in own.net.state_dict().items())
     stem = "net.backbone.conv1a.weight"
     assert not torch.equal(states[0][stem], states[1][stem])  # iterations 0-1: the first epoch (4 // 2)
     assert torch.equal(states[1][stem], states[2][stem]) and torch.equal(states[2][stem], states[3][stem])

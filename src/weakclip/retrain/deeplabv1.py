@@ -165,8 +165,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     ``backbone.conv1a.weight`` ...), with or without ``module.`` / ``net.`` prefixes, or a
     ``{"model": state dict}`` / ``{"state_dict": ...}`` wrapper. Loaded with ``weights_only=True``: a file
     that needs arbitrary pickled objects is refused with a one-line WeightsError (this package's own
-    training checkpoints hold numpy RNG states, so they are refused too; ``--resume`` on their workdir
-    evaluates them)."""
+    training checkpoints store plain values only, so they load too)."""
     import pickle
     import re
 
@@ -179,10 +178,8 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         reason = " ".join(str(exc).split())
         glob = re.search(r"Unsupported global: GLOBAL (\S+)", reason)
         what = glob.group(1) if glob else reason[:120]
-        hint = ("; a training checkpoint of this package (it holds RNG states) is evaluated with --resume on "
-                "its workdir" if "numpy" in what else "")
         raise WeightsError(f"checkpoint {path} needs arbitrary pickled objects ({what}), which are not "
-                           f"loaded (weights_only=True){hint}") from exc
+                           "loaded (weights_only=True)") from exc
     except Exception as exc:  # noqa: BLE001 - corrupt zip, wrong format ...
         raise WeightsError(f"cannot read checkpoint {path}: {' '.join(str(exc).split())[:160]}") from exc
     for key in ("model", "state_dict"):
