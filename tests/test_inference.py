@@ -173,6 +173,17 @@ def test_pseudo_masks_crf_on_and_off_labels_and_scores(model_and_data, tmp_path)
     assert saved["miou_after_crf"] == pytest.approx(on["miou_after_crf"])
 
 
+def test_crf_where_the_probabilities_are_gives_the_worker_pool_result(model_and_data, tmp_path):
+    """The inline CRF on the probabilities' device (the GPU path; here the CPU) writes the same masks."""
+    model, _, dataset = model_and_data
+    kw = dict(crf_params=VOC_CRF, save_probs=True, progress=False, **TTA)
+    pool = generate_pseudo_masks(model, dataset, tmp_path / "pool", crf_workers=1, **kw)
+    inline = generate_pseudo_masks(model, dataset, tmp_path / "inline", crf_on_device=True, **kw)
+    assert _files(tmp_path / "inline") == _files(tmp_path / "pool")
+    assert inline["miou_after_crf"] == pytest.approx(pool["miou_after_crf"])
+    assert inline["crf_seconds_per_image"] is not None
+
+
 def test_resume_after_a_kill_gives_the_identical_output_set(model_and_data, tmp_path):
     model, _, dataset = model_and_data
     kw = dict(crf_params=VOC_CRF, save_probs=True, progress=False, **TTA)

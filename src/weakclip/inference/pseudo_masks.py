@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from weakclip.crf import dense_crf
 from weakclip.data.io import jsonable, read_image, read_label_png, write_json_atomic, write_label_png
 from weakclip.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from weakclip.errors import DataError
@@ -46,37 +47,49 @@ __all__ = ["SUMMARY_NAME", "format_summary", "generate_pseudo_masks", "restrict_
 SUMMARY_NAME = "pseudo_masks_summary.json"
 
 
-def restrict_probs(probs: np.ndarray, labels: np.ndarray | Sequence[float] | None
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def _as_tensor(probs) -> tuple[torch.Tensor, bool]:
+    if isinstance(probs, torch.Tensor):
+        return probs, False
+    return torch.from_numpy(np.ascontiguousarray(probs)), True
+
+
+def restrict_probs(probs, labels: np.ndarray | Sequence[float] | None):
     """Keep the classes of ``labels`` (multi-hot, background always kept) -> ``(keys, probs[keys])``.
 
     The kept probabilities are renormalised to sum to 1 at each pixel (a pixel whose kept classes all
-    have probability 0 becomes background). ``labels=None`` keeps every class.
+    have probability 0 becomes background). ``labels=None`` keeps every class. ``probs`` is a K x H x W
+    numpy array (numpy results) or tensor (tensors on its device).
     """
-    k = probs.shape[0]
+    t, numpy_in = _as_tensor(probs)
+    k = t.shape[0]
     if labels is None:
-        return np.arange(k), probs
-    allowed = np.asarray(labels, dtype=np.float32).reshape(-1) > 0
-    if allowed.shape[0] != k:
-        raise ValueError(f"labels have {allowed.shape[0]} entries, the probabilities {k} classes")
-    allowed[0] = True
-    keys = np.flatnonzero(allowed)
-    kept = probs[keys]
-    total = kept.sum(axis=0, keepdims=True)
-    empty = total <= 0
-    if empty.any():
-        kept = kept.copy()
-        kept[0][empty[0]] = 1.0
-        total = np.where(empty, 1.0, total)
-    return keys, kept / total
+        keys, out = torch.arange(k, device=t.device), t
+    else:
+        allowed = torch.from_numpy(np.asarray(labels, dtype=np.float32).reshape(-1) > 0)
+        if allowed.shape[0] != k:
+            raise ValueError(f"labels have {allowed.shape[0]} entries, the probabilities {k} classes")
+        allowed[0] = True
+        keys = torch.nonzero(allowed).flatten().to(t.device)
+        kept = t[keys]
+        total = kept.sum(dim=0, keepdim=True)
+        empty = total <= 0
+        if bool(empty.any()):
+            kept = kept.clone()
+            kept[0][empty[0]] = 1.0
+            total = torch.where(empty, torch.ones_like(total), total)
+        out = kept / total
+    return (keys.cpu().numpy(), out.cpu().numpy()) if numpy_in else (keys, out)
 
 
-def argmax_probs(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def argmax_probs(probs):
     """The release's unrestricted rule -> ``(keys, probs[keys])``: the classes that win some pixel of the
     argmax, their probabilities NOT renormalised (what the release saves in ``prob_npy`` and its
-    ``make_crf.py`` hands to the CRF, whose label set is therefore these classes only)."""
-    keys = np.unique(probs.argmax(axis=0))
-    return keys, probs[keys]
+    ``make_crf.py`` hands to the CRF, whose label set is therefore these classes only). numpy in, numpy
+    out; a tensor in, tensors on its device out."""
+    t, numpy_in = _as_tensor(probs)
+    keys = torch.unique(t.argmax(dim=0))
+    out = t[keys]
+    return (keys.cpu().numpy(), out.cpu().numpy()) if numpy_in else (keys, out)
 
 
 def _crf_job(image: np.ndarray, probs: np.ndarray, keys: np.ndarray, params, out_png: str
@@ -142,6 +155,10 @@ class _CrfQueue:
         self._collect(self.max_pending - 1)
         self.pending[self.pool.submit(_crf_job, *args)] = ident
 
+    def record(self, ident: str, mask: np.ndarray, seconds: float) -> None:
+        """A CRF that ran elsewhere (on the model's device), counted and reported like the queue's own."""
+        self._finish(ident, (mask, seconds))
+
     def drain(self) -> None:
         self._collect(0)
 
@@ -173,6 +190,7 @@ def generate_pseudo_masks(
     autocast_dtype: torch.dtype | None = None,
     average: str = "logits",
     size_divisor: int = 1,
+    crf_on_device: bool | None = None,
     evaluate: bool = True,
     limit: int | None = None,
     rank: int | None = None,
@@ -198,6 +216,8 @@ def generate_pseudo_masks(
         window_batch, autocast_dtype: passed to the sliding window (speed on GPU).
         average, size_divisor: window averaging and padding (:func:`slide_inference`; the release:
             ``"logits"``, 1).
+        crf_on_device: run the CRF inline where the probabilities are (:func:`~weakclip.crf.dense_crf`:
+            our batched lattice on a GPU), instead of in the CPU worker processes; default: on CUDA.
         evaluate: score against the ground truth when the dataset has it.
         limit: stop after writing this many images in this process (the rest is left for a later run).
         rank, world_size: this process's share; default from the ``torchrun`` environment.
@@ -267,24 +287,33 @@ def generate_pseudo_masks(
                                          num_classes=num_classes, window_batch=window_batch,
                                          autocast_dtype=autocast_dtype, average=average,
                                          size_divisor=size_divisor)
-            probs = probs.cpu().numpy()
-            model_seconds += time.perf_counter() - start
-            computed += 1
-
+            # classes kept and the mask before the CRF, on the probabilities' device
             keys, kept = restrict_probs(probs, labels) if restrict_to_labels else argmax_probs(probs)
             del probs
-            mask = keys.astype(np.uint8)[kept.argmax(axis=0)]
+            mask = keys.to(torch.uint8)[kept.argmax(dim=0)].cpu().numpy()
+            keys_np = keys.cpu().numpy()
+            model_seconds += time.perf_counter() - start
+            computed += 1
             if save_probs:
-                write_npz_atomic(probs_dir / f"{ident}.npz", keys=keys.astype(np.int16),
-                                 probs=kept.astype(np.float16))
+                write_npz_atomic(probs_dir / f"{ident}.npz", keys=keys_np.astype(np.int16),
+                                 probs=kept.cpu().numpy().astype(np.float16))
             if gt is not None:
                 cm_before.update(mask, gt, name=f"{no_crf_dir / ident}.png")
             if use_crf:
                 write_label_png(no_crf_dir / f"{ident}.png", mask)
                 if gt is not None:
                     gts[ident] = gt
-                queue.submit(ident, image, np.ascontiguousarray(kept, dtype=np.float32), keys, crf_params,
-                             str(final))
+                on_device = crf_on_device if crf_on_device is not None else kept.device.type == "cuda"
+                if on_device:  # the CRF where the probabilities are: no round trip to the CPU
+                    start = time.perf_counter()
+                    rgb = torch.from_numpy(image).to(kept.device).permute(2, 0, 1)[None].float()
+                    q = dense_crf(kept[None].float(), rgb, crf_params)[0]
+                    crf_mask = keys.to(torch.uint8)[q.argmax(dim=0)].cpu().numpy()
+                    write_label_png(final, crf_mask)
+                    queue.record(ident, crf_mask, time.perf_counter() - start)
+                else:
+                    queue.submit(ident, image, np.ascontiguousarray(kept.cpu().numpy(), dtype=np.float32),
+                                 keys_np, crf_params, str(final))
             else:
                 write_label_png(final, mask)
                 if gt is not None:
@@ -306,6 +335,7 @@ def generate_pseudo_masks(
             "scales": [float(s) for s in scales], "flip": bool(flip), "crop": int(crop),
             "stride": int(stride), "base_scale": [int(v) for v in base_scale],
             "restrict_to_labels": bool(restrict_to_labels), "average": average,
+            "crf_on_device": crf_on_device,
             "size_divisor": int(size_divisor),
             "crf": None if crf_params is None else _params_dict(crf_params),
             "save_probs": bool(save_probs),
