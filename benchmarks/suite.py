@@ -7,13 +7,15 @@ to the release's row (> 1: faster than the release). Stages (``--only`` picks so
   seeds     CLIP-ES seeds (ViT-B/16) of 500x375 images; release: one image at a time; ours: batches of
             images (8 on GPU; 1 on CPU, where batching measured slower)
   train     one refinement training step (ViT-B/16, 21 classes) at batch 8 of 512x512 (--cpu: batch 1
-            of 256x256); release: fp32, gradients through the towers (frozen_no_grad off), explicit
-            attention, pydensecrf2 per image in the boundary loss; ours: frozen towers without
-            autograd, scaled_dot_product_attention, bf16 on GPU, the loss's CRF through dense_crf
+            of 256x256); release (the voc preset): fp32, the towers in the optimizer with gradients,
+            BN in train mode, explicit attention, the boundary-loss CRF target as the release (scipy
+            zoom, uint8, pydensecrf2 per image); ours (voc-plus): frozen towers without autograd,
+            scaled_dot_product_attention, bf16 on GPU, the loss's CRF through dense_crf
   masks     pseudo masks of one 500x375 image at the release's six scales with flip (--cpu: scale
-            1.0 + flip), model and full-resolution CRF; release: one window at a time, fp32, CRF of
-            all 21 classes with pydensecrf2; ours: windows batched (8 on GPU), bf16 on GPU, CRF of the
-            image's labels (+ background) through dense_crf on the device
+            1.0 + flip), model and full-resolution CRF; release (voc): one window at a time, fp32,
+            logits averaged, CRF of the argmax's classes with pydensecrf2; ours (voc-plus): windows and
+            flips batched (8 on GPU), bf16 on GPU, CRF of the image's labels (+ background) through
+            dense_crf on the device
   crf64     dense CRF of the boundary loss: 16 maps of 64x64, 21 classes, training parameters;
             release: pydensecrf2 per image on the CPU; ours: every backend of weakclip.crf.dense_crf
             (exact N x N kernels, the PyTorch permutohedral lattice, pydensecrf2, and "auto")
@@ -46,6 +48,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from weakclip.data.classes import VOC_CLASSES
 
 STAGES = ("seeds", "train", "masks", "crf64", "crffull")
 
@@ -139,7 +143,7 @@ def measure(stage: str, path: str, setting: str, device: torch.device, images: i
                 torch.cuda.synchronize(device)
             best = min(best, time.perf_counter() - start)
     row = Row(stage, path, setting, str(device), images, best, mem.peak_mib)
-    print(f"  {stage:<9} {path:<8} {setting:<58} {row.images_per_s:9.3f} images/s", flush=True)
+    print(f"  {stage:<9} {path:<8} {setting:<68} {row.images_per_s:9.3f} images/s", flush=True)
     return row
 
 
@@ -183,7 +187,6 @@ def _photos_uint8(n: int, h: int, w: int) -> list[np.ndarray]:
 
 
 def seeds_rows(device: torch.device, args) -> list[Row]:
-    from weakclip.data.classes import VOC_CLASSES
     from weakclip.models.clip import build_clip
     from weakclip.seeds.clip_es import ClipEsConfig, ClipEsSeeder
 
@@ -208,89 +211,113 @@ def seeds_rows(device: torch.device, args) -> list[Row]:
 
 
 def train_rows(device: torch.device, args) -> list[Row]:
-    import dataclasses
     import sys
 
     from weakclip.config import load_preset
-    from weakclip.data.transforms import CLIP_MEAN, CLIP_STD
-    from weakclip.engine.trainer import train_step
+    from weakclip.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from weakclip.engine.trainer import optimizer_groups, train_step
     from weakclip.losses import WeakCLIPLoss
     from weakclip.models.weakclip import build_model
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from train_step import explicit_attention, numpy_crf_loss  # benchmarks/train_step.py
+    from train_step import explicit_attention  # benchmarks/train_step.py
 
-    cfg = load_preset("voc")
     cuda = device.type == "cuda"
     batch = args.train_batch or (8 if cuda else 1)
     crop = args.train_crop or (512 if cuda else 256)
-    torch.manual_seed(0)
-    model = build_model(dataclasses.replace(cfg.model), cfg.classes, pretrained_download=False).to(device)
-    model.train()
-    loss_fn = WeakCLIPLoss(loss_size=cfg.loss.loss_size, identity_weight=cfg.loss.identity_weight).to(device)
-    release_loss = numpy_crf_loss(loss_fn, device)
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.train.lr,
-                                  weight_decay=cfg.train.weight_decay)
-    mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
+    classes = list(VOC_CLASSES)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, crop, crop, generator=g).to(device)
-    seeds = torch.randint(0, len(cfg.classes), (batch, crop, crop), generator=g)
+    seeds = torch.randint(0, len(classes), (batch, crop, crop), generator=g)
     seeds[:, : crop // 4] = 255
     seeds = seeds.to(device)
 
-    def step(release: bool) -> None:
-        model.cfg.frozen_no_grad = not release
-        bf16 = cuda and not release
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-        with explicit_attention(release):
-            train_step(model, release_loss if release else loss_fn, optimizer, images, seeds, mean, std,
-                       autocast=autocast)
+    def setup(preset: str):
+        """Model, loss and AdamW (the preset's groups) of one preset."""
+        cfg = load_preset(preset)
+        torch.manual_seed(0)
+        model = build_model(cfg.model, classes, pretrained_download=False).to(device).train()
+        loss = WeakCLIPLoss(loss_size=cfg.loss.loss_size, identity_weight=cfg.loss.identity_weight,
+                            boundary_crf=cfg.loss.boundary_crf, identity_mean=cfg.loss.identity_mean)
+        groups = optimizer_groups(model, cfg.train.weight_decay, tower_lr_mult=cfg.train.tower_lr_mult,
+                                  adapter_lr_mult=cfg.train.adapter_lr_mult)
+        return model, loss.to(device), torch.optim.AdamW(groups, lr=cfg.train.lr,
+                                                          weight_decay=cfg.train.weight_decay)
 
+    rows = []
     what = f"batch {batch} of {crop}x{crop}"
-    rows = [measure("train", "release", f"fp32, tower grads, pydensecrf2 loss, {what}", device, batch,
-                    lambda: step(True), args.repeats),
-            measure("train", "ours", f"frozen no-grad, sdpa{', bf16' if cuda else ''}, dense_crf, {what}",
-                    device, batch, lambda: step(False), args.repeats)]
-    model.cfg.frozen_no_grad = cfg.model.frozen_no_grad
+    # the release (voc): towers in the optimizer with gradients, BN in train mode, explicit attention, fp32,
+    # the boundary-loss CRF target made as the release (scipy zoom, uint8, pydensecrf2 per image)
+    model, loss, opt = setup("voc")
+
+    def release() -> None:
+        with explicit_attention(True):
+            train_step(model, loss, opt, images, seeds, mean, std)
+
+    rows.append(measure("train", "release", f"fp32, towers train, release CRF target, {what}", device, batch,
+                        release, args.repeats))
+    del model, loss, opt
+    # ours (voc-plus): frozen towers without autograd, sdpa, dense_crf, bf16 on GPU
+    model, loss, opt = setup("voc-plus")
+
+    def ours() -> None:
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
+        train_step(model, loss, opt, images, seeds, mean, std, autocast=autocast)
+
+    rows.append(measure("train", "ours", f"voc-plus: frozen no-grad, sdpa{', bf16' if cuda else ''}, "
+                        f"dense_crf, {what}", device, batch, ours, args.repeats))
     return rows
 
 
 def masks_rows(device: torch.device, args) -> list[Row]:
     from weakclip.config import load_preset
     from weakclip.crf import VOC_CRF, dense_crf, dense_crf_numpy
-    from weakclip.inference.sliding import RELEASE_SCALES, multiscale_inference
+    from weakclip.inference.pseudo_masks import argmax_probs, restrict_probs
+    from weakclip.inference.sliding import multiscale_inference
     from weakclip.models.weakclip import build_model
 
-    cfg = load_preset("voc")
     cuda = device.type == "cuda"
-    scales = RELEASE_SCALES if not args.cpu else (1.0,)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.classes, pretrained_download=False).to(device).eval()
     image = _photos_uint8(1, 375, 500)[0]
-    keys = torch.tensor([0, 8, 15], device=device)  # background + the image's labels (cat, person)
+    labels = np.zeros(len(VOC_CLASSES), np.float32)
+    labels[[8, 15]] = 1  # the image's labels (cat, person)
     window_batch = args.window_batch or (8 if cuda else 1)
 
-    def release() -> None:
-        with torch.inference_mode():
-            probs = multiscale_inference(model, image, scales, True, device=device, window_batch=1)
-            dense_crf_numpy(image, probs.cpu().numpy(), VOC_CRF)
+    def build(preset: str):
+        cfg = load_preset(preset)
+        torch.manual_seed(0)
+        model = build_model(cfg.model, list(VOC_CLASSES), pretrained_download=False).to(device).eval()
+        p = cfg.pseudo
+        scales = p.scales if not args.cpu else (1.0,)
+        return model, p, scales
 
-    def ours() -> None:
+    model_r, p_r, scales = build("voc")
+
+    def release() -> None:  # one window at a time, fp32, logits averaged; the CRF over the argmax's classes
         with torch.inference_mode():
-            probs = multiscale_inference(model, image, scales, True, device=device, window_batch=window_batch,
-                                         autocast_dtype=torch.bfloat16 if cuda else None)
-            kept = probs[keys]
-            kept = kept / kept.sum(0, keepdim=True).clamp_min(1e-12)
+            probs = multiscale_inference(model_r, image, scales, True, device=device, window_batch=1,
+                                         average=p_r.average, size_divisor=p_r.size_divisor)
+            _, kept = argmax_probs(probs.cpu().numpy())
+            dense_crf_numpy(image, kept, VOC_CRF)
+
+    model_o, p_o, _ = build("voc-plus")
+
+    def ours() -> None:  # windows (and flips) batched, bf16 on GPU; the CRF on the device, image's labels
+        with torch.inference_mode():
+            probs = multiscale_inference(model_o, image, scales, True, device=device,
+                                         window_batch=window_batch,
+                                         autocast_dtype=torch.bfloat16 if cuda else None,
+                                         average=p_o.average, size_divisor=p_o.size_divisor)
+            _, kept = restrict_probs(probs, labels)
             rgb = torch.from_numpy(image).to(device).permute(2, 0, 1)[None].float()
             dense_crf(kept[None], rgb, VOC_CRF).argmax(1).cpu()
 
     what = f"{len(scales)} scale(s) + flip"
-    return [measure("masks", "release", f"{what}, 1 window, fp32, CRF 21 classes", device, 1, release,
-                    args.repeats),
-            measure("masks", "ours",
-                    f"{what}, {window_batch} windows{', bf16' if cuda else ''}, CRF 3 classes",
-                    device, 1, ours, args.repeats)]
+    return [measure("masks", "release", f"{what}, 1 window, fp32, CRF of the argmax classes", device, 1,
+                    release, args.repeats),
+            measure("masks", "ours", f"voc-plus: {what}, {window_batch} windows{', bf16' if cuda else ''}, "
+                    "CRF 3 classes on the device", device, 1, ours, args.repeats)]
 
 
 def crf_rows(stage: str, device: torch.device, args) -> list[Row]:
@@ -326,12 +353,12 @@ def crf_rows(stage: str, device: torch.device, args) -> list[Row]:
 
 def print_table(rows: list[Row], device: torch.device) -> None:
     mem = "peak CUDA MiB" if device.type == "cuda" else "peak +RSS MiB"
-    print(f"\n{'stage':<9} {'path':<8} {'setting':<58} {'device':<7} {'images/s':>9} {mem:>14} "
+    print(f"\n{'stage':<9} {'path':<8} {'setting':<68} {'device':<7} {'images/s':>9} {mem:>14} "
           f"{'x release':>10}")
     for row in rows:
         release = next((r for r in rows if r.stage == row.stage and r.path == "release"), None)
         ratio = f"{row.images_per_s / release.images_per_s:.2f}x" if release else "-"
-        print(f"{row.stage:<9} {row.path:<8} {row.setting:<58} {row.device:<7} {row.images_per_s:9.3f} "
+        print(f"{row.stage:<9} {row.path:<8} {row.setting:<68} {row.device:<7} {row.images_per_s:9.3f} "
               f"{row.peak_mib:14.0f} {ratio:>10}")
 
 

@@ -1,18 +1,20 @@
 """Training-step throughput and peak memory of the full-size model, each optimisation toggled off in turn.
 
 One training step of our engine (``weakclip.engine.trainer.train_step``: forward, loss with the CRF
-boundary term, backward, AdamW) on the release's ViT-B/16 model with RANDOM weights (speed does not
-depend on the values). The baseline has every optimisation on; each other row switches ONE off, and the
-ratio column is baseline images/s over the row's images/s (> 1: the optimisation helps by that factor).
+boundary term, backward, AdamW) on the ViT-B/16 model with frozen towers (``model.freeze_towers``,
+the ``-plus`` setting; ``benchmarks/suite.py`` compares with the release's path), RANDOM weights
+(speed does not depend on the values). The baseline has every optimisation on; each other row switches
+ONE off, and the ratio column is baseline images/s over the row's images/s (> 1: the optimisation helps
+by that factor).
 
 Toggles:
   frozen_no_grad   ModelConfig.frozen_no_grad: the frozen image tower under torch.no_grad()
   sdpa             the towers' attention via F.scaled_dot_product_attention; "off" runs the explicit
                    softmax(QK^T)V path of weakclip.models.clip (the towers have no public switch: the
                    benchmark routes every block through the path used for attention maps)
-  crf_batched      boundary-loss CRF through weakclip.crf.dense_crf (auto backend: the PyTorch lattice
-                   batched on a GPU, pydensecrf2 on CPU); "off" runs pydensecrf2 per image through
-                   NumPy (dense_crf_numpy), as the release did
+  crf_batched      boundary-loss CRF through weakclip.crf.dense_crf (loss.boundary_crf=fast, auto backend:
+                   the PyTorch lattice batched on a GPU, pydensecrf2 on CPU); "off" makes the target as
+                   the release (loss.boundary_crf=release: scipy zoom, uint8, pydensecrf2 per image)
   bf16             bf16 autocast (CUDA only; skipped on CPU)
 
 Peak memory: torch.cuda.max_memory_allocated on GPU; on CPU the process's peak RSS (VmHWM, reset before
@@ -76,25 +78,6 @@ def explicit_attention(enabled: bool):
         clip_module._self_attention = original
 
 
-def numpy_crf_loss(base, device):
-    """A WeakCLIPLoss whose boundary CRF runs per image in pydensecrf2 (through NumPy)."""
-    from weakclip.crf import dense_crf_numpy
-
-    class NumpyCRFLoss(type(base)):
-        @torch.no_grad()
-        def crf_target(self, probs, images_small):
-            out = []
-            probs_np = probs.detach().float().cpu().numpy()
-            for p, img in zip(probs_np, images_small.detach().float().cpu().numpy()):
-                image = np.clip(np.rint(img.transpose(1, 2, 0)), 0, 255).astype(np.uint8)
-                out.append(torch.from_numpy(np.ascontiguousarray(dense_crf_numpy(image, p, self.crf_params))))
-            q = torch.stack(out).to(probs.device).clamp_min(self.q_clamp)
-            return q / q.sum(dim=1, keepdim=True)
-
-    loss = NumpyCRFLoss(loss_size=base.loss_size, identity_weight=base.identity_weight)
-    return loss.to(device)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -122,12 +105,13 @@ def main() -> None:
     crop = args.crop_size or (512 if cuda else 256)
     torch.manual_seed(0)
     classes = ["background"] + [f"class {i}" for i in range(1, args.classes)]
-    cfg = ModelConfig(clip_arch=args.arch)
+    cfg = ModelConfig(clip_arch=args.arch, freeze_towers=True)
     t0 = time.perf_counter()
     model = build_model(cfg, classes, pretrained_download=False).to(device)
     model.train()
     build_s = time.perf_counter() - t0
-    loss_fn = WeakCLIPLoss(loss_size=args.loss_size).to(device)
+    loss_fn = WeakCLIPLoss(loss_size=args.loss_size, boundary_crf="fast").to(device)
+    release_loss = WeakCLIPLoss(loss_size=args.loss_size, boundary_crf="release").to(device)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4, weight_decay=3e-5)
     from weakclip.data.transforms import CLIP_MEAN, CLIP_STD
 
@@ -145,7 +129,6 @@ def main() -> None:
         rows.append(("bf16", {"bf16": False}))
     if args.only:
         rows = [r for r in rows if r[0] in args.only]
-    numpy_loss = None
     where = torch.cuda.get_device_name(device) if cuda else f"{torch.get_num_threads()} threads"
     print(f"device {device} ({where}), {args.arch} random weights, batch {batch}, crop {crop}, "
           f"{args.classes} classes, loss size "
@@ -157,15 +140,7 @@ def main() -> None:
     for name, off in rows:
         settings = {"frozen_no_grad": True, "sdpa": True, "crf_batched": True, "bf16": cuda} | off
         model.cfg.frozen_no_grad = settings["frozen_no_grad"]
-        if settings["crf_batched"]:
-            loss = loss_fn
-        else:
-            try:
-                numpy_loss = numpy_loss or numpy_crf_loss(loss_fn, device)
-            except Exception as exc:  # noqa: BLE001 - pydensecrf2 missing
-                print(f"{name}: skipped ({exc})")
-                continue
-            loss = numpy_loss
+        loss = loss_fn if settings["crf_batched"] else release_loss
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if settings["bf16"] and cuda
                     else torch.autocast(device.type, enabled=False))
         if cuda:
