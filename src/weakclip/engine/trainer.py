@@ -149,8 +149,6 @@ def optimizer_groups(model, weight_decay: float, *, tower_lr_mult: float = 1.0,
              else [(n, p) for n, p in model.named_parameters() if p.requires_grad])
     buckets: dict[str, list] = {"towers": [], "adapter": [], "rest": []}
     for name, param in named:
-        if not param.requires_grad:
-            raise WeakclipError(f"trainable parameter {name} has requires_grad False")
         key = ("towers" if name.startswith(_TOWER_PREFIXES)
                else "adapter" if name.startswith(_ADAPTER_PREFIXES) else "rest")
         buckets[key].append(param)
