@@ -42,7 +42,7 @@ from weakclip.inference.jobs import JobLedger, gather_objects, warn, write_npz_a
 from weakclip.inference.sliding import RELEASE_SCALES, multiscale_inference
 from weakclip.metrics import ConfusionMatrix
 
-__all__ = ["SUMMARY_NAME", "format_summary", "generate_pseudo_masks", "restrict_probs"]
+__all__ = ["SUMMARY_NAME", "argmax_probs", "format_summary", "generate_pseudo_masks", "restrict_probs"]
 
 SUMMARY_NAME = "pseudo_masks_summary.json"
 
@@ -92,15 +92,15 @@ def argmax_probs(probs):
     return (keys.cpu().numpy(), out.cpu().numpy()) if numpy_in else (keys, out)
 
 
-def _crf_job(image: np.ndarray, probs: np.ndarray, keys: np.ndarray, params, out_png: str
+def _crf_job(image: np.ndarray, probs: np.ndarray | torch.Tensor, keys: np.ndarray, params, out_png: str
              ) -> tuple[np.ndarray, float]:
-    """Dense CRF of one image, written to ``out_png`` -> (mask, seconds). Runs in a worker process."""
-    from weakclip.crf import dense_crf
-
+    """Dense CRF of one image, written to ``out_png`` -> (mask, seconds). Runs in a worker process (numpy
+    probabilities) or inline on the probabilities' device (a tensor: no round trip to the CPU)."""
     start = time.perf_counter()
-    q = dense_crf(torch.from_numpy(probs)[None], torch.tensor(image).permute(2, 0, 1)[None].float(),
-                  params)[0].numpy()
-    mask = np.asarray(keys, dtype=np.uint8)[q.argmax(axis=0)]
+    probs = torch.from_numpy(probs) if isinstance(probs, np.ndarray) else probs
+    rgb = torch.from_numpy(np.ascontiguousarray(image)).to(probs.device).permute(2, 0, 1)[None].float()
+    q = dense_crf(probs[None].float(), rgb, params)[0]
+    mask = np.asarray(keys, dtype=np.uint8)[q.argmax(dim=0).cpu().numpy()]
     write_label_png(out_png, mask)
     return mask, time.perf_counter() - start
 
@@ -257,6 +257,8 @@ def generate_pseudo_masks(
     computed = 0
     ok = False
     was_training = model.training
+    param = next(model.parameters(), None)
+    crf_here = crf_on_device if crf_on_device is not None else (param is not None and param.is_cuda)
     model.eval()  # dropout / stochastic depth off: the masks must not depend on the run
     try:
         for i in ledger:
@@ -290,30 +292,25 @@ def generate_pseudo_masks(
             # classes kept and the mask before the CRF, on the probabilities' device
             keys, kept = restrict_probs(probs, labels) if restrict_to_labels else argmax_probs(probs)
             del probs
-            mask = keys.to(torch.uint8)[kept.argmax(dim=0)].cpu().numpy()
-            keys_np = keys.cpu().numpy()
+            keys = keys.cpu().numpy()
+            mask = keys.astype(np.uint8)[kept.argmax(dim=0).cpu().numpy()]
             model_seconds += time.perf_counter() - start
             computed += 1
+            kept_np = kept.cpu().numpy() if save_probs or (use_crf and not crf_here) else None
             if save_probs:
-                write_npz_atomic(probs_dir / f"{ident}.npz", keys=keys_np.astype(np.int16),
-                                 probs=kept.cpu().numpy().astype(np.float16))
+                write_npz_atomic(probs_dir / f"{ident}.npz", keys=keys.astype(np.int16),
+                                 probs=kept_np.astype(np.float16))
             if gt is not None:
                 cm_before.update(mask, gt, name=f"{no_crf_dir / ident}.png")
             if use_crf:
                 write_label_png(no_crf_dir / f"{ident}.png", mask)
                 if gt is not None:
                     gts[ident] = gt
-                on_device = crf_on_device if crf_on_device is not None else kept.device.type == "cuda"
-                if on_device:  # the CRF where the probabilities are: no round trip to the CPU
-                    start = time.perf_counter()
-                    rgb = torch.from_numpy(image).to(kept.device).permute(2, 0, 1)[None].float()
-                    q = dense_crf(kept[None].float(), rgb, crf_params)[0]
-                    crf_mask = keys.to(torch.uint8)[q.argmax(dim=0)].cpu().numpy()
-                    write_label_png(final, crf_mask)
-                    queue.record(ident, crf_mask, time.perf_counter() - start)
+                if crf_here:  # the CRF where the probabilities are: no round trip to the CPU
+                    queue.record(ident, *_crf_job(image, kept, keys, crf_params, str(final)))
                 else:
-                    queue.submit(ident, image, np.ascontiguousarray(kept.cpu().numpy(), dtype=np.float32),
-                                 keys_np, crf_params, str(final))
+                    queue.submit(ident, image, np.ascontiguousarray(kept_np, dtype=np.float32), keys,
+                                 crf_params, str(final))
             else:
                 write_label_png(final, mask)
                 if gt is not None:
