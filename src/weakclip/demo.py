@@ -49,6 +49,10 @@ def refine_overrides(size: DemoSize) -> list[str]:
         f"train.iters={size.refine_iters}", "train.batch_size=4", "train.lr=1e-3", "train.warmup_iters=20",
         "train.min_lr=1e-5", f"train.checkpoint_every={max(10, size.refine_iters // 4)}", "train.log_every=5",
         "loss.loss_size=32",
+        # pseudo masks at one scale with flip, the VOC CRF run inline
+        "pseudo.scales=1.0", "pseudo.flip=true", f"pseudo.crop={crop}",
+        f"pseudo.stride={max(1, (2 * crop) // 3)}", f"pseudo.base_scale={size.image_size[1]},{crop}",
+        "pseudo.crf=voc", "pseudo.crf_workers=0",
     ]
 
 
@@ -116,7 +120,6 @@ def write_overlays(data_root: Path, pseudo_dir: Path, out_dir: Path, count: int 
 def run_demo(workdir: str | Path, size: DemoSize | None = None, *, device: str | None = None,
              progress: bool = True, log=print) -> dict[str, Any]:
     """Run the demo in ``workdir`` (resumable like ``weakclip run``) and return its report."""
-    from weakclip.config import PseudoMaskConfig
     from weakclip.data.io import write_json_atomic
     from weakclip.data.synthetic import make_synthetic_dataset
     from weakclip.distributed import barrier, init_distributed
@@ -133,15 +136,11 @@ def run_demo(workdir: str | Path, size: DemoSize | None = None, *, device: str |
                                    image_size=size.image_size)
         make_tiny_clip(clip_file)
     barrier()
-    crop = size.image_size[0]
-    pseudo = PseudoMaskConfig(scales=(1.0,), flip=True, crop=crop, stride=max(1, (2 * crop) // 3),
-                              base_scale=(size.image_size[1], crop), crf="voc", crf_workers=0)
     cfg = PipelineConfig(workdir=workdir, data_root=data_root, preset="voc", dataset="folder",
                          train_split="train", val_split="val", clip_weights=clip_file,
                          seeds=data_root / "seeds", refine_overrides=refine_overrides(size),
-                         retrain_overrides=retrain_overrides(size), retrain_preset="voc-plus", pseudo=pseudo,
-                         device=device,
-                         progress=progress)
+                         retrain_overrides=retrain_overrides(size), retrain_preset="voc-plus",
+                         device=device, progress=progress)
     report = Pipeline(cfg, log=log).run()
     if not info.is_main:
         return report

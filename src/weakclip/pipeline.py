@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from weakclip.config import PseudoMaskConfig
 from weakclip.errors import WeakclipError
 
 STAGES = ("seeds", "refine", "pseudo_masks", "retrain")
@@ -44,8 +43,6 @@ class PipelineConfig:
     refine_overrides: list[str] = field(default_factory=list)
     retrain_overrides: list[str] = field(default_factory=list)
     seed_overrides: dict[str, Any] = field(default_factory=dict)  # ClipEsConfig fields
-    # replaces the refinement preset's ``pseudo`` section when given (``--set pseudo.key=value`` edits it)
-    pseudo: PseudoMaskConfig | None = None
     device: str | None = None
     progress: bool = True
     stop_on_regression: bool = False  # stop after a stage that made things worse (see weakclip.report.checks)
@@ -295,7 +292,7 @@ class Pipeline:
         from weakclip.inference.loading import load_trained_model, normalization_of
         from weakclip.inference.pseudo_masks import generate_pseudo_masks
 
-        p = self.cfg.pseudo if self.cfg.pseudo is not None else self.refine_cfg.pseudo
+        p = self.refine_cfg.pseudo  # the preset's section with the --set pseudo.* overrides
         info = init_distributed(self.cfg.device)
         model, cfg = load_trained_model(self.stage_dir("refine"), self.cfg.clip_weights, device=info.device)
         dataset = self._dataset(self.pseudo_split, seed_dir=None)
