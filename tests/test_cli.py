@@ -41,3 +41,12 @@ def test_train_print_config_needs_no_data(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "iters: 7" in out and "match_mode: release" in out and "clip_arch: ViT-B/16" in out
     assert not (tmp_path / "w").exists()
+
+
+def test_pseudo_masks_conflicting_flags_are_a_one_line_error(tmp_path, capsys):
+    args = ["pseudo-masks", "--checkpoint", str(tmp_path / "c.pth"), "--data-root", str(tmp_path),
+            "--out", str(tmp_path / "o")]
+    assert main([*args, "--restrict", "--no-restrict"]) == 2
+    assert "--restrict and --no-restrict exclude each other" in capsys.readouterr().err
+    assert main([*args, "--scales", "0", "1"]) == 2  # checked through the typed pseudo section
+    assert "pseudo.scales must be positive" in capsys.readouterr().err

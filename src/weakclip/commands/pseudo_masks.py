@@ -23,7 +23,9 @@ def _pseudo_overrides(args: argparse.Namespace) -> list[str]:
     elif args.crf is not None:
         out.append(f"pseudo.crf={args.crf}")
     if args.restrict and args.no_restrict:
-        raise SystemExit("weakclip pseudo-masks: --restrict and --no-restrict exclude each other")
+        from weakclip.errors import WeakclipError
+
+        raise WeakclipError("--restrict and --no-restrict exclude each other")
     if args.restrict or args.no_restrict:
         out.append(f"pseudo.restrict_to_labels={'true' if args.restrict else 'false'}")
     if args.amp:
@@ -32,7 +34,7 @@ def _pseudo_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from weakclip.config import apply_overrides
+    from weakclip.config import Config, apply_overrides
     from weakclip.data.datasets import build_dataset
     from weakclip.distributed import cleanup, init_distributed
     from weakclip.errors import WeakclipError
@@ -40,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from weakclip.inference.pseudo_masks import format_summary, generate_pseudo_masks
 
     overrides = _pseudo_overrides(args)
+    apply_overrides(Config(), overrides)  # bad values fail now, before the checkpoint is read
     info = init_distributed(args.device)
     try:
         model, cfg = load_trained_model(args.checkpoint, args.clip_weights, device=info.device,
