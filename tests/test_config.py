@@ -59,7 +59,8 @@ PLUS_SWITCHES = [
     ("train.adapter_lr_mult", 0.0, 1.0), ("loss.boundary_crf", "release", "fast"),
     ("loss.identity_mean", "all", "valid"), ("pseudo.average", "logits", "probs"),
     ("pseudo.size_divisor", 1, 32), ("pseudo.restrict_to_labels", False, True),
-    ("pseudo.amp", "none", "bf16"), ("model.double_cls", True, False), ("model.pos_embed_size", 512, 0),
+    ("pseudo.amp", "none", "bf16"), ("pseudo.window_batch", 1, 0), ("pseudo.image_batch", 1, 4),
+    ("model.double_cls", True, False), ("model.pos_embed_size", 512, 0),
     ("model.drop_path_mode", "token", "sample"), ("model.init_scheme", "release", "mmseg"),
     ("model.partial_patches", "drop", "error"),
 ]

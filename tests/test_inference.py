@@ -17,8 +17,7 @@ from PIL import Image
 from torch import nn
 
 from weakclip.cli import main
-from weakclip.config import Config
-from weakclip.crf import VOC_CRF
+from weakclip.config import Config, PseudoMaskConfig
 from weakclip.data.datasets import build_dataset
 from weakclip.data.io import read_label_png
 from weakclip.data.synthetic import make_synthetic_dataset
@@ -31,6 +30,11 @@ from weakclip.models.weakclip import ModelConfig
 
 # Small and fast: one 64x64 window per 48x64 image at scale 1.0 of base (64, 48).
 TTA = dict(scales=(1.0,), flip=True, crop=64, stride=43, base_scale=(64, 48))
+
+
+def settings(**changes) -> PseudoMaskConfig:
+    """The pseudo-mask section of the tests: TTA above, the VOC CRF, plus ``changes``."""
+    return PseudoMaskConfig(**{**TTA, "crf": "voc", **changes})
 CLI_TTA = ["--scales", "1.0", "--base-scale", "64", "48", "--crop", "64", "--stride", "43"]
 
 
@@ -147,10 +151,11 @@ def test_restrict_probs_keeps_background_and_labels_only():
 # ------------------------------------------------------------------------------------------ pseudo masks
 def test_pseudo_masks_crf_on_and_off_labels_and_scores(model_and_data, tmp_path):
     model, _, dataset = model_and_data
-    on = generate_pseudo_masks(model, dataset, tmp_path / "crf", crf_params=VOC_CRF, crf_workers=1,
-                               save_probs=True, progress=False, restrict_to_labels=True, **TTA)
-    off = generate_pseudo_masks(model, dataset, tmp_path / "plain", crf_params=None, progress=False,
-                                restrict_to_labels=True, **TTA)
+    on = generate_pseudo_masks(model, dataset, tmp_path / "crf",
+                               settings(crf_workers=1, restrict_to_labels=True), save_probs=True,
+                               progress=False)
+    off = generate_pseudo_masks(model, dataset, tmp_path / "plain",
+                                settings(crf="none", restrict_to_labels=True), progress=False)
     assert on["written"] == off["written"] == len(dataset) and on["failed"] == 0
     for i, ident in enumerate(dataset.ids):
         allowed = set(np.flatnonzero(dataset.get_labels(i)).tolist())
@@ -176,9 +181,9 @@ def test_pseudo_masks_crf_on_and_off_labels_and_scores(model_and_data, tmp_path)
 def test_crf_where_the_probabilities_are_gives_the_worker_pool_result(model_and_data, tmp_path):
     """The inline CRF on the probabilities' device (the GPU path; here the CPU) writes the same masks."""
     model, _, dataset = model_and_data
-    kw = dict(crf_params=VOC_CRF, save_probs=True, progress=False, **TTA)
-    pool = generate_pseudo_masks(model, dataset, tmp_path / "pool", crf_workers=1, **kw)
-    inline = generate_pseudo_masks(model, dataset, tmp_path / "inline", crf_on_device=True, **kw)
+    kw = dict(save_probs=True, progress=False)
+    pool = generate_pseudo_masks(model, dataset, tmp_path / "pool", settings(crf_workers=1), **kw)
+    inline = generate_pseudo_masks(model, dataset, tmp_path / "inline", settings(), crf_on_device=True, **kw)
     assert _files(tmp_path / "inline") == _files(tmp_path / "pool")
     assert inline["miou_after_crf"] == pytest.approx(pool["miou_after_crf"])
     assert inline["crf_seconds_per_image"] is not None
@@ -186,16 +191,35 @@ def test_crf_where_the_probabilities_are_gives_the_worker_pool_result(model_and_
 
 def test_resume_after_a_kill_gives_the_identical_output_set(model_and_data, tmp_path):
     model, _, dataset = model_and_data
-    kw = dict(crf_params=VOC_CRF, save_probs=True, progress=False, **TTA)
-    full = generate_pseudo_masks(model, dataset, tmp_path / "full", crf_workers=0, **kw)
-    first = generate_pseudo_masks(model, dataset, tmp_path / "resumed", crf_workers=1, limit=2, **kw)
+    kw = dict(save_probs=True, progress=False)
+    full = generate_pseudo_masks(model, dataset, tmp_path / "full", settings(crf_workers=0), **kw)
+    first = generate_pseudo_masks(model, dataset, tmp_path / "resumed", settings(crf_workers=1), limit=2,
+                                  **kw)
     assert first["written"] == 2 and not first["complete"]
     # a kill can also leave a mask without its CRF output: the id is simply redone
     (tmp_path / "resumed" / f"{dataset.ids[1]}.png").unlink()
-    second = generate_pseudo_masks(model, dataset, tmp_path / "resumed", crf_workers=1, **kw)
+    second = generate_pseudo_masks(model, dataset, tmp_path / "resumed", settings(crf_workers=1), **kw)
     assert second["skipped_existing"] == 1 and second["written"] == len(dataset) - 1 and second["complete"]
     assert _files(tmp_path / "resumed") == _files(tmp_path / "full")
     assert second["miou_after_crf"] == pytest.approx(full["miou_after_crf"])
+
+
+def test_images_sharing_window_batches_write_the_same_masks(model_and_data, tmp_path):
+    """image_batch and window_batch (the -plus speed switches) change no mask; a limit inside a group of
+    images still stops at the limit."""
+    model, _, dataset = model_and_data
+    one = generate_pseudo_masks(model, dataset, tmp_path / "one", settings(crf_workers=0), progress=False)
+    many = generate_pseudo_masks(model, dataset, tmp_path / "many",
+                                 settings(crf_workers=1, image_batch=3, window_batch=4), progress=False)
+    assert many["written"] == len(dataset) == 5
+    assert _files(tmp_path / "many") == _files(tmp_path / "one")
+    assert many["miou_after_crf"] == pytest.approx(one["miou_after_crf"])
+    assert many["window_batch"] == 4 and one["window_batch"] == 1
+    assert many["settings"]["image_batch"] == 3
+    part = generate_pseudo_masks(model, dataset, tmp_path / "part", settings(crf="none", image_batch=4),
+                                 limit=2, progress=False)
+    assert part["written"] == 2 and not part["complete"]
+    assert len(list((tmp_path / "part").glob("*.png"))) == 2
 
 
 def _corrupt_copy(root: Path, dest: Path) -> tuple[Path, str]:
@@ -211,7 +235,7 @@ def test_pseudo_masks_command_reports_and_skips_a_corrupt_image(trained, tmp_pat
     out = tmp_path / "out"
     argv = ["pseudo-masks", "--checkpoint", str(workdir), "--clip-weights", str(weights), "--data-root",
             str(data), "--split", "train", "--out", str(out), "--crf-workers", "0", "--quiet", *CLI_TTA]
-    assert main(argv) == 0
+    assert main(argv + ["--image-batch", "3"]) == 0  # the bad image falls in the first group
     captured = capsys.readouterr()
     assert bad in captured.err and "mIoU before CRF" in captured.out and "1 failed" in captured.out
     summary = json.loads((out / SUMMARY_NAME).read_text())
@@ -279,8 +303,8 @@ def test_torchrun_shards_give_the_same_masks_and_one_summary(trained, model_and_
 
     root, weights, workdir = trained
     model, _, dataset = model_and_data
-    single = generate_pseudo_masks(model, dataset, tmp_path / "single", crf_params=VOC_CRF, crf_workers=0,
-                                   progress=False, **TTA)
+    single = generate_pseudo_masks(model, dataset, tmp_path / "single", settings(crf_workers=0),
+                                   progress=False)
     out = tmp_path / "sharded"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "weakclip", "pseudo-masks", "--checkpoint", str(workdir), "--clip-weights", str(weights),

@@ -138,8 +138,9 @@ class PseudoMaskConfig:
     per window (``"probs"``); ``size_divisor``: windows padded to a multiple of it (1: any size, the
     release). ``restrict_to_labels``: keep only the image's labels (+ background); off in the release.
     ``crf``: ``auto`` (COCO parameters for COCO, else VOC), ``voc``, ``coco`` or ``none``; ``crf_workers``
-    processes run it. ``window_batch`` windows per forward pass and ``amp`` (``bf16`` on CUDA) are speed
-    settings; the release runs one window at a time in float32.
+    processes run it. Speed settings (the release: one window at a time, one image at a time, float32):
+    ``window_batch`` windows per forward pass, from any scale and flip (0: as many as the free device
+    memory allows), ``image_batch`` images whose windows share those passes, ``amp`` (``bf16`` on CUDA).
     """
 
     scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -153,25 +154,24 @@ class PseudoMaskConfig:
     crf: Literal["auto", "voc", "coco", "none"] = "auto"
     crf_workers: int = 2
     window_batch: int = 1
+    image_batch: int = 1
     amp: Literal["bf16", "none"] = "none"
 
     def crf_name(self, kind: str) -> str:
         """The CRF parameter set for a dataset kind: ``voc``, ``coco`` or ``none``."""
         return self.crf if self.crf != "auto" else ("coco" if str(kind).startswith("coco") else "voc")
 
-    def generate_kwargs(self, kind: str, device) -> dict[str, Any]:
-        """Keyword arguments of :func:`~weakclip.inference.pseudo_masks.generate_pseudo_masks` (all but the
-        model, dataset, output folder, normalisation and the run's bookkeeping)."""
-        import torch
-
+    def crf_params(self, kind: str):
+        """The :class:`~weakclip.crf.DenseCRFParams` for a dataset kind, or None (no CRF)."""
         from weakclip.crf import COCO_CRF, VOC_CRF
 
-        amp = torch.bfloat16 if self.amp == "bf16" and torch.device(device).type == "cuda" else None
-        return {"scales": tuple(self.scales), "flip": self.flip, "crop": self.crop, "stride": self.stride,
-                "base_scale": tuple(self.base_scale), "average": self.average,
-                "size_divisor": self.size_divisor, "restrict_to_labels": self.restrict_to_labels,
-                "crf_params": {"voc": VOC_CRF, "coco": COCO_CRF, "none": None}[self.crf_name(kind)],
-                "crf_workers": self.crf_workers, "window_batch": self.window_batch, "autocast_dtype": amp}
+        return {"voc": VOC_CRF, "coco": COCO_CRF, "none": None}[self.crf_name(kind)]
+
+    def autocast_dtype(self, device):
+        """``torch.bfloat16`` with ``amp: bf16`` on CUDA, else None (float32)."""
+        import torch
+
+        return torch.bfloat16 if self.amp == "bf16" and torch.device(device).type == "cuda" else None
 
 
 @dataclass
@@ -389,7 +389,8 @@ def validate(cfg: Config, source: str = "config") -> None:
                                         f"{ps.stride}")
     need(ps.size_divisor >= 1, f"pseudo.size_divisor must be >= 1, got {ps.size_divisor}")
     need(ps.crf_workers >= 0, f"pseudo.crf_workers must be >= 0, got {ps.crf_workers}")
-    need(ps.window_batch >= 1, f"pseudo.window_batch must be >= 1, got {ps.window_batch}")
+    need(ps.window_batch >= 0, f"pseudo.window_batch must be >= 0 (0: by free memory), got {ps.window_batch}")
+    need(ps.image_batch >= 1, f"pseudo.image_batch must be >= 1, got {ps.image_batch}")
     need(ps.average in ("logits", "probs"), f"pseudo.average must be logits or probs, got {ps.average!r}")
     need(ps.crf in ("auto", "voc", "coco", "none"), f"pseudo.crf must be auto, voc, coco or none, got "
                                                      f"{ps.crf!r}")

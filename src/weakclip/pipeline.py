@@ -299,9 +299,9 @@ class Pipeline:
         crf = p.crf_name(self.kind)
         mean, std = normalization_of(cfg)
         out = self.stage_dir("pseudo_masks")
-        summary = generate_pseudo_masks(
-            model, dataset, out, mean=mean, std=std, **p.generate_kwargs(self.kind, info.device),
-            rank=info.rank, world_size=info.world_size, progress=self.cfg.progress)
+        summary = generate_pseudo_masks(model, dataset, out, p, mean=mean, std=std, kind=self.kind,
+                                        rank=info.rank, world_size=info.world_size,
+                                        progress=self.cfg.progress)
         if summary.get("failed"):
             raise WeakclipError(f"pseudo masks: {summary['failed']} images failed; fix or remove them and "
                                 "run again")

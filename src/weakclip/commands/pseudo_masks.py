@@ -13,7 +13,7 @@ def _pseudo_overrides(args: argparse.Namespace) -> list[str]:
         out.append("pseudo.scales=" + ",".join(str(s) for s in args.scales))
     if args.base_scale is not None:
         out.append(f"pseudo.base_scale={args.base_scale[0]},{args.base_scale[1]}")
-    for flag in ("crop", "stride", "crf_workers", "window_batch", "average", "size_divisor"):
+    for flag in ("crop", "stride", "crf_workers", "window_batch", "image_batch", "average", "size_divisor"):
         if getattr(args, flag) is not None:
             out.append(f"pseudo.{flag}={getattr(args, flag)}")
     if args.no_flip:
@@ -57,9 +57,9 @@ def run(args: argparse.Namespace) -> int:
             raise WeakclipError(f"the model was trained on {len(cfg.classes)} classes, the dataset at "
                                 f"{root} has {len(dataset.classes)}")
         mean, std = normalization_of(cfg)
-        summary = generate_pseudo_masks(
-            model, dataset, args.out, mean=mean, std=std, **settings.generate_kwargs(kind, info.device),
-            save_probs=args.save_probs, limit=args.max_images, progress=not args.quiet)
+        summary = generate_pseudo_masks(model, dataset, args.out, settings, mean=mean, std=std, kind=kind,
+                                        save_probs=args.save_probs, limit=args.max_images,
+                                        progress=not args.quiet)
         if info.is_main:
             print(format_summary(summary))
     finally:
@@ -114,7 +114,11 @@ def register(sub) -> None:
                    help="also write OUT/probs/<id>.npz (float16 probabilities of the kept classes)")
     p.add_argument("--crf-workers", type=int, default=None,
                    help="CRF worker processes per process (0 = run the CRF inline)")
-    p.add_argument("--window-batch", type=int, default=None, help="sliding windows per forward pass")
+    p.add_argument("--window-batch", type=int, default=None,
+                   help="sliding windows per forward pass, from any scale and flip (0: as many as the free "
+                        "GPU memory allows; the release: 1)")
+    p.add_argument("--image-batch", type=int, default=None,
+                   help="images whose windows share forward passes (the release: 1)")
     p.add_argument("--max-images", type=int, default=None,
                    help="stop after writing this many images per process (continue later)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for the model on CUDA (faster)")

@@ -34,12 +34,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from weakclip.config import PseudoMaskConfig
 from weakclip.crf import dense_crf
 from weakclip.data.io import jsonable, read_image, read_label_png, write_json_atomic, write_label_png
 from weakclip.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from weakclip.errors import DataError
+from weakclip.inference.batching import WindowRunner
 from weakclip.inference.jobs import JobLedger, gather_objects, warn, write_npz_atomic
-from weakclip.inference.sliding import RELEASE_SCALES, multiscale_inference
+from weakclip.inference.sliding import multiscale_inference_batch
 from weakclip.metrics import ConfusionMatrix
 
 __all__ = ["SUMMARY_NAME", "argmax_probs", "format_summary", "generate_pseudo_masks", "restrict_probs"]
@@ -172,25 +174,15 @@ def generate_pseudo_masks(
     model: torch.nn.Module,
     dataset,
     out_dir: str | Path,
+    settings: PseudoMaskConfig | None = None,
     *,
-    scales: Sequence[float] = RELEASE_SCALES,
-    flip: bool = True,
-    crop: int = 512,
-    stride: int = 341,
-    base_scale: Sequence[int] = (2048, 512),
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
-    crf_params=None,
-    restrict_to_labels: bool = False,
+    kind: str | None = None,
     save_probs: bool = False,
-    crf_workers: int = 2,
+    crf_on_device: bool | None = None,
     max_pending: int | None = None,
     start_method: str | None = None,
-    window_batch: int = 1,
-    autocast_dtype: torch.dtype | None = None,
-    average: str = "logits",
-    size_divisor: int = 1,
-    crf_on_device: bool | None = None,
     evaluate: bool = True,
     limit: int | None = None,
     rank: int | None = None,
@@ -202,22 +194,19 @@ def generate_pseudo_masks(
     Args:
         model: the trained refinement model (eval mode), on the device to run on.
         dataset: a :class:`~weakclip.data.datasets.SegDataset` (ids, classes, labels, optional GT).
-        scales, flip, crop, stride, base_scale: test-time augmentation (:func:`multiscale_inference`).
+        settings: the stage's config section (default: the release's): test-time augmentation, label
+            restriction, the CRF parameter set and its worker processes, window and image batches, amp.
+            Without label restriction (the release) the CRF and ``probs/`` get the classes present in the
+            argmax before the CRF, their probabilities as they are (the release's ``keys`` of ``prob_npy``).
         mean, std: the normalisation the model was trained with.
-        crf_params: a :class:`~weakclip.crf.DenseCRFParams` (``VOC_CRF``, ``COCO_CRF``) or None (no CRF).
-        restrict_to_labels: zero the classes outside the image's labels (background always allowed) and
-            renormalise. Off (the release): the CRF and ``probs/`` get the classes present in the argmax
-            before the CRF, their probabilities as they are (the release's ``keys`` of ``prob_npy``).
+        kind: the dataset kind that ``settings.crf == "auto"`` picks the CRF parameters by (default the
+            dataset's).
         save_probs: also write ``probs/<id>.npz``.
-        crf_workers: CRF worker processes (0: run the CRF in this process); ``max_pending`` bounds the
-            images waiting for them (default twice the workers). ``start_method`` of the workers:
-            default ``fork`` on CPU, ``spawn`` once CUDA is initialised (scripts then need the
-            ``if __name__ == "__main__":`` guard).
-        window_batch, autocast_dtype: passed to the sliding window (speed on GPU).
-        average, size_divisor: window averaging and padding (:func:`slide_inference`; the release:
-            ``"logits"``, 1).
         crf_on_device: run the CRF inline where the probabilities are (:func:`~weakclip.crf.dense_crf`:
             our batched lattice on a GPU), instead of in the CPU worker processes; default: on CUDA.
+        max_pending: images waiting for the CRF workers at most (default twice the workers);
+            ``start_method`` of the workers: default ``fork`` on CPU, ``spawn`` once CUDA is initialised
+            (scripts then need the ``if __name__ == "__main__":`` guard).
         evaluate: score against the ground truth when the dataset has it.
         limit: stop after writing this many images in this process (the rest is left for a later run).
         rank, world_size: this process's share; default from the ``torchrun`` environment.
@@ -225,13 +214,15 @@ def generate_pseudo_masks(
 
     Returns the summary (the same on every process; rank 0 also writes it to ``SUMMARY_NAME``): counts
     (``written``, ``skipped_existing``, ``failed`` with ``failures`` {id: message}), ``settings``,
-    ``model_seconds_per_image``, ``crf_seconds_per_image`` and, with ground truth, ``miou`` (final
-    masks), ``miou_before_crf`` / ``miou_after_crf`` (when the CRF is on), per-class ``iou_*``,
-    ``unscored`` {id: message} and the :class:`~weakclip.metrics.SegScores` under ``"scores"``
-    (left out of the JSON file).
+    ``model_seconds_per_image``, ``crf_seconds_per_image``, ``window_batch`` (the batch size used) and,
+    with ground truth, ``miou`` (final masks), ``miou_before_crf`` / ``miou_after_crf`` (when the CRF is
+    on), per-class ``iou_*``, ``unscored`` {id: message} and the
+    :class:`~weakclip.metrics.SegScores` under ``"scores"`` (left out of the JSON file).
     """
+    settings = PseudoMaskConfig() if settings is None else settings
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    crf_params = settings.crf_params(kind or getattr(dataset, "kind", "voc"))
     use_crf = crf_params is not None
     no_crf_dir = out_dir / "no_crf"
     probs_dir = out_dir / "probs"
@@ -252,14 +243,61 @@ def generate_pseudo_masks(
 
     ledger = JobLedger("pseudo-masks", dataset.ids, rank=rank, world_size=world_size, progress=progress,
                        limit=limit)
-    queue = _CrfQueue(crf_workers if use_crf else 0, max_pending, crf_done, start_method)
-    model_seconds = 0.0
-    computed = 0
-    ok = False
+    queue = _CrfQueue(settings.crf_workers if use_crf else 0, max_pending, crf_done, start_method)
     was_training = model.training
     param = next(model.parameters(), None)
-    crf_here = crf_on_device if crf_on_device is not None else (param is not None and param.is_cuda)
+    device = param.device if param is not None else torch.device("cpu")
+    crf_here = crf_on_device if crf_on_device is not None else device.type == "cuda"
+    runner = WindowRunner(model, num_classes, window_batch=settings.window_batch,
+                          autocast_dtype=settings.autocast_dtype(device),
+                          probe_size=(settings.crop, settings.crop))
+    timing = {"model_seconds": 0.0, "computed": 0}
+    group: list[tuple[str, np.ndarray, np.ndarray | None, np.ndarray | None]] = []
+
+    def run_group() -> None:
+        """The model on the images read so far (their windows share batches), then each one's masks."""
+        start = time.perf_counter()
+        all_probs = multiscale_inference_batch(
+            model, [image for _, image, _, _ in group], settings.scales, settings.flip, settings.crop,
+            settings.stride, mean, std, settings.base_scale, num_classes=num_classes, device=device,
+            window_batch=runner, average=settings.average, size_divisor=settings.size_divisor)
+        for (ident, image, labels, gt), probs in zip(group, all_probs):
+            # classes kept and the mask before the CRF, on the probabilities' device
+            keys, kept = restrict_probs(probs, labels) if labels is not None else argmax_probs(probs)
+            keys = keys.cpu().numpy()
+            mask = keys.astype(np.uint8)[kept.argmax(dim=0).cpu().numpy()]
+            timing["model_seconds"] += time.perf_counter() - start
+            timing["computed"] += 1
+            write_masks(ident, image, keys, kept, mask, gt)  # the inline CRF is timed by the queue
+            start = time.perf_counter()
+        all_probs.clear()
+        group.clear()
+
+    def write_masks(ident, image, keys, kept, mask, gt) -> None:
+        final = out_dir / f"{ident}.png"
+        kept_np = kept.cpu().numpy() if save_probs or (use_crf and not crf_here) else None
+        if save_probs:
+            write_npz_atomic(probs_dir / f"{ident}.npz", keys=keys.astype(np.int16),
+                             probs=kept_np.astype(np.float16))
+        if gt is not None:
+            cm_before.update(mask, gt, name=f"{no_crf_dir / ident}.png")
+        if use_crf:
+            write_label_png(no_crf_dir / f"{ident}.png", mask)
+            if gt is not None:
+                gts[ident] = gt
+            if crf_here:  # the CRF where the probabilities are: no round trip to the CPU
+                queue.record(ident, *_crf_job(image, kept, keys, crf_params, str(final)))
+            else:
+                queue.submit(ident, image, np.ascontiguousarray(kept_np, dtype=np.float32), keys,
+                             crf_params, str(final))
+        else:
+            write_label_png(final, mask)
+            if gt is not None:
+                cm_after.update(mask, gt, name=str(final))
+        ledger.wrote(ident)
+
     model.eval()  # dropout / stochastic depth off: the masks must not depend on the run
+    ok = False
     try:
         for i in ledger:
             ident = dataset.ids[i]
@@ -272,7 +310,7 @@ def generate_pseudo_masks(
                 continue
             try:
                 image = read_image(dataset.image_path(i))
-                labels = dataset.get_labels(i) if restrict_to_labels else None
+                labels = dataset.get_labels(i) if settings.restrict_to_labels else None
             except DataError as exc:
                 ledger.fail(ident, exc)
                 continue
@@ -283,39 +321,12 @@ def generate_pseudo_masks(
                 except DataError as exc:
                     unscored.append((ident, str(exc)))
                     warn(f"pseudo-masks: {ident!r} not scored: {exc}", ledger.bar)
-
-            start = time.perf_counter()
-            probs = multiscale_inference(model, image, scales, flip, crop, stride, mean, std, base_scale,
-                                         num_classes=num_classes, window_batch=window_batch,
-                                         autocast_dtype=autocast_dtype, average=average,
-                                         size_divisor=size_divisor)
-            # classes kept and the mask before the CRF, on the probabilities' device
-            keys, kept = restrict_probs(probs, labels) if restrict_to_labels else argmax_probs(probs)
-            del probs
-            keys = keys.cpu().numpy()
-            mask = keys.astype(np.uint8)[kept.argmax(dim=0).cpu().numpy()]
-            model_seconds += time.perf_counter() - start
-            computed += 1
-            kept_np = kept.cpu().numpy() if save_probs or (use_crf and not crf_here) else None
-            if save_probs:
-                write_npz_atomic(probs_dir / f"{ident}.npz", keys=keys.astype(np.int16),
-                                 probs=kept_np.astype(np.float16))
-            if gt is not None:
-                cm_before.update(mask, gt, name=f"{no_crf_dir / ident}.png")
-            if use_crf:
-                write_label_png(no_crf_dir / f"{ident}.png", mask)
-                if gt is not None:
-                    gts[ident] = gt
-                if crf_here:  # the CRF where the probabilities are: no round trip to the CPU
-                    queue.record(ident, *_crf_job(image, kept, keys, crf_params, str(final)))
-                else:
-                    queue.submit(ident, image, np.ascontiguousarray(kept_np, dtype=np.float32), keys,
-                                 crf_params, str(final))
-            else:
-                write_label_png(final, mask)
-                if gt is not None:
-                    cm_after.update(mask, gt, name=str(final))
-            ledger.wrote(ident)
+            group.append((ident, image, labels, gt))
+            room = None if ledger.limit is None else ledger.limit - ledger.written
+            if len(group) >= settings.image_batch or (room is not None and len(group) >= room):
+                run_group()
+        if group:
+            run_group()
         queue.drain()
         ok = True
     finally:
@@ -323,20 +334,24 @@ def generate_pseudo_masks(
         model.train(was_training)
 
     summary = ledger.summary()
-    seconds = gather_objects([(computed, model_seconds, queue.done, queue.seconds)])
+    seconds = gather_objects([(timing["computed"], timing["model_seconds"], queue.done, queue.seconds)])
     n_model = sum(s[0] for s in seconds)
     n_crf = sum(s[2] for s in seconds)
     summary.update({
         "out_dir": str(out_dir),
         "settings": {
-            "scales": [float(s) for s in scales], "flip": bool(flip), "crop": int(crop),
-            "stride": int(stride), "base_scale": [int(v) for v in base_scale],
-            "restrict_to_labels": bool(restrict_to_labels), "average": average,
+            "scales": [float(s) for s in settings.scales], "flip": bool(settings.flip),
+            "crop": int(settings.crop), "stride": int(settings.stride),
+            "base_scale": [int(v) for v in settings.base_scale],
+            "restrict_to_labels": bool(settings.restrict_to_labels), "average": settings.average,
             "crf_on_device": crf_on_device,
-            "size_divisor": int(size_divisor),
+            "size_divisor": int(settings.size_divisor),
             "crf": None if crf_params is None else _params_dict(crf_params),
             "save_probs": bool(save_probs),
+            "window_batch": int(settings.window_batch), "image_batch": int(settings.image_batch),
+            "amp": settings.amp,
         },
+        "window_batch": runner.limit,
         "model_seconds_per_image": sum(s[1] for s in seconds) / n_model if n_model else None,
         "crf_seconds_per_image": sum(s[3] for s in seconds) / n_crf if n_crf else None,
     })

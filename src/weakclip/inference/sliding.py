@@ -21,7 +21,7 @@ level, cropping the padding off the output.
 
 from __future__ import annotations
 
-import contextlib
+from collections import deque
 from collections.abc import Sequence
 
 import numpy as np
@@ -30,11 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from weakclip.data.transforms import IMAGENET_MEAN, IMAGENET_STD, rescale_size
+from weakclip.inference.batching import WindowRunner
 
 __all__ = [
     "AVERAGE_MODES",
     "RELEASE_SCALES",
     "multiscale_inference",
+    "multiscale_inference_batch",
     "scaled_size",
     "slide_inference",
     "window_grid",
@@ -71,15 +73,74 @@ def window_grid(height: int, width: int, crop: int | Sequence[int], stride: int 
     return out
 
 
-def _model_logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    out = model(batch)
-    return out["logits"] if isinstance(out, dict) else out
+def _padded_size(height: int, width: int, divisor: int) -> tuple[int, int]:
+    """The size a window goes to the model at: a multiple of ``divisor``, at least 32 a side.
+
+    A window under 32 px a side would leave the stride-32 pyramid level empty (the release crashes
+    there); such tiny windows are zero-padded to 32 and the padding cropped off again.
+    """
+    if divisor > 1:
+        height, width = height + (-height) % divisor, width + (-width) % divisor
+    return max(height, _MIN_SIDE), max(width, _MIN_SIDE)
 
 
-def _pad_to(x: torch.Tensor, divisor: int) -> torch.Tensor:
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % divisor, (-w) % divisor
-    return F.pad(x, (0, pw, 0, ph)) if (ph or pw) else x
+class _Pass:
+    """One view of one image (a scale, flipped or not): its windows and their running sums."""
+
+    __slots__ = ("image", "windows", "on_done", "sums", "count", "left")
+
+    def __init__(self, image: torch.Tensor, windows: list[tuple[int, int, int, int]], on_done) -> None:
+        self.image = image  # 1 x 3 x h x w, normalised, on the device
+        self.windows = windows
+        self.on_done = on_done  # called with the window average, 1 x K x h x w
+        self.sums: torch.Tensor | None = None
+        self.count: torch.Tensor | None = None
+        self.left = len(windows)
+
+
+def _run_passes(passes: Sequence[_Pass], runner: WindowRunner, num_classes: int, size_divisor: int,
+                average: str) -> None:
+    """Run the windows of every pass through ``runner`` and hand each pass its window average.
+
+    Windows of one padded size go to the model together, whichever pass (scale, flip, image) they come
+    from; a batch always starts at the oldest window still waiting, so passes finish, and free their
+    sums, in about the order they were given. Within a pass the windows are added in grid order, so one
+    window at a time (the release) adds exactly as a plain loop over the grid does.
+    """
+    queues: dict[tuple[int, int], deque] = {}
+    order = 0
+    for p in passes:
+        for win in p.windows:
+            key = _padded_size(win[1] - win[0], win[3] - win[2], size_divisor)
+            queues.setdefault(key, deque()).append((order, p, win))
+            order += 1
+    device = passes[0].image.device if passes else torch.device("cpu")
+    while queues:
+        key = min(queues, key=lambda k: queues[k][0][0])
+        queue = queues[key]
+        limit = runner.resolve(device)
+        taken = [queue.popleft() for _ in range(min(limit, len(queue)))]
+        if not queue:
+            del queues[key]
+        crops = []
+        for _, p, (y1, y2, x1, x2) in taken:
+            crop = p.image[:, :, y1:y2, x1:x2]
+            ph, pw = key[0] - (y2 - y1), key[1] - (x2 - x1)
+            crops.append(F.pad(crop, (0, pw, 0, ph)) if (ph or pw) else crop)
+        logits = runner(torch.cat(crops))
+        for j, (_, p, (y1, y2, x1, x2)) in enumerate(taken):
+            if p.sums is None:
+                h, w = p.image.shape[-2:]
+                p.sums = torch.zeros(1, num_classes, h, w, device=device, dtype=torch.float32)
+                p.count = torch.zeros(1, 1, h, w, device=device, dtype=torch.float32)
+            part = logits[j:j + 1, :, :y2 - y1, :x2 - x1]
+            p.sums[:, :, y1:y2, x1:x2] += part.softmax(dim=1) if average == "probs" else part
+            p.count[:, :, y1:y2, x1:x2] += 1
+            p.left -= 1
+            if p.left == 0:
+                result = p.sums.div_(p.count)
+                p.sums = p.count = p.image = None
+                p.on_done(result)
 
 
 @torch.inference_mode()
@@ -94,9 +155,8 @@ def slide_inference(model: nn.Module, image: torch.Tensor, num_classes: int, cro
         model: returns ``{"logits": N x K x h x w}`` (any h, w; resized bilinearly to the window) or
             the logits tensor itself.
         image: normalised images on the model's device.
-        window_batch: windows run through the model together (all windows have one size); the same window
-            of the ``B`` images always goes together, so a forward pass takes
-            ``B * max(1, window_batch // B)`` windows.
+        window_batch: windows per forward pass, from any of the ``B`` images (0: as many as the free
+            memory allows, :class:`~weakclip.inference.batching.WindowRunner`).
         size_divisor: windows are zero-padded (bottom/right) to a multiple of it before the model (1: none,
             the release).
         autocast_dtype: e.g. ``torch.bfloat16`` to run the model under autocast on CUDA.
@@ -105,35 +165,21 @@ def slide_inference(model: nn.Module, image: torch.Tensor, num_classes: int, cro
         raise ValueError(f"slide_inference takes images B x 3 x H x W, got {tuple(image.shape)}")
     if average not in AVERAGE_MODES:
         raise ValueError(f"average must be one of {AVERAGE_MODES}, got {average!r}")
-    n, _, h, w = image.shape
-    windows = window_grid(h, w, crop, stride)
-    probs = torch.zeros(n, num_classes, h, w, device=image.device, dtype=torch.float32)
-    count = torch.zeros(1, 1, h, w, device=image.device, dtype=torch.float32)
-    amp = (torch.autocast(device_type=image.device.type, dtype=autocast_dtype)
-           if autocast_dtype is not None else contextlib.nullcontext())
-    step = max(1, int(window_batch) // n)
-    for start in range(0, len(windows), step):
-        group = windows[start:start + step]
-        wh, ww = group[0][1] - group[0][0], group[0][3] - group[0][2]
-        batch = torch.cat([image[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in group])  # window-major
-        batch = _pad_to(batch, size_divisor) if size_divisor > 1 else batch
-        # A window under 32 px a side would leave the stride-32 pyramid level empty (the release crashes
-        # there); such tiny windows are zero-padded to 32 and the padding cropped off again.
-        short_h, short_w = max(0, _MIN_SIDE - batch.shape[-2]), max(0, _MIN_SIDE - batch.shape[-1])
-        if short_h or short_w:
-            batch = F.pad(batch, (0, short_w, 0, short_h))
-        with amp:
-            logits = _model_logits(model, batch)
-        if logits.shape[1] != num_classes:
-            raise ValueError(f"the model gives {logits.shape[1]} classes, expected {num_classes}")
-        logits = F.interpolate(logits.float(), size=batch.shape[-2:], mode="bilinear", align_corners=False)
-        p = logits[:, :, :wh, :ww]
-        if average == "probs":
-            p = p.softmax(dim=1)
-        for j, (y1, y2, x1, x2) in enumerate(group):
-            probs[:, :, y1:y2, x1:x2] += p[j * n:(j + 1) * n]
-            count[:, :, y1:y2, x1:x2] += 1
-    return probs.div_(count)
+    windows = window_grid(image.shape[-2], image.shape[-1], crop, stride)
+    runner = WindowRunner(model, num_classes, window_batch=window_batch, autocast_dtype=autocast_dtype,
+                          probe_size=_padded_size(*_crop_hw(crop), size_divisor))
+    results: list[torch.Tensor | None] = [None] * image.shape[0]
+
+    def keep(b: int):
+        return lambda out: results.__setitem__(b, out)
+
+    _run_passes([_Pass(image[b:b + 1], windows, keep(b)) for b in range(image.shape[0])], runner,
+                num_classes, size_divisor, average)
+    return torch.cat(results)
+
+
+def _crop_hw(crop: int | Sequence[int]) -> tuple[int, int]:
+    return (crop, crop) if isinstance(crop, int) else (int(crop[0]), int(crop[1]))
 
 
 def scaled_size(height: int, width: int, ratio: float, base_scale: Sequence[int] = (2048, 512)
@@ -171,6 +217,8 @@ def multiscale_inference(model: nn.Module, image: np.ndarray, scales: Sequence[f
         mean, std: normalisation (0-255 scale, RGB), as the model was trained with.
         num_classes: K; default ``model.num_classes``.
         device: where the model runs; default the device of its first parameter.
+        window_batch: windows per forward pass, from any scale and flip whose windows have the same size
+            (1: one at a time, the release; 0: as many as the free memory allows).
         average, size_divisor: see :func:`slide_inference`.
 
     Each scale's image is resized bilinearly (half-pixel centres, no antialiasing, rounded to 8 bits
@@ -180,43 +228,73 @@ def multiscale_inference(model: nn.Module, image: np.ndarray, scales: Sequence[f
     flipped pass) are added into the one accumulator, then divided by the number of passes. The result
     sums to 1 over the classes at every pixel.
     """
+    return multiscale_inference_batch(model, [image], scales, flip, crop, stride, mean, std, base_scale,
+                                      num_classes=num_classes, device=device, window_batch=window_batch,
+                                      autocast_dtype=autocast_dtype, average=average,
+                                      size_divisor=size_divisor)[0]
+
+
+@torch.inference_mode()
+def multiscale_inference_batch(model: nn.Module, images: Sequence[np.ndarray],
+                               scales: Sequence[float] = RELEASE_SCALES, flip: bool = True, crop: int = 512,
+                               stride: int = 341, mean: Sequence[float] = IMAGENET_MEAN,
+                               std: Sequence[float] = IMAGENET_STD, base_scale: Sequence[int] = (2048, 512),
+                               *, num_classes: int | None = None, device: str | torch.device | None = None,
+                               window_batch: int | WindowRunner = 1,
+                               autocast_dtype: torch.dtype | None = None, average: str = "logits",
+                               size_divisor: int = 1) -> list[torch.Tensor]:
+    """:func:`multiscale_inference` of several images at once: the windows of all their scales and flips
+    share forward passes (windows of one size go together), so a GPU gets full batches even from small
+    scales and small images. Returns one ``K x H_i x W_i`` tensor per image, each the same (to float
+    rounding) as :func:`multiscale_inference` of that image alone.
+
+    ``window_batch`` may also be a :class:`~weakclip.inference.batching.WindowRunner` to keep its batch
+    size (chosen by free memory, or lowered after an out-of-memory error) from one call to the next.
+    """
     if not scales:
         raise ValueError("multiscale_inference needs at least one scale")
+    if average not in AVERAGE_MODES:
+        raise ValueError(f"average must be one of {AVERAGE_MODES}, got {average!r}")
     if device is None:
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
     device = torch.device(device)
     k = int(num_classes if num_classes is not None else model.num_classes)
-    src = _to_device_image(image, device)
-    h, w = src.shape[-2:]
+    if isinstance(window_batch, WindowRunner):
+        runner = window_batch
+    else:
+        runner = WindowRunner(model, k, window_batch=window_batch, autocast_dtype=autocast_dtype,
+                              probe_size=_padded_size(*_crop_hw(crop), size_divisor))
     mean_t = torch.tensor([float(m) for m in mean], device=device).view(1, 3, 1, 1)
     std_t = torch.tensor([float(s) for s in std], device=device).view(1, 3, 1, 1)
-    acc = torch.zeros(k, h, w, device=device, dtype=torch.float32)
-    passes = 0
-    for ratio in scales:
-        sh, sw = scaled_size(h, w, float(ratio), base_scale)
-        if (sh, sw) == (h, w):
-            scaled = src
-        else:
-            scaled = F.interpolate(src, size=(sh, sw), mode="bilinear", align_corners=False)
-            scaled = scaled.round_().clamp_(0, 255)
-        scaled = (scaled - mean_t) / std_t
-        # With window batches, an image and its flip share them (same window sizes); one window at a time
-        # (the release) runs the passes one after the other.
-        views = [scaled, scaled.flip(-1)] if flip else [scaled]
-        together = len(views) > 1 and window_batch >= len(views)
-        outs = []
-        for batch in ([torch.cat(views)] if together else views):
-            outs.extend(slide_inference(model, batch, k, crop, stride, window_batch=window_batch,
-                                        autocast_dtype=autocast_dtype, average=average,
-                                        size_divisor=size_divisor).split(1))
-        del views
-        for flipped, out in zip((False, True), outs):
-            if (sh, sw) != (h, w):
-                out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
+    accs: list[torch.Tensor] = []
+    passes: list[_Pass] = []
+
+    def finish(i: int, size: tuple[int, int], flipped: bool):
+        def done(out: torch.Tensor) -> None:
+            if tuple(out.shape[-2:]) != size:
+                out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
             if average == "logits":
                 out = out.softmax(dim=1)
-            acc.add_((out.flip(-1) if flipped else out)[0])
-            passes += 1
-        del outs, scaled
-    return acc.div_(passes)
+            accs[i].add_((out.flip(-1) if flipped else out)[0])
+        return done
+
+    for i, image in enumerate(images):
+        src = _to_device_image(image, device)
+        h, w = src.shape[-2:]
+        accs.append(torch.zeros(k, h, w, device=device, dtype=torch.float32))
+        for ratio in scales:
+            sh, sw = scaled_size(h, w, float(ratio), base_scale)
+            if (sh, sw) == (h, w):
+                scaled = src
+            else:
+                scaled = F.interpolate(src, size=(sh, sw), mode="bilinear", align_corners=False)
+                scaled = scaled.round_().clamp_(0, 255)
+            scaled = (scaled - mean_t) / std_t
+            windows = window_grid(sh, sw, crop, stride)
+            passes.append(_Pass(scaled, windows, finish(i, (h, w), False)))
+            if flip:
+                passes.append(_Pass(scaled.flip(-1), windows, finish(i, (h, w), True)))
+    _run_passes(passes, runner, k, size_divisor, average)
+    n_passes = len(scales) * (2 if flip else 1)
+    return [acc.div_(n_passes) for acc in accs]
