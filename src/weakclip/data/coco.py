@@ -229,13 +229,3 @@ def prepare_coco(
         write_json_atomic(out_root / f"labels_{split}.json", labels)
         summary[split] = {"images": len(ids), "written": len(todo), "skipped": len(tasks) - len(todo)}
     return summary
-
-
-
-def __getattr__(name: str) -> Any:
-    # ``from weakclip.data.coco import COCODataset`` works too, without importing torch for prepare_coco.
-    if name == "COCODataset":
-        from weakclip.data.datasets import COCODataset
-
-        return COCODataset
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -33,8 +33,8 @@ from torch import nn
 
 from weakclip.engine.schedule import PolySchedule
 from weakclip.errors import WeakclipError, WeightsError
-from weakclip.retrain.models import Segmenter
 from weakclip.retrain.resnet38 import MXNET_FILE, ResNet38, load_resnet38_weights
+from weakclip.retrain.segmenter import Segmenter
 
 __all__ = [
     "DeepLabV1",

@@ -28,14 +28,14 @@ cache); when that fails a one-line :class:`~weakclip.errors.WeightsError` names 
 options ``--backbone-weights FILE`` / ``--no-pretrained``. BatchNorm layers are ordinary (trained); convert
 to SyncBN for DDP with ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``.
 
-Every model is wrapped in :class:`Segmenter`: ``forward(x) -> logits`` (B x K x H x W, the input's size) and
-``param_groups()`` separating the pretrained backbone from the freshly initialised head.
+Every model is wrapped in :class:`~weakclip.retrain.segmenter.Segmenter`: ``forward(x) -> logits``
+(B x K x H x W, the input's size) and ``param_groups()`` separating the pretrained backbone from the
+freshly initialised head.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -43,6 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from weakclip.errors import WeakclipError, WeightsError
+from weakclip.retrain.deeplabv1 import build_deeplabv1
+from weakclip.retrain.segmenter import Segmenter
 
 __all__ = ["DeepLabV3Plus", "Segmenter", "available_models", "build_segmenter", "load_backbone_file"]
 
@@ -68,39 +70,6 @@ def available_models() -> list[str]:
     resnets = _resnet_names()
     ours = [f"{fam}_{r}" for fam in _FAMILIES for r in resnets]
     return sorted(set(ours) | set(seg) | {RELEASE_MODEL})
-
-
-class Segmenter(nn.Module):
-    """A segmentation network giving logits at the input's size; ``net.backbone`` is the pretrained part."""
-
-    def __init__(self, net: nn.Module, name: str, num_classes: int, output_stride: int | None) -> None:
-        super().__init__()
-        self.net = net
-        self.name = name
-        self.num_classes = int(num_classes)
-        self.output_stride = output_stride
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.net(x)
-        if isinstance(out, dict):
-            out = out["out"]
-        if out.shape[-2:] != x.shape[-2:]:
-            out = F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return out
-
-    def backbone_parameters(self) -> Iterator[nn.Parameter]:
-        return self.net.backbone.parameters()
-
-    def head_parameters(self) -> list[nn.Parameter]:
-        ids = {id(p) for p in self.net.backbone.parameters()}
-        return [p for p in self.net.parameters() if id(p) not in ids]
-
-    def param_groups(self, head_lr_mult: float = 10.0) -> list[dict]:
-        """Two optimizer groups: backbone (``lr_mult`` 1) and head (``lr_mult`` = ``head_lr_mult``)."""
-        return [
-            {"params": list(self.backbone_parameters()), "lr_mult": 1.0, "name": "backbone"},
-            {"params": self.head_parameters(), "lr_mult": float(head_lr_mult), "name": "head"},
-        ]
 
 
 class DeepLabV3Plus(nn.Module):
@@ -299,8 +268,6 @@ def build_segmenter(name: str = DEFAULT_MODEL, num_classes: int = 21,
     if num_classes < 2:
         raise WeakclipError(f"a segmenter needs at least 2 classes, got {num_classes}")
     if key == RELEASE_MODEL:
-        from weakclip.retrain.deeplabv1 import build_deeplabv1
-
         return build_deeplabv1(num_classes, backbone_weights, pretrained_backbone,
                                width_divisor=width_divisor)
     for family in _FAMILIES:
