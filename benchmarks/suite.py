@@ -11,12 +11,12 @@ to the release's row (> 1: faster than the release). Stages (``--only`` picks so
             BN in train mode, explicit attention, the boundary-loss CRF target as the release (scipy
             zoom, uint8, pydensecrf2 per image); ours (voc-plus): frozen towers without autograd,
             scaled_dot_product_attention, bf16 on GPU, the loss's CRF through dense_crf
-  masks     pseudo masks of 500x375 images (4 on GPU, voc-plus's image_batch; 1 on CPU) at the
-            release's six scales with flip (--cpu: scale 1.0 + flip), model and full-resolution CRF;
-            release (voc): one image and one window at a time, fp32, logits averaged, CRF of the
-            argmax's classes with pydensecrf2; ours (voc-plus): the windows of all images, scales and
-            flips batched (window_batch 0: as many as the free memory allows on GPU, 1 on CPU), bf16
-            on GPU, CRF of the image's labels (+ background) through dense_crf on the device
+  masks     pseudo masks of one 500x375 image at the release's six scales with flip (--cpu: scale
+            1.0 + flip), model and full-resolution CRF; release (voc): one window at a time, fp32,
+            logits averaged, CRF of the argmax's classes with pydensecrf2; ours (voc-plus): the
+            windows of all scales and flips batched (window_batch 0: as many as the free memory
+            allows on GPU, 1 on CPU), bf16 on GPU, CRF of the image's labels (+ background) through
+            dense_crf on the device; on GPU a further row with 4 images (image_batch) sharing batches
   crf64     dense CRF of the boundary loss: 16 maps of 64x64, 21 classes, training parameters;
             release: pydensecrf2 per image on the CPU; ours: every backend of weakclip.crf.dense_crf
             (exact N x N kernels, the PyTorch permutohedral lattice, pydensecrf2, and "auto")
@@ -294,38 +294,41 @@ def masks_rows(device: torch.device, args) -> list[Row]:
 
     model_r, p_r, scales = build("voc")
     model_o, p_o, _ = build("voc-plus")
-    n = args.mask_images or (p_o.image_batch if cuda else 1)
-    images = _photos_uint8(n, 375, 500)
+    group = args.mask_images or (p_o.image_batch if cuda else 1)
+    images = _photos_uint8(max(1, group), 375, 500)
 
     def release() -> None:  # one image and one window at a time, fp32; the CRF over the argmax's classes
         with torch.inference_mode():
-            for image in images:
-                probs = multiscale_inference(model_r, image, scales, True, device=device, window_batch=1,
-                                             average=p_r.average, size_divisor=p_r.size_divisor)
-                _, kept = argmax_probs(probs.cpu().numpy())
-                dense_crf_numpy(image, kept, VOC_CRF)
+            probs = multiscale_inference(model_r, images[0], scales, True, device=device, window_batch=1,
+                                         average=p_r.average, size_divisor=p_r.size_divisor)
+            _, kept = argmax_probs(probs.cpu().numpy())
+            dense_crf_numpy(images[0], kept, VOC_CRF)
 
     window_batch = args.window_batch if args.window_batch is not None else p_o.window_batch
     runner = WindowRunner(model_o, len(VOC_CLASSES), window_batch=window_batch,
                           autocast_dtype=p_o.autocast_dtype(device), probe_size=(p_o.crop, p_o.crop))
 
-    def ours() -> None:  # the windows of all images, scales and flips batched; the CRF on the device
-        with torch.inference_mode():
-            all_probs = multiscale_inference_batch(model_o, images, scales, True, device=device,
-                                                   window_batch=runner, average=p_o.average,
-                                                   size_divisor=p_o.size_divisor)
-            for image, probs in zip(images, all_probs):
-                _, kept = restrict_probs(probs, labels)
-                rgb = torch.from_numpy(image).to(device).permute(2, 0, 1)[None].float()
-                dense_crf(kept[None], rgb, VOC_CRF).argmax(1).cpu()
+    def ours(batch: list[np.ndarray]) -> Callable[[], None]:
+        def run() -> None:  # the windows of all images, scales and flips batched; the CRF on the device
+            with torch.inference_mode():
+                all_probs = multiscale_inference_batch(model_o, batch, scales, True, device=device,
+                                                       window_batch=runner, average=p_o.average,
+                                                       size_divisor=p_o.size_divisor)
+                for image, probs in zip(batch, all_probs):
+                    _, kept = restrict_probs(probs, labels)
+                    rgb = torch.from_numpy(image).to(device).permute(2, 0, 1)[None].float()
+                    dense_crf(kept[None], rgb, VOC_CRF).argmax(1).cpu()
+        return run
 
-    what = f"{n} x {len(scales)} scale(s) + flip"
-    rows = [measure("masks", "release", f"{what}, 1 window, fp32, CRF of the argmax classes", device, n,
+    what = f"{len(scales)} scale(s) + flip"
+    rows = [measure("masks", "release", f"1 x {what}, 1 window, fp32, CRF of the argmax classes", device, 1,
                     release, args.repeats)]
     with torch.inference_mode():
         limit = runner.resolve(device)  # window_batch 0: measured from the free memory, before timing
-    rows.append(measure("masks", "ours", f"voc-plus: {what}, {limit} windows{', bf16' if cuda else ''}, "
-                        "CRF 3 classes on the device", device, n, ours, args.repeats))
+    amp = ", bf16" if p_o.autocast_dtype(device) is not None else ""
+    for n in sorted({1, group}):
+        rows.append(measure("masks", "ours", f"voc-plus: {n} x {what}, {limit} windows{amp}, CRF 3 classes "
+                            "on device", device, n, ours(images[:n]), args.repeats))
     return rows
 
 
@@ -383,7 +386,8 @@ def main() -> None:
     ap.add_argument("--window-batch", type=int, default=None,
                     help="our windows per forward (default voc-plus's: 0, by free memory on GPU, 1 on CPU)")
     ap.add_argument("--mask-images", type=int, default=None,
-                    help="images in the masks rows (default voc-plus's image_batch, 4, on GPU; 1 on CPU)")
+                    help="images whose windows share batches in a further masks row (default voc-plus's "
+                         "image_batch, 4, on GPU; none on CPU)")
     ap.add_argument("--crf-images", type=int, default=16, help="64x64 maps in the crf64 rows")
     ap.add_argument("--crf-full-images", type=int, default=None,
                     help="500x375 images in the crffull rows (default 8 on GPU, 1 with --cpu)")

@@ -15,7 +15,7 @@ the image's annotations, crowd ones included (the class is present in the pictur
 
 The conversion is resumable: a PNG that already exists is skipped (PNGs are written atomically, so an
 existing one is complete); the list and the labels file are rewritten each run. This module does not
-import torch, so worker processes start quickly. :class:`weakclip.data.datasets.COCODataset` reads the
+import torch, so worker processes start quickly. :class:`weakclip.data.coco_dataset.COCODataset` reads the
 result.
 """
 

@@ -193,7 +193,7 @@ def generate_pseudo_masks(
 
     Args:
         model: the trained refinement model (eval mode), on the device to run on.
-        dataset: a :class:`~weakclip.data.datasets.SegDataset` (ids, classes, labels, optional GT).
+        dataset: a :class:`~weakclip.data.base.SegDataset` (ids, classes, labels, optional GT).
         settings: the stage's config section (default: the release's): test-time augmentation, label
             restriction, the CRF parameter set and its worker processes, window and image batches, amp.
             Without label restriction (the release) the CRF and ``probs/`` get the classes present in the

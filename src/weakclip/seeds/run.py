@@ -109,7 +109,7 @@ def generate_seeds(
     """Write ``<out_dir>/<id>.png`` for every image of ``dataset`` (this process's shard of it).
 
     Args:
-        dataset: a :class:`~weakclip.data.datasets.SegDataset` (ids, classes, image paths, labels).
+        dataset: a :class:`~weakclip.data.base.SegDataset` (ids, classes, image paths, labels).
         seeder: a :class:`~weakclip.seeds.clip_es.ClipEsSeeder` (anything with ``cams_and_keys`` and
             ``seed_from``; ``cams_and_keys_batch`` is used when it has one).
         save_cams: also write ``cams/<id>.npz`` (float16 CAMs of the labelled classes).

@@ -1,0 +1,437 @@
+"""Datasets of images with image-level labels, optional seeds and optional ground-truth masks.
+
+Every dataset yields a sample dict::
+
+    "id"      str                           the image id (file stem)
+    "image"   H x W x 3 uint8 RGB array     (read with weakclip.data.io.read_image, EXIF not applied)
+    "labels"  float32 multi-hot, length K   K = number of classes including background; [0] is always 1
+    "seed"    H x W uint8                   class id or 255 (only when the dataset has seeds)
+    "gt"      H x W uint8                   class id or 255 (only when the dataset has ground truth)
+
+and then applies ``transform(sample) -> sample`` when one is given. Whether samples carry "seed" and
+"gt" is decided per dataset (``has_seeds``, ``has_gt``), never per item, so batches stay uniform: a
+dataset with seeds or ground truth needs them for every id and raises DataError naming the id if one is
+missing. Seeds come from ``seed_dir`` (``<seed_dir>/<id>.png``, the PNG folder of any CAM method) for
+every dataset type.
+
+Problems with a single item (missing or corrupt image, mask of the wrong size, value out of range, missing
+seed) raise DataError when the item is read; ``validate()`` scans every item and returns all of them as a
+list of one-line messages. Problems with the dataset as a whole (missing folders or lists, unknown class
+names, a cls_labels file lacking ids) raise DataError in the constructor.
+
+The base class every layout derives from (:class:`SegDataset`), the concatenation of splits
+(:class:`ConcatSegDataset`), the batch collation and the helpers the layouts share. The layouts
+themselves: :mod:`weakclip.data.voc`, :mod:`weakclip.data.coco_dataset`, :mod:`weakclip.data.folder`;
+:func:`weakclip.data.datasets.build_dataset` picks one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from weakclip.data.classes import (
+    IGNORE_INDEX,
+)
+from weakclip.data.io import IMAGE_EXTENSIONS, read_image, read_label_png
+from weakclip.errors import DataError
+
+__all__ = ["ConcatSegDataset", "Sample", "SegDataset", "Transform", "collate_samples", "read_id_list"]
+
+
+Sample = dict[str, Any]
+Transform = Callable[[Sample], Sample]
+
+_LIST_MAX = 5  # how many ids / names a message lists before "(+N more)"
+
+
+def listing(items: Sequence[Any]) -> str:
+    shown = ", ".join(str(x) for x in items[:_LIST_MAX])
+    more = len(items) - _LIST_MAX
+    return shown + (f" (+{more} more)" if more > 0 else "")
+
+
+def strip_image_ext(name: str) -> str:
+    """``"a/b/0001.jpg"`` -> ``"0001"``; a name without a known image extension keeps its dots."""
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    stem, dot, ext = name.rpartition(".")
+    return stem if dot and f".{ext.lower()}" in IMAGE_EXTENSIONS else name
+
+
+def read_id_list(path: str | Path) -> tuple[list[str], list[str]]:
+    """Read an id list (one id a line; blank lines and ``#`` comments skipped) -> (ids, duplicates).
+
+    Lines in the DeepLab format ``/JPEGImages/x.jpg /SegmentationClassAug/x.png`` give ``x``.
+    Duplicates are dropped (first occurrence kept) and returned separately.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read id list {path}: {exc}") from exc
+    ids: list[str] = []
+    seen: set[str] = set()
+    dups: list[str] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        ident = strip_image_ext(line.split()[0])
+        if ident in seen:
+            dups.append(ident)
+            continue
+        seen.add(ident)
+        ids.append(ident)
+    return ids, dups
+
+
+def is_path_like(split: str | Path) -> bool:
+    s = str(split)
+    return isinstance(split, Path) or s.endswith(".txt") or "/" in s or os.sep in s
+
+
+class SegDataset(Dataset):
+    """Base of the datasets: ids, classes, labels, optional seeds and ground truth (module docstring).
+
+    Subclasses set ``classes``, ``ids``, ``has_gt`` and implement :meth:`image_path`, :meth:`gt_path`
+    and :meth:`_label_ids` (image labels from their own source, or from the ground-truth mask when
+    ``_labels_from_gt`` is true).
+    """
+
+    kind = "base"
+
+    def __init__(
+        self,
+        classes: Sequence[str],
+        ids: Sequence[str],
+        *,
+        seed_dir: str | Path | None = None,
+        transform: Transform | None = None,
+        has_gt: bool = False,
+        labels_from_gt: bool = False,
+    ) -> None:
+        super().__init__()
+        self.classes: list[str] = list(classes)
+        self.ids: list[str] = list(ids)
+        self.transform = transform
+        self.has_gt = bool(has_gt)
+        self._labels_from_gt = bool(labels_from_gt)
+        self.seed_dir: Path | None = None if seed_dir is None else Path(seed_dir)
+        if self.seed_dir is not None and not self.seed_dir.is_dir():
+            raise DataError(f"seed folder not found: {self.seed_dir}")
+        self._label_cache: dict[int, np.ndarray] = {}
+        # Problems of the dataset as a whole that do not stop it (e.g. duplicated ids in a list).
+        self._notes: list[str] = []
+
+    # ----------------------------------------------------------------- basic facts
+    @property
+    def num_classes(self) -> int:
+        """K, the number of classes including background."""
+        return len(self.classes)
+
+    @property
+    def has_seeds(self) -> bool:
+        return self.seed_dir is not None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({len(self)} images, {self.num_classes} classes, "
+            f"seeds={'yes' if self.has_seeds else 'no'}, gt={'yes' if self.has_gt else 'no'})"
+        )
+
+    def _index(self, i: Any) -> int:
+        n = len(self.ids)
+        i = int(i)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"index {i} out of range for a dataset of {n} images")
+        return i
+
+    # ----------------------------------------------------------------- paths (subclasses)
+    def image_path(self, i: int) -> Path:
+        raise NotImplementedError
+
+    def gt_path(self, i: int) -> Path | None:
+        """The ground-truth mask of item ``i``, or None when the dataset has none."""
+        return None
+
+    def seed_path(self, i: int) -> Path | None:
+        """``<seed_dir>/<id>.png``, or None when the dataset has no seeds."""
+        if self.seed_dir is None:
+            return None
+        return self.seed_dir / f"{self.ids[self._index(i)]}.png"
+
+    def _label_ids(self, i: int) -> Iterable[int]:
+        """Foreground class ids of item ``i`` from the dataset's labels source (not the mask)."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- reading
+    def read_gt(self, i: int, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
+        """The ground-truth mask of item ``i`` (checked against ``num_classes`` and ``expected_hw``)."""
+        i = self._index(i)
+        path = self.gt_path(i)
+        if path is None:
+            raise DataError(f"{type(self).__name__} has no ground-truth masks (image {self.ids[i]!r})")
+        return read_label_png(path, expected_hw=expected_hw, num_classes=self.num_classes, what="mask")
+
+    def read_seed(self, i: int, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
+        """The seed of item ``i``; DataError naming the id when the seed folder lacks it."""
+        i = self._index(i)
+        path = self.seed_path(i)
+        if path is None:
+            raise DataError(f"{type(self).__name__} has no seed folder (image {self.ids[i]!r})")
+        if not path.is_file():
+            raise DataError(f"seed for image {self.ids[i]!r} not found: {path}")
+        return read_label_png(path, expected_hw=expected_hw, num_classes=self.num_classes, what="seed")
+
+    def _labels_vector(self, i: int, gt: np.ndarray | None = None) -> np.ndarray:
+        vec = self._label_cache.get(i)
+        if vec is None:
+            if self._labels_from_gt:
+                if gt is None:
+                    gt = self.read_gt(i)
+                fg = [int(c) for c in np.unique(gt) if c != 0 and c != IGNORE_INDEX]
+            else:
+                fg = [int(c) for c in self._label_ids(i)]
+            vec = np.zeros(self.num_classes, dtype=np.float32)
+            vec[0] = 1.0
+            vec[fg] = 1.0
+            self._label_cache[i] = vec
+        return vec.copy()
+
+    def get_labels(self, i: int) -> np.ndarray:
+        """The float32 multi-hot label vector (length K, background = 1) without reading the image."""
+        return self._labels_vector(self._index(i))
+
+    def __getitem__(self, i: Any) -> Sample:
+        i = self._index(i)
+        image = read_image(self.image_path(i))
+        hw = (int(image.shape[0]), int(image.shape[1]))
+        gt = None
+        if self.has_gt or (self._labels_from_gt and i not in self._label_cache):
+            gt = self.read_gt(i, hw)
+        sample: Sample = {"id": self.ids[i], "image": image, "labels": self._labels_vector(i, gt)}
+        if self.has_seeds:
+            sample["seed"] = self.read_seed(i, hw)
+        if self.has_gt:
+            sample["gt"] = gt
+        if self.transform is not None:
+            sample = self.transform(sample)
+        return sample
+
+    # ----------------------------------------------------------------- checking
+    def _names(self, ids: Iterable[int]) -> list[str]:
+        return [self.classes[c] if c < len(self.classes) else str(c) for c in ids]
+
+    def _extra_classes(self, mask: np.ndarray, labels: np.ndarray) -> list[int]:
+        present = [int(c) for c in np.unique(mask) if c != IGNORE_INDEX and c < self.num_classes]
+        return [c for c in present if labels[c] == 0]
+
+    def _validate_item(self, i: int) -> list[str]:
+        problems: list[str] = []
+        ident = self.ids[i]
+        hw = None
+        try:
+            hw = read_image(self.image_path(i)).shape[:2]
+        except DataError as exc:
+            problems.append(str(exc))
+        gt = None
+        gt_failed = False
+        if self.has_gt or self._labels_from_gt:
+            try:
+                gt = self.read_gt(i, hw)
+            except DataError as exc:
+                problems.append(str(exc))
+                gt_failed = True
+        labels = None
+        if not (self._labels_from_gt and gt_failed):
+            try:
+                labels = self._labels_vector(i, gt)
+            except DataError as exc:
+                problems.append(str(exc))
+        if gt is not None and labels is not None and not self._labels_from_gt:
+            extra = self._extra_classes(gt, labels)
+            if extra:
+                problems.append(
+                    f"mask {self.gt_path(i)} shows classes {self._names(extra)} that are not among the "
+                    f"labels of image {ident!r}"
+                )
+        if self.has_seeds:
+            try:
+                seed = self.read_seed(i, hw)
+            except DataError as exc:
+                problems.append(str(exc))
+            else:
+                extra = self._extra_classes(seed, labels) if labels is not None else []
+                if extra:
+                    problems.append(
+                        f"seed {self.seed_path(i)} has classes {self._names(extra)} that are not among the "
+                        f"labels of image {ident!r}"
+                    )
+        return problems
+
+    def validate(self, progress: bool = False) -> list[str]:
+        """Read every item and return the problems found (one-line messages naming the file), [] if none.
+
+        Checks: image exists and decodes fully; masks and seeds exist, are single-channel, have the
+        image's size and values < K or 255; the image labels are readable and known; classes shown by
+        a mask or seed are among the image's labels; plus dataset-wide notes such as duplicated ids.
+        """
+        problems = list(self._notes)
+        for i in tqdm(range(len(self)), desc=f"validate {type(self).__name__}", disable=not progress):
+            problems.extend(self._validate_item(i))
+        return problems
+
+
+def names_to_ids(
+    names: Any, classes: Sequence[str], ident: str, source: Path, class_file: str
+) -> list[int]:
+    """Class names of one image -> sorted class ids; DataError naming the id, the name and the file."""
+    if isinstance(names, str):
+        names = names.split(";")
+    if not isinstance(names, (list, tuple)):
+        raise DataError(
+            f"{source}: labels of image {ident!r} must be a list of class names, got {names!r:.60}"
+        )
+    index = {c: k for k, c in enumerate(classes)}
+    out: set[int] = set()
+    for raw in names:
+        name = str(raw).strip()
+        if not name:
+            continue
+        k = index.get(name)
+        if k is None:
+            close = difflib.get_close_matches(name, list(classes), n=3, cutoff=0.6)
+            hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+            raise DataError(
+                f"{source}: image {ident!r} has unknown class {name!r}{hint}; the classes are those of "
+                f"{class_file}"
+            )
+        if k != 0:
+            out.add(k)
+    return sorted(out)
+
+
+def resolve_labels(
+    raw: dict[str, Any], keys: Iterable[str], classes: Sequence[str], source: Path, class_file: str
+) -> dict[str, list[int]]:
+    """:func:`names_to_ids` over many images; one DataError reporting the first problem and a count."""
+    out: dict[str, list[int]] = {}
+    errors: list[str] = []
+    for ident in keys:
+        try:
+            out[ident] = names_to_ids(raw[ident], classes, ident, source, class_file)
+        except DataError as exc:
+            errors.append(str(exc))
+    if errors:
+        more = f" ({len(errors) - 1} more images with bad labels in that file)" if len(errors) > 1 else ""
+        raise DataError(errors[0] + more)
+    return out
+
+
+class ConcatSegDataset(SegDataset):
+    """Several splits of one dataset one after the other, repeated images kept (``split="train+train_aug"``:
+    the release's VOC training set, 1,464 + 10,582 = 12,046 samples, the ``train`` images twice).
+
+    Items are read through the part that holds them (its image, mask and labels); seeds come from the
+    parts' common seed folder and the transform is applied here.
+    """
+
+    def __init__(self, parts: Sequence[SegDataset], transform: Transform | None = None) -> None:
+        if not parts:
+            raise DataError("ConcatSegDataset needs at least one dataset")
+        first = parts[0]
+        for part in parts[1:]:
+            if list(part.classes) != list(first.classes):
+                raise DataError(f"cannot concatenate datasets with different classes ({part!r}, {first!r})")
+        self.parts = list(parts)
+        self.kind = first.kind
+        self.split = "+".join(str(getattr(p, "split", "?")) for p in parts)
+        self._where = [(k, j) for k, part in enumerate(parts) for j in range(len(part))]
+        super().__init__(first.classes, [i for part in parts for i in part.ids], seed_dir=first.seed_dir,
+                         transform=transform, has_gt=all(p.has_gt for p in parts), labels_from_gt=False)
+        for part in parts:
+            self._notes.extend(part._notes)
+
+    def _part(self, i: int) -> tuple[SegDataset, int]:
+        k, j = self._where[self._index(i)]
+        return self.parts[k], j
+
+    def image_path(self, i: int) -> Path:
+        part, j = self._part(i)
+        return part.image_path(j)
+
+    def gt_path(self, i: int) -> Path | None:
+        part, j = self._part(i)
+        return part.gt_path(j)
+
+    def _labels_vector(self, i: int, gt: np.ndarray | None = None) -> np.ndarray:
+        part, j = self._part(i)
+        return part._labels_vector(j, gt)
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}, splits={self.split})"
+
+
+def _as_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if value.dtype.kind not in "biufc":
+        return None
+    arr = np.ascontiguousarray(value)
+    if not arr.flags.writeable:
+        arr = arr.copy()
+    return torch.from_numpy(arr)
+
+
+def _collate_values(values: list[Any]) -> Any:
+    if all(isinstance(v, (np.ndarray, torch.Tensor)) for v in values):
+        tensors = [_as_tensor(v) for v in values]
+        if any(t is None for t in tensors):
+            return list(values)
+        first = tensors[0]
+        if all(t.shape == first.shape and t.dtype == first.dtype for t in tensors):
+            return torch.stack(tensors)
+        return tensors
+    if all(isinstance(v, (bool, int, float, np.bool_, np.integer, np.floating)) for v in values):
+        return torch.as_tensor(values)
+    return list(values)
+
+
+def collate_samples(batch: Sequence[Sample]) -> dict[str, Any]:
+    """Batch sample dicts for a DataLoader.
+
+    Arrays and tensors of one shape and dtype are stacked into a tensor (numpy arrays become tensors);
+    of different shapes they come back as a list of tensors; numbers become a tensor; anything else
+    (ids, strings) a list. A key must be in every sample or in none (DataError otherwise).
+    """
+    if not batch:
+        return {}
+    keys: list[str] = []
+    for sample in batch:
+        for k in sample:
+            if k not in keys:
+                keys.append(k)
+    out: dict[str, Any] = {}
+    for k in keys:
+        have = [s for s in batch if k in s]
+        if len(have) != len(batch):
+            lacking = [str(s.get("id", "?")) for s in batch if k not in s]
+            raise DataError(
+                f"cannot batch samples: key {k!r} is in {len(have)} of {len(batch)} samples "
+                f"(missing for ids {listing(lacking)})"
+            )
+        out[k] = _collate_values([s[k] for s in batch])
+    return out
