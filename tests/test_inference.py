@@ -189,6 +189,34 @@ def test_crf_where_the_probabilities_are_gives_the_worker_pool_result(model_and_
     assert inline["crf_seconds_per_image"] is not None
 
 
+def test_crf_on_the_device_runs_batched_over_images_of_one_size(model_and_data, tmp_path, monkeypatch):
+    """The GPU path, here on the CPU with our lattice: the images of a group that share their size and
+    class count go through one dense_crf call, and the masks equal those of one image at a time."""
+    from collections import Counter
+
+    import weakclip.inference.pseudo_masks as pm
+
+    model, _, dataset = model_and_data
+    calls = []
+    real = pm.dense_crf
+
+    def lattice(probs, images, params):
+        calls.append(probs.shape[0])
+        return real(probs, images, params, backend="lattice")
+
+    monkeypatch.setattr(pm, "dense_crf", lattice)
+    kw = dict(crf_on_device=True, progress=False)
+    generate_pseudo_masks(model, dataset, tmp_path / "one", settings(restrict_to_labels=True), **kw)
+    assert calls == [1] * len(dataset)
+    calls.clear()
+    generate_pseudo_masks(model, dataset, tmp_path / "group",
+                          settings(restrict_to_labels=True, image_batch=len(dataset), window_batch=4), **kw)
+    # all images are 48 x 64: one call per number of kept classes (background + the image's labels)
+    kept = Counter(int(dataset.get_labels(i).sum()) for i in range(len(dataset)))
+    assert sorted(calls) == sorted(kept.values()) and max(calls) > 1
+    assert _files(tmp_path / "group") == _files(tmp_path / "one")
+
+
 def test_resume_after_a_kill_gives_the_identical_output_set(model_and_data, tmp_path):
     model, _, dataset = model_and_data
     kw = dict(save_probs=True, progress=False)

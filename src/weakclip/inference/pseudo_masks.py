@@ -1,10 +1,14 @@
 """Pseudo masks for a whole dataset from a trained refinement model (pipeline stage 3).
 
-For each image of this process's shard (:func:`weakclip.distributed.shard`, so ``torchrun`` splits
-the work): multi-scale + flip sliding-window probabilities (:func:`multiscale_inference`), restricted
-to the image's labels plus background (the other classes' probabilities are set to zero and each pixel
-renormalised), argmax, then the full-resolution dense CRF. The CRF runs in a pool of worker processes
-fed through a bounded queue, so the model keeps producing while the CRF of earlier images runs.
+Driven by one config section, :class:`~weakclip.config.PseudoMaskConfig` (the preset's ``pseudo``). For
+each image of this process's shard (:func:`weakclip.distributed.shard`, so ``torchrun`` splits the
+work): multi-scale + flip sliding-window probabilities (:func:`multiscale_inference_batch`; with
+``image_batch`` > 1 the windows of several images share forward passes), the classes kept (the
+argmax's classes, as the release, or the image's labels plus background, renormalised, with
+``restrict_to_labels``), argmax, then the full-resolution dense CRF. On the CPU the CRF runs in a pool
+of worker processes fed through a bounded queue, so the model keeps producing while the CRF of earlier
+images runs; when the model is on CUDA the CRF runs there, batched over the images of a group that
+share their size and class count (:func:`~weakclip.crf.dense_crf`, our permutohedral lattice).
 
 Output layout of ``out_dir``::
 
@@ -94,17 +98,29 @@ def argmax_probs(probs):
     return (keys.cpu().numpy(), out.cpu().numpy()) if numpy_in else (keys, out)
 
 
+def _crf_batch(images: Sequence[np.ndarray], probs: Sequence[np.ndarray | torch.Tensor],
+               keys: Sequence[np.ndarray], params, out_pngs: Sequence[str]) -> tuple[list[np.ndarray], float]:
+    """Dense CRF of images of one size with the same number of kept classes, as one batch, each mask
+    written to its ``out_pngs`` entry -> (masks, seconds). The probabilities are numpy (a worker process)
+    or tensors on the model's device (inline: the CRF runs there, batched, with no round trip to the CPU
+    but the masks)."""
+    start = time.perf_counter()
+    probs_t = torch.stack([torch.from_numpy(p) if isinstance(p, np.ndarray) else p for p in probs]).float()
+    rgb = torch.stack([torch.from_numpy(np.ascontiguousarray(im)) for im in images]).to(probs_t.device)
+    q = dense_crf(probs_t, rgb.permute(0, 3, 1, 2).float(), params)
+    labels = q.argmax(dim=1).cpu().numpy()
+    masks = []
+    for k, label, out_png in zip(keys, labels, out_pngs):
+        masks.append(np.asarray(k, dtype=np.uint8)[label])
+        write_label_png(out_png, masks[-1])
+    return masks, time.perf_counter() - start
+
+
 def _crf_job(image: np.ndarray, probs: np.ndarray | torch.Tensor, keys: np.ndarray, params, out_png: str
              ) -> tuple[np.ndarray, float]:
-    """Dense CRF of one image, written to ``out_png`` -> (mask, seconds). Runs in a worker process (numpy
-    probabilities) or inline on the probabilities' device (a tensor: no round trip to the CPU)."""
-    start = time.perf_counter()
-    probs = torch.from_numpy(probs) if isinstance(probs, np.ndarray) else probs
-    rgb = torch.from_numpy(np.ascontiguousarray(image)).to(probs.device).permute(2, 0, 1)[None].float()
-    q = dense_crf(probs[None].float(), rgb, params)[0]
-    mask = np.asarray(keys, dtype=np.uint8)[q.argmax(dim=0).cpu().numpy()]
-    write_label_png(out_png, mask)
-    return mask, time.perf_counter() - start
+    """Dense CRF of one image, written to ``out_png`` -> (mask, seconds) (:func:`_crf_batch` of one)."""
+    masks, seconds = _crf_batch([image], [probs], [keys], params, [out_png])
+    return masks[0], seconds
 
 
 def _mp_context(start_method: str | None):
@@ -261,6 +277,7 @@ def generate_pseudo_masks(
             model, [image for _, image, _, _ in group], settings.scales, settings.flip, settings.crop,
             settings.stride, mean, std, settings.base_scale, num_classes=num_classes, device=device,
             window_batch=runner, average=settings.average, size_divisor=settings.size_divisor)
+        on_device = []  # (ident, image, keys, kept) waiting for the CRF on the device
         for (ident, image, labels, gt), probs in zip(group, all_probs):
             # classes kept and the mask before the CRF, on the probabilities' device
             keys, kept = restrict_probs(probs, labels) if labels is not None else argmax_probs(probs)
@@ -268,33 +285,45 @@ def generate_pseudo_masks(
             mask = keys.astype(np.uint8)[kept.argmax(dim=0).cpu().numpy()]
             timing["model_seconds"] += time.perf_counter() - start
             timing["computed"] += 1
-            write_masks(ident, image, keys, kept, mask, gt)  # the inline CRF is timed by the queue
+            write_before_crf(ident, image, keys, kept, mask, gt)
+            if use_crf and crf_here:
+                on_device.append((ident, image, keys, kept))
+            elif use_crf:
+                queue.submit(ident, image, np.ascontiguousarray(kept.cpu().numpy(), dtype=np.float32), keys,
+                             crf_params, str(out_dir / f"{ident}.png"))
+                ledger.wrote(ident)
             start = time.perf_counter()
         all_probs.clear()
         group.clear()
+        # the CRF where the probabilities are, batched over images of one size and class count
+        batches: dict[tuple[int, ...], list] = {}
+        for item in on_device:
+            batches.setdefault((*item[1].shape[:2], len(item[2])), []).append(item)
+        for items in batches.values():
+            masks, seconds = _crf_batch([it[1] for it in items], [it[3] for it in items],
+                                        [it[2] for it in items], crf_params,
+                                        [str(out_dir / f"{it[0]}.png") for it in items])
+            for (ident, *_), mask in zip(items, masks):
+                queue.record(ident, mask, seconds / len(items))
+                ledger.wrote(ident)
 
-    def write_masks(ident, image, keys, kept, mask, gt) -> None:
+    def write_before_crf(ident, image, keys, kept, mask, gt) -> None:
+        """``probs/``, ``no_crf/`` and, without the CRF, the final mask (the CRF's is written last)."""
         final = out_dir / f"{ident}.png"
-        kept_np = kept.cpu().numpy() if save_probs or (use_crf and not crf_here) else None
         if save_probs:
             write_npz_atomic(probs_dir / f"{ident}.npz", keys=keys.astype(np.int16),
-                             probs=kept_np.astype(np.float16))
+                             probs=kept.cpu().numpy().astype(np.float16))
         if gt is not None:
             cm_before.update(mask, gt, name=f"{no_crf_dir / ident}.png")
         if use_crf:
             write_label_png(no_crf_dir / f"{ident}.png", mask)
             if gt is not None:
                 gts[ident] = gt
-            if crf_here:  # the CRF where the probabilities are: no round trip to the CPU
-                queue.record(ident, *_crf_job(image, kept, keys, crf_params, str(final)))
-            else:
-                queue.submit(ident, image, np.ascontiguousarray(kept_np, dtype=np.float32), keys,
-                             crf_params, str(final))
         else:
             write_label_png(final, mask)
             if gt is not None:
                 cm_after.update(mask, gt, name=str(final))
-        ledger.wrote(ident)
+            ledger.wrote(ident)
 
     model.eval()  # dropout / stochastic depth off: the masks must not depend on the run
     ok = False
@@ -344,7 +373,7 @@ def generate_pseudo_masks(
             "crop": int(settings.crop), "stride": int(settings.stride),
             "base_scale": [int(v) for v in settings.base_scale],
             "restrict_to_labels": bool(settings.restrict_to_labels), "average": settings.average,
-            "crf_on_device": crf_on_device,
+            "crf_on_device": bool(crf_here),
             "size_divisor": int(settings.size_divisor),
             "crf": None if crf_params is None else _params_dict(crf_params),
             "save_probs": bool(save_probs),
@@ -415,7 +444,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary.get("model_seconds_per_image") is not None:
         lines.append(f"model {summary['model_seconds_per_image']:.3f} s per image")
     if summary.get("crf_seconds_per_image") is not None:
-        lines.append(f"CRF {summary['crf_seconds_per_image']:.3f} s per image (in the worker processes)")
+        where = ("on the model's device" if summary.get("settings", {}).get("crf_on_device")
+                 else "in the worker processes")
+        lines.append(f"CRF {summary['crf_seconds_per_image']:.3f} s per image ({where})")
     failures = list(summary.get("failures", {}).items())
     for ident, msg in failures[:20]:
         lines.append(f"  failed {ident}: {msg}")
