@@ -293,6 +293,16 @@ def test_predict_writes_masks_and_overlays(trained, tmp_path, capsys):
         assert np.array_equal(np.asarray(overlay)[:, :w], np.asarray(Image.open(img).convert("RGB")))
     assert main(argv + ["--out", str(tmp_path / "all")]) == 0  # without --labels: every class
     assert len(list((tmp_path / "all").glob("*_overlay.png"))) == 2
+    # the checkpoint's pseudo-mask settings with flags on top: the CRF on, windows in pairs
+    assert main(argv + ["--labels", "disk", "--crf", "auto", "--window-batch", "2", "--out",
+                        str(tmp_path / "crf")]) == 0
+    for img in images:
+        w, h = Image.open(img).size
+        mask = read_label_png(tmp_path / "crf" / f"{img.stem}.png", expected_hw=(h, w))
+        assert set(np.unique(mask).tolist()) <= {0, 1}
+    capsys.readouterr()
+    assert main(argv + ["--window-batch", "-1"]) == 2
+    assert "window_batch must be >= 0" in capsys.readouterr().err
 
     assert main(argv + ["--labels", "disc,sqare"]) == 2
     err = capsys.readouterr().err.strip()

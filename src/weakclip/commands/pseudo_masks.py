@@ -5,19 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from weakclip.commands.tta_flags import add_tta_flags, tta_overrides
+
 
 def _pseudo_overrides(args: argparse.Namespace) -> list[str]:
     """The flags given, as overrides of the checkpoint's ``pseudo`` section (its preset's settings)."""
-    out = []
-    if args.scales is not None:
-        out.append("pseudo.scales=" + ",".join(str(s) for s in args.scales))
-    if args.base_scale is not None:
-        out.append(f"pseudo.base_scale={args.base_scale[0]},{args.base_scale[1]}")
-    for flag in ("crop", "stride", "crf_workers", "window_batch", "image_batch", "average", "size_divisor"):
+    out = tta_overrides(args)
+    for flag in ("crf_workers", "image_batch"):
         if getattr(args, flag) is not None:
             out.append(f"pseudo.{flag}={getattr(args, flag)}")
-    if args.no_flip:
-        out.append("pseudo.flip=false")
     if args.no_crf:
         out.append("pseudo.crf=none")
     elif args.crf is not None:
@@ -28,8 +24,6 @@ def _pseudo_overrides(args: argparse.Namespace) -> list[str]:
         raise WeakclipError("--restrict and --no-restrict exclude each other")
     if args.restrict or args.no_restrict:
         out.append(f"pseudo.restrict_to_labels={'true' if args.restrict else 'false'}")
-    if args.amp:
-        out.append("pseudo.amp=bf16")
     return out
 
 
@@ -91,18 +85,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--best", action="store_true",
                    help="with a work folder: its checkpoints/best.pth (train.eval_every), not the latest")
-    # Test-time settings: each defaults to the checkpoint's config (its preset's `pseudo` section).
-    p.add_argument("--scales", type=float, nargs="+", default=None,
-                   help="ratios of the base scale (default: the checkpoint's; the release: 0.5 ... 1.75)")
-    p.add_argument("--base-scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"),
-                   help="base resize scale, aspect kept (the release: 2048 512)")
-    p.add_argument("--crop", type=int, default=None, help="sliding-window size (the release: 512)")
-    p.add_argument("--stride", type=int, default=None, help="sliding-window stride (the release: 341)")
-    p.add_argument("--average", choices=["logits", "probs"], default=None,
-                   help="average window logits (the release) or window softmaxes (-plus)")
-    p.add_argument("--size-divisor", type=int, default=None,
-                   help="pad windows to a multiple of this (the release: 1, no padding; -plus: 32)")
-    p.add_argument("--no-flip", action="store_true", help="no horizontal-flip augmentation")
+    add_tta_flags(p)  # each defaults to the checkpoint's `pseudo` section (its preset's)
     p.add_argument("--no-crf", action="store_true", help="no dense CRF (OUT/<id>.png is the model's mask)")
     p.add_argument("--crf", choices=["auto", "voc", "coco"], default=None,
                    help="CRF parameters (auto: coco for COCO, voc otherwise)")
@@ -114,14 +97,10 @@ def register(sub) -> None:
                    help="also write OUT/probs/<id>.npz (float16 probabilities of the kept classes)")
     p.add_argument("--crf-workers", type=int, default=None,
                    help="CRF worker processes per process (0 = run the CRF inline)")
-    p.add_argument("--window-batch", type=int, default=None,
-                   help="sliding windows per forward pass, from any scale and flip (0: as many as the free "
-                        "GPU memory allows; the release: 1)")
     p.add_argument("--image-batch", type=int, default=None,
                    help="images whose windows share forward passes (the release: 1)")
     p.add_argument("--max-images", type=int, default=None,
                    help="stop after writing this many images per process (continue later)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast for the model on CUDA (faster)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

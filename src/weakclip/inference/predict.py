@@ -20,13 +20,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from weakclip.config import PseudoMaskConfig
+from weakclip.crf import dense_crf
 from weakclip.data.classes import voc_palette
 from weakclip.data.io import _atomic_write, read_image, write_label_png
 from weakclip.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from weakclip.errors import DataError, WeakclipError
+from weakclip.inference.batching import WindowRunner
 from weakclip.inference.jobs import warn
 from weakclip.inference.pseudo_masks import restrict_probs
-from weakclip.inference.sliding import RELEASE_SCALES, multiscale_inference
+from weakclip.inference.sliding import multiscale_inference_batch
 
 __all__ = ["overlay_image", "parse_labels", "predict_images"]
 
@@ -111,12 +114,10 @@ def _unique_stem(path: Path, used: set[str]) -> str:
 
 
 def predict_images(model: torch.nn.Module, paths: Sequence[str | Path], class_names: Sequence[str],
-                   labels: str | Sequence[str] | None = None, out_dir: str | Path = "predictions", *,
-                   scales: Sequence[float] = RELEASE_SCALES, flip: bool = True, crop: int = 512,
-                   stride: int = 341, base_scale: Sequence[int] = (2048, 512),
+                   labels: str | Sequence[str] | None = None, out_dir: str | Path = "predictions",
+                   settings: PseudoMaskConfig | None = None, *, kind: str = "voc",
                    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                   crf_params=None,
-                   alpha: float = 0.5, window_batch: int = 1, progress: bool = True) -> dict[str, Any]:
+                   alpha: float = 0.5, progress: bool = True) -> dict[str, Any]:
     """Predict a mask for each image and write ``<stem>.png`` and ``<stem>_overlay.png`` to ``out_dir``.
 
     Args:
@@ -126,12 +127,16 @@ def predict_images(model: torch.nn.Module, paths: Sequence[str | Path], class_na
         labels: class names present in the images (comma-separated or a list): the prediction is
             restricted to them plus background; None predicts over all classes. Unknown names raise
             a one-line WeakclipError before any image is read.
-        crf_params: a dense-CRF parameter set, or None (no CRF).
-        Other arguments: test-time augmentation as :func:`multiscale_inference`.
+        settings: the test-time settings, the pseudo-mask config section (scales, flip, windows, their
+            averaging and batches, amp, ``crf``); default: the release's, without CRF.
+            ``restrict_to_labels`` and ``image_batch`` do not apply (``labels`` restricts).
+        kind: the dataset kind ``settings.crf == "auto"`` picks the CRF parameters by.
+        mean, std: the normalisation the model was trained with.
 
     Returns ``{"written": [{"image", "mask", "overlay", "classes"}...], "failures": {path: message}}``;
     an unreadable image is reported on stderr and listed, the others still written.
     """
+    settings = PseudoMaskConfig(crf="none") if settings is None else settings
     class_names = list(class_names)
     allowed = parse_labels(labels, class_names)
     if getattr(model, "num_classes", len(class_names)) != len(class_names):
@@ -145,13 +150,19 @@ def predict_images(model: torch.nn.Module, paths: Sequence[str | Path], class_na
     written: list[dict[str, Any]] = []
     failures: dict[str, str] = {}
     used: set[str] = set()
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    runner = WindowRunner(model, len(class_names), window_batch=settings.window_batch,
+                          autocast_dtype=settings.autocast_dtype(device),
+                          probe_size=(settings.crop, settings.crop))
+    tta = dict(scales=settings.scales, flip=settings.flip, crop=settings.crop, stride=settings.stride,
+               base_scale=settings.base_scale, mean=mean, std=std, window_batch=runner,
+               average=settings.average, size_divisor=settings.size_divisor, num_classes=len(class_names))
     was_training = model.training
     model.eval()
     try:
-        _predict_each(model, paths, class_names, allowed, multi_hot, out_dir, written, failures, used,
-                      dict(scales=scales, flip=flip, crop=crop, stride=stride, base_scale=base_scale,
-                           mean=mean, std=std, window_batch=window_batch),
-                      crf_params, alpha, progress)
+        _predict_each(model, paths, class_names, allowed, multi_hot, out_dir, written, failures, used, tta,
+                      settings.crf_params(kind), alpha, progress)
     finally:
         model.train(was_training)
     return {"written": written, "failures": failures}
@@ -167,12 +178,12 @@ def _predict_each(model, paths, class_names, allowed, multi_hot, out_dir, writte
             failures[str(path)] = str(exc)
             warn(f"predict: skipped {path}: {exc}")
             continue
-        probs = multiscale_inference(model, image, num_classes=len(class_names), **tta)
-        keys, kept = restrict_probs(probs.cpu().numpy(), multi_hot)
-        if crf_params is not None:
-            from weakclip.crf import dense_crf_numpy
-
-            kept = dense_crf_numpy(image, kept, crf_params)
+        probs = multiscale_inference_batch(model, [image], **tta)[0]
+        keys, kept = restrict_probs(probs, multi_hot)
+        if crf_params is not None:  # on the probabilities' device
+            rgb = torch.from_numpy(np.ascontiguousarray(image)).to(kept.device).permute(2, 0, 1)[None].float()
+            kept = dense_crf(kept[None].float(), rgb, crf_params)[0]
+        keys, kept = keys.cpu().numpy(), kept.cpu().numpy()
         mask = keys.astype(np.uint8)[kept.argmax(axis=0)]
         stem = _unique_stem(path, used)
         mask_path = write_label_png(out_dir / f"{stem}.png", mask)
