@@ -235,3 +235,18 @@ def test_cli_bad_input_is_a_one_line_error(synth, tmp_path, capsys, change, word
     assert err.startswith("weakclip train: error: ") and "\n" not in err
     assert words in err
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_loop_settings_come_from_each_stages_train_section():
+    from weakclip.engine.loop import LoopSettings
+    from weakclip.retrain.train import load_retrain_preset
+
+    t = load_preset("voc").train
+    s = LoopSettings.from_section(t, num_workers=3)
+    assert (s.iters, s.batch_size, s.seed, s.amp, s.eval_every) == (t.iters, t.batch_size, t.seed, t.amp,
+                                                                     t.eval_every)
+    assert (s.checkpoint_every, s.keep_checkpoints, s.log_every, s.grad_clip, s.num_workers) == (
+        t.checkpoint_every, t.keep_checkpoints, t.log_every, t.grad_clip, 3)
+    r = load_retrain_preset("voc").train  # retraining has no periodic evaluation: its default, 0
+    s = LoopSettings.from_section(r)
+    assert (s.iters, s.batch_size, s.eval_every, s.num_workers) == (r.iters, r.batch_size, 0, 0)

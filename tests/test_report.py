@@ -324,7 +324,7 @@ def test_training_loop_sends_its_scalars_to_tensorboard(tmp_path, monkeypatch):
     import torch
 
     from weakclip.distributed import DistInfo
-    from weakclip.engine.loop import run_training
+    from weakclip.engine.loop import LoopSettings, TrainingTask, run_training
     from weakclip.engine.schedule import PolySchedule
 
     fake = types.ModuleType("torch.utils.tensorboard")
@@ -340,10 +340,10 @@ def test_training_loop_sends_its_scalars_to_tensorboard(tmp_path, monkeypatch):
         return {"loss": ((m(x) - y) ** 2).mean()}
 
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    run_training(model=model, optimizer=opt, schedule=PolySchedule(opt, 1e-3, 6, 0.9, 0.0, 0, 1e-6),
-                 step_fn=step, dataset=data, transform=lambda s, rng: s, workdir=tmp_path, iters=6,
-                 info=DistInfo(0, 1, 0, torch.device("cpu")), batch_size=2, seed=0, config={}, log_every=2,
-                 collate_fn=list, desc="retrain", progress=False, quiet=True)
+    task = TrainingTask(model=model, optimizer=opt, schedule=PolySchedule(opt, 1e-3, 6, 0.9, 0.0, 0, 1e-6),
+                        step_fn=step, dataset=data, transform=lambda s, rng: s, collate_fn=list)
+    run_training(task, LoopSettings(iters=6, batch_size=2, seed=0, log_every=2), workdir=tmp_path,
+                 info=DistInfo(0, 1, 0, torch.device("cpu")), config={}, progress=False, quiet=True)
     (tb,) = _FakeSummaryWriter.instances
     losses = [(step, v) for tag, v, step in tb.scalars if tag == "retrain/loss"]
     csv_rows = (tmp_path / "log.csv").read_text().splitlines()[1:]

@@ -45,6 +45,7 @@ import csv
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +70,8 @@ from weakclip.engine.checkpoint import (
 from weakclip.errors import WeakclipError
 
 __all__ = [
-    "GlobalBatchSampler", "MainLog", "SeededTransformDataset", "mix_seed", "optimizer_step",
-    "resume_checkpoint", "run_training",
+    "GlobalBatchSampler", "LoopSettings", "MainLog", "SeededTransformDataset", "TrainingTask", "mix_seed",
+    "optimizer_step", "resume_checkpoint", "run_training",
 ]
 
 
@@ -264,72 +265,111 @@ def _autocast(device: torch.device, amp: str):
 
 
 # ====================================================================== loop
-def run_training(
-    *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    schedule,
-    step_fn: Callable[[nn.Module, dict[str, Any], int], dict[str, torch.Tensor]],
-    dataset: Dataset,
-    transform: Callable,
-    workdir: str | Path,
-    info: DistInfo,
-    iters: int,
-    batch_size: int,
-    seed: int,
-    config: dict[str, Any],
-    resume: bool = False,
-    checkpoint: dict[str, Any] | None | str = "latest",
-    max_iters_this_run: int | None = None,
-    checkpoint_every: int = 1000,
-    keep_checkpoints: int = 3,
-    log_every: int = 20,
-    num_workers: int = 0,
-    collate_fn: Callable | None = None,
-    amp: str = "none",
-    grad_clip: float | None = None,
-    loss_terms: Sequence[str] = ("loss",),
-    find_unused_parameters: bool = False,
-    state_dict_fn: Callable[[nn.Module], dict[str, torch.Tensor]] = trainable_state_dict,
-    load_state_fn: Callable[[nn.Module, dict[str, torch.Tensor]], Any] = _load_model_state,
-    extra_state: dict[str, Any] | None = None,
-    intro: Sequence[str] = (),
-    prepare_workdir: Callable[[Path], Any] | None = None,
-    nonfinite_hint: str = "lower the learning rate or set a gradient clip",
-    desc: str = "retrain",
-    progress: bool = True,
-    quiet: bool = False,
-    eval_every: int = 0,
-    evaluate_fn: Callable[[nn.Module, int], dict[str, float]] | None = None,
-) -> dict[str, Any]:
-    """Train ``model`` for ``iters`` iterations of GLOBAL batch ``batch_size`` (split over the processes).
+@dataclass
+class LoopSettings:
+    """How long and how the loop trains: one typed section built from a stage's train config
+    (:meth:`from_section`). ``batch_size`` is GLOBAL (split over the processes)."""
+
+    iters: int
+    batch_size: int
+    seed: int = 0
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 20
+    num_workers: int = 0
+    amp: str = "none"
+    grad_clip: float | None = None
+    eval_every: int = 0
+
+    @classmethod
+    def from_section(cls, section: Any, **changes: Any) -> LoopSettings:
+        """The fields of ``section`` (e.g. :class:`~weakclip.config.TrainConfig`) that the loop knows,
+        with ``changes`` on top (e.g. ``num_workers`` from the data section)."""
+        known = {f.name for f in fields(cls)}
+        values = {name: getattr(section, name) for name in known if hasattr(section, name)}
+        return cls(**{**values, **changes})
+
+
+@dataclass
+class TrainingTask:
+    """What the loop trains and the stage's hooks (:func:`run_training`).
 
     ``step_fn(train_model, batch, it) -> {"loss": ..., other terms}``: the forward pass and loss of one
     iteration, run under (CUDA) autocast (``train_model`` is the DDP wrapper under torchrun); the loop does
     the rest (:func:`optimizer_step`). ``dataset[i]`` samples go through
-    ``transform(sample, rng=default_rng([seed, it, slot]))`` and ``collate_fn``. ``schedule`` needs
-    ``set_iteration(it) -> lr`` and ``state_dict()``. ``config`` (a plain dict) is stored in the checkpoints
-    and compared on resume; the ``loss_terms`` are logged (CSV columns, progress bar, ``done:`` line).
+    ``transform(sample, rng=default_rng([seed, it, slot]))`` and ``collate_fn`` (default
+    :func:`~weakclip.data.base.collate_samples`). ``schedule`` needs ``set_iteration(it) -> lr`` and
+    ``state_dict()``. The ``loss_terms`` are logged (CSV columns, progress bar, ``done:`` line).
 
-    ``checkpoint``: ``"latest"`` looks up the start with :func:`resume_checkpoint` (``resume=True``
-    continues from the latest checkpoint, a fresh start when there is none; without ``resume`` a workdir
-    holding checkpoints is refused); a dict (or None) is that lookup already made by the caller.
     ``state_dict_fn(model)`` gives the model state to store (default: the trainable parameters and the
     buffers) and ``load_state_fn(model, state)`` restores it (default: ``load_state_dict`` with every stored
     key required to fit); ``extra_state`` holds further checkpoint fields. ``intro`` lines are logged once the
     checkpoint is loaded; ``prepare_workdir(workdir)`` runs on the main process once the workdir exists.
     ``nonfinite_hint`` ends the error on a non-finite loss (without an fp16 scaler; with one the step is
-    skipped); ``desc`` labels the progress bar.
-
-    ``eval_every`` > 0 with ``evaluate_fn(model, iteration) -> {"miou": ..., ...}``: every so many
-    iterations (and at the end) every process calls ``evaluate_fn`` (the model in eval mode; it returns the
-    same metrics on every process); the main process appends a row to ``eval.csv`` and, when ``miou`` beats
-    the best so far, writes ``checkpoints/best.pth`` (``iteration``, ``model``, ``miou``, the config and the
-    extra fields). The best so far is kept in the regular checkpoints, so a resumed run continues the
-    comparison. Returns a summary dict (same on every rank except "checkpoint"; ``best`` with the best
-    evaluation when there is one).
+    skipped); ``desc`` labels the progress bar. ``evaluate_fn(model, iteration) -> {"miou": ..., ...}``
+    runs every ``eval_every`` iterations of the settings.
     """
-    from weakclip.data.datasets import collate_samples
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: Any
+    step_fn: Callable[[nn.Module, Any, int], dict[str, torch.Tensor]]
+    dataset: Dataset
+    transform: Callable
+    collate_fn: Callable | None = None
+    loss_terms: Sequence[str] = ("loss",)
+    find_unused_parameters: bool = False
+    state_dict_fn: Callable[[nn.Module], dict[str, torch.Tensor]] = trainable_state_dict
+    load_state_fn: Callable[[nn.Module, dict[str, torch.Tensor]], Any] = _load_model_state
+    extra_state: dict[str, Any] | None = None
+    intro: Sequence[str] = ()
+    prepare_workdir: Callable[[Path], Any] | None = None
+    nonfinite_hint: str = "lower the learning rate or set a gradient clip"
+    desc: str = "retrain"
+    evaluate_fn: Callable[[nn.Module, int], dict[str, float]] | None = None
+
+
+def run_training(
+    task: TrainingTask,
+    settings: LoopSettings,
+    *,
+    workdir: str | Path,
+    info: DistInfo,
+    config: dict[str, Any],
+    resume: bool = False,
+    checkpoint: dict[str, Any] | None | str = "latest",
+    max_iters_this_run: int | None = None,
+    progress: bool = True,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Train ``task.model`` for ``settings.iters`` iterations of GLOBAL batch ``settings.batch_size``.
+
+    ``config`` (a plain dict) is stored in the checkpoints and compared on resume.
+
+    ``checkpoint``: ``"latest"`` looks up the start with :func:`resume_checkpoint` (``resume=True``
+    continues from the latest checkpoint, a fresh start when there is none; without ``resume`` a workdir
+    holding checkpoints is refused); a dict (or None) is that lookup already made by the caller.
+
+    ``settings.eval_every`` > 0 with ``task.evaluate_fn``: every so many iterations (and at the end) every
+    process calls ``evaluate_fn`` (the model in eval mode; it returns the same metrics on every process);
+    the main process appends a row to ``eval.csv`` and, when ``miou`` beats the best so far, writes
+    ``checkpoints/best.pth`` (``iteration``, ``model``, ``miou``, the config and the extra fields). The best
+    so far is kept in the regular checkpoints, so a resumed run continues the comparison. Returns a summary
+    dict (same on every rank except "checkpoint"; ``best`` with the best evaluation when there is one).
+    """
+    from weakclip.data.base import collate_samples
+
+    model, optimizer, schedule, step_fn = task.model, task.optimizer, task.schedule, task.step_fn
+    dataset, transform, collate_fn = task.dataset, task.transform, task.collate_fn
+    loss_terms, state_dict_fn, load_state_fn = task.loss_terms, task.state_dict_fn, task.load_state_fn
+    extra_state, intro, prepare_workdir = task.extra_state, task.intro, task.prepare_workdir
+    nonfinite_hint, desc = task.nonfinite_hint, task.desc
+    find_unused_parameters, evaluate_fn = task.find_unused_parameters, task.evaluate_fn
+    iters, batch_size, seed = settings.iters, settings.batch_size, settings.seed
+    checkpoint_every, keep_checkpoints, log_every = (settings.checkpoint_every, settings.keep_checkpoints,
+                                                     settings.log_every)
+    num_workers, amp, grad_clip, eval_every = (settings.num_workers, settings.amp, settings.grad_clip,
+                                               settings.eval_every)
 
     workdir = Path(workdir)
     log = MainLog(info, quiet)

@@ -23,7 +23,15 @@ import torch.distributed as dist
 from weakclip.config import Config
 from weakclip.distributed import init_distributed
 from weakclip.engine.checkpoint import load_trainable_state_dict, trainable_state_dict
-from weakclip.engine.loop import MainLog, mix_seed, optimizer_step, resume_checkpoint, run_training
+from weakclip.engine.loop import (
+    LoopSettings,
+    MainLog,
+    TrainingTask,
+    mix_seed,
+    optimizer_step,
+    resume_checkpoint,
+    run_training,
+)
 from weakclip.engine.schedule import WarmupCosineSchedule
 from weakclip.errors import WeakclipError
 
@@ -270,20 +278,18 @@ def train(cfg: Config, workdir: str | Path, *, clip_weights: str | Path | None =
         f"{t_cfg.warmup_iters} from x{t_cfg.warmup_ratio:g}, cosine to {t_cfg.min_lr:g}; device "
         f"{info.device}, amp {t_cfg.amp if use_amp else 'off'}",
     ]
-    summary = run_training(
+    task = TrainingTask(
         model=model, optimizer=optimizer, schedule=schedule, step_fn=step, dataset=dataset,
-        transform=transform, workdir=workdir, info=info, iters=t_cfg.iters, batch_size=t_cfg.batch_size,
-        seed=t_cfg.seed, config=cfg.to_dict(), checkpoint=ckpt, max_iters_this_run=max_iters_this_run,
-        checkpoint_every=t_cfg.checkpoint_every, keep_checkpoints=t_cfg.keep_checkpoints,
-        log_every=t_cfg.log_every, num_workers=cfg.data.num_workers, amp=t_cfg.amp, grad_clip=t_cfg.grad_clip,
-        loss_terms=LOSS_TERMS, find_unused_parameters=_has_unused(model),
+        transform=transform, loss_terms=LOSS_TERMS, find_unused_parameters=_has_unused(model),
         state_dict_fn=lambda m: trainable_state_dict(m, include_frozen=include_frozen),
         load_state_fn=lambda m, state: load_trainable_state_dict(m, state, "the checkpoint"),
         extra_state={"clip_weights": None if clip_weights is None else str(clip_weights)},
         intro=intro, prepare_workdir=lambda w: cfg.to_yaml(w / "config.yaml"), nonfinite_hint=NONFINITE_HINT,
-        desc="train", progress=progress, eval_every=t_cfg.eval_every,
-        evaluate_fn=(build_evaluator(cfg, info, *norm_constants(cfg.data.normalize))
-                     if t_cfg.eval_every > 0 else None))
+        desc="train", evaluate_fn=(build_evaluator(cfg, info, *norm_constants(cfg.data.normalize))
+                                   if t_cfg.eval_every > 0 else None))
+    summary = run_training(task, LoopSettings.from_section(t_cfg, num_workers=cfg.data.num_workers),
+                           workdir=workdir, info=info, config=cfg.to_dict(), checkpoint=ckpt,
+                           max_iters_this_run=max_iters_this_run, progress=progress)
     if started_group and info.distributed:
         dist.destroy_process_group()
     return summary

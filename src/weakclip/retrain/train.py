@@ -465,7 +465,7 @@ def retrain(cfg: RetrainConfig, masks_dir: str | Path | None = None,
     import torch.distributed as dist
 
     from weakclip.distributed import init_distributed
-    from weakclip.engine.loop import mix_seed, run_training
+    from weakclip.engine.loop import LoopSettings, TrainingTask, mix_seed, run_training
     from weakclip.retrain.check import preflight_masks
 
     masks = Path(masks_dir) if masks_dir is not None else (Path(cfg.data.masks) if cfg.data.masks else None)
@@ -507,13 +507,11 @@ def retrain(cfg: RetrainConfig, masks_dir: str | Path | None = None,
                       f"process(es)), {t.optimizer} lr {t.lr:g} (head x{t.head_lr_mult:g}), poly "
                       f"{t.poly_power:g}; device {info.device}",
                       flush=True)
-        summary = run_training(
-            model=model, optimizer=optimizer, schedule=schedule, step_fn=cross_entropy_step, dataset=dataset,
-            transform=build_retrain_transform(cfg.data), workdir=workdir, info=info, iters=t.iters,
-            batch_size=t.batch_size, seed=t.seed, config=cfg.to_dict(), resume=resume,
-            max_iters_this_run=max_iters_this_run, checkpoint_every=t.checkpoint_every,
-            keep_checkpoints=t.keep_checkpoints, log_every=t.log_every, num_workers=cfg.data.num_workers,
-            amp=t.amp, grad_clip=t.grad_clip, progress=progress, quiet=quiet)
+        task = TrainingTask(model=model, optimizer=optimizer, schedule=schedule, step_fn=cross_entropy_step,
+                            dataset=dataset, transform=build_retrain_transform(cfg.data))
+        summary = run_training(task, LoopSettings.from_section(t, num_workers=cfg.data.num_workers),
+                               workdir=workdir, info=info, config=cfg.to_dict(), resume=resume,
+                               max_iters_this_run=max_iters_this_run, progress=progress, quiet=quiet)
         summary["model"] = model
         if val is not None and summary["finished"]:
             scores, record = run_evaluation(model, val, cfg, info, progress=progress and not quiet,
