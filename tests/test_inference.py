@@ -190,8 +190,9 @@ def test_crf_where_the_probabilities_are_gives_the_worker_pool_result(model_and_
 
 
 def test_crf_on_the_device_runs_batched_over_images_of_one_size(model_and_data, tmp_path, monkeypatch):
-    """The GPU path, here on the CPU with our lattice: the images of a group that share their size and
-    class count go through one dense_crf call, and the masks equal those of one image at a time."""
+    """The GPU path (``crf_backend: auto`` on CUDA is our lattice where the model runs), here on the CPU
+    with the lattice named: the images of a group that share their size and class count go through one
+    dense_crf call, and the masks equal those of one image at a time."""
     from collections import Counter
 
     import weakclip.inference.pseudo_masks as pm
@@ -200,21 +201,31 @@ def test_crf_on_the_device_runs_batched_over_images_of_one_size(model_and_data, 
     calls = []
     real = pm.dense_crf
 
-    def lattice(probs, images, params):
-        calls.append(probs.shape[0])
-        return real(probs, images, params, backend="lattice")
+    def recorded(probs, images, params, backend="auto"):
+        calls.append((probs.shape[0], backend))
+        return real(probs, images, params, backend=backend)
 
-    monkeypatch.setattr(pm, "dense_crf", lattice)
-    kw = dict(crf_on_device=True, progress=False)
-    generate_pseudo_masks(model, dataset, tmp_path / "one", settings(restrict_to_labels=True), **kw)
-    assert calls == [1] * len(dataset)
+    monkeypatch.setattr(pm, "dense_crf", recorded)
+    one = generate_pseudo_masks(model, dataset, tmp_path / "one",
+                                settings(restrict_to_labels=True, crf_backend="lattice"), progress=False)
+    assert calls == [(1, "lattice")] * len(dataset)
+    assert one["settings"]["crf_on_device"] and one["settings"]["crf_backend"] == "lattice"
     calls.clear()
     generate_pseudo_masks(model, dataset, tmp_path / "group",
-                          settings(restrict_to_labels=True, image_batch=len(dataset), window_batch=4), **kw)
+                          settings(restrict_to_labels=True, crf_backend="lattice", image_batch=len(dataset),
+                                   window_batch=4), progress=False)
     # all images are 48 x 64: one call per number of kept classes (background + the image's labels)
     kept = Counter(int(dataset.get_labels(i).sum()) for i in range(len(dataset)))
-    assert sorted(calls) == sorted(kept.values()) and max(calls) > 1
+    assert sorted(n for n, _ in calls) == sorted(kept.values()) and max(n for n, _ in calls) > 1
     assert _files(tmp_path / "group") == _files(tmp_path / "one")
+    # "auto" on a GPU is the lattice, inline; the release's pydensecrf stays in the CPU workers
+    monkeypatch.setattr(pm, "choose_backend", lambda device, h, w: "lattice")
+    auto = generate_pseudo_masks(model, dataset, tmp_path / "auto", settings(crf_backend="auto"),
+                                 progress=False)
+    assert auto["settings"]["crf_on_device"] and auto["settings"]["crf_backend"] == "lattice"
+    release = generate_pseudo_masks(model, dataset, tmp_path / "release", settings(crf_workers=1),
+                                    progress=False)
+    assert not release["settings"]["crf_on_device"] and release["settings"]["crf_backend"] == "pydensecrf"
 
 
 def test_resume_after_a_kill_gives_the_identical_output_set(model_and_data, tmp_path):

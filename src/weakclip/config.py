@@ -137,10 +137,13 @@ class PseudoMaskConfig:
     ``stride``; ``average``: window logits averaged and one softmax (``"logits"``, the release) or a softmax
     per window (``"probs"``); ``size_divisor``: windows padded to a multiple of it (1: any size, the
     release). ``restrict_to_labels``: keep only the image's labels (+ background); off in the release.
-    ``crf``: ``auto`` (COCO parameters for COCO, else VOC), ``voc``, ``coco`` or ``none``; ``crf_workers``
-    processes run it. Speed settings (the release: one window at a time, one image at a time, float32):
-    ``window_batch`` windows per forward pass, from any scale and flip (0: as many as the free device
-    memory allows), ``image_batch`` images whose windows share those passes, ``amp`` (``bf16`` on CUDA).
+    ``crf``: ``auto`` (COCO parameters for COCO, else VOC), ``voc``, ``coco`` or ``none``; ``crf_backend``:
+    ``pydensecrf`` (the release: pydensecrf2 per image, in ``crf_workers`` CPU processes), ``auto``
+    (:func:`~weakclip.crf.choose_backend`: our lattice, batched, where the model runs when that is a GPU;
+    pydensecrf2 in the workers on a CPU) or ``lattice`` (ours wherever the model runs). Speed settings (the
+    release: one window at a time, one image at a time, float32): ``window_batch`` windows per forward pass,
+    from any scale and flip (0: as many as the free device memory allows), ``image_batch`` images whose
+    windows share those passes, ``amp`` (``bf16`` on CUDA).
     """
 
     scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -152,6 +155,7 @@ class PseudoMaskConfig:
     size_divisor: int = 1
     restrict_to_labels: bool = False
     crf: Literal["auto", "voc", "coco", "none"] = "auto"
+    crf_backend: Literal["pydensecrf", "auto", "lattice"] = "pydensecrf"
     crf_workers: int = 2
     window_batch: int = 1
     image_batch: int = 1
@@ -392,6 +396,8 @@ def validate(cfg: Config, source: str = "config") -> None:
     need(ps.window_batch >= 0, f"pseudo.window_batch must be >= 0 (0: by free memory), got {ps.window_batch}")
     need(ps.image_batch >= 1, f"pseudo.image_batch must be >= 1, got {ps.image_batch}")
     need(ps.average in ("logits", "probs"), f"pseudo.average must be logits or probs, got {ps.average!r}")
+    need(ps.crf_backend in ("pydensecrf", "auto", "lattice"),
+         f"pseudo.crf_backend must be pydensecrf, auto or lattice, got {ps.crf_backend!r}")
     need(ps.crf in ("auto", "voc", "coco", "none"), f"pseudo.crf must be auto, voc, coco or none, got "
                                                      f"{ps.crf!r}")
     need(ps.amp in ("bf16", "none"), f"pseudo.amp must be bf16 or none, got {ps.amp!r}")

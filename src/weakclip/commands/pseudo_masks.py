@@ -11,7 +11,7 @@ from weakclip.commands.tta_flags import add_tta_flags, tta_overrides
 def _pseudo_overrides(args: argparse.Namespace) -> list[str]:
     """The flags given, as overrides of the checkpoint's ``pseudo`` section (its preset's settings)."""
     out = tta_overrides(args)
-    for flag in ("crf_workers", "image_batch"):
+    for flag in ("crf_workers", "image_batch", "crf_backend"):
         if getattr(args, flag) is not None:
             out.append(f"pseudo.{flag}={getattr(args, flag)}")
     if args.no_crf:
@@ -95,6 +95,9 @@ def register(sub) -> None:
                    help="all classes; the CRF gets the argmax's classes (the release)")
     p.add_argument("--save-probs", action="store_true",
                    help="also write OUT/probs/<id>.npz (float16 probabilities of the kept classes)")
+    p.add_argument("--crf-backend", choices=["pydensecrf", "auto", "lattice"], default=None,
+                   help="pydensecrf2 in CPU workers (the release), auto (our lattice on the GPU where the "
+                        "model runs, batched; pydensecrf2 on a CPU) or lattice")
     p.add_argument("--crf-workers", type=int, default=None,
                    help="CRF worker processes per process (0 = run the CRF inline)")
     p.add_argument("--image-batch", type=int, default=None,

@@ -162,14 +162,14 @@ def predict_images(model: torch.nn.Module, paths: Sequence[str | Path], class_na
     model.eval()
     try:
         _predict_each(model, paths, class_names, allowed, multi_hot, out_dir, written, failures, used, tta,
-                      settings.crf_params(kind), alpha, progress)
+                      settings.crf_params(kind), settings.crf_backend, alpha, progress)
     finally:
         model.train(was_training)
     return {"written": written, "failures": failures}
 
 
 def _predict_each(model, paths, class_names, allowed, multi_hot, out_dir, written, failures, used, tta,
-                  crf_params, alpha, progress) -> None:
+                  crf_params, crf_backend, alpha, progress) -> None:
     for path in paths:
         path = Path(path)
         try:
@@ -182,7 +182,7 @@ def _predict_each(model, paths, class_names, allowed, multi_hot, out_dir, writte
         keys, kept = restrict_probs(probs, multi_hot)
         if crf_params is not None:  # on the probabilities' device
             rgb = torch.from_numpy(np.ascontiguousarray(image)).to(kept.device).permute(2, 0, 1)[None].float()
-            kept = dense_crf(kept[None].float(), rgb, crf_params)[0]
+            kept = dense_crf(kept[None].float(), rgb, crf_params, backend=crf_backend)[0]
         keys, kept = keys.cpu().numpy(), kept.cpu().numpy()
         mask = keys.astype(np.uint8)[kept.argmax(axis=0)]
         stem = _unique_stem(path, used)

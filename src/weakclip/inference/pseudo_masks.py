@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from weakclip.config import PseudoMaskConfig
-from weakclip.crf import dense_crf
+from weakclip.crf import choose_backend, dense_crf
 from weakclip.data.io import jsonable, read_image, read_label_png, write_json_atomic, write_label_png
 from weakclip.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from weakclip.errors import DataError
@@ -99,15 +99,16 @@ def argmax_probs(probs):
 
 
 def _crf_batch(images: Sequence[np.ndarray], probs: Sequence[np.ndarray | torch.Tensor],
-               keys: Sequence[np.ndarray], params, out_pngs: Sequence[str]) -> tuple[list[np.ndarray], float]:
+               keys: Sequence[np.ndarray], params, out_pngs: Sequence[str], backend: str = "pydensecrf"
+               ) -> tuple[list[np.ndarray], float]:
     """Dense CRF of images of one size with the same number of kept classes, as one batch, each mask
     written to its ``out_pngs`` entry -> (masks, seconds). The probabilities are numpy (a worker process)
-    or tensors on the model's device (inline: the CRF runs there, batched, with no round trip to the CPU
-    but the masks)."""
+    or tensors on the model's device (inline: with the lattice the CRF runs there, batched, with no round
+    trip to the CPU but the masks). ``backend``: of :func:`~weakclip.crf.dense_crf`."""
     start = time.perf_counter()
     probs_t = torch.stack([torch.from_numpy(p) if isinstance(p, np.ndarray) else p for p in probs]).float()
     rgb = torch.stack([torch.from_numpy(np.ascontiguousarray(im)) for im in images]).to(probs_t.device)
-    q = dense_crf(probs_t, rgb.permute(0, 3, 1, 2).float(), params)
+    q = dense_crf(probs_t, rgb.permute(0, 3, 1, 2).float(), params, backend=backend)
     labels = q.argmax(dim=1).cpu().numpy()
     masks = []
     for k, label, out_png in zip(keys, labels, out_pngs):
@@ -116,10 +117,10 @@ def _crf_batch(images: Sequence[np.ndarray], probs: Sequence[np.ndarray | torch.
     return masks, time.perf_counter() - start
 
 
-def _crf_job(image: np.ndarray, probs: np.ndarray | torch.Tensor, keys: np.ndarray, params, out_png: str
-             ) -> tuple[np.ndarray, float]:
+def _crf_job(image: np.ndarray, probs: np.ndarray | torch.Tensor, keys: np.ndarray, params, out_png: str,
+             backend: str = "pydensecrf") -> tuple[np.ndarray, float]:
     """Dense CRF of one image, written to ``out_png`` -> (mask, seconds) (:func:`_crf_batch` of one)."""
-    masks, seconds = _crf_batch([image], [probs], [keys], params, [out_png])
+    masks, seconds = _crf_batch([image], [probs], [keys], params, [out_png], backend)
     return masks[0], seconds
 
 
@@ -218,8 +219,10 @@ def generate_pseudo_masks(
         kind: the dataset kind that ``settings.crf == "auto"`` picks the CRF parameters by (default the
             dataset's).
         save_probs: also write ``probs/<id>.npz``.
-        crf_on_device: run the CRF inline where the probabilities are (:func:`~weakclip.crf.dense_crf`:
-            our batched lattice on a GPU), instead of in the CPU worker processes; default: on CUDA.
+        crf_on_device: run the CRF inline where the probabilities are, with ``settings.crf_backend``,
+            instead of in the CPU worker processes; default: when that backend is not pydensecrf2 on the
+            model's device (``crf_backend: auto`` on a GPU: our batched lattice there; the release's
+            ``pydensecrf``: the workers).
         max_pending: images waiting for the CRF workers at most (default twice the workers);
             ``start_method`` of the workers: default ``fork`` on CPU, ``spawn`` once CUDA is initialised
             (scripts then need the ``if __name__ == "__main__":`` guard).
@@ -263,7 +266,8 @@ def generate_pseudo_masks(
     was_training = model.training
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    crf_here = crf_on_device if crf_on_device is not None else device.type == "cuda"
+    backend = choose_backend(device, 0, 0) if settings.crf_backend == "auto" else settings.crf_backend
+    crf_here = crf_on_device if crf_on_device is not None else backend != "pydensecrf"
     runner = WindowRunner(model, num_classes, window_batch=settings.window_batch,
                           autocast_dtype=settings.autocast_dtype(device),
                           probe_size=(settings.crop, settings.crop))
@@ -290,7 +294,7 @@ def generate_pseudo_masks(
                 on_device.append((ident, image, keys, kept))
             elif use_crf:
                 queue.submit(ident, image, np.ascontiguousarray(kept.cpu().numpy(), dtype=np.float32), keys,
-                             crf_params, str(out_dir / f"{ident}.png"))
+                             crf_params, str(out_dir / f"{ident}.png"), backend)
                 ledger.wrote(ident)
             start = time.perf_counter()
         all_probs.clear()
@@ -302,7 +306,7 @@ def generate_pseudo_masks(
         for items in batches.values():
             masks, seconds = _crf_batch([it[1] for it in items], [it[3] for it in items],
                                         [it[2] for it in items], crf_params,
-                                        [str(out_dir / f"{it[0]}.png") for it in items])
+                                        [str(out_dir / f"{it[0]}.png") for it in items], backend)
             for (ident, *_), mask in zip(items, masks):
                 queue.record(ident, mask, seconds / len(items))
                 ledger.wrote(ident)
@@ -373,7 +377,7 @@ def generate_pseudo_masks(
             "crop": int(settings.crop), "stride": int(settings.stride),
             "base_scale": [int(v) for v in settings.base_scale],
             "restrict_to_labels": bool(settings.restrict_to_labels), "average": settings.average,
-            "crf_on_device": bool(crf_here),
+            "crf_on_device": bool(crf_here), "crf_backend": backend,
             "size_divisor": int(settings.size_divisor),
             "crf": None if crf_params is None else _params_dict(crf_params),
             "save_probs": bool(save_probs),
