@@ -175,8 +175,8 @@ def register(sub) -> None:
     p.add_argument("--save-cams", action="store_true",
                    help="also write cams/<id>.npz (keys, float16 CAMs after the affinity at image size)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="images through the CLIP tower at once, those of one size batched "
-                        "(default: 8 on CUDA, 1 on CPU)")
+                   help="images through the CLIP tower at once, those of one size batched (default 1, "
+                        "as CLIP-ES; e.g. 8 on a GPU for speed: the CAMs change by float rounding only)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=run_generate)
 

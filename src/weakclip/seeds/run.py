@@ -117,8 +117,9 @@ def generate_seeds(
         progress: a progress bar on rank 0.
         evaluate: when the dataset has ground truth, score the seeds (the existing ones too).
         batch_size: up to this many consecutive images go through the CLIP tower together, those of
-            one size as one batch (``seeder.cams_and_keys_batch``); 1 = one image at a time. Default:
-            8 on CUDA, 1 on CPU (measured on 2 cores: batches of 4 were 13 % slower per image there).
+            one size as one batch (``seeder.cams_and_keys_batch``). Default 1, one image at a time as
+            CLIP-ES runs; larger batches are a speed switch for GPUs (the CAMs change by float rounding
+            only; on 2 CPU cores batches of 4 were 13 % slower per image).
 
     Returns the summary (identical on every process; also written to ``seeds_summary.json`` by rank 0):
     counts written / skipped / failed, the failures ``{id: message}``, seconds per computed image and,
@@ -209,8 +210,7 @@ def generate_seeds(
                 score_masks(i, ident, masks)
 
     if batch_size is None:
-        device = getattr(seeder, "device", None)
-        batch_size = 8 if device is not None and torch.device(device).type == "cuda" else 1
+        batch_size = 1  # as CLIP-ES
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     bar = tqdm(total=len(todo), desc=f"seeds [{rank}/{world_size}]", disable=not progress or rank != 0,
