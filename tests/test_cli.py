@@ -50,3 +50,13 @@ def test_pseudo_masks_conflicting_flags_are_a_one_line_error(tmp_path, capsys):
     assert "--restrict and --no-restrict exclude each other" in capsys.readouterr().err
     assert main([*args, "--scales", "0", "1"]) == 2  # checked through the typed pseudo section
     assert "pseudo.scales must be positive" in capsys.readouterr().err
+    assert main([*args, "--image-batch", "0"]) == 2
+    assert "pseudo.image_batch must be >= 1" in capsys.readouterr().err
+
+
+def test_run_seeds_batch_is_checked_before_any_work(tmp_path, capsys):
+    argv = ["run", "--data-root", str(tmp_path), "--workdir", str(tmp_path / "w"), "--seeds-batch", "0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--seeds-batch must be >= 1" in err
+    assert not (tmp_path / "w").exists()

@@ -43,6 +43,7 @@ class PipelineConfig:
     refine_overrides: list[str] = field(default_factory=list)
     retrain_overrides: list[str] = field(default_factory=list)
     seed_overrides: dict[str, Any] = field(default_factory=dict)  # ClipEsConfig fields
+    seeds_batch: int = 1  # images through CLIP at once in the seed stage (1: as CLIP-ES; e.g. 8 on a GPU)
     device: str | None = None
     progress: bool = True
     stop_on_regression: bool = False  # stop after a stage that made things worse (see weakclip.report.checks)
@@ -236,7 +237,7 @@ class Pipeline:
                                              device=info.device)
         seeder = ClipEsSeeder(image_tower, dataset.classes, text_tower=text_tower, config=es_cfg)
         summary = generate_seeds(dataset, seeder, out, rank=info.rank, world_size=info.world_size,
-                                 progress=self.cfg.progress)
+                                 progress=self.cfg.progress, batch_size=self.cfg.seeds_batch)
         if summary.get("failed"):
             failed = sorted(summary["failures"])[:5]
             raise WeakclipError(f"seeds: {summary['failed']} images failed ({failed}); fix or remove them "

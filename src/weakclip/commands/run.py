@@ -9,8 +9,11 @@ from pathlib import Path
 
 def run_pipeline(args: argparse.Namespace) -> int:
     from weakclip.distributed import cleanup
+    from weakclip.errors import WeakclipError
     from weakclip.pipeline import Pipeline, PipelineConfig, RegressionStop
 
+    if args.seeds_batch < 1:
+        raise WeakclipError(f"--seeds-batch must be >= 1, got {args.seeds_batch}")
     # the pseudo-mask flags are overrides of the preset's pseudo section (given ones only)
     pseudo = [f"pseudo.crf={args.crf}"] if args.crf is not None else []
     if args.restrict:
@@ -23,7 +26,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
                          retrain_preset=args.retrain_preset, dataset=args.dataset, train_split=args.split,
                          val_split=args.val_split, clip_weights=args.clip_weights, seeds=args.seeds,
                          refine_overrides=[*pseudo, *args.set], retrain_overrides=list(args.retrain_set),
-                         device=args.device, progress=not args.quiet,
+                         device=args.device, progress=not args.quiet, seeds_batch=args.seeds_batch,
                          stop_on_regression=args.stop_on_regression)
     try:
         Pipeline(cfg).run()
@@ -75,6 +78,9 @@ def register(sub) -> None:
                         "release does not; on in the -plus presets)")
     p.add_argument("--crf-workers", type=int, default=None,
                    help="CRF worker processes (default: the preset's)")
+    p.add_argument("--seeds-batch", type=int, default=1,
+                   help="images through CLIP at once in the built-in seed stage (default 1, as CLIP-ES; "
+                        "e.g. 8 on a GPU: the CAMs change by float rounding only)")
     p.add_argument("--stop-on-regression", action="store_true",
                    help="stop after a stage that made things worse (pseudo masks below the seeds, final "
                         "network below the pseudo masks, a class vanished) instead of going on (exit "
