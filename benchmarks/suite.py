@@ -306,7 +306,7 @@ def masks_rows(device: torch.device, args) -> list[Row]:
 
     window_batch = args.window_batch if args.window_batch is not None else p_o.window_batch
     runner = WindowRunner(model_o, len(VOC_CLASSES), window_batch=window_batch,
-                          autocast_dtype=p_o.autocast_dtype(device), probe_size=(p_o.crop, p_o.crop))
+                          autocast_dtype=p_o.autocast_dtype(device))
 
     def ours(batch: list[np.ndarray]) -> Callable[[], None]:
         def run() -> None:  # the windows of all images, scales and flips batched; the CRF on the device
@@ -324,7 +324,7 @@ def masks_rows(device: torch.device, args) -> list[Row]:
     rows = [measure("masks", "release", f"1 x {what}, 1 window, fp32, CRF of the argmax classes", device, 1,
                     release, args.repeats)]
     with torch.inference_mode():
-        limit = runner.resolve(device)  # window_batch 0: measured from the free memory, before timing
+        limit = runner.resolve(device, (p_o.crop, p_o.crop))  # window_batch 0: from free memory, untimed
     amp = ", bf16" if p_o.autocast_dtype(device) is not None else ""
     for n in sorted({1, group}):
         rows.append(measure("masks", "ours", f"voc-plus: {n} x {what}, {limit} windows{amp}, CRF 3 classes "

@@ -78,7 +78,7 @@ def main() -> None:
             if cuda:
                 auto = WindowRunner(model, len(VOC_CLASSES), window_batch=0, autocast_dtype=amp)
                 with torch.inference_mode():
-                    chosen = auto.resolve(device)
+                    chosen = auto.resolve(device, (512, 512))
                 print(f"{preset:10} {'bf16' if amp else 'fp32':5} window_batch 0 chooses {chosen} windows "
                       f"(free memory now)")
         del model, x

@@ -142,7 +142,7 @@ def test_batch_size_from_free_memory():
         windows_for_memory(gib, 0, 1, fraction=0)
     # off CUDA, "auto" is a fixed small batch
     runner = WindowRunner(tiny_model(), 3, window_batch=batching.AUTO)
-    assert runner.limit is None and runner.resolve(torch.device("cpu")) == CPU_AUTO_WINDOWS
+    assert runner.limit is None and runner.resolve(torch.device("cpu"), (512, 512)) == CPU_AUTO_WINDOWS
 
 
 def test_auto_batch_on_cuda_is_measured_from_one_and_two_windows(monkeypatch):
@@ -165,9 +165,9 @@ def test_auto_batch_on_cuda_is_measured_from_one_and_two_windows(monkeypatch):
     monkeypatch.setattr(cuda, "reset_peak_memory_stats", lambda device=None: state.update(peak=0))
     monkeypatch.setattr(cuda, "mem_get_info", lambda device=None: (5000, 10000))
     monkeypatch.setattr(torch, "zeros", _cpu_zeros(torch.zeros))
-    runner = WindowRunner(Fake(), 3, window_batch=0, probe_size=(16, 16))
+    runner = WindowRunner(Fake(), 3, window_batch=0)
     # per window 200, fixed 300, room 0.8 * (5000 + 1000) = 4800 -> (4800 - 300) // 200 = 22
-    assert runner.resolve(torch.device("cuda", 0)) == 22 == windows_for_memory(6000, 300, 200)
+    assert runner.resolve(torch.device("cuda", 0), (16, 16)) == 22 == windows_for_memory(6000, 300, 200)
 
 
 def _cpu_zeros(zeros):

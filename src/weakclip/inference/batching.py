@@ -60,13 +60,12 @@ class WindowRunner:
         num_classes: K, checked on every output.
         window_batch: windows per forward pass; :data:`AUTO` (0) sizes it by free memory.
         autocast_dtype: e.g. ``torch.bfloat16`` to run the model under autocast.
-        probe_size: ``(h, w)`` of the largest window, measured by ``AUTO`` on CUDA.
         memory_fraction: share of the free device memory ``AUTO`` may plan for.
     """
 
     def __init__(self, model: nn.Module, num_classes: int, *, window_batch: int = 1,
-                 autocast_dtype: torch.dtype | None = None, probe_size: Sequence[int] = (512, 512),
-                 memory_fraction: float = 0.8, max_auto: int = MAX_AUTO_WINDOWS) -> None:
+                 autocast_dtype: torch.dtype | None = None, memory_fraction: float = 0.8,
+                 max_auto: int = MAX_AUTO_WINDOWS) -> None:
         if int(window_batch) < 0:
             raise ValueError(f"window_batch must be >= 0 (0: by free memory), got {window_batch}")
         self.model = model
@@ -74,7 +73,6 @@ class WindowRunner:
         self.requested = int(window_batch)
         self.limit: int | None = self.requested if self.requested != AUTO else None
         self.autocast_dtype = autocast_dtype
-        self.probe_size = (int(probe_size[0]), int(probe_size[1]))
         self.memory_fraction = float(memory_fraction)
         self.max_auto = int(max_auto)
         self.calls = 0  # forward passes run
@@ -92,13 +90,13 @@ class WindowRunner:
                              f"windows, expected {batch.shape[0]} x {self.num_classes} x h x w")
         return logits
 
-    def _measure(self, device: torch.device) -> int:
-        """Windows per pass that fit the free CUDA memory (one and two windows measured)."""
+    def _measure(self, device: torch.device, window_size: Sequence[int]) -> int:
+        """Windows of ``window_size`` per pass that fit the free CUDA memory (one and two measured)."""
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
         peaks = []
         for n in (1, 2):
-            probe = torch.zeros(n, 3, *self.probe_size, device=device)
+            probe = torch.zeros(n, 3, int(window_size[0]), int(window_size[1]), device=device)
             torch.cuda.reset_peak_memory_stats(device)
             self._forward(probe)
             torch.cuda.synchronize(device)
@@ -110,17 +108,18 @@ class WindowRunner:
         free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached by torch
         return windows_for_memory(free, fixed, per_window, fraction=self.memory_fraction, cap=self.max_auto)
 
-    def resolve(self, device: torch.device) -> int:
-        """The batch limit, chosen now when ``AUTO`` and not chosen yet."""
+    def resolve(self, device: torch.device, window_size: Sequence[int]) -> int:
+        """The batch limit, chosen now when ``AUTO`` and not chosen yet, for windows of at most
+        ``window_size`` (h, w): the largest the job will run, measured on CUDA."""
         if self.limit is None:
-            self.limit = self._measure(device) if device.type == "cuda" else min(CPU_AUTO_WINDOWS,
-                                                                                  self.max_auto)
+            self.limit = (self._measure(device, window_size) if device.type == "cuda"
+                          else min(CPU_AUTO_WINDOWS, self.max_auto))
         return self.limit
 
     # ------------------------------------------------------------------ running
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """Float32 logits ``N x K x h x w`` of windows ``N x 3 x h x w`` (resized to the windows' size)."""
-        limit = self.resolve(batch.device)
+        limit = self.resolve(batch.device, batch.shape[-2:])
         outs = []
         start = 0
         while start < batch.shape[0]:

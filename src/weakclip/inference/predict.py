@@ -153,8 +153,7 @@ def predict_images(model: torch.nn.Module, paths: Sequence[str | Path], class_na
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     runner = WindowRunner(model, len(class_names), window_batch=settings.window_batch,
-                          autocast_dtype=settings.autocast_dtype(device),
-                          probe_size=(settings.crop, settings.crop))
+                          autocast_dtype=settings.autocast_dtype(device))
     tta = dict(scales=settings.scales, flip=settings.flip, crop=settings.crop, stride=settings.stride,
                base_scale=settings.base_scale, mean=mean, std=std, window_batch=runner,
                average=settings.average, size_divisor=settings.size_divisor, num_classes=len(class_names))

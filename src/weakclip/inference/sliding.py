@@ -114,12 +114,14 @@ def _run_passes(passes: Sequence[_Pass], runner: WindowRunner, num_classes: int,
             key = _padded_size(win[1] - win[0], win[3] - win[2], size_divisor)
             queues.setdefault(key, deque()).append((order, p, win))
             order += 1
-    device = passes[0].image.device if passes else torch.device("cpu")
+    if not queues:
+        return
+    device = passes[0].image.device
+    runner.resolve(device, max(queues, key=lambda k: k[0] * k[1]))  # sized for the largest window
     while queues:
         key = min(queues, key=lambda k: queues[k][0][0])
         queue = queues[key]
-        limit = runner.resolve(device)
-        taken = [queue.popleft() for _ in range(min(limit, len(queue)))]
+        taken = [queue.popleft() for _ in range(min(runner.limit, len(queue)))]  # lowered after an OOM
         if not queue:
             del queues[key]
         crops = []
@@ -166,8 +168,7 @@ def slide_inference(model: nn.Module, image: torch.Tensor, num_classes: int, cro
     if average not in AVERAGE_MODES:
         raise ValueError(f"average must be one of {AVERAGE_MODES}, got {average!r}")
     windows = window_grid(image.shape[-2], image.shape[-1], crop, stride)
-    runner = WindowRunner(model, num_classes, window_batch=window_batch, autocast_dtype=autocast_dtype,
-                          probe_size=_padded_size(*_crop_hw(crop), size_divisor))
+    runner = WindowRunner(model, num_classes, window_batch=window_batch, autocast_dtype=autocast_dtype)
     results: list[torch.Tensor | None] = [None] * image.shape[0]
 
     def keep(b: int):
@@ -176,10 +177,6 @@ def slide_inference(model: nn.Module, image: torch.Tensor, num_classes: int, cro
     _run_passes([_Pass(image[b:b + 1], windows, keep(b)) for b in range(image.shape[0])], runner,
                 num_classes, size_divisor, average)
     return torch.cat(results)
-
-
-def _crop_hw(crop: int | Sequence[int]) -> tuple[int, int]:
-    return (crop, crop) if isinstance(crop, int) else (int(crop[0]), int(crop[1]))
 
 
 def scaled_size(height: int, width: int, ratio: float, base_scale: Sequence[int] = (2048, 512)
@@ -263,8 +260,7 @@ def multiscale_inference_batch(model: nn.Module, images: Sequence[np.ndarray],
     if isinstance(window_batch, WindowRunner):
         runner = window_batch
     else:
-        runner = WindowRunner(model, k, window_batch=window_batch, autocast_dtype=autocast_dtype,
-                              probe_size=_padded_size(*_crop_hw(crop), size_divisor))
+        runner = WindowRunner(model, k, window_batch=window_batch, autocast_dtype=autocast_dtype)
     mean_t = torch.tensor([float(m) for m in mean], device=device).view(1, 3, 1, 1)
     std_t = torch.tensor([float(s) for s in std], device=device).view(1, 3, 1, 1)
     accs: list[torch.Tensor] = []
