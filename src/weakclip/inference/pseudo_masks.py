@@ -29,6 +29,7 @@ runs too), summed over the processes.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -269,8 +270,7 @@ def generate_pseudo_masks(
     backend = choose_backend(device, 0, 0) if settings.crf_backend == "auto" else settings.crf_backend
     crf_here = crf_on_device if crf_on_device is not None else backend != "pydensecrf"
     runner = WindowRunner(model, num_classes, window_batch=settings.window_batch,
-                          autocast_dtype=settings.autocast_dtype(device),
-                          probe_size=(settings.crop, settings.crop))
+                          autocast_dtype=settings.autocast_dtype(device))
     timing = {"model_seconds": 0.0, "computed": 0}
     group: list[tuple[str, np.ndarray, np.ndarray | None, np.ndarray | None]] = []
 
@@ -289,11 +289,13 @@ def generate_pseudo_masks(
             mask = keys.astype(np.uint8)[kept.argmax(dim=0).cpu().numpy()]
             timing["model_seconds"] += time.perf_counter() - start
             timing["computed"] += 1
-            write_before_crf(ident, image, keys, kept, mask, gt)
+            # the probabilities come to the CPU once, only when saved or sent to the workers
+            kept_np = kept.cpu().numpy() if save_probs or (use_crf and not crf_here) else None
+            write_before_crf(ident, keys, kept_np, mask, gt)
             if use_crf and crf_here:
                 on_device.append((ident, image, keys, kept))
             elif use_crf:
-                queue.submit(ident, image, np.ascontiguousarray(kept.cpu().numpy(), dtype=np.float32), keys,
+                queue.submit(ident, image, np.ascontiguousarray(kept_np, dtype=np.float32), keys,
                              crf_params, str(out_dir / f"{ident}.png"), backend)
                 ledger.wrote(ident)
             start = time.perf_counter()
@@ -311,12 +313,12 @@ def generate_pseudo_masks(
                 queue.record(ident, mask, seconds / len(items))
                 ledger.wrote(ident)
 
-    def write_before_crf(ident, image, keys, kept, mask, gt) -> None:
+    def write_before_crf(ident, keys, kept_np, mask, gt) -> None:
         """``probs/``, ``no_crf/`` and, without the CRF, the final mask (the CRF's is written last)."""
         final = out_dir / f"{ident}.png"
         if save_probs:
             write_npz_atomic(probs_dir / f"{ident}.npz", keys=keys.astype(np.int16),
-                             probs=kept.cpu().numpy().astype(np.float16))
+                             probs=kept_np.astype(np.float16))
         if gt is not None:
             cm_before.update(mask, gt, name=f"{no_crf_dir / ident}.png")
         if use_crf:
@@ -372,18 +374,10 @@ def generate_pseudo_masks(
     n_crf = sum(s[2] for s in seconds)
     summary.update({
         "out_dir": str(out_dir),
-        "settings": {
-            "scales": [float(s) for s in settings.scales], "flip": bool(settings.flip),
-            "crop": int(settings.crop), "stride": int(settings.stride),
-            "base_scale": [int(v) for v in settings.base_scale],
-            "restrict_to_labels": bool(settings.restrict_to_labels), "average": settings.average,
-            "crf_on_device": bool(crf_here), "crf_backend": backend,
-            "size_divisor": int(settings.size_divisor),
-            "crf": None if crf_params is None else _params_dict(crf_params),
-            "save_probs": bool(save_probs),
-            "window_batch": int(settings.window_batch), "image_batch": int(settings.image_batch),
-            "amp": settings.amp,
-        },
+        # the section as run: the CRF's parameters and backend resolved
+        "settings": {**dataclasses.asdict(settings), "crf_on_device": bool(crf_here), "crf_backend": backend,
+                     "crf": None if crf_params is None else _params_dict(crf_params),
+                     "save_probs": bool(save_probs)},
         "window_batch": runner.limit,
         "model_seconds_per_image": sum(s[1] for s in seconds) / n_model if n_model else None,
         "crf_seconds_per_image": sum(s[3] for s in seconds) / n_crf if n_crf else None,
@@ -412,8 +406,6 @@ def generate_pseudo_masks(
 
 
 def _params_dict(params) -> dict[str, Any] | str:
-    import dataclasses
-
     return dataclasses.asdict(params) if dataclasses.is_dataclass(params) else str(params)
 
 
