@@ -64,7 +64,7 @@ def main() -> None:
     seeds = torch.randint(0, len(VOC_CLASSES), (batch, crop, crop), generator=gen)
     seeds[:, : crop // 4] = 255
     seeds = seeds.to(device)
-    norm = (images - mean) / std
+    norm = (images - mean) / std  # what the model and train_step take (the loss un-normalises it)
     where = torch.cuda.get_device_name(device) if cuda else f"{torch.get_num_threads()} threads"
     print(f"device {device} ({where}), torch {torch.__version__}, preset {args.preset}, "
           f"{cfg.model.clip_arch} random weights, batch {batch} of {crop} x {crop}, {args.steps} steps")
@@ -99,7 +99,7 @@ def main() -> None:
         for _ in range(args.steps):
             start = time.perf_counter()
             try:
-                terms = train_step(model, loss_fn, optimizer, images, seeds, mean, std, autocast=autocast,
+                terms = train_step(model, loss_fn, optimizer, norm, seeds, mean, std, autocast=autocast,
                                    scaler=scaler)
             except FloatingPointError as exc:
                 losses.append(float("nan"))
