@@ -1,37 +1,15 @@
 """Which dataset a name or a folder means: :func:`build_dataset` and :func:`detect_kind`.
 
-Every dataset yields the sample dict of :mod:`weakclip.data.base`; each layout lives in its own
-module and is re-exported here.
+Every dataset yields the sample dict of :mod:`weakclip.data.base`. Each layout lives in its own module,
+whose docstring describes its files, and is re-exported here:
 
-Supported layouts
------------------
-VOC 2012 (``VOCDataset``): ``root`` = ``VOCdevkit/VOC2012`` with ``JPEGImages/``, ``SegmentationClassAug/``
-(SBD-augmented ground truth; ``SegmentationClass/`` is used for the train/val/trainval splits when the
-Aug folder is absent) and the id list ``ImageSets/Segmentation/<split>.txt`` or
-``ImageSets/SegmentationAug/<split>.txt``. Image labels are the classes of the ground-truth mask, or come
-from a ``cls_labels`` .npy dict (id -> 20-dim multi-hot) as IRN and MCTformer ship it.
-
-COCO 2014 (``COCODataset``): the output of :func:`weakclip.data.coco.prepare_coco` (``ImageSets/<split>.txt``,
-``labels_<split>.json``, ``SegmentationClass/<split>/<id>.png``) with the images in ``<root>/images/<split>/``
-or ``<root>/<split>/`` (or ``image_root``), named ``COCO_train2014_000000000009.jpg``.
-
-Folder layout (``FolderDataset``), for your own data, and what the synthetic data generator writes::
-
-    root/classes.txt            one class name per line, the first is "background"
-    root/images/<id>.<ext>      ext one of jpg, jpeg, png, bmp, webp (any case); one file per id
-    root/labels.json            {"<id>": ["cat", "dog"], ...}  (an empty list = background only)
-      or root/labels.csv        header "image,labels", then rows like: 0001,cat;dog
-    root/seeds/<id>.png         optional seeds (class id or 255); used when seed_dir is None and the
-                                folder has a seed for every id of the split (the synthetic generator
-                                writes seeds for the train ids only, so split="val" simply has none)
-    root/masks/<id>.png         optional ground truth (class id or 255); used when the folder exists
-                                (and with_gt=True)
-    root/splits/<split>.txt     optional id lists, one id a line (e.g. train.txt, val.txt);
-                                split=None -> every image of the labels file, in its order
-
-Names in the labels file must be names of classes.txt ("background" may be listed; it is implied anyway).
-Keys of labels.json and the image column of labels.csv may carry an image extension ("0001.jpg"); it is
-stripped.
+* ``voc``: :class:`~weakclip.data.voc.VOCDataset`, PASCAL VOC 2012 (``VOCdevkit/VOC2012``, SBD masks,
+  cls_labels files);
+* ``coco`` / ``coco91``: :class:`~weakclip.data.coco_dataset.COCODataset` /
+  :class:`~weakclip.data.coco_dataset.COCO91Dataset`, COCO 2014 after
+  :func:`weakclip.data.coco.prepare_coco`, in 81 classes or the release's 91 ids;
+* ``folder``: :class:`~weakclip.data.folder.FolderDataset`, your own images and tags
+  (``classes.txt``, ``images/``, ``labels.json`` or ``labels.csv``), what the synthetic generator writes.
 """
 
 from __future__ import annotations

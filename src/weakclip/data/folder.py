@@ -1,6 +1,5 @@
-"""The folder layout: your own images and tags (and what the synthetic data generator writes).
-
-Folder layout (``FolderDataset``), for your own data, and what the synthetic data generator writes::
+"""The folder layout (``FolderDataset``): your own images and tags, and what the synthetic data generator
+writes::
 
     root/classes.txt            one class name per line, the first is "background"
     root/images/<id>.<ext>      ext one of jpg, jpeg, png, bmp, webp (any case); one file per id

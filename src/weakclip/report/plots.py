@@ -52,18 +52,22 @@ def _values(column: Sequence[float | None]) -> np.ndarray:
     return np.array([np.nan if v is None else 100.0 * v for v in column], dtype=np.float64)
 
 
+def _grouped_bars(n_series: int, k: int) -> tuple[np.ndarray, float, list[float]]:
+    """Bar positions of ``n_series`` side by side at each of ``k`` classes: (x, width, offsets)."""
+    width = 0.8 / max(1, n_series)
+    return np.arange(k), width, [(j - (n_series - 1) / 2) * width for j in range(n_series)]
+
+
 def plot_per_class(classes: Sequence[str], series: dict[str, dict], titles: dict[str, str],
                    path: Path) -> Path:
     """Grouped bars per class: IoU on top; FP (up) and FN (down) of each series below (percent)."""
     plt = _pyplot()
     names = list(series)
     k = len(classes)
-    width = 0.8 / max(1, len(names))
-    x = np.arange(k)
+    x, width, offsets = _grouped_bars(len(names), k)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(7.0, 0.55 * k * max(1, len(names)) / 2 + 3), 6.4),
                                       sharex=True, gridspec_kw={"height_ratios": [3, 2]})
-    for j, name in enumerate(names):
-        offset = (j - (len(names) - 1) / 2) * width
+    for name, offset in zip(names, offsets):
         colour = COLOURS.get(name)
         top.bar(x + offset, _values(series[name]["iou"]), width, label=titles.get(name, name), color=colour)
         bottom.bar(x + offset, _values(series[name]["fp"]), width, color=colour)
@@ -89,13 +93,12 @@ def plot_shares(classes: Sequence[str], pixels: dict[str, Sequence[int]], titles
     plt = _pyplot()
     names = list(pixels)
     k = len(classes)
-    width = 0.8 / max(1, len(names))
-    x = np.arange(k)
+    x, width, offsets = _grouped_bars(len(names), k)
     fig, ax = plt.subplots(figsize=(max(7.0, 0.4 * k + 3), 3.8))
-    for j, name in enumerate(names):
+    for name, offset in zip(names, offsets):
         counts = np.asarray(pixels[name], dtype=np.float64)
         shares = 100.0 * counts / max(1.0, counts.sum())
-        ax.bar(x + (j - (len(names) - 1) / 2) * width, shares, width, label=titles.get(name, name),
+        ax.bar(x + offset, shares, width, label=titles.get(name, name),
                color=COLOURS.get(name))
     ax.set_ylabel("% of the labelled pixels")
     ax.set_xticks(x, list(classes), rotation=45 if k > 8 else 0, ha="right" if k > 8 else "center")
