@@ -175,8 +175,8 @@ def _mmcv_rescale(h: int, w: int, scale: tuple[int, int]) -> tuple[int, int]:
 
 @pytest.mark.parametrize("size", SIZES)
 def test_refinement_resize_is_cv2_linear_and_nearest(size):
-    """mmseg's ``Resize`` (keep_ratio) calls ``mmcv.imrescale`` -> ``cv2.resize(img, (w, h), INTER_LINEAR)`` for
-    the image and ``INTER_NEAREST`` for the seed mask."""
+    """mmseg's ``Resize`` (keep_ratio) calls ``mmcv.imrescale`` -> ``cv2.resize(img, (w, h), INTER_LINEAR)``
+    for the image and ``INTER_NEAREST`` for the seed mask."""
     from weakclip.data.transforms import Resize
 
     image = _photo(*size)
@@ -187,3 +187,41 @@ def test_refinement_resize_is_cv2_linear_and_nearest(size):
     ref_mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
     np.testing.assert_array_equal(out["image"], ref_img)
     np.testing.assert_array_equal(out["seed"], ref_mask)
+
+
+class _WindowRecorder(nn.Module):
+    """A stand-in segmentation model for the sliding window: records each window it is given."""
+
+    num_classes = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.extend(t.clone() for t in x)
+        return x[:, :3] * 1.0
+
+
+@pytest.mark.parametrize("resize", ["opencv", "torch"])
+def test_pseudo_mask_scales_are_cv2_resize_of_the_uint8_image(resize):
+    """mmseg's test pipeline (``MultiScaleFlipAug`` + ``Resize(keep_ratio=True)``) rescales the uint8 image
+    with ``cv2.resize(INTER_LINEAR)`` per ratio of (2048, 512), then normalises: ``pseudo.resize: opencv``
+    gives the windows exactly that; ``torch`` (the -plus switch) stays within one grey level."""
+    from weakclip.inference.sliding import multiscale_inference, scaled_size
+
+    image = _photo(75, 94)
+    model = _WindowRecorder()
+    ratios = (0.5, 0.75)
+    multiscale_inference(model, image, ratios, flip=False, crop=2048, stride=1365, mean=MEAN255, std=STD255,
+                         device="cpu", resize=resize)
+    assert len(model.seen) == len(ratios)
+    m = torch.tensor(MEAN255).view(3, 1, 1)
+    s = torch.tensor(STD255).view(3, 1, 1)
+    for ratio, window in zip(ratios, model.seen):
+        h, w = scaled_size(75, 94, ratio)
+        assert window.shape[-2:] == (h, w)
+        ref = torch.from_numpy(cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)).permute(2, 0, 1)
+        grey = window * s + m  # back to 0..255
+        diff = (grey - ref.float()).abs().max().item()
+        assert diff < 1e-3 if resize == "opencv" else diff <= 1.0 + 1e-3, (ratio, diff)

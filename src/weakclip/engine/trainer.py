@@ -94,7 +94,7 @@ def build_evaluator(cfg: Config, info, mean: Sequence[float], std: Sequence[floa
             image = read_image(dataset.image_path(i))
             probs = multiscale_inference(model, image, (1.0,), False, p.crop, p.stride, mean, std,
                                          p.base_scale, num_classes=len(dataset.classes), device=info.device,
-                                         average=p.average, size_divisor=p.size_divisor)
+                                         average=p.average, size_divisor=p.size_divisor, resize=p.resize)
             cm.update(probs.argmax(0).cpu().numpy(), dataset.read_gt(i, image.shape[:2]),
                       name=str(dataset.image_path(i)))
         if info.distributed:

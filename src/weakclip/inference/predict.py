@@ -156,7 +156,8 @@ def predict_images(model: torch.nn.Module, paths: Sequence[str | Path], class_na
                           autocast_dtype=settings.autocast_dtype(device))
     tta = dict(scales=settings.scales, flip=settings.flip, crop=settings.crop, stride=settings.stride,
                base_scale=settings.base_scale, mean=mean, std=std, window_batch=runner,
-               average=settings.average, size_divisor=settings.size_divisor, num_classes=len(class_names))
+               average=settings.average, size_divisor=settings.size_divisor, num_classes=len(class_names),
+               resize=settings.resize)
     was_training = model.training
     model.eval()
     try:
