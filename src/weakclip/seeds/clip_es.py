@@ -39,6 +39,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -261,43 +262,30 @@ def es_normalise(x: Tensor) -> Tensor:
     return flat.view(x.shape)
 
 
-def _components(mask: Tensor) -> Tensor:
-    """Labels (> 0) of the 8-connected regions of a 2-D bool mask, 0 outside it."""
-    h, w = mask.shape
-    labels = torch.arange(1, h * w + 1, device=mask.device, dtype=torch.float32).view(h, w) * mask
-    for _ in range(h * w):
-        grown = F.max_pool2d(labels[None, None], 3, stride=1, padding=1)[0, 0] * mask
-        if torch.equal(grown, labels):
-            break
-        labels = grown
-    return labels
-
-
 def box_mask(cam: Tensor, threshold: float, inclusive: bool = False) -> Tensor:
-    """Union of the bounding boxes of the regions of a CAM above ``threshold`` of its maximum, with
-    CLIP-ES's ``scoremap2bbox`` semantics (re-implemented without OpenCV):
+    """Union of the bounding boxes of the regions of a CAM above ``threshold`` of its maximum, as CLIP-ES's
+    ``scoremap2bbox(multi_contour_eval=True)`` and the mask its scripts paint from the boxes, with the same
+    OpenCV calls:
 
-    the CAM (values in [0, 1]) is scaled to uint8 (``cam * 255``, truncated), thresholded strictly
-    above ``int(threshold * max)``; every 8-connected region gives its bounding box, whose exclusive
-    end ``max + 1`` is clipped to ``W - 1`` / ``H - 1``, so a box touching the right / bottom border
-    loses its last column / row. ``inclusive`` keeps those (departure).
+    the CAM (values in [0, 1]) is scaled to uint8 (``cam * 255``, truncated), ``cv2.threshold`` strictly
+    above ``int(threshold * max)``, ``cv2.findContours(RETR_TREE, CHAIN_APPROX_SIMPLE)``; each contour's
+    ``cv2.boundingRect`` gives a box whose exclusive end is clipped to ``W - 1`` / ``H - 1``, so a box
+    touching the right / bottom border loses its last column / row. ``inclusive`` keeps those (departure).
 
     cam: h x w. Returns an h x w bool tensor (all False when nothing exceeds the threshold).
     """
-    u8 = (cam.float() * 255).to(torch.uint8)
-    mask = u8 > int(threshold * int(u8.max()))
-    h, w = mask.shape
-    out = torch.zeros_like(mask)
-    if not mask.any():
-        return out
-    labels = _components(mask)
-    for lab in labels[mask].unique():
-        ys, xs = torch.nonzero(labels == lab, as_tuple=True)
-        y1, x1 = int(ys.max()) + 1, int(xs.max()) + 1
+    u8 = (cam.detach().float() * 255).to(torch.uint8).cpu().numpy()
+    h, w = u8.shape
+    _, binary = cv2.threshold(u8, int(threshold * int(u8.max())), 255, cv2.THRESH_BINARY)
+    contours = cv2.findContours(binary, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[-2]
+    out = np.zeros((h, w), dtype=bool)
+    for contour in contours:
+        x0, y0, bw, bh = cv2.boundingRect(contour)
+        x1, y1 = x0 + bw, y0 + bh
         if not inclusive:
-            y1, x1 = min(y1, h - 1), min(x1, w - 1)
-        out[int(ys.min()) : y1, int(xs.min()) : x1] = True
-    return out
+            x1, y1 = min(x1, w - 1), min(y1, h - 1)
+        out[y0:y1, x0:x1] = True
+    return torch.from_numpy(out).to(cam.device)
 
 
 def affinity_matrix(attn: Tensor, sinkhorn_iters: int = 3, power: int = 2) -> Tensor:
