@@ -151,7 +151,8 @@ def register(sub) -> None:
     p.add_argument("--out", type=Path, default=None, help="output seed folder")
     p.add_argument("--preset", choices=["voc", "coco", "voc-plus", "coco-plus"], default=None,
                    help="seed settings: voc / coco = CLIP-ES's VOC / COCO script exactly (default: by the "
-                        "dataset, coco for COCO, else voc); -plus = our departures switched on (unmeasured)")
+                        "dataset, coco for COCO or a COCO class list in any spelling, else voc); "
+                        "-plus = our departures switched on (unmeasured)")
     p.add_argument("--scales", type=float, nargs="+", default=None,
                    help="image scales, CAMs averaged (default 1.0, as CLIP-ES)")
     p.add_argument("--flip", action="store_true", help="also use horizontally flipped images")
