@@ -227,7 +227,7 @@ class Pipeline:
         from weakclip.distributed import init_distributed
         from weakclip.models.clip import build_clip
         from weakclip.seeds.clip_es import ClipEsConfig, ClipEsSeeder
-        from weakclip.seeds.run import generate_seeds
+        from weakclip.seeds.run import format_names, generate_seeds
 
         info = init_distributed(self.cfg.device)
         out = self.stage_dir("seeds")
@@ -236,6 +236,9 @@ class Pipeline:
         image_tower, text_tower = build_clip(self.refine_cfg.model.clip_arch, self.cfg.clip_weights,
                                              device=info.device)
         seeder = ClipEsSeeder(image_tower, dataset.classes, text_tower=text_tower, config=es_cfg)
+        names = seeder.names_record()
+        for line in format_names(names):
+            self.log(f"seeds: {line}")
         summary = generate_seeds(dataset, seeder, out, rank=info.rank, world_size=info.world_size,
                                  progress=self.cfg.progress, batch_size=self.cfg.seeds_batch)
         if summary.get("failed"):
@@ -244,7 +247,9 @@ class Pipeline:
                                 "and run again")
         metrics = {"seeds_miou": summary.get("miou"), "seeds_miou_confident": summary.get("miou_confident"),
                    "coverage": summary.get("coverage"), "images": summary.get("images")}
-        settings = {"source": "built-in CLIP-ES", "dir": str(out), **asdict(es_cfg)}
+        # the settings as resolved for the class list, then the prompts used (its "background" replaces the
+        # configured list by the words actually prompted)
+        settings = {"source": "built-in CLIP-ES", "dir": str(out), **asdict(seeder.config), **names}
         return self._finish("seeds", settings, metrics)
 
     def _external_seeds(self, seed_dir: Path) -> dict[str, Any]:
