@@ -292,3 +292,21 @@ def test_pipeline_seed_stage_records_the_names(tmp_path, tiny_weights):
     assert settings["names_source"] == "clip-es voc" and settings["names"] == list(VOC_NAMES)
     assert settings["background"] == list(BACKGROUND_VOC) and settings["box_threshold"] == 0.4
     assert any(line.startswith("seeds: class names (clip-es voc): aeroplane;") for line in lines)
+    assert settings["plain_names"] is False and settings["softmax_over"] != "all"
+
+
+def test_pipeline_plus_preset_switches_on_the_seed_departures(tmp_path, tiny_weights):
+    """`weakclip run --preset voc-plus` seeds with the -plus seed switches, as `weakclip seeds --preset
+    voc-plus`; the background words and box threshold still follow the class list."""
+    from weakclip.pipeline import Pipeline, PipelineConfig
+    from weakclip.seeds.clip_es import PLUS_SWITCHES
+
+    root = _relabelled(tmp_path / "data", list(VOC_PROMPT_NAMES))
+    cfg = PipelineConfig(workdir=tmp_path / "w", data_root=root, preset="voc-plus", dataset="folder",
+                         train_split="train", clip_weights=tiny_weights,
+                         refine_overrides=["model.clip_arch=tiny-p8"], progress=False)
+    Pipeline(cfg, log=lambda line: None).run(stages=("seeds",))
+    settings = json.loads((tmp_path / "w" / "seeds" / "stage.json").read_text())["settings"]
+    for key, value in PLUS_SWITCHES.items():
+        assert settings[key] == value, key
+    assert settings["background"] == list(BACKGROUND_VOC) and settings["box_threshold"] == 0.4

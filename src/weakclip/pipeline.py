@@ -226,13 +226,16 @@ class Pipeline:
             return self._external_seeds(Path(self.cfg.seeds))
         from weakclip.distributed import init_distributed
         from weakclip.models.clip import build_clip
-        from weakclip.seeds.clip_es import ClipEsConfig, ClipEsSeeder
+        from weakclip.seeds.clip_es import PLUS_SWITCHES, ClipEsConfig, ClipEsSeeder
         from weakclip.seeds.run import format_names, generate_seeds
 
         info = init_distributed(self.cfg.device)
         out = self.stage_dir("seeds")
         dataset = self._dataset(self.pseudo_split, seed_dir=None)
-        es_cfg = ClipEsConfig(**self.cfg.seed_overrides)
+        # CLIP-ES's settings (background words and box threshold follow the class list); a -plus preset also
+        # switches on the seed departures, as `weakclip seeds --preset voc-plus` does
+        plus = PLUS_SWITCHES if str(self.cfg.preset).lower().endswith("-plus") else {}
+        es_cfg = ClipEsConfig(**{**plus, **self.cfg.seed_overrides})
         image_tower, text_tower = build_clip(self.refine_cfg.model.clip_arch, self.cfg.clip_weights,
                                              device=info.device)
         seeder = ClipEsSeeder(image_tower, dataset.classes, text_tower=text_tower, config=es_cfg)
