@@ -284,11 +284,12 @@ class Pipeline:
     def run_refine(self) -> dict[str, Any]:
         from weakclip.config import apply_overrides
         from weakclip.engine.trainer import train
+        from weakclip.inference.periodic import build_evaluator
 
         out = self.stage_dir("refine")
         cfg = apply_overrides(self.refine_cfg, [f"data.seeds={self.seed_dir()}"])
         summary = train(cfg, out, clip_weights=self.cfg.clip_weights, resume=True, device=self.cfg.device,
-                        progress=self.cfg.progress)
+                        progress=self.cfg.progress, evaluator=build_evaluator)
         if not summary["finished"]:
             raise WeakclipError(f"refinement stopped at iteration {summary['end_iter']} of "
                                 f"{summary['total_iters']}")
