@@ -60,7 +60,7 @@ def as_rgb_array(image: Any) -> np.ndarray:
     except ImportError:  # pragma: no cover - Pillow is a dependency
         Image = None
     if Image is not None and isinstance(image, Image.Image):
-        return np.ascontiguousarray(np.asarray(image.convert("RGB")))
+        return np.array(image.convert("RGB"), dtype=np.uint8)  # a writeable copy
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise WeakclipError(f"an image array must be H x W x 3 uint8 (RGB), got {image.dtype} "
