@@ -211,6 +211,11 @@ def test_bad_paths_and_wrong_kinds_fail_in_one_line(made, tmp_path):
         weakclip.load(made["release_v1"], best=True)
     with pytest.raises(WeakclipError, match="stage 'seeds' holds no network"):
         weakclip.load(made["run"], stage="seeds")
+    bare = tmp_path / "bare_run"
+    shutil.copytree(made["run"] / "refine", bare / "refine")
+    with pytest.raises(WeakclipError, match="no retrain checkpoint yet.*stage refine") as info:
+        weakclip.load(bare)
+    _one_line(info)
     seg = weakclip.load(made["tv"], "cpu")
     with pytest.raises(WeakclipError, match="unknown test-time setting"):
         seg.configure(crop=64)
@@ -218,6 +223,28 @@ def test_bad_paths_and_wrong_kinds_fail_in_one_line(made, tmp_path):
         seg.configure(scales=[0.0])
     with pytest.raises(WeakclipError, match="H x W x 3 uint8"):
         seg.predict(np.zeros((4, 4), dtype=np.uint8))
+
+
+def test_best_takes_the_kept_best_checkpoint(made, tmp_path):
+    work = tmp_path / "refine"
+    shutil.copytree(made["refine"], work)
+    state = torch.load(work / "checkpoints" / "iter_0000003.pth", weights_only=True)
+    state["iteration"] = 2
+    torch.save(state, work / "checkpoints" / "best.pth")
+    assert "iteration 3" in weakclip.load(work, "cpu").description
+    best = weakclip.load(work, "cpu", best=True)
+    assert "iteration 2" in best.description and "best.pth" in best.description
+
+
+def test_output_folder_inside_the_input_folder_is_not_read_back(made, tmp_path):
+    from weakclip.predict_files import predict_files
+
+    photos = _photos(tmp_path / "p")
+    seg = weakclip.load(made["tv"], "cpu")
+    first = predict_files(seg, [tmp_path / "p"], tmp_path / "p" / "masks", progress=False)
+    again = predict_files(seg, [tmp_path / "p"], tmp_path / "p" / "masks", progress=False)
+    assert first["written"] == again["skipped"] == [str(p) for p in sorted(photos)]
+    assert again["written"] == [] and not again["failures"]
 
 
 def test_import_weakclip_stays_light():
