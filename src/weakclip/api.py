@@ -175,7 +175,8 @@ class Segmenter:
     def predict_batch(self, images: Sequence[np.ndarray], labels: str | Sequence[str] | None = None
                       ) -> list[tuple[np.ndarray, np.ndarray]]:
         """``(probabilities, label map)`` of each image of a list (what :meth:`predict_proba` and
-        :meth:`predict` return), computing each once."""
+        :meth:`predict` return), computing each once. The refinement model runs the windows of all the
+        images together; a retrained network runs one image at a time (exactly its evaluation)."""
         return self._run([as_rgb_array(im) for im in images], self.label_ids(labels))
 
 
