@@ -236,6 +236,15 @@ def test_best_takes_the_kept_best_checkpoint(made, tmp_path):
     assert "iteration 2" in best.description and "best.pth" in best.description
 
 
+def test_moved_dataset_gives_numbered_classes_of_the_network(made, tmp_path):
+    state = torch.load(made["tv"] / "checkpoints" / "iter_0000002.pth", weights_only=True)
+    state["config"]["data"]["root"] = str(tmp_path / "moved_away")
+    torch.save(state, tmp_path / "moved.pth")
+    seg = weakclip.load(tmp_path / "moved.pth", "cpu")
+    assert seg.classes == ["background", "class_1", "class_2", "class_3"]
+    assert "class names not found, classes numbered" in seg.description
+
+
 def test_output_folder_inside_the_input_folder_is_not_read_back(made, tmp_path):
     from weakclip.predict_files import predict_files
 
