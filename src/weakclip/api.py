@@ -60,7 +60,7 @@ def as_rgb_array(image: Any) -> np.ndarray:
     except ImportError:  # pragma: no cover - Pillow is a dependency
         Image = None
     if Image is not None and isinstance(image, Image.Image):
-        return np.ascontiguousarray(np.asarray(image.convert("RGB")))
+        return np.array(image.convert("RGB"), dtype=np.uint8)  # a writeable copy
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise WeakclipError(f"an image array must be H x W x 3 uint8 (RGB), got {image.dtype} "
@@ -175,7 +175,8 @@ class Segmenter:
     def predict_batch(self, images: Sequence[np.ndarray], labels: str | Sequence[str] | None = None
                       ) -> list[tuple[np.ndarray, np.ndarray]]:
         """``(probabilities, label map)`` of each image of a list (what :meth:`predict_proba` and
-        :meth:`predict` return), computing each once."""
+        :meth:`predict` return), computing each once. The refinement model runs the windows of all the
+        images together; a retrained network runs one image at a time (exactly its evaluation)."""
         return self._run([as_rgb_array(im) for im in images], self.label_ids(labels))
 
 
@@ -315,7 +316,7 @@ class _RefinementSegmenter(Segmenter):
         probs_list = multiscale_inference_batch(
             self._model, images, scales=p.scales, flip=p.flip, crop=p.crop, stride=p.stride, mean=self.mean,
             std=self.std, base_scale=p.base_scale, num_classes=k, window_batch=self._window_runner(),
-            average=p.average, size_divisor=p.size_divisor)
+            average=p.average, size_divisor=p.size_divisor, resize=p.resize)
         crf_params = p.crf_params(self._cfg.data.kind)
         multi_hot = None
         if allowed is not None:
@@ -361,9 +362,19 @@ def _is_run_folder(path: Path) -> bool:
     return (path / "run.json").is_file() or any((path / s / "checkpoints").is_dir() for s in RUN_STAGES)
 
 
+def _resolve(folder: Path, best: bool) -> Path:
+    from weakclip.engine.checkpoint import best_checkpoint_path
+    from weakclip.inference.loading import resolve_checkpoint
+
+    if best and folder.is_dir() and not best_checkpoint_path(folder).is_file():
+        raise WeakclipError(f"no best checkpoint in {folder} ({best_checkpoint_path(folder)}): only a "
+                            "refinement trained with periodic evaluation (train.eval_every > 0) keeps one; "
+                            "leave out best for the latest checkpoint")
+    return resolve_checkpoint(folder, best=best)
+
+
 def _checkpoint_file(path: Path, best: bool, stage: str | None) -> tuple[Path, str]:
     """``(checkpoint file, where)`` for a file or a work folder (training or ``weakclip run``)."""
-    from weakclip.inference.loading import resolve_checkpoint
 
     if not path.exists():
         raise WeakclipError(f"checkpoint not found: {path}")
@@ -376,12 +387,12 @@ def _checkpoint_file(path: Path, best: bool, stage: str | None) -> tuple[Path, s
             hint = "; its refinement model: stage refine (--stage refine)" if stage == "retrain" else ""
             raise WeakclipError(f"the weakclip run {path} has no {stage} checkpoint yet "
                                 f"({folder}/checkpoints){hint}")
-        return resolve_checkpoint(folder, best=best), f" ({stage} stage of the weakclip run {path})"
+        return _resolve(folder, best), f" ({stage} stage of the weakclip run {path})"
     if path.is_dir() and not (path / "checkpoints").is_dir():
         raise WeakclipError(f"{path} is a folder without checkpoints/ or run.json; expected {_EXPECTED}")
     if best and not path.is_dir():
         raise WeakclipError(f"best takes a work folder (its checkpoints/best.pth), got the file {path}")
-    return resolve_checkpoint(path, best=best), ""
+    return _resolve(path, best), ""
 
 
 def load(path: str | Path, device: str | torch.device | None = None, *, stage: str | None = None,
@@ -411,7 +422,7 @@ def load(path: str | Path, device: str | torch.device | None = None, *, stage: s
     obj = safe_torch_load(file, allow=RELEASE_ALLOWED_GLOBALS, what="checkpoint")
     if is_release_checkpoint(obj):
         found = "refine"
-        seg = _load_refinement(file, where, None, device, clip_weights)
+        seg = _load_refinement(file, where, obj, device, clip_weights)
     elif isinstance(obj, Mapping) and "iteration" in obj and "model" in obj:
         config = obj.get("config")
         if not isinstance(config, Mapping):
@@ -532,15 +543,15 @@ def _load_release_deeplabv1(file: Path, obj: Any, device: torch.device) -> Segme
 
 
 # ---------------------------------------------------------------------------- refinement models
-def _load_refinement(file: Path, where: str, obj, device: torch.device, clip_weights) -> Segmenter:
+def _load_refinement(file: Path, where: str, raw, device: torch.device, clip_weights) -> Segmenter:
     from weakclip.inference.loading import load_trained_model, normalization_of
 
-    model, cfg = load_trained_model(file, clip_weights, device=device)
+    model, cfg = load_trained_model(file, clip_weights, device=device, raw=raw)
     mean, std = normalization_of(cfg)
-    if obj is None:
+    if "iteration" not in raw:
         kind, what = "release-refinement", "the authors' release checkpoint"
     else:
-        kind, what = "refinement", f"weakclip train checkpoint, iteration {obj.get('iteration')}"
+        kind, what = "refinement", f"weakclip train checkpoint, iteration {raw.get('iteration')}"
     description = (f"WeakCLIP refinement model ({what}, CLIP {cfg.model.clip_arch}, {len(cfg.classes)} "
                    f"classes) from {file}{where}")
     return _RefinementSegmenter(kind=kind, description=description, classes=cfg.classes, mean=mean, std=std,
