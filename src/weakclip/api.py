@@ -146,8 +146,8 @@ class Segmenter:
 
         return parse_labels(labels, self.classes)
 
-    def _run(self, images: list[np.ndarray],
-             allowed: list[int] | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _run(self, images: list[np.ndarray], allowed: list[int] | None,
+             together: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
         """``(probabilities K x H x W float32, label map H x W uint8)`` of each image."""
         raise NotImplementedError
 
@@ -175,9 +175,11 @@ class Segmenter:
     def predict_batch(self, images: Sequence[np.ndarray], labels: str | Sequence[str] | None = None
                       ) -> list[tuple[np.ndarray, np.ndarray]]:
         """``(probabilities, label map)`` of each image of a list (what :meth:`predict_proba` and
-        :meth:`predict` return), computing each once. The refinement model runs the windows of all the
-        images together; a retrained network runs one image at a time (exactly its evaluation)."""
-        return self._run([as_rgb_array(im) for im in images], self.label_ids(labels))
+        :meth:`predict` return), computing each once, the images run together (``weakclip predict
+        --batch-size``): the refinement model's windows of all of them share forward passes; a retrained
+        network takes the images of one size in one batch per scale (equal to one at a time up to float
+        rounding; :meth:`predict` runs one at a time, exactly as ``retrain`` evaluation)."""
+        return self._run([as_rgb_array(im) for im in images], self.label_ids(labels), together=True)
 
 
 def _restrict(probs: torch.Tensor, allowed: list[int] | None) -> torch.Tensor:
@@ -223,16 +225,25 @@ class _RetrainedSegmenter(Segmenter):
         self._eval = RetrainConfig.from_dict({"eval": raw}, source="test-time settings").eval
         return self
 
-    def _run(self, images, allowed):
-        from weakclip.retrain.evaluate import crf_present, predict_probs
+    def _run(self, images, allowed, together=False):
+        from weakclip.retrain.evaluate import crf_present, predict_probs_batch
         from weakclip.retrain.train import crf_params_of
 
         e = self._eval
         crf = crf_params_of(e)
+        # one image at a time (retrain evaluation exactly), or, together, the images of one size per batch
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, image in enumerate(images):
+            groups.setdefault(image.shape[:2] if together else (i,), []).append(i)
+        all_probs: list[Any] = [None] * len(images)
+        for members in groups.values():
+            probs_list = predict_probs_batch(self.network, [images[i] for i in members], self.mean, self.std,
+                                             e.scales, e.flip, self.device, fuse=e.fuse, resize=e.resize,
+                                             align_corners=e.align_corners)
+            for i, probs in zip(members, probs_list):
+                all_probs[i] = probs
         out = []
-        for image in images:
-            probs = predict_probs(self.network, image, self.mean, self.std, e.scales, e.flip, self.device,
-                                  fuse=e.fuse, resize=e.resize, align_corners=e.align_corners)
+        for image, probs in zip(images, all_probs):
             probs = _restrict(probs, allowed).numpy()
             if crf is not None and e.crf_classes == "present":
                 label = crf_present(image, probs, crf)
@@ -306,7 +317,7 @@ class _RefinementSegmenter(Segmenter):
                                         autocast_dtype=p.autocast_dtype(self.device))
         return self._runner
 
-    def _run(self, images, allowed):
+    def _run(self, images, allowed, together=False):
         from weakclip.crf import dense_crf
         from weakclip.inference.pseudo_masks import restrict_probs
         from weakclip.inference.sliding import multiscale_inference_batch
