@@ -1,6 +1,7 @@
-"""Masks and overlays of image files from a :class:`weakclip.api.Segmenter` (``weakclip predict``).  For each
-image ``<stem>`` the output folder gets ``<stem>.png`` (the mask: class ids, VOC palette, the image's size)
-and ``<stem>_overlay.png`` (image | colour overlay | legend,
+"""Masks and overlays of image files from a :class:`weakclip.api.Segmenter` (``weakclip predict``).
+
+For each image ``<stem>`` the output folder gets ``<stem>.png`` (the mask: class ids, VOC palette, the image's
+size) and ``<stem>_overlay.png`` (image | colour overlay | legend,
 :func:`weakclip.inference.predict.overlay_image`), each written atomically, the mask first. Folders given as
 inputs are walked (sorted, recursively) for files with an image extension; the output folder itself is never
 read as input. A rerun skips an image whose mask and overlay both exist. An unreadable image is listed and the
@@ -8,8 +9,7 @@ rest are written. Images of one size are handed to :meth:`Segmenter.predict_batc
 ``batch_size`` at a time: the refinement model's windows of all of them share forward passes; a retrained
 network takes them in one batch per scale (with ``batch_size`` 1, one image at a time: exactly ``retrain``
 evaluation's masks). With ``json_path`` a JSON file records each image's class pixel shares (also for skipped
-images, read back from their masks).
-"""
+images, read back from their masks). """
 
 from __future__ import annotations
 
