@@ -9,7 +9,8 @@ rest are written. Images of one size are handed to :meth:`Segmenter.predict_batc
 ``batch_size`` at a time: the refinement model's windows of all of them share forward passes; a retrained
 network takes them in one batch per scale (with ``batch_size`` 1, one image at a time: exactly ``retrain``
 evaluation's masks). With ``json_path`` a JSON file records each image's class pixel shares (also for skipped
-images, read back from their masks). """
+images, read back from their masks).
+"""
 
 from __future__ import annotations
 
