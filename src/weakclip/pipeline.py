@@ -226,8 +226,9 @@ class Pipeline:
             return self._external_seeds(Path(self.cfg.seeds))
         from weakclip.distributed import init_distributed
         from weakclip.models.clip import build_clip
-        from weakclip.seeds.clip_es import PLUS_SWITCHES, ClipEsConfig, ClipEsSeeder
+        from weakclip.seeds.clip_es import ClipEsSeeder
         from weakclip.seeds.run import format_names, generate_seeds
+        from weakclip.seeds.settings import PLUS_SWITCHES, ClipEsConfig
 
         info = init_distributed(self.cfg.device)
         out = self.stage_dir("seeds")
