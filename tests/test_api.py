@@ -397,3 +397,27 @@ def test_batched_retrained_prediction_equals_one_at_a_time(made, tmp_path):
             torch.testing.assert_close(probs, alone, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="one size"):
         predict_probs_batch(net, [photos[0], odd], seg.mean, seg.std)
+
+
+def test_predict_turns_photos_upright_by_their_exif_tag(made, tmp_path, capsys):
+    """A phone photo stored sideways with EXIF orientation 6: ``weakclip predict`` and ``Segmenter.predict``
+    of the PIL image segment it as viewers show it (upright), and the mask has the upright size."""
+    from PIL import ImageOps
+    from skimage import data
+
+    stored = Image.fromarray(data.chelsea()).resize((56, 40), Image.BILINEAR)  # stored 40 x 56
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    folder = tmp_path / "phone"
+    folder.mkdir()
+    stored.save(folder / "cat.jpg", exif=exif, quality=95)
+    out = tmp_path / "out"
+    assert main(["predict", str(folder), "--checkpoint", str(made["v1"]), "--out", str(out)]) == 0
+    capsys.readouterr()
+    mask = read_label_png(out / "cat.png")
+    assert mask.shape == (56, 40)  # upright: the stored width is the height
+    seg = weakclip.load(made["v1"], "cpu")
+    with Image.open(folder / "cat.jpg") as im:
+        upright = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        np.testing.assert_array_equal(seg.predict(im), mask)
+    np.testing.assert_array_equal(seg.predict(upright), mask)

@@ -54,13 +54,12 @@ _EXPECTED = ("a weakclip retraining or refinement checkpoint (a dict with iterat
 # ============================================================================ images
 def as_rgb_array(image: Any) -> np.ndarray:
     """A PIL image or an ``H x W x 3`` uint8 array -> ``H x W x 3`` uint8 C-contiguous array (one-line
-    WeakclipError otherwise)."""
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - Pillow is a dependency
-        Image = None
-    if Image is not None and isinstance(image, Image.Image):
-        return np.array(image.convert("RGB"), dtype=np.uint8)  # a writeable copy
+    WeakclipError otherwise). A PIL image is turned upright by its EXIF orientation tag first (as viewers
+    show it, and as ``weakclip predict`` reads files); an array is taken as it is."""
+    from PIL import Image, ImageOps
+
+    if isinstance(image, Image.Image):
+        return np.array(ImageOps.exif_transpose(image).convert("RGB"), dtype=np.uint8)  # a writeable copy
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise WeakclipError(f"an image array must be H x W x 3 uint8 (RGB), got {image.dtype} "

@@ -72,6 +72,11 @@ class DataConfig:
     photometric: bool = True
     normalize: Literal["clip", "imagenet"] = "imagenet"
     num_workers: int = 2
+    # How training, periodic evaluation and pseudo masks read images (weakclip.data.io.read_image): the
+    # release reads them with mmcv's imfrombytes (OpenCV, IMREAD_COLOR); "auto" orientation: upright for
+    # folder datasets, for VOC/COCO what the reader does (OpenCV applies the EXIF orientation, Pillow not).
+    image_reader: Literal["pil", "opencv"] = "opencv"
+    image_orientation: Literal["auto", "ignore", "exif"] = "auto"
 
 
 @dataclass
@@ -368,6 +373,10 @@ def validate(cfg: Config, source: str = "config") -> None:
     need(0 < d.cat_max_ratio <= 1, f"data.cat_max_ratio must lie in (0, 1], got {d.cat_max_ratio}")
     need(0 <= d.flip_prob <= 1, f"data.flip_prob must lie in [0, 1], got {d.flip_prob}")
     need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+    need(d.image_reader in ("pil", "opencv"),
+         f"data.image_reader must be pil or opencv, got {d.image_reader!r}")
+    need(d.image_orientation in ("auto", "ignore", "exif"),
+         f"data.image_orientation must be auto, ignore or exif, got {d.image_orientation!r}")
     need(t.iters > 0, f"train.iters must be positive, got {t.iters}")
     need(t.batch_size > 0, f"train.batch_size must be positive, got {t.batch_size}")
     need(t.lr > 0, f"train.lr must be positive, got {t.lr}")

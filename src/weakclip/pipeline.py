@@ -306,7 +306,8 @@ class Pipeline:
         p = self.refine_cfg.pseudo  # the preset's section with the --set pseudo.* overrides
         info = init_distributed(self.cfg.device)
         model, cfg = load_trained_model(self.stage_dir("refine"), self.cfg.clip_weights, device=info.device)
-        dataset = self._dataset(self.pseudo_split, seed_dir=None)
+        dataset = self._dataset(self.pseudo_split, seed_dir=None, image_reader=cfg.data.image_reader,
+                                image_orientation=cfg.data.image_orientation)
         crf = p.crf_name(self.kind)
         mean, std = normalization_of(cfg)
         out = self.stage_dir("pseudo_masks")

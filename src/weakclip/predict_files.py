@@ -99,7 +99,7 @@ def _groups(items: list[tuple[Path, str]], batch_size: int) -> Iterator[list[tup
     held = 0
     for path, stem in items:
         try:
-            image = read_image(path)
+            image = read_image(path, orientation="exif")  # as viewers show it (docs/method.md)
         except DataError as exc:
             yield [(path, stem, exc)]
             continue
