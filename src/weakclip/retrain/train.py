@@ -28,18 +28,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from weakclip.config import (
-    _plain,
+from weakclip.data.classes import IGNORE_INDEX
+from weakclip.data.transforms import _Transform
+from weakclip.errors import DataError, WeakclipError
+from weakclip.sections import (
     dump_yaml,
     load_sections,
     packaged_yaml,
+    plain,
     read_yaml,
     set_section_value,
     split_override,
 )
-from weakclip.data.classes import IGNORE_INDEX
-from weakclip.data.transforms import _Transform
-from weakclip.errors import DataError, WeakclipError
 
 __all__ = [
     "RETRAIN_PRESETS",
@@ -156,7 +156,7 @@ class RetrainConfig:
     eval: RetrainEvalConfig = field(default_factory=RetrainEvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: _plain(dataclasses.asdict(getattr(self, name))) for name in _SECTIONS}
+        return {name: plain(dataclasses.asdict(getattr(self, name))) for name in _SECTIONS}
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         return dump_yaml(self.to_dict(), path)
