@@ -169,6 +169,42 @@ def test_box_touching_the_border_loses_its_last_row_and_column():
     assert torch.equal(box_mask(cam, 0.4), expected)
 
 
+def _clip_es_box_mask(cam: np.ndarray, threshold: float) -> np.ndarray:
+    """CLIP-ES's ``scoremap2bbox(multi_contour_eval=True)`` with OpenCV, then the mask its generate_cams
+    scripts paint from the boxes (``aff_mask[y0:y1, x0:x1] = 1``)."""
+    import cv2
+
+    height, width = cam.shape
+    u8 = np.expand_dims((cam * 255).astype(np.uint8), 2)
+    _, thr = cv2.threshold(src=u8, thresh=int(threshold * np.max(u8)), maxval=255, type=cv2.THRESH_BINARY)
+    contours = cv2.findContours(image=thr, mode=cv2.RETR_TREE, method=cv2.CHAIN_APPROX_SIMPLE)[0]
+    boxes = [[0, 0, 0, 0]]
+    if contours:
+        boxes = []
+        for contour in contours:
+            x, y, w, h = cv2.boundingRect(contour)
+            boxes.append([x, y, min(x + w, width - 1), min(y + h, height - 1)])
+    mask = np.zeros((height, width), bool)
+    for x0, y0, x1, y1 in boxes:
+        mask[y0:y1, x0:x1] = True
+    return mask
+
+
+@pytest.mark.parametrize("threshold", [0.4, 0.7])
+def test_box_mask_equals_clip_es_scoremap2bbox_with_opencv(threshold):
+    """On CAM-like maps made from real photos (several blobs, holes, regions on the borders)."""
+    skimage_data = pytest.importorskip("skimage.data")
+    for photo in (skimage_data.astronaut(), skimage_data.chelsea(), skimage_data.coffee()):
+        grey = photo.astype(np.float32).mean(axis=2)
+        for h, w in ((32, 32), (29, 41)):
+            small = torch.nn.functional.interpolate(torch.from_numpy(grey)[None, None], size=(h, w),
+                                                    mode="area")[0, 0]
+            cam = (small - small.min()) / (small.max() - small.min() + 1e-7)
+            for c in (cam, 1 - cam, cam * (1 - cam) * 4):
+                got = box_mask(c, threshold).numpy()
+                np.testing.assert_array_equal(got, _clip_es_box_mask(c.numpy().astype(np.float32), threshold))
+
+
 def test_box_threshold_is_on_the_uint8_cam():
     cam = torch.zeros(1, 9)
     cam[0, 0] = 1.0  # uint8 255; threshold int(0.4 * 255) = 102, strictly above

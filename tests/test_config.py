@@ -60,7 +60,7 @@ PLUS_SWITCHES = [
     ("loss.identity_mean", "all", "valid"), ("pseudo.average", "logits", "probs"),
     ("pseudo.size_divisor", 1, 32), ("pseudo.restrict_to_labels", False, True),
     ("pseudo.amp", "none", "bf16"), ("pseudo.window_batch", 1, 0), ("pseudo.image_batch", 1, 4),
-    ("pseudo.crf_backend", "pydensecrf", "auto"),
+    ("pseudo.crf_backend", "pydensecrf", "auto"), ("pseudo.resize", "opencv", "torch"),
     ("model.double_cls", True, False), ("model.pos_embed_size", 512, 0),
     ("model.drop_path_mode", "token", "sample"), ("model.init_scheme", "release", "mmseg"),
     ("model.partial_patches", "drop", "error"),

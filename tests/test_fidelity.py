@@ -17,6 +17,8 @@ from weakclip.data.synthetic import make_synthetic_dataset
 from weakclip.engine.checkpoint import best_checkpoint_path, load_checkpoint
 from weakclip.engine.schedule import WarmupCosineSchedule
 from weakclip.engine.trainer import optimizer_groups, train
+from weakclip.errors import WeakclipError
+from weakclip.inference.periodic import build_evaluator
 from weakclip.inference.pseudo_masks import argmax_probs
 from weakclip.inference.sliding import multiscale_inference, slide_inference
 from weakclip.losses import WeakCLIPLoss, release_crf_image, softmax_probs
@@ -284,9 +286,12 @@ def test_periodic_evaluation_keeps_the_best_checkpoint(synth, tmp_path):
         "train.eval_every=2", "train.eval_split=val", "train.eval_max_images=2", "loss.loss_size=16",
         "pseudo.crop=48", "pseudo.stride=32", "pseudo.base_scale=64,48", "classes=none",
     ])
-    part = train(cfg, tmp_path / "w", device="cpu", progress=False, max_iters_this_run=2)
+    with pytest.raises(WeakclipError, match="needs an evaluator"):
+        train(cfg, tmp_path / "w", device="cpu", progress=False)
+    part = train(cfg, tmp_path / "w", device="cpu", progress=False, max_iters_this_run=2,
+                 evaluator=build_evaluator)
     assert part["best"]["iteration"] == 2
-    rest = train(cfg, tmp_path / "w", device="cpu", progress=False, resume=True)
+    rest = train(cfg, tmp_path / "w", device="cpu", progress=False, resume=True, evaluator=build_evaluator)
     with open(tmp_path / "w" / "eval.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [int(r["iter"]) for r in rows] == [2, 4]

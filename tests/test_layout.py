@@ -99,3 +99,44 @@ def test_no_import_circles_in_the_package():
     graph = {name: _imports(name, path, modules) for name, path in modules.items()}
     assert "weakclip.inference.batching" in graph["weakclip.inference.sliding"]
     assert _cycles(graph) == []
+
+
+#: Packages and modules that the lower layers must not import (top of the house: entry points and the API).
+_UPPER = ("weakclip.cli", "weakclip.commands", "weakclip.pipeline", "weakclip.api", "weakclip.demo",
+          "weakclip.report")
+#: lower layer -> what it must not reach up to, besides the entry points
+_LAYERS = {
+    "weakclip.engine": ("weakclip.inference", "weakclip.retrain", "weakclip.seeds"),
+    "weakclip.data": ("weakclip.engine", "weakclip.inference", "weakclip.retrain", "weakclip.seeds",
+                      "weakclip.models"),
+    "weakclip.models": ("weakclip.engine", "weakclip.inference", "weakclip.retrain", "weakclip.seeds"),
+    "weakclip.crf": ("weakclip.engine", "weakclip.inference", "weakclip.retrain", "weakclip.seeds",
+                     "weakclip.models"),
+}
+
+
+def _within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _violations(graph: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for lower, forbidden in _LAYERS.items():
+        for name, deps in graph.items():
+            if _within(name, lower):
+                banned = (*forbidden, *_UPPER)
+                bad += [f"{name} -> {d}" for d in sorted(deps) if any(_within(d, f) for f in banned)]
+    return sorted(bad)
+
+
+def test_the_layer_rule_finds_a_reach_up():
+    graph = {"weakclip.engine.x": {"weakclip.inference.sliding", "weakclip.config"},
+             "weakclip.data.y": {"weakclip.models.clip"}, "weakclip.commands.z": {"weakclip.engine.x"}}
+    assert _violations(graph) == ["weakclip.data.y -> weakclip.models.clip",
+                                  "weakclip.engine.x -> weakclip.inference.sliding"]
+
+
+def test_lower_layers_never_reach_up():
+    modules = _modules()
+    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+    assert _violations(graph) == []

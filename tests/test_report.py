@@ -304,7 +304,7 @@ class _FakeSummaryWriter:
 
 
 def test_tensorboard_writer_is_optional(tmp_path, monkeypatch):
-    from weakclip.report.tensorboard import scalar_writer
+    from weakclip.engine.tensorboard import scalar_writer
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as without the tensorboard package
     assert scalar_writer(tmp_path) is None

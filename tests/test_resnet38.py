@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from weakclip.errors import WeakclipError, WeightsError
-from weakclip.retrain.augment import ReleaseAugment, hsv_jitter, hsv_to_rgb_u8, rgb_to_hsv_u8
+from weakclip.retrain.augment import ReleaseAugment
 from weakclip.retrain.deeplabv1 import (
     DeepLabV1Segmenter,
     ReleasePolySchedule,
@@ -359,23 +359,6 @@ def test_checkpoint_needing_pickles_is_refused(tmp_path):
 
 
 # ====================================================================== augmentation
-def test_hsv_conversion_like_opencv():
-    rgb = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128], [0, 0, 0], [255, 255, 0]]],
-                   np.uint8)
-    hsv = rgb_to_hsv_u8(rgb)
-    np.testing.assert_array_equal(hsv[0], [[0, 255, 255], [60, 255, 255], [120, 255, 255], [0, 0, 128],
-                                           [0, 0, 0], [30, 255, 255]])
-    np.testing.assert_array_equal(hsv_to_rgb_u8(hsv), rgb)
-    # hue +10 (20 degrees) on pure red: (255, 85, 0); value -10 on grey: 118
-    np.testing.assert_array_equal(hsv_jitter(rgb[:, :1], 10, 0, 0)[0, 0], [255, 85, 0])
-    np.testing.assert_array_equal(hsv_jitter(rgb[:, 3:4], 0, 0, -10)[0, 0], [118, 118, 118])
-    # hue wraps modulo 180: red shifted by -10 is hue 170 (340 degrees)
-    assert rgb_to_hsv_u8(hsv_jitter(rgb[:, :1], -10, 0, 0))[0, 0, 0] == 170
-    img = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    back = hsv_to_rgb_u8(rgb_to_hsv_u8(img)).astype(int)
-    assert np.abs(back - img).max() <= 5  # 8-bit hue steps of 2 degrees: up to 4.25 levels, plus rounding
-
-
 def test_release_augment_crop_padding_and_determinism():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
@@ -412,7 +395,7 @@ def test_release_presets():
         assert (cfg.train.weight_decay, cfg.train.amp) == (5e-4, "none")
         assert cfg.eval.scales == (0.5, 0.75, 1.0, 1.25, 1.5) and cfg.eval.flip and cfg.eval.crf
         assert (cfg.eval.fuse, cfg.eval.resize, cfg.eval.align_corners, cfg.eval.crf_classes) == (
-            "logits", "bicubic", True, "present")
+            "logits", "opencv", True, "present")
     assert (voc.train.lr, voc.train.iters, voc.eval.crf_params) == (1e-3, 40000, "release_voc")
     assert (coco.train.lr, coco.train.iters, coco.eval.crf_params) == (1.5e-3, 160000, "release_coco")
     with pytest.raises(WeakclipError, match="voc-plus"):
@@ -447,7 +430,7 @@ def test_eval_only_on_synthetic_data(tmp_path, capsys):
     model.eval()
     scores, _ = evaluate_segmenter(model, val, mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375),
                                    scales=(1.0, 0.75), flip=True, crf=None, progress=False, fuse="logits",
-                                   resize="bicubic", align_corners=True)
+                                   resize="opencv", align_corners=True)
     # same network, same probabilities: without the CRF the CLI gives the direct evaluation's mIoU
     assert main(args + ["--set", "eval.crf=false"]) == 0
     capsys.readouterr()

@@ -160,6 +160,9 @@ class PseudoMaskConfig:
     window_batch: int = 1
     image_batch: int = 1
     amp: Literal["bf16", "none"] = "none"
+    # each scale's image: "opencv" (cv2.resize INTER_LINEAR of the uint8 image on the CPU, the release's
+    # mmseg Resize) or "torch" (bilinear on the model's device, rounded: no host round trip on a GPU)
+    resize: Literal["opencv", "torch"] = "opencv"
 
     def crf_name(self, kind: str) -> str:
         """The CRF parameter set for a dataset kind: ``voc``, ``coco`` or ``none``."""

@@ -226,16 +226,22 @@ class Pipeline:
             return self._external_seeds(Path(self.cfg.seeds))
         from weakclip.distributed import init_distributed
         from weakclip.models.clip import build_clip
-        from weakclip.seeds.clip_es import ClipEsConfig, ClipEsSeeder
-        from weakclip.seeds.run import generate_seeds
+        from weakclip.seeds.clip_es import PLUS_SWITCHES, ClipEsConfig, ClipEsSeeder
+        from weakclip.seeds.run import format_names, generate_seeds
 
         info = init_distributed(self.cfg.device)
         out = self.stage_dir("seeds")
         dataset = self._dataset(self.pseudo_split, seed_dir=None)
-        es_cfg = ClipEsConfig(**self.cfg.seed_overrides)
+        # CLIP-ES's settings (background words and box threshold follow the class list); a -plus preset also
+        # switches on the seed departures, as `weakclip seeds --preset voc-plus` does
+        plus = PLUS_SWITCHES if str(self.cfg.preset).lower().endswith("-plus") else {}
+        es_cfg = ClipEsConfig(**{**plus, **self.cfg.seed_overrides})
         image_tower, text_tower = build_clip(self.refine_cfg.model.clip_arch, self.cfg.clip_weights,
                                              device=info.device)
         seeder = ClipEsSeeder(image_tower, dataset.classes, text_tower=text_tower, config=es_cfg)
+        names = seeder.names_record()
+        for line in format_names(names):
+            self.log(f"seeds: {line}")
         summary = generate_seeds(dataset, seeder, out, rank=info.rank, world_size=info.world_size,
                                  progress=self.cfg.progress, batch_size=self.cfg.seeds_batch)
         if summary.get("failed"):
@@ -244,7 +250,9 @@ class Pipeline:
                                 "and run again")
         metrics = {"seeds_miou": summary.get("miou"), "seeds_miou_confident": summary.get("miou_confident"),
                    "coverage": summary.get("coverage"), "images": summary.get("images")}
-        settings = {"source": "built-in CLIP-ES", "dir": str(out), **asdict(es_cfg)}
+        # the settings as resolved for the class list, then the prompts used (its "background" replaces the
+        # configured list by the words actually prompted)
+        settings = {"source": "built-in CLIP-ES", "dir": str(out), **asdict(seeder.config), **names}
         return self._finish("seeds", settings, metrics)
 
     def _external_seeds(self, seed_dir: Path) -> dict[str, Any]:
@@ -276,11 +284,12 @@ class Pipeline:
     def run_refine(self) -> dict[str, Any]:
         from weakclip.config import apply_overrides
         from weakclip.engine.trainer import train
+        from weakclip.inference.periodic import build_evaluator
 
         out = self.stage_dir("refine")
         cfg = apply_overrides(self.refine_cfg, [f"data.seeds={self.seed_dir()}"])
         summary = train(cfg, out, clip_weights=self.cfg.clip_weights, resume=True, device=self.cfg.device,
-                        progress=self.cfg.progress)
+                        progress=self.cfg.progress, evaluator=build_evaluator)
         if not summary["finished"]:
             raise WeakclipError(f"refinement stopped at iteration {summary['end_iter']} of "
                                 f"{summary['total_iters']}")

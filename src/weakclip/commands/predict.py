@@ -1,4 +1,6 @@
-"""``weakclip predict``: masks and side-by-side overlays of images from a trained refinement model."""
+"""``weakclip predict``: masks and side-by-side overlays of images from any trained network
+(:func:`weakclip.api.load`: retrained DeepLab, refinement model, a ``weakclip run`` folder, the authors'
+releases)."""
 
 from __future__ import annotations
 
@@ -7,51 +9,105 @@ from pathlib import Path
 
 from weakclip.commands.tta_flags import add_tta_flags, tta_overrides
 
+#: The flags that only the refinement model's sliding-window inference has.
+_WINDOW_FLAGS = {"base_scale": "--base-scale", "crop": "--crop", "stride": "--stride", "average": "--average",
+                 "size_divisor": "--size-divisor", "window_batch": "--window-batch", "amp": "--amp"}
+
+
+def settings_changes(args: argparse.Namespace, kind: str) -> dict:
+    """The test-time flags given, as :meth:`weakclip.api.Segmenter.configure` changes for a network of
+    ``kind``; a window flag for a retrained network is a one-line error."""
+    from weakclip.errors import WeakclipError
+
+    changes: dict = {}
+    if args.scales is not None:
+        changes["scales"] = list(args.scales)
+    if args.no_flip:
+        changes["flip"] = False
+    if kind in ("refinement", "release-refinement"):
+        for flag in ("base_scale", "crop", "stride", "average", "size_divisor", "window_batch"):
+            if getattr(args, flag) is not None:
+                changes[flag] = getattr(args, flag)
+        if args.amp:
+            changes["amp"] = "bf16"
+        if args.crf is not None:
+            changes["crf"] = args.crf
+        return changes
+    given = [name for flag, name in _WINDOW_FLAGS.items() if getattr(args, flag) not in (None, False)]
+    if given:
+        raise WeakclipError(f"{', '.join(given)}: sliding-window settings of the refinement model; the "
+                            f"{kind} network runs each scale on the whole image")
+    if args.crf == "none":
+        changes["crf"] = False
+    elif args.crf in ("voc", "coco"):
+        changes.update(crf=True, crf_params=args.crf)
+    elif args.crf == "auto":
+        changes["crf"] = True
+    return changes
+
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from weakclip.api import load
     from weakclip.config import Config, apply_overrides
     from weakclip.errors import WeakclipError
-    from weakclip.inference.loading import load_trained_model, normalization_of
-    from weakclip.inference.predict import parse_labels, predict_images
+    from weakclip.predict_files import collect_images, predict_files
 
-    overrides = tta_overrides(args) + [f"pseudo.crf={args.crf}"]
-    apply_overrides(Config(), overrides)  # bad values fail now, before the checkpoint is read
+    apply_overrides(Config(), tta_overrides(args))  # bad values fail now, before the checkpoint is read
+    if args.batch_size < 1:
+        raise WeakclipError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise WeakclipError("--device cuda asked for, but no CUDA device is visible to PyTorch")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, cfg = load_trained_model(args.checkpoint, args.clip_weights, device=device)
-    parse_labels(args.labels, cfg.classes)  # fail on an unknown name before reading any image
-    settings = apply_overrides(cfg, overrides).pseudo
-    mean, std = normalization_of(cfg)
-    result = predict_images(model, args.images, cfg.classes, args.labels, args.out, settings,
-                            kind=cfg.data.kind, mean=mean, std=std, progress=not args.quiet)
-    n_fail = len(result["failures"])
-    print(f"wrote {len(result['written'])} masks and overlays to {args.out}"
-          + (f"; {n_fail} image(s) could not be read" if n_fail else ""))
-    return 1 if n_fail else 0
+    collect_images(args.images, exclude=args.out)  # a missing path or an empty folder fails before loading
+    seg = load(args.checkpoint, args.device, stage=args.stage, best=args.best, clip_weights=args.clip_weights)
+    seg.label_ids(args.labels)  # an unknown name fails before any image is read
+    seg.configure(**settings_changes(args, seg.kind))
+    if not args.quiet:
+        print(f"loaded {seg.description}", flush=True)
+    result = predict_files(seg, args.images, args.out, labels=args.labels, batch_size=args.batch_size,
+                           json_path=args.json, progress=not args.quiet)
+    failures = result["failures"]
+    skipped = f" ({len(result['skipped'])} already there, skipped)" if result["skipped"] else ""
+    print(f"wrote {len(result['written'])} masks and overlays to {args.out}{skipped}"
+          + (f"; {len(failures)} image(s) could not be read: {', '.join(failures)}" if failures else ""))
+    return 1 if failures else 0
 
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "predict", help="masks and overlay images of a trained model's predictions",
-        description="Predict a mask for each IMAGE with a trained WeakCLIP model (test-time settings: the "
-                    "checkpoint's pseudo-mask section, each flag overriding one) and write OUT/<stem>.png "
-                    "(VOC palette) and OUT/<stem>_overlay.png (image | colour overlay | legend: 3x the "
-                    "image's width, same height).")
-    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files")
+        "predict", help="masks and overlay images of a trained network's predictions",
+        description="Predict a mask for each IMAGE (folders are walked for images) with any trained "
+                    "network: a retraining checkpoint or work folder, a `weakclip run` work folder (its "
+                    "final network; --stage refine: the refinement model), a refinement checkpoint or work "
+                    "folder, or the authors' released WeakCLIP or DeepLab-v1 ResNet-38 checkpoint. "
+                    "Test-time settings: the network's own evaluation settings (retrained: its eval section; "
+                    "refinement model: its pseudo-mask section), each flag overriding one. Writes "
+                    "OUT/<stem>.png (VOC palette) and OUT/<stem>_overlay.png (image | colour overlay | "
+                    "legend: 3x the image's width); a rerun skips images whose two files exist.")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE|FOLDER", help="image files or folders")
     p.add_argument("--checkpoint", required=True, type=Path,
-                   help="training checkpoint (.pth), the training work folder (its latest checkpoint) "
-                        "or an authors' release checkpoint (mmseg .pth; needs no --clip-weights)")
+                   help="checkpoint file or work folder of any kind above (loaded with weights_only=True)")
+    p.add_argument("--stage", choices=["refine", "retrain"], default=None,
+                   help="network of a `weakclip run` work folder (default: retrain, the final network)")
+    p.add_argument("--best", action="store_true",
+                   help="the work folder's checkpoints/best.pth (kept by periodic evaluation) instead of the "
+                        "latest checkpoint")
     p.add_argument("--clip-weights", type=Path, default=None,
-                   help="the CLIP weights file the model was trained with")
+                   help="the CLIP weights file a refinement checkpoint was trained with (default: the file "
+                        "it records; not needed for release checkpoints)")
     p.add_argument("--labels", default=None,
                    help="comma-separated class names in the images (e.g. cat,dog); default: all classes")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    add_tta_flags(p)  # each defaults to the checkpoint's `pseudo` section (its preset's)
-    p.add_argument("--crf", choices=["none", "auto", "voc", "coco"], default="none",
-                   help="dense-CRF post-processing (default none; auto: by the checkpoint's dataset)")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE",
+                   help="also write each image's class pixel shares (and the settings used) to FILE")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images of one size through the network together (refinement model; a retrained "
+                        "network runs one image at a time, as its evaluation)")
+    add_tta_flags(p)  # each defaults to the network's own settings
+    p.add_argument("--crf", choices=["none", "auto", "voc", "coco"], default=None,
+                   help="dense-CRF post-processing (default: the network's own; auto: on, with the "
+                        "network's own parameters)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
-    p.add_argument("--quiet", action="store_true", help="no per-image lines")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or loading line")
     p.set_defaults(func=run)

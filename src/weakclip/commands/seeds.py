@@ -26,12 +26,14 @@ def _background(spec: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in spec.split(",") if s.strip())
 
 
-def seed_config(args: argparse.Namespace, dataset_kind: str):
-    """The seed settings: ``--preset`` (default: ``coco`` for a COCO dataset, else ``voc``), then the
-    switches given on the command line."""
+def seed_config(args: argparse.Namespace, dataset_kind: str, classes=None):
+    """The seed settings: ``--preset`` (default: ``coco`` for a COCO dataset or a class list recognised
+    as COCO's in any spelling, else ``voc``), then the switches given on the command line."""
     from weakclip.seeds.clip_es import seed_preset
+    from weakclip.seeds.names import recognise_class_list
 
-    preset = args.preset or ("coco" if dataset_kind == "coco" else "voc")
+    coco_list = classes is not None and recognise_class_list(classes) in ("coco", "coco91")
+    preset = args.preset or ("coco" if dataset_kind == "coco" or coco_list else "voc")
     given = {"scales": tuple(args.scales) if args.scales else None, "input_size": args.input_size,
              "lo": args.lo, "hi": args.hi, "box_threshold": args.box_threshold,
              "softmax_over": args.softmax_over, "precision": args.precision, "bg_power": args.bg_power,
@@ -45,6 +47,17 @@ def seed_config(args: argparse.Namespace, dataset_kind: str):
     if args.no_refine:
         overrides["refine"] = False
     return preset, seed_preset(preset, **overrides)
+
+
+def preset_mismatch(preset: str, class_list: str | None) -> str | None:
+    """A one-line note when the seed preset is CLIP-ES's script for the other dataset than the class list
+    (the names follow the class list; background words and box threshold follow the preset)."""
+    dataset = {"voc": "VOC", "coco": "COCO", "coco91": "COCO"}.get(class_list or "")
+    script = "COCO" if str(preset).lower().startswith("coco") else "VOC"
+    if dataset is None or dataset == script:
+        return None
+    return (f"note: the class list is {dataset}'s but the seed preset {preset} is CLIP-ES's {script} script: "
+            f"{dataset} names, the {script} script's background words and box threshold")
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -66,16 +79,19 @@ def run_generate(args: argparse.Namespace) -> int:
     info = init_distributed(args.device)
     try:
         dataset = _dataset(args)
-        preset, config = seed_config(args, getattr(dataset, "kind", ""))
+        preset, config = seed_config(args, getattr(dataset, "kind", ""), dataset.classes)
         image_tower, text_tower = build_clip(args.arch, args.clip_weights, device=info.device)
         seeder = ClipEsSeeder(image_tower, dataset.classes, text_tower=text_tower, config=config)
         del text_tower
         if info.is_main and not args.quiet:
             cfg = seeder.config
-            names = "CLIP-ES's" if seeder.clip_es_names else "plain"
-            print(f"seed preset {preset}: {names} class names, softmax over {cfg.softmax_over}, "
+            print(f"seed preset {preset}: class names {seeder.names_source}, "
+                  f"softmax over {cfg.softmax_over}, "
                   f"{len(seeder.background_prompts)} background prompts, box threshold {cfg.box_threshold}, "
                   f"{str(seeder.dtype).replace('torch.', '')}, masks: {', '.join(cfg.masks) or 'none'}")
+        note = preset_mismatch(preset, seeder.vocabulary.class_list)
+        if note and info.is_main:
+            print(note)
         if seeder.dropped_background and info.is_main:
             dropped = ", ".join(seeder.dropped_background)
             print(f"background prompts that name a class are left out: {dropped}")
@@ -135,7 +151,8 @@ def register(sub) -> None:
     p.add_argument("--out", type=Path, default=None, help="output seed folder")
     p.add_argument("--preset", choices=["voc", "coco", "voc-plus", "coco-plus"], default=None,
                    help="seed settings: voc / coco = CLIP-ES's VOC / COCO script exactly (default: by the "
-                        "dataset, coco for COCO, else voc); -plus = our departures switched on (unmeasured)")
+                        "dataset, coco for COCO or a COCO class list in any spelling, else voc); "
+                        "-plus = our departures switched on (unmeasured)")
     p.add_argument("--scales", type=float, nargs="+", default=None,
                    help="image scales, CAMs averaged (default 1.0, as CLIP-ES)")
     p.add_argument("--flip", action="store_true", help="also use horizontally flipped images")

@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from weakclip.distributed import env_world
     from weakclip.engine.trainer import train
     from weakclip.errors import WeakclipError
+    from weakclip.inference.periodic import build_evaluator
 
     cfg = build_config(args)
     if args.print_config:  # the resolved settings, before any path is checked
@@ -52,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     if args.clip_weights is not None and not args.clip_weights.is_file():
         raise WeakclipError(f"CLIP weights file not found: {args.clip_weights}")
     summary = train(cfg, args.workdir, clip_weights=args.clip_weights, resume=args.resume, device=args.device,
-                    max_iters_this_run=args.max_iters_this_run, progress=not args.quiet)
+                    max_iters_this_run=args.max_iters_this_run, progress=not args.quiet,
+                    evaluator=build_evaluator)
     rank = env_world()[0]
     if rank == 0:
         slim = {k: v for k, v in summary.items() if k != "history"}

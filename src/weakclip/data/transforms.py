@@ -1,4 +1,4 @@
-"""Joint image/mask transforms for training and testing (numpy, PIL and torch only; no cv2).
+"""Joint image/mask transforms for training and testing (numpy, torch, and OpenCV for resizing as mmcv does).
 
 A *sample* is a dict with ``"id"`` (str), ``"image"`` (``HxWx3`` uint8 RGB numpy array), ``"labels"``
 (float32 multi-hot of length K, background at index 0) and optionally the label maps ``"seed"`` and
@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -120,28 +121,30 @@ def rescale_size(h: int, w: int, scale: Sequence[int]) -> tuple[int, int]:
 
 
 def resize_image(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize (half-pixel centres, no antialiasing, like cv2's INTER_LINEAR) to ``(h, w)``.
+    """``cv2.resize(img, (w, h), interpolation=INTER_LINEAR)`` to ``(h, w)``, as mmcv's ``imresize`` (the
+    release's ``Resize``): OpenCV's own arithmetic (fixed-point weights on uint8).
 
-    uint8 in -> uint8 out (rounded); float in -> float32 out.
+    uint8 in -> uint8 out; float in -> float32 out.
     """
     h, w = size
     if img.shape[:2] == (h, w):
         return img.copy()
-    t = _to_torch(img.astype(np.float32, copy=False)).permute(2, 0, 1)[None]
-    out = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
-    out = out.numpy()
-    if img.dtype == np.uint8:
-        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(out, dtype=np.float32)
+    src = np.ascontiguousarray(img if img.dtype == np.uint8 else img.astype(np.float32, copy=False))
+    return np.ascontiguousarray(cv2.resize(src, (int(w), int(h)), interpolation=cv2.INTER_LINEAR))
 
 
 def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a label map to ``(h, w)`` sampling at pixel centres (no new labels)."""
+    """``cv2.resize(mask, (w, h), interpolation=INTER_NEAREST)``, as mmcv's
+    ``imresize(interpolation='nearest')`` of a label map: output pixel ``i`` takes input
+    ``floor(i * in / out)`` (no new labels)."""
     h, w = size
-    in_h, in_w = mask.shape[:2]
-    ys = np.minimum(((np.arange(h) + 0.5) * (in_h / h)).astype(np.int64), in_h - 1)
-    xs = np.minimum(((np.arange(w) + 0.5) * (in_w / w)).astype(np.int64), in_w - 1)
-    return np.ascontiguousarray(mask[ys[:, None], xs[None, :]])
+    m = np.asarray(mask)
+    if m.dtype in (np.uint8, np.uint16, np.int16, np.int32, np.float32):
+        return np.ascontiguousarray(cv2.resize(np.ascontiguousarray(m), (int(w), int(h)),
+                                               interpolation=cv2.INTER_NEAREST))
+    out = cv2.resize(np.ascontiguousarray(m.astype(np.int32)), (int(w), int(h)),
+                     interpolation=cv2.INTER_NEAREST)
+    return np.ascontiguousarray(out.astype(m.dtype))
 
 
 def _resize_sample(sample: Sample, size: tuple[int, int], masks: bool = True) -> Sample:

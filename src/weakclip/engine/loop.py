@@ -437,7 +437,7 @@ def run_training(
         writer = csv.writer(csv_fh)
         if new:
             writer.writerow(["iter", "lr", *names, "seconds", "images_per_s"])
-        from weakclip.report.tensorboard import scalar_writer
+        from weakclip.engine.tensorboard import scalar_writer
 
         tb = scalar_writer(workdir, desc)  # None without the tensorboard package
     bar = None

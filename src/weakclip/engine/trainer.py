@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,41 +67,6 @@ def build_train_data(cfg: Config):
                                  cat_max_ratio=d.cat_max_ratio, flip_prob=d.flip_prob,
                                  photometric=d.photometric, mean=mean, std=std)
     return dataset, transform
-
-
-def build_evaluator(cfg: Config, info, mean: Sequence[float], std: Sequence[float]):
-    """``evaluate(model, iteration) -> {"miou", "images"}`` for ``train.eval_every``: the model at one scale
-    (``pseudo.base_scale``), no flip, sliding window as ``pseudo`` sets it, on the first
-    ``train.eval_max_images`` images of ``train.eval_split`` (default: the training split), which must have
-    ground truth; the images are shared among the processes and the confusion matrices summed. Ground
-    truth is opened here, so a split without it fails before training starts."""
-    from weakclip.data.datasets import build_dataset
-    from weakclip.data.io import read_image
-    from weakclip.inference.sliding import multiscale_inference
-    from weakclip.metrics import ConfusionMatrix
-
-    t, p = cfg.train, cfg.pseudo
-    split = t.eval_split or cfg.data.split
-    dataset = build_dataset(cfg.data.kind, cfg.data.root, split=split, with_gt=True)
-    if not dataset.has_gt:
-        raise WeakclipError(f"train.eval_every needs ground truth, and split {split!r} has none")
-    count = len(dataset) if t.eval_max_images is None else min(len(dataset), t.eval_max_images)
-    mine = range(info.rank, count, info.world_size)
-
-    def evaluate(model, iteration: int) -> dict[str, float]:
-        cm = ConfusionMatrix(dataset.classes)
-        for i in mine:
-            image = read_image(dataset.image_path(i))
-            probs = multiscale_inference(model, image, (1.0,), False, p.crop, p.stride, mean, std,
-                                         p.base_scale, num_classes=len(dataset.classes), device=info.device,
-                                         average=p.average, size_divisor=p.size_divisor)
-            cm.update(probs.argmax(0).cpu().numpy(), dataset.read_gt(i, image.shape[:2]),
-                      name=str(dataset.image_path(i)))
-        if info.distributed:
-            cm.all_reduce()
-        return {"miou": float(cm.scores().miou), "images": count}
-
-    return evaluate
 
 
 # ====================================================================== helpers
@@ -197,8 +162,12 @@ def train_step(model, loss_fn, optimizer, images: torch.Tensor, seeds: torch.Ten
 # ====================================================================== train
 def train(cfg: Config, workdir: str | Path, *, clip_weights: str | Path | None = None, resume: bool = False,
           device: str | None = None, max_iters_this_run: int | None = None, progress: bool = True,
-          ) -> dict[str, Any]:
+          evaluator: Callable | None = None) -> dict[str, Any]:
     """Train WeakCLIP on the seeds of ``cfg.data``; returns a summary dict (main rank; others too).
+
+    ``evaluator(cfg, info, mean, std) -> evaluate(model, iteration)``: builds the periodic evaluation that
+    ``train.eval_every`` > 0 needs (the callers above pass
+    :func:`weakclip.inference.periodic.build_evaluator`: the engine does not reach up to inference).
 
     ``resume``: continue from ``workdir``'s latest checkpoint (start fresh when there is none).
     ``max_iters_this_run``: stop after this many iterations (a checkpoint is written), e.g. for jobs
@@ -209,6 +178,9 @@ def train(cfg: Config, workdir: str | Path, *, clip_weights: str | Path | None =
     from weakclip.models.weakclip import build_model
 
     t_cfg = cfg.train
+    if t_cfg.eval_every > 0 and evaluator is None:
+        raise WeakclipError("train.eval_every > 0 needs an evaluator: pass "
+                            "evaluator=weakclip.inference.periodic.build_evaluator")
     started_group = not (dist.is_available() and dist.is_initialized())
     info = init_distributed(device)
     workdir = Path(workdir)
@@ -285,7 +257,7 @@ def train(cfg: Config, workdir: str | Path, *, clip_weights: str | Path | None =
         load_state_fn=lambda m, state: load_trainable_state_dict(m, state, "the checkpoint"),
         extra_state={"clip_weights": None if clip_weights is None else str(clip_weights)},
         intro=intro, prepare_workdir=lambda w: cfg.to_yaml(w / "config.yaml"), nonfinite_hint=NONFINITE_HINT,
-        desc="train", evaluate_fn=(build_evaluator(cfg, info, *norm_constants(cfg.data.normalize))
+        desc="train", evaluate_fn=(evaluator(cfg, info, *norm_constants(cfg.data.normalize))
                                    if t_cfg.eval_every > 0 else None))
     summary = run_training(task, LoopSettings.from_section(t_cfg, num_workers=cfg.data.num_workers),
                            workdir=workdir, info=info, config=cfg.to_dict(), checkpoint=ckpt,

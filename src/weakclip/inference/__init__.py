@@ -4,7 +4,7 @@ Submodules (imported on use, so ``import weakclip.inference`` stays light):
 
 * :mod:`~weakclip.inference.sliding`: ``slide_inference``, ``multiscale_inference``, ``RELEASE_SCALES``
 * :mod:`~weakclip.inference.pseudo_masks`: ``generate_pseudo_masks`` (resumable, sharded, CRF pool)
-* :mod:`~weakclip.inference.predict`: ``predict_images`` (masks + overlays for a person to look at)
+* :mod:`~weakclip.inference.predict`: ``overlay_image``, ``parse_labels`` (for ``weakclip predict``)
 * :mod:`~weakclip.inference.loading`: ``load_trained_model`` (checkpoint + CLIP weights -> model)
 * :mod:`~weakclip.inference.jobs`: book-keeping of resumable per-image jobs
 """
@@ -19,7 +19,7 @@ _EXPORTS = {
     "multiscale_inference": "sliding",
     "RELEASE_SCALES": "sliding",
     "generate_pseudo_masks": "pseudo_masks",
-    "predict_images": "predict",
+    "overlay_image": "predict",
     "load_trained_model": "loading",
     "JobLedger": "jobs",
     "write_npz_atomic": "jobs",

@@ -110,7 +110,7 @@ def release_config(model_cfg, classes: list[str]):
 
 
 def load_trained_model(checkpoint: str | Path, clip_weights: str | Path | None = None,
-                       device: str | torch.device = "cpu", *, best: bool = False):
+                       device: str | torch.device = "cpu", *, best: bool = False, raw: Any = None):
     """Rebuild the trained model in eval mode -> ``(model, config)``.
 
     Args:
@@ -123,6 +123,8 @@ def load_trained_model(checkpoint: str | Path, clip_weights: str | Path | None =
             (the engine stores them when it trained without a weights file).
         device: where to put the model.
         best: take the work folder's ``checkpoints/best.pth`` (periodic evaluation) instead of the latest.
+        raw: what the checkpoint file holds, when the caller has read it already (``checkpoint`` is then
+            that file): it is not read again.
 
     Raises:
         WeakclipError: unreadable checkpoint, missing CLIP weights (one line: pass --clip-weights),
@@ -138,7 +140,8 @@ def load_trained_model(checkpoint: str | Path, clip_weights: str | Path | None =
     from weakclip.models.weakclip import build_model
 
     path = resolve_checkpoint(checkpoint, best=best)
-    raw = read_checkpoint_file(path)
+    if raw is None:
+        raw = read_checkpoint_file(path)
     if is_release_checkpoint(raw):
         model, model_cfg, classes, _ = load_release_checkpoint(path, raw)
         return model.to(device), release_config(model_cfg, classes)

@@ -280,7 +280,8 @@ def generate_pseudo_masks(
         all_probs = multiscale_inference_batch(
             model, [image for _, image, _, _ in group], settings.scales, settings.flip, settings.crop,
             settings.stride, mean, std, settings.base_scale, num_classes=num_classes, device=device,
-            window_batch=runner, average=settings.average, size_divisor=settings.size_divisor)
+            window_batch=runner, average=settings.average, size_divisor=settings.size_divisor,
+            resize=settings.resize)
         on_device = []  # (ident, image, keys, kept) waiting for the CRF on the device
         for (ident, image, labels, gt), probs in zip(group, all_probs):
             # classes kept and the mask before the CRF, on the probabilities' device

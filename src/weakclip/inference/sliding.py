@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ from weakclip.inference.batching import WindowRunner
 __all__ = [
     "AVERAGE_MODES",
     "RELEASE_SCALES",
+    "RESIZE_MODES",
     "multiscale_inference",
     "multiscale_inference_batch",
     "scaled_size",
@@ -50,6 +52,8 @@ _MIN_SIDE = 32
 
 #: What a window contributes to the average: its logits (the release) or its softmax.
 AVERAGE_MODES: tuple[str, ...] = ("logits", "probs")
+#: How :func:`multiscale_inference` resizes the image per scale: OpenCV on the host (the release) or torch.
+RESIZE_MODES: tuple[str, ...] = ("opencv", "torch")
 
 
 def window_grid(height: int, width: int, crop: int | Sequence[int], stride: int | Sequence[int]
@@ -186,6 +190,14 @@ def scaled_size(height: int, width: int, ratio: float, base_scale: Sequence[int]
     return rescale_size(height, width, target)
 
 
+def _host_uint8(image: np.ndarray | torch.Tensor) -> np.ndarray:
+    """A contiguous ``H x W x 3`` uint8 array on the host (for OpenCV) of a numpy or torch image."""
+    if isinstance(image, torch.Tensor):
+        t = image if image.shape[-1] == 3 else image.permute(1, 2, 0)
+        image = t.detach().to("cpu").round().clamp(0, 255).to(torch.uint8).numpy()
+    return np.ascontiguousarray(image, dtype=np.uint8)
+
+
 def _to_device_image(image: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
@@ -203,7 +215,7 @@ def multiscale_inference(model: nn.Module, image: np.ndarray, scales: Sequence[f
                          base_scale: Sequence[int] = (2048, 512), *, num_classes: int | None = None,
                          device: str | torch.device | None = None, window_batch: int = 1,
                          autocast_dtype: torch.dtype | None = None, average: str = "logits",
-                         size_divisor: int = 1) -> torch.Tensor:
+                         size_divisor: int = 1, resize: str = "opencv") -> torch.Tensor:
     """Test-time-augmented class probabilities ``K x H x W`` (float32, on ``device``) of a uint8 image.
 
     Args:
@@ -217,18 +229,20 @@ def multiscale_inference(model: nn.Module, image: np.ndarray, scales: Sequence[f
         window_batch: windows per forward pass, from any scale and flip whose windows have the same size
             (1: one at a time, the release; 0: as many as the free memory allows).
         average, size_divisor: see :func:`slide_inference`.
+        resize: ``"opencv"`` (the release's mmseg ``Resize``: ``cv2.resize(img, (w, h), INTER_LINEAR)`` of
+            the uint8 image on the CPU, OpenCV's fixed-point arithmetic) or ``"torch"`` (bilinear on
+            ``device``, half-pixel centres, rounded to 8 bits: no copy to the CPU, up to 1 grey level apart).
 
-    Each scale's image is resized bilinearly (half-pixel centres, no antialiasing, rounded to 8 bits
-    like the release's cv2 pipeline) and normalised. With ``average="logits"`` (the release) each pass's
-    window-averaged logits are resized back to ``H x W`` (bilinear) and softmaxed; with ``"probs"`` the
-    window-averaged probabilities are resized back. Each pass's probabilities (flipped back for the
-    flipped pass) are added into the one accumulator, then divided by the number of passes. The result
+    Each scale's image is resized as ``resize`` says and normalised. With ``average="logits"`` (the release)
+    each pass's window-averaged logits are resized back to ``H x W`` (bilinear) and softmaxed; with
+    ``"probs"`` the window-averaged probabilities are resized back. Each pass's probabilities (flipped back
+    for the flipped pass) are added into the one accumulator, then divided by the number of passes. The result
     sums to 1 over the classes at every pixel.
     """
     return multiscale_inference_batch(model, [image], scales, flip, crop, stride, mean, std, base_scale,
                                       num_classes=num_classes, device=device, window_batch=window_batch,
                                       autocast_dtype=autocast_dtype, average=average,
-                                      size_divisor=size_divisor)[0]
+                                      size_divisor=size_divisor, resize=resize)[0]
 
 
 @torch.inference_mode()
@@ -239,7 +253,7 @@ def multiscale_inference_batch(model: nn.Module, images: Sequence[np.ndarray],
                                *, num_classes: int | None = None, device: str | torch.device | None = None,
                                window_batch: int | WindowRunner = 1,
                                autocast_dtype: torch.dtype | None = None, average: str = "logits",
-                               size_divisor: int = 1) -> list[torch.Tensor]:
+                               size_divisor: int = 1, resize: str = "opencv") -> list[torch.Tensor]:
     """:func:`multiscale_inference` of several images at once: the windows of all their scales and flips
     share forward passes (windows of one size go together), so a GPU gets full batches even from small
     scales and small images. Returns one ``K x H_i x W_i`` tensor per image, each the same (to float
@@ -252,6 +266,8 @@ def multiscale_inference_batch(model: nn.Module, images: Sequence[np.ndarray],
         raise ValueError("multiscale_inference needs at least one scale")
     if average not in AVERAGE_MODES:
         raise ValueError(f"average must be one of {AVERAGE_MODES}, got {average!r}")
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     if device is None:
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
@@ -283,6 +299,9 @@ def multiscale_inference_batch(model: nn.Module, images: Sequence[np.ndarray],
             sh, sw = scaled_size(h, w, float(ratio), base_scale)
             if (sh, sw) == (h, w):
                 scaled = src
+            elif resize == "opencv":
+                resized = cv2.resize(_host_uint8(image), (sw, sh), interpolation=cv2.INTER_LINEAR)
+                scaled = _to_device_image(resized, device)
             else:
                 scaled = F.interpolate(src, size=(sh, sw), mode="bilinear", align_corners=False)
                 scaled = scaled.round_().clamp_(0, 255)

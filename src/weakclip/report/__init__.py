@@ -8,7 +8,6 @@
 - :mod:`~weakclip.report.plots`: the matplotlib figures (Agg backend), saved as PNGs;
 - :mod:`~weakclip.report.panels`: the ``image | seed | pseudo mask | ground truth`` pictures;
 - :mod:`~weakclip.report.page`: the HTML page (images embedded, nothing fetched, opens from disk);
-- :mod:`~weakclip.report.tensorboard`: the optional TensorBoard writer of the training loop;
 - :mod:`~weakclip.report.browser`: a headless-chromium check of a page (load errors, images, screenshot).
 """
 

@@ -41,9 +41,11 @@ __all__ = [
     "DeepLabV1Segmenter",
     "ReleasePolySchedule",
     "build_deeplabv1",
+    "fit_state_dict",
     "load_release_checkpoint",
     "missing_weights_error",
     "read_checkpoint",
+    "state_dict_of",
 ]
 
 MODEL_NAME = "deeplabv1_resnet38"
@@ -182,12 +184,20 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
                            "loaded (weights_only=True)") from exc
     except Exception as exc:  # noqa: BLE001 - corrupt zip, wrong format ...
         raise WeightsError(f"cannot read checkpoint {path}: {' '.join(str(exc).split())[:160]}") from exc
+    return state_dict_of(state, path)
+
+
+def state_dict_of(obj, source: str | Path) -> dict[str, torch.Tensor]:
+    """The model state dict in a loaded checkpoint object (see :func:`read_checkpoint`): a ``{"model": ...}``
+    / ``{"state_dict": ...}`` wrapper unwrapped, ``module.`` / ``net.`` prefixes removed; a one-line
+    WeightsError when it holds no state dict of tensors."""
+    state = obj
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor)
                                                            for v in state.values()):
-        raise WeightsError(f"checkpoint {path} does not hold a state dict of tensors")
+        raise WeightsError(f"checkpoint {source} does not hold a state dict of tensors")
     out = {}
     for k, v in state.items():
         while k.startswith(("module.", "net.")):
@@ -200,7 +210,12 @@ def load_release_checkpoint(model: Segmenter, path: str | Path) -> None:
     """Load a checkpoint (see :func:`read_checkpoint`) into ``model.net``: every parameter and BN statistic of
     the network must be there with its shape, and nothing else (a one-line WeightsError otherwise; a class
     count other than the dataset's shows as a ``cls_conv`` shape mismatch)."""
-    state = read_checkpoint(path)
+    fit_state_dict(model, read_checkpoint(path), path)
+
+
+def fit_state_dict(model: Segmenter, state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Copy ``state`` (keys of ``model.net``, see :func:`state_dict_of`) into ``model.net``: every parameter
+    and BN statistic must be there with its shape, and nothing else (a one-line WeightsError otherwise)."""
     own = model.net.state_dict()
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     extra = [k for k in state if k not in own]
@@ -213,7 +228,7 @@ def load_release_checkpoint(model: Segmenter, path: str | Path) -> None:
             detail = f"missing {', '.join(missing[:3])}"
         else:
             detail = f"unexpected {', '.join(extra[:3])}"
-        raise WeightsError(f"checkpoint {path} does not fit {model.name} with {model.num_classes} classes "
+        raise WeightsError(f"checkpoint {source} does not fit {model.name} with {model.num_classes} classes "
                            f"({len(missing)} missing, {len(extra)} unexpected, {len(wrong)} of other shapes; "
                            f"{detail})")
     with torch.no_grad():

@@ -1,11 +1,14 @@
 """Validation of a retrained segmenter: multi-scale + flip inference, optional dense CRF, confusion-matrix
 mIoU.
 
-Each image is evaluated at its full resolution: for every scale ``s`` the normalised image is resized
-(bilinear) to ``s`` times its size, the logits are resized back and turned into probabilities; with ``flip``
-the mirrored image is added too; the softmax maps are averaged (or, ``fuse="logits"``, the logits, then one
-softmax: the authors' DeepLab-v1 test, which also rescales bicubically and upsamples with
-``align_corners=True``). With a CRF the averaged probabilities are
+Each image is evaluated at its full resolution: for every scale ``s`` the normalised image is resized to ``s``
+times its size, the logits are resized back and turned into probabilities; with ``flip`` the mirrored image is
+added too; the softmax maps are averaged (or, ``fuse="logits"``, the logits, then one softmax: the authors'
+DeepLab-v1 test, which also upsamples with ``align_corners=True``). ``resize="opencv"`` is the authors' test
+exactly: the release's ``ImageNorm`` then ``Multiscale`` (``cv2.resize(fx=s, fy=s, INTER_CUBIC)`` of the
+float32 normalised image, OpenCV choosing the size and the grid), on the CPU with OpenCV itself; ``"bicubic"``
+/ ``"bilinear"`` resample with torch on the model's device by the rounded size ratio (faster on a GPU; sizes
+and values differ from OpenCV's, a named departure). With a CRF the averaged probabilities are
 refined by :func:`weakclip.crf.dense_crf_numpy` (pydensecrf2) on the original RGB image. The argmax is scored
 against the ground truth (255 ignored) with :class:`weakclip.metrics.ConfusionMatrix`; under torchrun every
 process takes every ``world_size``-th image and the matrices are summed across processes.
@@ -26,12 +29,36 @@ from torch import nn
 from weakclip.distributed import DistInfo
 from weakclip.metrics import ConfusionMatrix, SegScores
 
-__all__ = ["MS_SCALES", "RELEASE_SCALES", "crf_present", "evaluate_segmenter", "predict_probs", "write_eval"]
+__all__ = ["MS_SCALES", "RELEASE_SCALES", "RESIZE_MODES", "crf_present", "evaluate_segmenter",
+           "predict_probs", "write_eval"]
 
 #: The usual multi-scale test set (DeepLab / the release's inference scales).
 MS_SCALES: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 #: The authors' DeepLab-v1 test scales (``tools/test.py --test_multiscale``).
 RELEASE_SCALES: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)
+#: How :func:`predict_probs` rescales the normalised image per scale.
+RESIZE_MODES: tuple[str, ...] = ("opencv", "bicubic", "bilinear")
+
+
+def _scaled_inputs(image: np.ndarray, mean: Sequence[float], std: Sequence[float], scales: Sequence[float],
+                   resize: str, device: torch.device):
+    """The ``1 x 3 x h x w`` normalised input on ``device`` for each scale, in order."""
+    if resize == "opencv":
+        from weakclip.retrain.augment import release_normalize, release_rescale
+
+        normed = release_normalize(image, mean, std)
+        for scale in scales:
+            xs = release_rescale(normed, scale)
+            yield torch.from_numpy(np.ascontiguousarray(xs.transpose(2, 0, 1)))[None].to(device)
+        return
+    x = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None].float()
+    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    x = (x - m) / s
+    h, w = x.shape[-2:]
+    for scale in scales:
+        size = (max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5)))
+        yield x if size == (h, w) else F.interpolate(x, size=size, mode=resize, align_corners=False)
 
 
 @torch.no_grad()
@@ -43,23 +70,20 @@ def predict_probs(model: nn.Module, image: np.ndarray, mean: Sequence[float], st
     mirror images with ``flip``).
 
     ``fuse="probs"``: the mean of the softmax maps; ``"logits"``: the softmax of the mean logits (the authors'
-    DeepLab-v1 test). ``resize``: how the normalised image is rescaled (``"bilinear"`` or ``"bicubic"``, the
-    latter like ``cv2.INTER_CUBIC``); ``align_corners``: of the bilinear upsampling of the logits back to the
-    image size (True in the authors' test).
+    DeepLab-v1 test). ``resize``: how the normalised image is rescaled: ``"opencv"`` (the authors' test:
+    :func:`weakclip.retrain.augment.release_normalize`, then ``cv2.resize(fx=s, fy=s, INTER_CUBIC)``), or
+    torch's ``"bilinear"`` / ``"bicubic"`` to ``round(s * size)``; ``align_corners``: of the bilinear
+    upsampling of the logits back to the image size (True in the authors' test).
     """
     if fuse not in ("probs", "logits"):
         raise ValueError(f"fuse must be probs or logits, got {fuse!r}")
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
     device = torch.device(device)
-    x = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None].float()
-    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    x = (x - m) / s
-    h, w = x.shape[-2:]
+    h, w = image.shape[:2]
     total = None
     n = 0
-    for scale in scales:
-        size = (max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5)))
-        xs = x if size == (h, w) else F.interpolate(x, size=size, mode=resize, align_corners=False)
+    for xs in _scaled_inputs(image, mean, std, scales, resize, device):
         batch = torch.cat([xs, xs.flip(-1)]) if flip else xs
         logits = model(batch).float()
         if flip:

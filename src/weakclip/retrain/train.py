@@ -136,7 +136,10 @@ class RetrainEvalConfig:
     crf_params: Literal["voc", "coco", "release_voc", "release_coco"] = "voc"
     max_images: int | None = None
     fuse: Literal["probs", "logits"] = "probs"
-    resize: Literal["bilinear", "bicubic"] = "bilinear"
+    # "opencv": cv2.resize(fx=s) of the normalised image on the CPU, the authors' test exactly; "bicubic" /
+    # "bilinear": torch on the model's device to round(s * size) (faster on a GPU; not the release's sizes
+    # and values)
+    resize: Literal["opencv", "bilinear", "bicubic"] = "bilinear"
     align_corners: bool = False
     crf_classes: Literal["all", "present"] = "all"
 

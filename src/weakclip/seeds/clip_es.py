@@ -12,7 +12,8 @@ The defaults reproduce CLIP-ES's scripts (``generate_cams_voc12.py`` / ``generat
    embeddings of the image's labels plus the background prompts (``softmax_over="labels"``, CLIP-ES;
    ``"all"`` puts every class in the softmax), with logits ``logit_scale * cos(image, text)`` and the
    image embedding the mean over the patch tokens after ``ln_post``, projected. Prompts use CLIP-ES's
-   synonym-extended class names for VOC and COCO (:mod:`weakclip.seeds.names`; ``plain_names``).
+   synonym-extended class names for VOC and COCO, the class list recognised in any spelling
+   (:mod:`weakclip.seeds.names`; ``plain_names``).
    The activation is the last block's attention input (``ln_1`` output), channel weights the
    patch-averaged gradients, ``cam = relu(sum_ch w_ch * A_ch)``, normalised twice as
    ``(x - min) / (max + 1e-7)`` (CLIP-ES's Grad-CAM library normalises per layer, then again after
@@ -39,15 +40,22 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from weakclip.data.classes import COCO91_CLASSES, COCO_CLASSES, IGNORE_INDEX
+from weakclip.data.classes import IGNORE_INDEX
 from weakclip.errors import WeakclipError
-from weakclip.seeds.names import BACKGROUND_COCO, BACKGROUND_VOC, class_prompt_names
+from weakclip.seeds.names import (
+    BACKGROUND_COCO,
+    BACKGROUND_VOC,
+    clip_es_background,
+    prompt_vocabulary,
+    recognise_class_list,
+)
 
 __all__ = [
     "BACKGROUND_PROMPTS",
@@ -81,7 +89,8 @@ MASK_KINDS: tuple[str, ...] = ("argmax", "crf")
 @dataclass(frozen=True)
 class ClipEsConfig:
     """Settings of the seed stage. The defaults are CLIP-ES's; ``None`` means "CLIP-ES's value for the
-    dataset", resolved from the class list (COCO's 80 classes: the COCO script's, otherwise the VOC
+    dataset", resolved from the class list (COCO's, 80 classes or the release's 91 ids, in any spelling
+    (:func:`~weakclip.seeds.names.recognise_class_list`): the COCO script's, otherwise the VOC
     script's). See :func:`seed_preset` for the named presets.
 
     templates: prompt templates, ``{}`` = the class name; embeddings averaged over templates.
@@ -95,7 +104,8 @@ class ClipEsConfig:
     softmax_over: ``"labels"`` (the image's labels + background prompts, CLIP-ES) or ``"all"``
         (every class prompt + background prompts; departure).
     plain_names: prompt the readable class names instead of CLIP-ES's synonym-extended ones
-        (departure; CLIP-ES's names exist for VOC and COCO only, other class lists always use plain).
+        (departure; CLIP-ES's names exist for VOC and COCO only, other class lists always use plain;
+        a recognised VOC / COCO list gets our readable names of that dataset, whatever its spelling).
     refine: apply the class-aware attention affinity (False: plain Grad-CAM).
     affinity_blocks: how many of the last blocks' attentions are averaged (clipped to the depth).
     sinkhorn_iters: rounds of column-then-row normalisation of the attention.
@@ -180,11 +190,11 @@ class ClipEsConfig:
 
     def for_classes(self, classes: Sequence[str]) -> ClipEsConfig:
         """This config with the dataset-dependent ``None`` fields filled in for ``classes``."""
-        coco = tuple(classes) in (COCO_CLASSES, COCO91_CLASSES)
+        kind = recognise_class_list(classes)
+        coco = kind in ("coco", "coco91")
         return replace(
             self,
-            background=self.background if self.background is not None else (
-                BACKGROUND_COCO if coco else BACKGROUND_VOC),
+            background=self.background if self.background is not None else clip_es_background(kind),
             box_threshold=self.box_threshold if self.box_threshold is not None else (0.7 if coco else 0.4),
         )
 
@@ -261,43 +271,30 @@ def es_normalise(x: Tensor) -> Tensor:
     return flat.view(x.shape)
 
 
-def _components(mask: Tensor) -> Tensor:
-    """Labels (> 0) of the 8-connected regions of a 2-D bool mask, 0 outside it."""
-    h, w = mask.shape
-    labels = torch.arange(1, h * w + 1, device=mask.device, dtype=torch.float32).view(h, w) * mask
-    for _ in range(h * w):
-        grown = F.max_pool2d(labels[None, None], 3, stride=1, padding=1)[0, 0] * mask
-        if torch.equal(grown, labels):
-            break
-        labels = grown
-    return labels
-
-
 def box_mask(cam: Tensor, threshold: float, inclusive: bool = False) -> Tensor:
-    """Union of the bounding boxes of the regions of a CAM above ``threshold`` of its maximum, with
-    CLIP-ES's ``scoremap2bbox`` semantics (re-implemented without OpenCV):
+    """Union of the bounding boxes of the regions of a CAM above ``threshold`` of its maximum, as CLIP-ES's
+    ``scoremap2bbox(multi_contour_eval=True)`` and the mask its scripts paint from the boxes, with the same
+    OpenCV calls:
 
-    the CAM (values in [0, 1]) is scaled to uint8 (``cam * 255``, truncated), thresholded strictly
-    above ``int(threshold * max)``; every 8-connected region gives its bounding box, whose exclusive
-    end ``max + 1`` is clipped to ``W - 1`` / ``H - 1``, so a box touching the right / bottom border
-    loses its last column / row. ``inclusive`` keeps those (departure).
+    the CAM (values in [0, 1]) is scaled to uint8 (``cam * 255``, truncated), ``cv2.threshold`` strictly
+    above ``int(threshold * max)``, ``cv2.findContours(RETR_TREE, CHAIN_APPROX_SIMPLE)``; each contour's
+    ``cv2.boundingRect`` gives a box whose exclusive end is clipped to ``W - 1`` / ``H - 1``, so a box
+    touching the right / bottom border loses its last column / row. ``inclusive`` keeps those (departure).
 
     cam: h x w. Returns an h x w bool tensor (all False when nothing exceeds the threshold).
     """
-    u8 = (cam.float() * 255).to(torch.uint8)
-    mask = u8 > int(threshold * int(u8.max()))
-    h, w = mask.shape
-    out = torch.zeros_like(mask)
-    if not mask.any():
-        return out
-    labels = _components(mask)
-    for lab in labels[mask].unique():
-        ys, xs = torch.nonzero(labels == lab, as_tuple=True)
-        y1, x1 = int(ys.max()) + 1, int(xs.max()) + 1
+    u8 = (cam.detach().float() * 255).to(torch.uint8).cpu().numpy()
+    h, w = u8.shape
+    _, binary = cv2.threshold(u8, int(threshold * int(u8.max())), 255, cv2.THRESH_BINARY)
+    contours = cv2.findContours(binary, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[-2]
+    out = np.zeros((h, w), dtype=bool)
+    for contour in contours:
+        x0, y0, bw, bh = cv2.boundingRect(contour)
+        x1, y1 = x0 + bw, y0 + bh
         if not inclusive:
-            y1, x1 = min(y1, h - 1), min(x1, w - 1)
-        out[int(ys.min()) : y1, int(xs.min()) : x1] = True
-    return out
+            x1, y1 = min(x1, w - 1), min(y1, h - 1)
+        out[y0:y1, x0:x1] = True
+    return torch.from_numpy(out).to(cam.device)
 
 
 def affinity_matrix(attn: Tensor, sinkhorn_iters: int = 3, power: int = 2) -> Tensor:
@@ -353,7 +350,8 @@ class ClipEsSeeder:
         image_tower: a ``CLIPImageTower`` (frozen; its device is used). It is cast IN PLACE to the
             config's precision (fp16 on CUDA by default, as CLIP-ES runs its model).
         class_names: the dataset's classes, background first (``dataset.classes``); the foreground
-            names in the prompts are CLIP-ES's for VOC and COCO (:mod:`weakclip.seeds.names`).
+            names in the prompts are CLIP-ES's for VOC and COCO in any spelling
+            (:func:`~weakclip.seeds.names.prompt_vocabulary`).
         text_tower: a ``CLIPTextTower`` to embed the prompts once (cast in place like the image
             tower); may be omitted when both embeddings below are given.
         config: :class:`ClipEsConfig` (its dataset-dependent ``None`` fields are filled in from
@@ -363,7 +361,9 @@ class ClipEsSeeder:
 
     Attributes ``class_prompts`` / ``background_prompts`` list the names put into the templates
     (empty when the embeddings were given), ``dropped_background`` the background words left out
-    because they name a class.
+    because they name a class, ``vocabulary`` the :class:`~weakclip.seeds.names.PromptNames` chosen
+    for the class list (``names_source``: "clip-es voc", "clip-es coco" or "plain"; ``clip_es_names``:
+    whether they are CLIP-ES's). :meth:`names_record` gathers them for summaries.
     """
 
     def __init__(
@@ -387,7 +387,10 @@ class ClipEsSeeder:
             raise WeakclipError("ClipEsSeeder needs a text tower or precomputed text embeddings")
         if text_tower is not None:
             text_tower = text_tower.to(self.dtype)
-        names, self.clip_es_names = class_prompt_names(self.classes, plain=self.config.plain_names)
+        self.vocabulary = prompt_vocabulary(self.classes, plain=self.config.plain_names)
+        names = list(self.vocabulary.names)
+        self.names_source = self.vocabulary.source
+        self.clip_es_names = self.vocabulary.clip_es
         self.class_prompts: list[str] = []
         if class_embeddings is None:
             self.class_prompts = names
@@ -408,6 +411,23 @@ class ClipEsSeeder:
             )
         self.class_embeddings = fg.to(self.device)
         self.background_embeddings = bg.to(self.device)
+
+    def names_record(self) -> dict:
+        """Which prompts the seeder uses, for summaries and stage records: ``names_source`` ("clip-es
+        voc", "clip-es coco", "plain"; "given embeddings" when the class embeddings were passed in),
+        ``class_list`` ("voc", "coco", "coco91" or None), ``names`` (one per foreground class),
+        ``background`` (the background prompts), ``dropped_background`` and, for a class list CLIP-ES
+        has no names for, ``names_note``."""
+        record = {
+            "names_source": self.names_source if self.class_prompts else "given embeddings",
+            "class_list": self.vocabulary.class_list,
+            "names": list(self.class_prompts),
+            "background": list(self.background_prompts),
+            "dropped_background": list(self.dropped_background),
+        }
+        if self.vocabulary.note and self.class_prompts:
+            record["names_note"] = self.vocabulary.note
+        return record
 
     # ------------------------------------------------------------------ inputs
     def label_ids(self, labels) -> list[int]:

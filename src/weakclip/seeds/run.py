@@ -34,7 +34,7 @@ from weakclip.distributed import env_world, shard
 from weakclip.errors import DataError
 from weakclip.metrics import ConfusionMatrix
 
-__all__ = ["format_summary", "generate_seeds", "write_cams_npz"]
+__all__ = ["format_names", "format_summary", "generate_seeds", "write_cams_npz"]
 
 
 def write_cams_npz(path: str | Path, cams: np.ndarray, keys) -> Path:
@@ -127,7 +127,10 @@ def generate_seeds(
     ``coverage`` (share of confident pixels), per-class IoU, ``masks_miou`` (CLIP-ES's masks:
     ``argmax``; ``crf``, its CRF labels before the confidence cut, as CLIP-ES scores them, over the
     images computed in this run; ``crf_confident``, the written CRF masks with 255 left out), and the
-    two ``SegScores`` under ``"scores"`` (not JSON; left out of the file).
+    two ``SegScores`` under ``"scores"`` (not JSON; left out of the file). With a seeder that has
+    ``names_record`` (:meth:`~weakclip.seeds.clip_es.ClipEsSeeder.names_record`), the prompts it used:
+    ``names_source``, ``class_list``, ``names``, ``background``, ``dropped_background`` and, for a class
+    list CLIP-ES has no names for, ``names_note``.
 
     The seeder's ``config.masks`` (when it has one) says which of CLIP-ES's masks are written
     (``argmax/<id>.png``, ``crf/<id>.png``); an image counts as done when all its files exist.
@@ -271,6 +274,8 @@ def generate_seeds(
         "seconds_per_image": (sum(secs) / written) if written else None,
         "this_process_written": computed,
     }
+    if hasattr(seeder, "names_record"):
+        summary.update(seeder.names_record())
     if with_gt:
         cm_bg.all_reduce()
         cm_conf.all_reduce()
@@ -320,11 +325,29 @@ def _warn(msg: str, with_bar: bool) -> None:
 
 
 
+def format_names(record: dict) -> list[str]:
+    """The lines saying which prompt names and background words a seed run used (from a summary or a
+    seeder's ``names_record``; none when it has no ``names_source``). Names are separated by "; " as
+    CLIP-ES's own contain commas."""
+    if "names_source" not in record:
+        return []
+    lines = [f"class names ({record['names_source']}): {'; '.join(record.get('names', []))}"]
+    background = record.get("background", [])
+    lines.append(f"background prompts ({len(background)}): {'; '.join(background)}")
+    if record.get("dropped_background"):
+        dropped = "; ".join(record["dropped_background"])
+        lines.append(f"background prompts left out (they name a class): {dropped}")
+    if record.get("names_note"):
+        lines.append(f"note: {record['names_note']}")
+    return lines
+
+
 def format_summary(summary: dict) -> str:
     """A short text report of :func:`generate_seeds`'s summary (with the mIoU table when scored)."""
     lines = [
         f"seeds in {summary['out_dir']}: {summary['written']} written, {summary['skipped_existing']} "
-        f"already there, {summary['failed']} failed (of {summary['images']} images)"
+        f"already there, {summary['failed']} failed (of {summary['images']} images)",
+        *format_names(summary),
     ]
     if summary.get("seconds_per_image") is not None:
         lines.append(f"{summary['seconds_per_image']:.3f} s per computed image")
