@@ -53,8 +53,8 @@ def check_folder(out: str | Path) -> Path:
     """``out`` as a Path; ExportError when it exists and is not an empty folder."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        what = "folder" if out.is_dir() else "file"
-        raise ExportError(f"{out} already exists (a non-empty {what}): give a new --out folder; nothing was "
+        what = "a folder with files in it" if out.is_dir() else "a file"
+        raise ExportError(f"{out} already exists ({what}): give a new or empty --out folder; nothing was "
                           "written")
     return out
 
