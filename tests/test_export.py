@@ -24,7 +24,7 @@ from torch import nn
 
 import weakclip
 from weakclip.cli import main
-from weakclip.config import Config, PseudoMaskConfig
+from weakclip.config import Config, PseudoMaskConfig, load_preset
 from weakclip.data.classes import voc_palette
 from weakclip.export import ExportError, export_segmenter
 from weakclip.export.bundle import TOLERANCE
@@ -110,11 +110,23 @@ def made(tmp_path_factory, one_thread):
     (refine / "checkpoints").mkdir(parents=True)
     torch.save({"iteration": 3, "model": model.state_dict(), "config": cfg.to_dict(), "clip_weights": None},
                refine / "checkpoints" / "iter_0000003.pth")
+    # the -plus presets' switches: frozen towers (run under no_grad), CLIP's own 14 x 14-style stored grid,
+    # chained matching, BN in eval mode ...; the checkpoint holds the towers, so no CLIP file is needed
+    plus_cfg = Config.from_dict(cfg.to_dict())
+    plus_cfg.model = ModelConfig(**{**load_preset("voc-plus").model.to_dict(), "clip_arch": "tiny",
+                                    "out_blocks": (1, 2, 3, 4), "match_width": 32, "match_heads": 2,
+                                    "match_layers": 1, "neck_channels": 32, "head_channels": 32})
+    plus = base / "refine_plus"
+    (plus / "checkpoints").mkdir(parents=True)
+    torch.save({"iteration": 5, "model": build_model(plus_cfg.model, CLASSES, pretrained_download=False)
+                .state_dict(), "config": plus_cfg.to_dict(), "clip_weights": None},
+               plus / "checkpoints" / "iter_0000005.pth")
     run = base / "run"
     run.mkdir()
     (run / "run.json").write_text(json.dumps({"data_root": str(base / "nowhere"), "kind": "folder"}))
     shutil.copytree(refine, run / "refine")
-    return {"base": base, "photos": files, "tv": tv, "release_v1": release_v1, "refine": refine, "run": run}
+    return {"base": base, "photos": files, "tv": tv, "release_v1": release_v1, "refine": refine, "run": run,
+            "refine_plus": plus}
 
 
 # ====================================================================== the README's code, run as it stands
@@ -223,6 +235,21 @@ def test_onnx_refinement_model_on_photos_and_its_size_rule(made, tmp_path, capsy
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     with pytest.raises(Exception):  # noqa: B017 - onnxruntime's own exception types
         session.run(None, {"image": np.zeros((1, 3, 70, 90), np.float32)})
+
+
+def test_onnx_refinement_model_with_the_plus_switches(made, tmp_path, capsys):
+    """Frozen towers run under no_grad and the positional-embedding cache keyed on the grid: neither may fix
+    the exported graph to the traced size (the export's own check runs another size; here a photo too)."""
+    seg = weakclip.load(made["refine_plus"], "cpu")
+    assert seg.network.model.cfg.freeze_towers and seg.network.model.cfg.pos_embed_size == 0
+    out = tmp_path / "plus_onnx"
+    _export(capsys, made["refine_plus"], out, "onnx")
+    meta = json.loads((out / "weakclip-model.json").read_text())
+    assert meta["output"]["shape"] == ["batch", 4, "32*height_32", "32*width_32"]
+    assert seg.network.model.cfg.frozen_no_grad  # the switches the export turned off are back
+    assert not seg.network.model.image_tower.visual.positional_embedding.requires_grad
+    photos = [made["photos"]["astronaut"], made["photos"]["coffee"]]
+    _check_readme_runs(seg, out, photos, tmp_path, batch=False)
 
 
 @pytest.mark.slow

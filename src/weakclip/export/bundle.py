@@ -23,7 +23,7 @@ import torch
 
 from weakclip.export.errors import ExportError
 from weakclip.export.metadata import METADATA_NAME, build_metadata
-from weakclip.export.network import SizeRule, fixed_prompts, size_rule_of
+from weakclip.export.network import SizeRule, prepared_for_export, size_rule_of
 
 __all__ = ["FILES", "FORMATS", "TOLERANCE", "compare_logits", "export_segmenter", "summary_line"]
 
@@ -101,7 +101,7 @@ def export_segmenter(segmenter: Any, out: str | Path, fmt: str = "onnx", *, opse
     was_training = network.training
     network.eval()
     try:
-        with fixed_prompts(network):
+        with prepared_for_export(network):
             x = _check_input(rule)
             with torch.no_grad():
                 ref = network(x)

@@ -107,7 +107,7 @@ def export_onnx(network: nn.Module, path: str | Path, rule: SizeRule, *, opset: 
     example = (torch.randn(2, 3, h, w),)
     dims = (_dynamic_dims(rule),)
     program = None
-    # not under no_grad: the exporter then fixes the output's size to the example's (torch 2.14)
+    # gradients on: under no_grad the positional-embedding cache would fix the size (prepared_for_export)
     with _quiet():
         errors = []
         for strict in (False, True):

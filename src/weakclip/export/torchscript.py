@@ -27,7 +27,7 @@ def export_torchscript(network: nn.Module, path: str | Path, rule: SizeRule) -> 
 
     (h, w), _ = rule.example_sizes()
     example = torch.randn(2, 3, h, w)
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings():  # gradients on, as for ONNX (see prepared_for_export)
         # TracerWarnings on shape comparisons and the deprecation notices: the result is checked instead
         warnings.simplefilter("ignore")
         try:
