@@ -38,7 +38,7 @@ def _photos(n: int) -> list[np.ndarray]:
     from skimage import data
 
     names = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry"]
-    return [np.asarray(Image.fromarray(getattr(data, names[i % len(names)])()).convert("RGB")
+    return [np.array(Image.fromarray(getattr(data, names[i % len(names)])()).convert("RGB")
                        .resize((SIZE, SIZE), Image.BILINEAR)) for i in range(n)]
 
 

@@ -219,7 +219,8 @@ def test_onnx_refinement_model_on_photos_and_its_size_rule(made, tmp_path, capsy
     assert lines[1].startswith("note: ") and "multiples of 32" in lines[1]  # the one line on what it cannot
     seg = weakclip.load(made["run"], "cpu", stage="refine")
     meta = json.loads((out / "weakclip-model.json").read_text())
-    assert meta["input"]["multiple_of"] == 32 and meta["input"]["fit"] == [96, 64]
+    assert meta["input"]["multiple_of"] == 32 and meta["input"]["min_side"] == 64
+    assert meta["input"]["fit"] == [96, 64]
     assert meta["input"]["shape"] == ["batch", 3, "32*height_32", "32*width_32"]
     # photos resized to fit (96, 64) and padded to multiples of 32 by the README's code
     _check_readme_runs(seg, out, list(made["photos"].values()), tmp_path)
