@@ -363,6 +363,8 @@ def test_bad_input_is_one_line_and_writes_nothing(made, tmp_path, capsys, monkey
                                                       "--out", str(tmp_path / "y")])
     assert "onnx only" in _one_line_error(capsys, ["export", tv, "--format", "torchscript", "--opset", "20",
                                                    "--out", str(tmp_path / "y")])
+    assert "work folder" in _one_line_error(capsys, ["export", tv, "--format", "torchscript", "--best",
+                                                     "--out", str(tmp_path / "y")])
     # without the export extra: one line naming it
     monkeypatch.setitem(__import__("sys").modules, "onnxscript", None)
     err = _one_line_error(capsys, ["export", tv, "--format", "onnx", "--out", str(tmp_path / "y")])
