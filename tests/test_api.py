@@ -366,3 +366,58 @@ def test_refinement_batches_of_one_size_give_the_masks_of_one_at_a_time(made, tm
                  "--stride", "43", "--crf", "none", "--labels", "person"]) == 0
     assert "the authors' release checkpoint" in capsys.readouterr().out
     assert set(np.unique(read_label_png(tmp_path / "rel" / "astronaut.png")).tolist()) <= {0, 15}
+
+
+def test_batched_retrained_prediction_equals_one_at_a_time(made, tmp_path):
+    """``predict_batch`` (``weakclip predict --batch-size``) runs the images of one size together through the
+    retrained network, per scale: the same probabilities as one image at a time up to float rounding, the same
+    masks; images of another size go in their own batch."""
+    from skimage import data
+
+    from weakclip.retrain.evaluate import predict_probs, predict_probs_batch
+
+    seg = weakclip.load(made["release_v1"], "cpu")
+    photos = [np.asarray(Image.fromarray(getattr(data, name)()).resize((60, 44), Image.BILINEAR))
+              for name in ("astronaut", "coffee", "chelsea")]
+    odd = np.asarray(Image.fromarray(data.rocket()).resize((52, 40), Image.BILINEAR))
+    images = [photos[0], odd, photos[1], photos[2]]
+    batched = seg.predict_batch(images)
+    for image, (probs, label) in zip(images, batched):
+        np.testing.assert_allclose(probs, seg.predict_proba(image), atol=1e-5)
+        np.testing.assert_array_equal(label, seg.predict(image))
+    # the batch function itself, against predict_probs, with and without flip, both fusions
+    net = seg.network
+    for flip, fuse in ((True, "logits"), (False, "probs")):
+        together = predict_probs_batch(net, photos, seg.mean, seg.std, (0.5, 1.0), flip, fuse=fuse,
+                                       resize="opencv", align_corners=True)
+        for image, probs in zip(photos, together):
+            alone = predict_probs(net, image, seg.mean, seg.std, (0.5, 1.0), flip, fuse=fuse, resize="opencv",
+                                  align_corners=True)
+            assert probs.shape == alone.shape
+            torch.testing.assert_close(probs, alone, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="one size"):
+        predict_probs_batch(net, [photos[0], odd], seg.mean, seg.std)
+
+
+def test_predict_turns_photos_upright_by_their_exif_tag(made, tmp_path, capsys):
+    """A phone photo stored sideways with EXIF orientation 6: ``weakclip predict`` and ``Segmenter.predict``
+    of the PIL image segment it as viewers show it (upright), and the mask has the upright size."""
+    from PIL import ImageOps
+    from skimage import data
+
+    stored = Image.fromarray(data.chelsea()).resize((56, 40), Image.BILINEAR)  # stored 40 x 56
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    folder = tmp_path / "phone"
+    folder.mkdir()
+    stored.save(folder / "cat.jpg", exif=exif, quality=95)
+    out = tmp_path / "out"
+    assert main(["predict", str(folder), "--checkpoint", str(made["v1"]), "--out", str(out)]) == 0
+    capsys.readouterr()
+    mask = read_label_png(out / "cat.png")
+    assert mask.shape == (56, 40)  # upright: the stored width is the height
+    seg = weakclip.load(made["v1"], "cpu")
+    with Image.open(folder / "cat.jpg") as im:
+        upright = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        np.testing.assert_array_equal(seg.predict(im), mask)
+    np.testing.assert_array_equal(seg.predict(upright), mask)

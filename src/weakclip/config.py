@@ -17,19 +17,24 @@ field's declared type and raises a one-line :class:`WeakclipError` on an unknown
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from weakclip.errors import WeakclipError
 from weakclip.losses import BOUNDARY_CRF_MODES, IDENTITY_MEANS
 from weakclip.models.weakclip import ModelConfig
+from weakclip.sections import (
+    coerce,
+    dump_yaml,
+    field_types,
+    load_sections,
+    packaged_yaml,
+    read_yaml,
+    section_dict,
+    set_section_value,
+    split_override,
+)
 
 __all__ = [
     "PRESETS",
@@ -72,6 +77,11 @@ class DataConfig:
     photometric: bool = True
     normalize: Literal["clip", "imagenet"] = "imagenet"
     num_workers: int = 2
+    # How training, periodic evaluation and pseudo masks read images (weakclip.data.io.read_image): the
+    # release reads them with mmcv's imfrombytes (OpenCV, IMREAD_COLOR); "auto" orientation: upright for
+    # folder datasets, for VOC/COCO what the reader does (OpenCV applies the EXIF orientation, Pillow not).
+    image_reader: Literal["pil", "opencv"] = "opencv"
+    image_orientation: Literal["auto", "ignore", "exif"] = "auto"
 
 
 @dataclass
@@ -193,11 +203,11 @@ class Config:
     # ------------------------------------------------------------------ YAML
     def to_dict(self) -> dict[str, Any]:
         return {
-            "model": _section_dict(self.model),
-            "data": _section_dict(self.data),
-            "train": _section_dict(self.train),
-            "loss": _section_dict(self.loss),
-            "pseudo": _section_dict(self.pseudo),
+            "model": section_dict(self.model),
+            "data": section_dict(self.data),
+            "train": section_dict(self.train),
+            "loss": section_dict(self.loss),
+            "pseudo": section_dict(self.pseudo),
             "classes": None if self.classes is None else list(self.classes),
         }
 
@@ -211,7 +221,7 @@ class Config:
         cfg = cls()
         raw = load_sections(cfg, _SECTIONS, raw, source, extra=("classes",), keys=all_keys())
         if raw.get("classes") is not None:
-            cfg.classes = _coerce(raw["classes"], list[str], "classes")
+            cfg.classes = coerce(raw["classes"], list[str], "classes")
         validate(cfg, source)
         return cfg
 
@@ -253,7 +263,7 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
     for item in overrides:
         key, value = split_override(item)
         if key == "classes":
-            cfg.classes = _coerce(value, list[str] | None, key)
+            cfg.classes = coerce(value, list[str] | None, key)
         else:
             set_section_value(cfg, _SECTIONS, key, value, keys=all_keys())
     validate(cfg, "override")
@@ -262,91 +272,8 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
 
 def all_keys() -> list[str]:
     """Every settable key, ``section.field`` (and ``classes``)."""
-    keys = [f"{s}.{f}" for s, c in _SECTIONS.items() for f in _hints(c)]
+    keys = [f"{s}.{f}" for s, c in _SECTIONS.items() for f in field_types(c)]
     return keys + ["classes"]
-
-
-def unknown_key_message(key: str, source: str, keys: list[str], example: str = "train.iters") -> str:
-    """``source: unknown config key 'x'; did you mean ...?`` with the closest of ``keys``."""
-    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
-    hint = f"; did you mean {' or '.join(close)}?" if close else f"; keys look like {example}"
-    return f"{source}: unknown config key {key!r}{hint}"
-
-
-# ====================================================================== YAML (shared by the configs)
-def dump_yaml(data: dict[str, Any], path: str | Path | None = None) -> str:
-    """``data`` as YAML text (order kept, short lists inline); also written atomically to ``path``."""
-    text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=110)
-    if path is not None:
-        from weakclip.data.io import write_text_atomic
-
-        write_text_atomic(path, text)
-    return text
-
-
-def read_yaml(path: str | Path) -> Any:
-    """A YAML file's content; a missing or unreadable file is a one-line WeakclipError."""
-    path = Path(path)
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise WeakclipError(f"config file not found: {path}") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise WeakclipError(f"cannot read config {path}: {' '.join(str(exc).split())}") from exc
-
-
-def packaged_yaml(name: str) -> Any:
-    """A preset shipped in ``weakclip/configs/``."""
-    from importlib import resources
-
-    return yaml.safe_load(resources.files("weakclip").joinpath("configs", name).read_text("utf-8"))
-
-
-# ====================================================================== sections (shared by the configs)
-def load_sections(cfg: Any, sections: dict[str, type], raw: Any, source: str, *, extra: tuple[str, ...] = (),
-                  keys: list[str] | None = None) -> dict[str, Any]:
-    """Set each dataclass section of ``cfg`` from the nested dict ``raw`` (typed; fields left out keep their
-    defaults); top-level names in ``extra`` are allowed and left to the caller. Returns ``raw`` as a dict."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise WeakclipError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(sections) - set(extra))
-    if unknown:
-        raise WeakclipError(f"{source}: unknown section(s) {', '.join(unknown)}; "
-                            f"known: {', '.join([*sections, *extra])}")
-    keys = keys if keys is not None else [f"{n}.{f}" for n, c in sections.items() for f in _hints(c)]
-    for name, section_cls in sections.items():
-        values = raw.get(name) or {}
-        if not isinstance(values, dict):
-            raise WeakclipError(f"{source}: section {name!r} must be a mapping")
-        hints = _hints(section_cls)
-        kwargs = {}
-        for key, value in values.items():
-            if key not in hints:
-                raise WeakclipError(unknown_key_message(f"{name}.{key}", source, keys))
-            kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
-        setattr(cfg, name, _rebuild(getattr(cfg, name), kwargs, source))
-    return raw
-
-
-def split_override(item: str) -> tuple[str, str]:
-    """``"section.key=value"`` -> ``("section.key", "value")``."""
-    if "=" not in item:
-        raise WeakclipError(f"override {item!r} is not of the form section.key=value")
-    key, value = (part.strip() for part in item.split("=", 1))
-    return key, value
-
-
-def set_section_value(cfg: Any, sections: dict[str, type], key: str, value: Any, *,
-                      keys: list[str] | None = None, example: str = "train.iters") -> None:
-    """Set ``section.field`` of ``cfg`` to ``value`` converted to the field's type."""
-    section, dot, name = key.partition(".")
-    if not dot or section not in sections or name not in _hints(sections[section]):
-        keys = keys if keys is not None else [f"{n}.{f}" for n, c in sections.items() for f in _hints(c)]
-        raise WeakclipError(unknown_key_message(key, "override", keys, example))
-    converted = _coerce(value, _hints(sections[section])[name], key)
-    setattr(cfg, section, _rebuild(getattr(cfg, section), {name: converted}, f"override {key}"))
 
 
 # ====================================================================== validation
@@ -368,6 +295,10 @@ def validate(cfg: Config, source: str = "config") -> None:
     need(0 < d.cat_max_ratio <= 1, f"data.cat_max_ratio must lie in (0, 1], got {d.cat_max_ratio}")
     need(0 <= d.flip_prob <= 1, f"data.flip_prob must lie in [0, 1], got {d.flip_prob}")
     need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+    need(d.image_reader in ("pil", "opencv"),
+         f"data.image_reader must be pil or opencv, got {d.image_reader!r}")
+    need(d.image_orientation in ("auto", "ignore", "exif"),
+         f"data.image_orientation must be auto, ignore or exif, got {d.image_orientation!r}")
     need(t.iters > 0, f"train.iters must be positive, got {t.iters}")
     need(t.batch_size > 0, f"train.batch_size must be positive, got {t.batch_size}")
     need(t.lr > 0, f"train.lr must be positive, got {t.lr}")
@@ -409,163 +340,3 @@ def validate(cfg: Config, source: str = "config") -> None:
     if cfg.classes is not None:
         need(len(cfg.classes) >= 2, "classes needs background and at least one object class")
         need(all(isinstance(c, str) and c.strip() for c in cfg.classes), "classes must be non-empty names")
-
-
-# ====================================================================== typed conversion
-def _hints(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)}
-
-
-def _section_dict(obj: Any) -> dict[str, Any]:
-    out = {}
-    for f in dataclasses.fields(obj):
-        out[f.name] = _plain(getattr(obj, f.name))
-    return out
-
-
-def _plain(value: Any) -> Any:
-    """Make a value YAML-safe: tuples -> lists, dataclasses -> dicts, paths -> str."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _section_dict(value)
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def _rebuild(section: Any, changes: dict[str, Any], source: str) -> Any:
-    """``dataclasses.replace`` (re-runs the section's own checks), errors as WeakclipError."""
-    if not changes:
-        return section
-    try:
-        return dataclasses.replace(section, **changes)
-    except WeakclipError as exc:
-        raise WeakclipError(f"{source}: {exc}") from None
-    except (TypeError, ValueError) as exc:
-        raise WeakclipError(f"{source}: {' '.join(str(exc).split())}") from None
-
-
-_NONE_WORDS = ("none", "null", "~")
-_TRUE_WORDS = ("true", "yes", "1", "on")
-_FALSE_WORDS = ("false", "no", "0", "off")
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _split_sequence(value: str) -> list[str]:
-    text = value.strip()
-    if text[:1] in "[(" and text[-1:] in "])":
-        text = text[1:-1]
-    if not text.strip():
-        return []
-    return [part.strip().strip("'\"") for part in text.split(",")]
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert ``value`` (a string from the command line, or a YAML value) to the type ``tp``."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    bad = WeakclipError(f"{key}: cannot use {value!r} as {_type_name(tp)}")
-
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        arms = [a for a in args if a is not type(None)]
-        if type(None) in args and (value is None or (isinstance(value, str)
-                                                      and value.strip().lower() in _NONE_WORDS)):
-            return None
-        errors = []
-        for arm in arms:
-            try:
-                return _coerce(value, arm, key)
-            except WeakclipError as exc:
-                errors.append(exc)
-        raise errors[-1] if len(arms) == 1 else bad
-    if value is None:
-        raise WeakclipError(f"{key}: a value is required (got none), expected {_type_name(tp)}")
-    if origin is Literal:
-        choices = args
-        if value in choices:
-            return value
-        if isinstance(value, str):
-            for c in choices:
-                if str(c).lower() == value.strip().lower():
-                    return c
-        raise WeakclipError(f"{key}: {value!r} is not one of {', '.join(str(c) for c in choices)}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str):
-            word = value.strip().lower()
-            if word in _TRUE_WORDS:
-                return True
-            if word in _FALSE_WORDS:
-                return False
-        raise WeakclipError(f"{key}: {value!r} is not a boolean (true/false)")
-    if tp is int:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            text = value.strip()
-            try:
-                return int(text)
-            except ValueError:
-                try:
-                    f = float(text)  # "2e4"
-                except ValueError:
-                    raise WeakclipError(f"{key}: {value!r} is not an integer") from None
-                if f.is_integer():
-                    return int(f)
-        raise WeakclipError(f"{key}: {value!r} is not an integer")
-    if tp is float:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                raise WeakclipError(f"{key}: {value!r} is not a number") from None
-        raise WeakclipError(f"{key}: {value!r} is not a number")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise bad
-    if tp is Path:
-        if isinstance(value, (str, Path)):
-            return Path(value)
-        raise bad
-    if origin in (tuple, list) or tp in (tuple, list):
-        items = _split_sequence(value) if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)):
-            raise bad
-        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(items) != len(args):
-                raise WeakclipError(f"{key}: expected {len(args)} values, got {len(items)} ({value!r})")
-            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(items, args)))
-        elem = args[0] if args else Any
-        converted = [_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(items)]
-        return tuple(converted) if (origin is tuple or tp is tuple) else converted
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        raise WeakclipError(f"{key}: is a section, set its fields ({key}.<field>=...)")
-    if isinstance(tp, type):
-        if isinstance(value, tp):
-            return value
-        try:
-            return tp(value)
-        except Exception:  # noqa: BLE001 - any failure of the constructor is a bad value
-            raise bad from None
-    return value

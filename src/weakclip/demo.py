@@ -97,14 +97,14 @@ def plot_losses(log_csv: Path, out_png: Path) -> Path:
 
 def write_overlays(data_root: Path, pseudo_dir: Path, out_dir: Path, count: int = 4) -> list[Path]:
     from weakclip.data.datasets import build_dataset
-    from weakclip.data.io import read_image, read_label_png
+    from weakclip.data.io import read_label_png
 
     dataset = build_dataset("folder", data_root, split="train")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for i in range(min(count, len(dataset))):
         ident = dataset.ids[i]
-        image = read_image(dataset.image_path(i))
+        image = dataset.read_image(i)
         seed = dataset.read_seed(i)
         gt = dataset.read_gt(i)
         pseudo = read_label_png(pseudo_dir / f"{ident}.png", expected_hw=gt.shape)

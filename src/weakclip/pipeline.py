@@ -226,8 +226,9 @@ class Pipeline:
             return self._external_seeds(Path(self.cfg.seeds))
         from weakclip.distributed import init_distributed
         from weakclip.models.clip import build_clip
-        from weakclip.seeds.clip_es import PLUS_SWITCHES, ClipEsConfig, ClipEsSeeder
+        from weakclip.seeds.clip_es import ClipEsSeeder
         from weakclip.seeds.run import format_names, generate_seeds
+        from weakclip.seeds.settings import PLUS_SWITCHES, ClipEsConfig
 
         info = init_distributed(self.cfg.device)
         out = self.stage_dir("seeds")
@@ -305,7 +306,8 @@ class Pipeline:
         p = self.refine_cfg.pseudo  # the preset's section with the --set pseudo.* overrides
         info = init_distributed(self.cfg.device)
         model, cfg = load_trained_model(self.stage_dir("refine"), self.cfg.clip_weights, device=info.device)
-        dataset = self._dataset(self.pseudo_split, seed_dir=None)
+        dataset = self._dataset(self.pseudo_split, seed_dir=None, image_reader=cfg.data.image_reader,
+                                image_orientation=cfg.data.image_orientation)
         crf = p.crf_name(self.kind)
         mean, std = normalization_of(cfg)
         out = self.stage_dir("pseudo_masks")

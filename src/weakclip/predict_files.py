@@ -1,14 +1,14 @@
 """Masks and overlays of image files from a :class:`weakclip.api.Segmenter` (``weakclip predict``).
 
-For each image ``<stem>`` the output folder gets ``<stem>.png`` (the mask: class ids, VOC palette, the
-image's size) and ``<stem>_overlay.png`` (image | colour overlay | legend,
-:func:`weakclip.inference.predict.overlay_image`), each written atomically, the mask first. Folders given
-as inputs are walked (sorted, recursively) for files with an image extension; the output folder itself is
-never read as input. A rerun skips an image whose mask and overlay both exist. An unreadable image is
-listed and the rest are written. Images of one size are handed to :meth:`Segmenter.predict_batch` together,
-up to ``batch_size`` at a time: the refinement model's windows of all of them share forward passes; a
-retrained network still runs each image alone, as its evaluation does (its masks stay exactly
-``retrain``'s). With ``json_path`` a JSON file records each image's class pixel shares (also for skipped
+For each image ``<stem>`` the output folder gets ``<stem>.png`` (the mask: class ids, VOC palette, the image's
+size) and ``<stem>_overlay.png`` (image | colour overlay | legend,
+:func:`weakclip.inference.predict.overlay_image`), each written atomically, the mask first. Folders given as
+inputs are walked (sorted, recursively) for files with an image extension; the output folder itself is never
+read as input. A rerun skips an image whose mask and overlay both exist. An unreadable image is listed and the
+rest are written. Images of one size are handed to :meth:`Segmenter.predict_batch` together, up to
+``batch_size`` at a time: the refinement model's windows of all of them share forward passes; a retrained
+network takes them in one batch per scale (with ``batch_size`` 1, one image at a time: exactly ``retrain``
+evaluation's masks). With ``json_path`` a JSON file records each image's class pixel shares (also for skipped
 images, read back from their masks).
 """
 
@@ -99,7 +99,7 @@ def _groups(items: list[tuple[Path, str]], batch_size: int) -> Iterator[list[tup
     held = 0
     for path, stem in items:
         try:
-            image = read_image(path)
+            image = read_image(path, orientation="exif")  # as viewers show it (docs/method.md)
         except DataError as exc:
             yield [(path, stem, exc)]
             continue

@@ -102,8 +102,9 @@ def register(sub) -> None:
     p.add_argument("--json", type=Path, default=None, metavar="FILE",
                    help="also write each image's class pixel shares (and the settings used) to FILE")
     p.add_argument("--batch-size", type=int, default=1,
-                   help="images of one size through the network together (refinement model; a retrained "
-                        "network runs one image at a time, as its evaluation)")
+                   help="images of one size through the network together (default 1: one at a time, a "
+                        "retrained network's masks then exactly its evaluation's; larger batches change "
+                        "probabilities by float rounding only)")
     add_tta_flags(p)  # each defaults to the network's own settings
     p.add_argument("--crf", choices=["none", "auto", "voc", "coco"], default=None,
                    help="dense-CRF post-processing (default: the network's own; auto: on, with the "

@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
         root = args.data_root
         if not root.exists():
             raise WeakclipError(f"dataset folder not found: {root}")
-        dataset = build_dataset(kind, root, split=args.split)
+        dataset = build_dataset(kind, root, split=args.split, image_reader=cfg.data.image_reader,
+                                image_orientation=cfg.data.image_orientation)
         if len(dataset.classes) != len(cfg.classes):
             raise WeakclipError(f"the model was trained on {len(cfg.classes)} classes, the dataset at "
                                 f"{root} has {len(dataset.classes)}")

@@ -29,8 +29,8 @@ def _background(spec: str) -> tuple[str, ...]:
 def seed_config(args: argparse.Namespace, dataset_kind: str, classes=None):
     """The seed settings: ``--preset`` (default: ``coco`` for a COCO dataset or a class list recognised
     as COCO's in any spelling, else ``voc``), then the switches given on the command line."""
-    from weakclip.seeds.clip_es import seed_preset
     from weakclip.seeds.names import recognise_class_list
+    from weakclip.seeds.settings import seed_preset
 
     coco_list = classes is not None and recognise_class_list(classes) in ("coco", "coco91")
     preset = args.preset or ("coco" if dataset_kind == "coco" or coco_list else "voc")

@@ -3,7 +3,7 @@
 Every dataset yields a sample dict::
 
     "id"      str                           the image id (file stem)
-    "image"   H x W x 3 uint8 RGB array     (read with weakclip.data.io.read_image, EXIF not applied)
+    "image"   H x W x 3 uint8 RGB array     (read_image(i): the dataset's reader and orientation rule)
     "labels"  float32 multi-hot, length K   K = number of classes including background; [0] is always 1
     "seed"    H x W uint8                   class id or 255 (only when the dataset has seeds)
     "gt"      H x W uint8                   class id or 255 (only when the dataset has ground truth)
@@ -13,6 +13,10 @@ and then applies ``transform(sample) -> sample`` when one is given. Whether samp
 dataset with seeds or ground truth needs them for every id and raises DataError naming the id if one is
 missing. Seeds come from ``seed_dir`` (``<seed_dir>/<id>.png``, the PNG folder of any CAM method) for
 every dataset type.
+
+How images are read is set per dataset (:meth:`SegDataset.set_image_reading`, default: Pillow, orientation
+"auto" = upright for folder datasets, stored pixels for VOC and COCO; each stage sets its reference's
+reader); masks and seeds are fitted to the image's grid as read (:func:`weakclip.data.io.fit_label_to_image`).
 
 Problems with a single item (missing or corrupt image, mask of the wrong size, value out of range, missing
 seed) raise DataError when the item is read; ``validate()`` scans every item and returns all of them as a
@@ -41,7 +45,14 @@ from tqdm import tqdm
 from weakclip.data.classes import (
     IGNORE_INDEX,
 )
-from weakclip.data.io import IMAGE_EXTENSIONS, read_image, read_label_png
+from weakclip.data.io import (
+    IMAGE_EXTENSIONS,
+    fit_label_to_image,
+    image_geometry,
+    read_image,
+    read_label_png,
+    resolve_orientation,
+)
 from weakclip.errors import DataError
 
 __all__ = ["ConcatSegDataset", "Sample", "SegDataset", "Transform", "collate_samples", "read_id_list"]
@@ -107,6 +118,8 @@ class SegDataset(Dataset):
     """
 
     kind = "base"
+    image_reader = "pil"  # set_image_reading()
+    image_orientation = "auto"
 
     def __init__(
         self,
@@ -178,13 +191,63 @@ class SegDataset(Dataset):
         raise NotImplementedError
 
     # ----------------------------------------------------------------- reading
+    def set_image_reading(self, reader: str = "pil", orientation: str = "auto") -> SegDataset:
+        """How :meth:`read_image` (and every sample) reads images: ``reader`` ``"pil"`` or ``"opencv"``,
+        ``orientation`` ``"ignore"``, ``"exif"`` or ``"auto"`` (:func:`weakclip.data.io.resolve_orientation`:
+        upright for folder datasets; for VOC/COCO what the reader's library does by default). Returns self."""
+        try:
+            resolve_orientation(orientation, reader, self.kind)
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
+        self.image_reader = reader
+        self.image_orientation = orientation
+        return self
+
+    @property
+    def orientation(self) -> str:
+        """``"ignore"`` or ``"exif"``: whether this dataset's images are turned upright when read."""
+        return resolve_orientation(self.image_orientation, self.image_reader, self.kind)
+
+    def read_image(self, i: int) -> np.ndarray:
+        """The image of item ``i`` (``H x W x 3`` uint8 RGB) as this dataset reads images."""
+        return read_image(self.image_path(self._index(i)), self.image_reader, self.orientation)
+
+    def image_hw(self, i: int) -> tuple[int, int]:
+        """``(height, width)`` of item ``i``'s image as read here, from its header (sides swapped when the
+        image is read upright and its EXIF orientation is 5-8)."""
+        g = image_geometry(self.image_path(self._index(i)))
+        return g.upright_hw if self.orientation == "exif" else g.stored_hw
+
+    def label_fits(self, i: int, shape: Sequence[int]) -> bool:
+        """Whether a label map of ``shape`` (H, W, ...) belongs to item ``i``'s image: the image's size as
+        read, or, for an image read upright, its stored size (:meth:`fit_label` turns such maps)."""
+        g = image_geometry(self.image_path(self._index(i)))
+        hw = (int(shape[0]), int(shape[1]))
+        if self.orientation == "exif":
+            return hw in (g.upright_hw, g.stored_hw)
+        return hw == g.stored_hw
+
+    def fit_label(self, i: int, label: np.ndarray, path: Path, what: str = "mask",
+                  expected_hw: tuple[int, int] | None = None) -> np.ndarray:
+        """A label map of item ``i`` on its image's grid as read here (turned with an upright image when
+        it has the stored size; see :func:`weakclip.data.io.fit_label_to_image`), checked against
+        ``expected_hw``."""
+        try:
+            image_path = self.image_path(self._index(i))
+        except DataError:  # a missing image is reported where it is read
+            image_path = None
+        return fit_label_to_image(label, path, image_path, self.orientation, expected_hw=expected_hw,
+                                  what=what)
+
     def read_gt(self, i: int, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
-        """The ground-truth mask of item ``i`` (checked against ``num_classes`` and ``expected_hw``)."""
+        """The ground-truth mask of item ``i`` (checked against ``num_classes`` and ``expected_hw``, on the
+        image's grid as read: :meth:`fit_label`)."""
         i = self._index(i)
         path = self.gt_path(i)
         if path is None:
             raise DataError(f"{type(self).__name__} has no ground-truth masks (image {self.ids[i]!r})")
-        return read_label_png(path, expected_hw=expected_hw, num_classes=self.num_classes, what="mask")
+        mask = read_label_png(path, num_classes=self.num_classes, what="mask")
+        return self.fit_label(i, mask, path, "mask", expected_hw)
 
     def read_seed(self, i: int, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
         """The seed of item ``i``; DataError naming the id when the seed folder lacks it."""
@@ -194,7 +257,8 @@ class SegDataset(Dataset):
             raise DataError(f"{type(self).__name__} has no seed folder (image {self.ids[i]!r})")
         if not path.is_file():
             raise DataError(f"seed for image {self.ids[i]!r} not found: {path}")
-        return read_label_png(path, expected_hw=expected_hw, num_classes=self.num_classes, what="seed")
+        seed = read_label_png(path, num_classes=self.num_classes, what="seed")
+        return self.fit_label(i, seed, path, "seed", expected_hw)
 
     def _labels_vector(self, i: int, gt: np.ndarray | None = None) -> np.ndarray:
         vec = self._label_cache.get(i)
@@ -217,7 +281,7 @@ class SegDataset(Dataset):
 
     def __getitem__(self, i: Any) -> Sample:
         i = self._index(i)
-        image = read_image(self.image_path(i))
+        image = self.read_image(i)
         hw = (int(image.shape[0]), int(image.shape[1]))
         gt = None
         if self.has_gt or (self._labels_from_gt and i not in self._label_cache):
@@ -244,7 +308,7 @@ class SegDataset(Dataset):
         ident = self.ids[i]
         hw = None
         try:
-            hw = read_image(self.image_path(i)).shape[:2]
+            hw = self.read_image(i).shape[:2]
         except DataError as exc:
             problems.append(str(exc))
         gt = None
@@ -364,6 +428,12 @@ class ConcatSegDataset(SegDataset):
                          transform=transform, has_gt=all(p.has_gt for p in parts), labels_from_gt=False)
         for part in parts:
             self._notes.extend(part._notes)
+
+    def set_image_reading(self, reader: str = "pil", orientation: str = "auto") -> ConcatSegDataset:
+        for part in self.parts:
+            part.set_image_reading(reader, orientation)
+        super().set_image_reading(reader, orientation)
+        return self
 
     def _part(self, i: int) -> tuple[SegDataset, int]:
         k, j = self._where[self._index(i)]

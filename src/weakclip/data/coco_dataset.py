@@ -129,8 +129,8 @@ class COCO91Dataset(COCODataset):
         path = self.gt_path(i)
         if path is None:
             raise DataError(f"{type(self).__name__} has no ground-truth masks (image {self.ids[i]!r})")
-        mask = read_label_png(path, expected_hw=expected_hw, num_classes=len(COCO_CLASSES), what="mask")
-        return coco_to_91(mask)
+        mask = read_label_png(path, num_classes=len(COCO_CLASSES), what="mask")
+        return coco_to_91(self.fit_label(i, mask, path, "mask", expected_hw))
 
     def _label_ids(self, i: int) -> Iterable[int]:
         return [int(COCO81_TO_91[c]) for c in self._fg[self.ids[i]]]

@@ -66,8 +66,15 @@ def build_dataset(kind_or_root: str | Path, root: str | Path | None = None, **kw
     With a path alone the layout is detected (:func:`detect_kind`). Keyword arguments go to the
     dataset's constructor; those set to None are dropped so each dataset's default applies, and one the
     dataset does not take raises DataError. A ``split`` of the form ``"a+b"`` concatenates the splits
-    (:class:`ConcatSegDataset`).
+    (:class:`ConcatSegDataset`). ``image_reader`` / ``image_orientation`` (None: the defaults) set how
+    images are read (:meth:`SegDataset.set_image_reading`).
     """
+    reader = kwargs.pop("image_reader", None)
+    orientation = kwargs.pop("image_orientation", None)
+    if reader is not None or orientation is not None:
+        dataset = build_dataset(kind_or_root, root, **kwargs)
+        return dataset.set_image_reading(reader or dataset.image_reader,
+                                         orientation or dataset.image_orientation)
     split = kwargs.get("split")
     if isinstance(split, str) and "+" in split:
         names = [s.strip() for s in split.split("+")]

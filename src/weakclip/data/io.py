@@ -3,9 +3,17 @@
 Conventions used by every function here:
 
 * Images come back as ``H x W x 3`` ``uint8`` RGB arrays. Greyscale, palette, RGBA (alpha dropped),
-  CMYK and 16-bit greyscale files are converted. The EXIF orientation tag is deliberately NOT applied:
-  the masks of VOC and COCO (and the seeds and pseudo masks made from them) are aligned with the stored
-  pixel grid, so rotating the image would misalign it with its masks.
+  CMYK and 16-bit greyscale files are converted. Two choices make the pixels (:func:`read_image`):
+  ``reader`` -- the decoding library, ``"pil"`` (Pillow, ``Image.open(...).convert("RGB")``) or
+  ``"opencv"`` (``cv2.imdecode(..., IMREAD_COLOR)`` then BGR -> RGB, what ``cv2.imread`` and mmcv's
+  ``imfrombytes`` do) -- and ``orientation`` -- ``"ignore"`` (the stored pixel grid) or ``"exif"`` (turned
+  upright by the EXIF orientation tag, as image viewers show it). Each stage reads as its reference does for
+  VOC and COCO, and upright for folder datasets and ``weakclip predict`` (:func:`resolve_orientation`;
+  docs/method.md, "Image reading").
+* A label map belongs to its image's grid as the stage reads it. When the image is turned upright by an
+  orientation that swaps width and height (EXIF 5-8) and a label map has the STORED size instead, it was
+  drawn on the stored pixels: :func:`fit_label_to_image` turns it the same way (so it stays on the same
+  content) and warns once per file (:class:`OrientationWarning`); a map of neither size is an error.
 * Label maps (ground truth, seeds, pseudo masks) are single-channel PNGs holding class ids, with
   255 = ignore. Palette ('P') PNGs are read as their indices, never as colours.
 * Sizes in messages are written ``width x height`` like image viewers do (VOC images are 500x375).
@@ -22,19 +30,28 @@ import contextlib
 import json
 import os
 import secrets
+import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from weakclip.data.classes import IGNORE_INDEX, voc_palette
-from weakclip.errors import DataError
+from weakclip.errors import DataError, WeakclipError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "ORIENTATIONS",
+    "READERS",
+    "ImageGeometry",
+    "OrientationWarning",
+    "fit_label_to_image",
+    "image_geometry",
+    "orient_array",
     "read_image",
+    "resolve_orientation",
     "read_json",
     "read_label_png",
     "write_json_atomic",
@@ -68,21 +85,208 @@ def _decode(path: Path, what: str, convert: Callable[[Image.Image], np.ndarray])
         raise DataError(f"cannot read {what} {path}: {_reason(exc)}") from exc
 
 
-def read_image(path: str | Path) -> np.ndarray:
+READERS: tuple[str, ...] = ("pil", "opencv")
+ORIENTATIONS: tuple[str, ...] = ("ignore", "exif")
+EXIF_ORIENTATION = 0x0112  # the EXIF/TIFF "Orientation" tag
+SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # orientations whose upright image is W x H
+
+
+class OrientationWarning(UserWarning):
+    """A label map drawn on an image's stored pixels was turned upright with its image (see
+    :func:`fit_label_to_image`)."""
+
+
+def resolve_orientation(orientation: str, reader: str, kind: str | None = None) -> str:
+    """``"ignore"`` or ``"exif"`` for a dataset of ``kind`` read with ``reader``.
+
+    ``"auto"`` is the rule of this package: folder datasets (a user's photos) are read upright
+    (``"exif"``); VOC and COCO as the stage's reference reads them, i.e. as its library does by default:
+    OpenCV's ``IMREAD_COLOR`` applies the orientation (``"exif"``), Pillow's ``Image.open`` does not
+    (``"ignore"``). ``"ignore"`` and ``"exif"`` are taken as they are."""
+    if reader not in READERS:
+        raise ValueError(f"image reader must be one of {', '.join(READERS)}, got {reader!r}")
+    if orientation in ORIENTATIONS:
+        return orientation
+    if orientation != "auto":
+        raise ValueError(f"image orientation must be auto, {' or '.join(ORIENTATIONS)}, got {orientation!r}")
+    if kind == "folder" or reader == "opencv":
+        return "exif"
+    return "ignore"
+
+
+def _exif_orientation(im: Image.Image) -> int:
+    try:
+        value = int(im.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - a broken EXIF block is no orientation
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def read_image(path: str | Path, reader: str = "pil", orientation: str = "ignore") -> np.ndarray:
     """Read an image file as an ``H x W x 3`` ``uint8`` RGB array.
 
-    The whole file is decoded, so a truncated JPEG or PNG raises instead of coming back half grey
-    (unless some other code set ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES``, which this function refuses
-    to override globally). The EXIF orientation is not applied (see the module docstring).
+    Args:
+        path: the image file.
+        reader: ``"pil"``: Pillow decodes the file (``Image.open`` + ``convert("RGB")``; the whole file is
+            decoded, so a truncated JPEG or PNG raises instead of coming back half grey, unless some other
+            code set ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES``). ``"opencv"``: ``cv2.imdecode`` with
+            ``IMREAD_COLOR`` and a BGR -> RGB conversion, the pixels ``cv2.imread`` / mmcv's
+            ``imfrombytes`` give (OpenCV's own conversions of greyscale, CMYK or 16-bit files).
+        orientation: ``"ignore"``: the pixels as stored; ``"exif"``: turned upright by the file's EXIF
+            orientation tag (Pillow: ``ImageOps.exif_transpose``; OpenCV: without
+            ``IMREAD_IGNORE_ORIENTATION``).
+
+    Raises:
+        DataError: ``image not found: P`` or ``cannot read image P: <reason>``.
+        WeakclipError: ``reader="opencv"`` without OpenCV installed.
+    """
+    path = Path(path)
+    if reader not in READERS:
+        raise ValueError(f"image reader must be one of {', '.join(READERS)}, got {reader!r}")
+    if orientation not in ORIENTATIONS:
+        raise ValueError(f"image orientation must be one of {', '.join(ORIENTATIONS)}, got {orientation!r}")
+    if reader == "opencv":
+        arr = _read_opencv(path, orientation == "exif")
+    elif orientation == "exif":
+        arr = _decode(path, "image", lambda im: _to_rgb(ImageOps.exif_transpose(im)))
+    else:
+        arr = _decode(path, "image", _to_rgb)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise DataError(f"cannot read image {path}: unexpected decoded shape {arr.shape}")
+    return arr
+
+
+def _read_opencv(path: Path, upright: bool) -> np.ndarray:
+    try:
+        import cv2
+    except ImportError as exc:
+        raise WeakclipError("image reader 'opencv' needs OpenCV: pip install opencv-python-headless "
+                            "(or choose the 'pil' reader)") from exc
+    if not path.is_file():
+        raise DataError(f"image not found: {path}")
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        raise DataError(f"cannot read image {path}: {_reason(exc)}") from exc
+    flags = cv2.IMREAD_COLOR if upright else cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    bgr = cv2.imdecode(data, flags) if data.size else None
+    if bgr is None:
+        raise DataError(f"cannot read image {path}: OpenCV cannot decode it (corrupt, truncated or not an "
+                        f"image)")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+class ImageGeometry(NamedTuple):
+    """An image file's stored size and EXIF orientation, read from its header (pixels not decoded)."""
+
+    stored_hw: tuple[int, int]
+    orientation: int  # EXIF orientation 1..8 (1: none, absent or invalid)
+
+    @property
+    def upright_hw(self) -> tuple[int, int]:
+        """``(height, width)`` once turned upright."""
+        h, w = self.stored_hw
+        return (w, h) if self.orientation in SWAPPING_ORIENTATIONS else (h, w)
+
+
+def image_geometry(path: str | Path) -> ImageGeometry:
+    """The stored ``(height, width)`` and EXIF orientation of an image file (its header only).
 
     Raises:
         DataError: ``image not found: P`` or ``cannot read image P: <reason>``.
     """
     path = Path(path)
-    arr = _decode(path, "image", _to_rgb)
-    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise DataError(f"cannot read image {path}: unexpected decoded shape {arr.shape}")
-    return arr
+    if not path.is_file():
+        raise DataError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            return ImageGeometry((int(h), int(w)), _exif_orientation(im))
+    except Exception as exc:  # noqa: BLE001 - PIL's many error types
+        raise DataError(f"cannot read image {path}: {_reason(exc)}") from exc
+
+
+def orient_array(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """``arr`` (``H x W`` or ``H x W x C``) turned as an image with EXIF ``orientation`` is turned upright
+    (the geometry of Pillow's ``ImageOps.exif_transpose``); a C-contiguous copy, or ``arr`` itself for 1."""
+    a = np.asarray(arr)
+    if orientation in (None, 1):
+        return a
+    if orientation == 2:
+        out = a[:, ::-1]
+    elif orientation == 3:
+        out = a[::-1, ::-1]
+    elif orientation == 4:
+        out = a[::-1]
+    elif orientation == 5:
+        out = np.swapaxes(a, 0, 1)
+    elif orientation == 6:
+        out = np.swapaxes(a, 0, 1)[:, ::-1]
+    elif orientation == 7:
+        out = np.swapaxes(a, 0, 1)[::-1, ::-1]
+    elif orientation == 8:
+        out = np.swapaxes(a, 0, 1)[::-1]
+    else:
+        raise ValueError(f"EXIF orientation must be 1..8, got {orientation!r}")
+    return np.ascontiguousarray(out)
+
+
+_warned_labels: set[str] = set()
+
+
+def fit_label_to_image(
+    label: np.ndarray,
+    label_path: str | Path,
+    image_path: str | Path | None,
+    orientation: str,
+    *,
+    expected_hw: tuple[int, int] | None = None,
+    what: str = "mask",
+) -> np.ndarray:
+    """A label map of ``image_path`` on the image's grid as it is read with ``orientation``.
+
+    With ``orientation="exif"`` and an image whose EXIF orientation swaps width and height, a label map of
+    the image's STORED size was drawn on the stored pixels: it is turned upright the same way (so every
+    class id stays on the same content) and an :class:`OrientationWarning` names it once per file. Then,
+    when ``expected_hw`` is given, a label map of another size is the usual error. Label maps of an image
+    whose orientation keeps the size (2-4; 5-8 on a square image) cannot be told apart: they are taken as
+    drawn on the upright image.
+
+    Raises:
+        DataError: the label map's size is not ``expected_hw`` (with a hint when it fits the image
+            turned by its EXIF orientation but the stage reads the stored pixels).
+    """
+    shape = tuple(int(v) for v in label.shape[:2])
+    geometry = None
+    mismatch = expected_hw is not None and shape != tuple(expected_hw)
+    if image_path is not None and (mismatch or (orientation == "exif" and expected_hw is None)):
+        try:
+            geometry = image_geometry(image_path)
+        except DataError:
+            geometry = None  # the image's own error is reported where it is read
+    if (orientation == "exif" and geometry is not None and geometry.orientation in SWAPPING_ORIENTATIONS
+            and shape == geometry.stored_hw and geometry.stored_hw != geometry.upright_hw):
+        key = str(label_path)
+        if key not in _warned_labels:
+            _warned_labels.add(key)
+            h, w = geometry.stored_hw
+            warnings.warn(
+                f"{what} {label_path} is {w}x{h}, the stored size of its image {image_path}, which is shown "
+                f"turned by its EXIF orientation {geometry.orientation} ({h}x{w}); the {what} is turned the "
+                f"same way to stay aligned with it",
+                OrientationWarning, stacklevel=2)
+        label = orient_array(label, geometry.orientation)
+        shape = tuple(int(v) for v in label.shape[:2])
+    if expected_hw is not None and shape != tuple(expected_hw):
+        eh, ew = int(expected_hw[0]), int(expected_hw[1])
+        h, w = shape
+        hint = ""
+        if (orientation == "ignore" and geometry is not None and geometry.orientation in SWAPPING_ORIENTATIONS
+                and shape == geometry.upright_hw):
+            hint = (f" (it fits the image turned by its EXIF orientation {geometry.orientation}, but this "
+                    f"stage reads the stored pixels)")
+        raise DataError(f"{what} {label_path} is {w}x{h} but its image is {ew}x{eh} (width x height){hint}")
+    return label
 
 
 def _owned(arr: np.ndarray) -> np.ndarray:

@@ -58,7 +58,8 @@ def build_train_data(cfg: Config):
         raise WeakclipError("no dataset root given (data.root / --data-root)")
     if d.seeds is not None and not Path(d.seeds).is_dir():
         raise WeakclipError(f"seed folder not found: {d.seeds}")
-    dataset = build_dataset(d.kind, d.root, split=d.split, seed_dir=d.seeds, with_gt=False)
+    dataset = build_dataset(d.kind, d.root, split=d.split, seed_dir=d.seeds, with_gt=False,
+                            image_reader=d.image_reader, image_orientation=d.image_orientation)
     if not dataset.has_seeds:
         raise WeakclipError(f"the {d.kind} dataset at {d.root} has no seeds: pass the seed PNG folder "
                             "(--seeds / data.seeds)")

@@ -19,13 +19,13 @@ def build_evaluator(cfg: Config, info, mean: Sequence[float], std: Sequence[floa
     ground truth; the images are shared among the processes and the confusion matrices summed. Ground
     truth is opened here, so a split without it fails before training starts."""
     from weakclip.data.datasets import build_dataset
-    from weakclip.data.io import read_image
     from weakclip.inference.sliding import multiscale_inference
     from weakclip.metrics import ConfusionMatrix
 
     t, p = cfg.train, cfg.pseudo
     split = t.eval_split or cfg.data.split
-    dataset = build_dataset(cfg.data.kind, cfg.data.root, split=split, with_gt=True)
+    dataset = build_dataset(cfg.data.kind, cfg.data.root, split=split, with_gt=True,
+                            image_reader=cfg.data.image_reader, image_orientation=cfg.data.image_orientation)
     if not dataset.has_gt:
         raise WeakclipError(f"train.eval_every needs ground truth, and split {split!r} has none")
     count = len(dataset) if t.eval_max_images is None else min(len(dataset), t.eval_max_images)
@@ -34,7 +34,7 @@ def build_evaluator(cfg: Config, info, mean: Sequence[float], std: Sequence[floa
     def evaluate(model, iteration: int) -> dict[str, float]:
         cm = ConfusionMatrix(dataset.classes)
         for i in mine:
-            image = read_image(dataset.image_path(i))
+            image = dataset.read_image(i)
             probs = multiscale_inference(model, image, (1.0,), False, p.crop, p.stride, mean, std,
                                          p.base_scale, num_classes=len(dataset.classes), device=info.device,
                                          average=p.average, size_divisor=p.size_divisor, resize=p.resize)

@@ -41,7 +41,7 @@ import torch
 
 from weakclip.config import PseudoMaskConfig
 from weakclip.crf import choose_backend, dense_crf
-from weakclip.data.io import jsonable, read_image, read_label_png, write_json_atomic, write_label_png
+from weakclip.data.io import jsonable, read_label_png, write_json_atomic, write_label_png
 from weakclip.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from weakclip.errors import DataError
 from weakclip.inference.batching import WindowRunner
@@ -345,7 +345,7 @@ def generate_pseudo_masks(
                                     cm_before, cm_after, unscored, ledger)
                 continue
             try:
-                image = read_image(dataset.image_path(i))
+                image = dataset.read_image(i)
                 labels = dataset.get_labels(i) if settings.restrict_to_labels else None
             except DataError as exc:
                 ledger.fail(ident, exc)

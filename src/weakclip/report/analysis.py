@@ -240,8 +240,9 @@ def score_mask_sets(info: RunInfo, dataset, log: Callable[[str], None] = print) 
                         todo[n].problems.append(str(exc))
             for n, path in present.items():
                 try:
-                    mask = read_label_png(path, expected_hw=None if gt is None else gt.shape,
-                                          num_classes=len(classes), what="mask")
+                    mask = read_label_png(path, num_classes=len(classes), what="mask")
+                    if gt is not None:  # on the upright image's grid, as gt (the dataset reads upright)
+                        mask = dataset.fit_label(i, mask, path, "mask", expected_hw=gt.shape)
                     todo[n].add(ident, mask, gt)
                 except DataError as exc:
                     todo[n].problems.append(str(exc))
@@ -295,7 +296,9 @@ def analyse(workdir: str | Path, log: Callable[[str], None] = print) -> dict[str
         out["notes"].append(f"dataset folder not found: {info.data_root}: masks not scored")
     else:
         try:
-            dataset = build_dataset(info.kind, info.data_root, split=info.train_split, seed_dir=None)
+            # every mask is put on the upright image's grid (stages may read tagged images differently)
+            dataset = build_dataset(info.kind, info.data_root, split=info.train_split, seed_dir=None,
+                                    image_orientation="exif")
         except DataError as exc:
             out["notes"].append(f"cannot open the training split: {exc}")
     if dataset is not None:

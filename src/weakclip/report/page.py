@@ -183,7 +183,7 @@ def _shares_text(shares: dict, classes: list[str]) -> str:
 
 def _gallery(a: dict[str, Any], dataset, log: Callable[[str], None]) -> str:
     """The gallery section's HTML (tiles drawn on the spot)."""
-    from weakclip.data.io import read_image, read_label_png
+    from weakclip.data.io import read_label_png
     from weakclip.report.panels import png_bytes, tile
 
     sets, classes = a["sets"], a["classes"]
@@ -219,13 +219,15 @@ def _gallery(a: dict[str, Any], dataset, log: Callable[[str], None]) -> str:
             if i is None:
                 continue
             try:
-                image = read_image(dataset.image_path(i))
+                image = dataset.read_image(i)
                 cells = [(tile(image, TILE_HEIGHT, False), ident)]
                 for name, label in (("seeds", "seed"), ("pseudo", "pseudo mask")):
                     s = sets.get(name)
                     if not s:
                         continue
-                    mask = read_label_png(Path(s["folder"]) / f"{ident}.png", expected_hw=image.shape[:2])
+                    path = Path(s["folder"]) / f"{ident}.png"
+                    mask = dataset.fit_label(i, read_label_png(path), path, label,
+                                             expected_hw=image.shape[:2])
                     fact = s["per_image"].get(ident, {})
                     cap = (f"{label}: IoU {_pct(fact['miou'])}%" if fact.get("miou") is not None
                            else f"{label}: {_shares_text(fact.get('shares', {}), classes)}")
@@ -309,7 +311,8 @@ def build_report(workdir: str | Path, log: Callable[[str], None] = print,
     if classes and sets:
         body.append(_legend(classes))
         r = a["run"]
-        dataset = build_dataset(r["kind"], r["data_root"], split=r["train_split"], seed_dir=None)
+        dataset = build_dataset(r["kind"], r["data_root"], split=r["train_split"], seed_dir=None,
+                                image_orientation="exif")  # upright, every mask fitted to it
         body.append(_gallery(a, dataset, log))
     else:
         body.append("<p>No masks yet.</p>")

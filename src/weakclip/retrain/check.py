@@ -20,7 +20,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from weakclip.data.classes import IGNORE_INDEX
 from weakclip.data.io import read_label_png
@@ -30,15 +29,6 @@ __all__ = ["check_masks", "preflight_masks"]
 
 _SHOW = 4
 KINDS = ("missing", "size", "values", "unreadable")
-
-
-def _image_hw(path: Path) -> tuple[int, int] | None:
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-        return int(h), int(w)
-    except Exception:  # noqa: BLE001 - the dataset reports image problems itself
-        return None
 
 
 def _check_one(dataset, masks_dir: Path, i: int) -> tuple[str, str] | None:
@@ -51,10 +41,11 @@ def _check_one(dataset, masks_dir: Path, i: int) -> tuple[str, str] | None:
     except DataError as exc:
         return "unreadable", f"{ident}: {exc}"
     try:
-        hw = _image_hw(dataset.image_path(i))
-    except DataError:
-        hw = None
-    if hw is not None and mask.shape != hw:
+        hw = dataset.image_hw(i)
+        fits = dataset.label_fits(i, mask.shape)
+    except DataError:  # the dataset reports image problems itself
+        hw, fits = None, True
+    if hw is not None and not fits:
         return "size", f"{ident}: {mask.shape[1]}x{mask.shape[0]}, image {hw[1]}x{hw[0]}"
     k = dataset.num_classes
     values = np.unique(mask)

@@ -30,7 +30,7 @@ from weakclip.distributed import DistInfo
 from weakclip.metrics import ConfusionMatrix, SegScores
 
 __all__ = ["MS_SCALES", "RELEASE_SCALES", "RESIZE_MODES", "crf_present", "evaluate_segmenter",
-           "predict_probs", "write_eval"]
+           "predict_probs", "predict_probs_batch", "write_eval"]
 
 #: The usual multi-scale test set (DeepLab / the release's inference scales).
 MS_SCALES: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -94,6 +94,49 @@ def predict_probs(model: nn.Module, image: np.ndarray, mean: Sequence[float], st
         n += logits.shape[0]
     mean_map = total / n
     return (mean_map.softmax(dim=0) if fuse == "logits" else mean_map).cpu()
+
+
+@torch.no_grad()
+def predict_probs_batch(model: nn.Module, images: Sequence[np.ndarray], mean: Sequence[float],
+                        std: Sequence[float], scales: Sequence[float] = (1.0,), flip: bool = False,
+                        device: torch.device | str = "cpu", *, fuse: str = "probs", resize: str = "bilinear",
+                        align_corners: bool = False) -> list[torch.Tensor]:
+    """:func:`predict_probs` of several images of ONE size at once: per scale, every image and (with ``flip``)
+    every mirror image go through the model in one batch. The same as one image at a time up to float
+    rounding (BatchNorm is in eval mode); one image is exactly :func:`predict_probs`."""
+    images = list(images)
+    if len(images) == 1:
+        return [predict_probs(model, images[0], mean, std, scales, flip, device, fuse=fuse, resize=resize,
+                              align_corners=align_corners)]
+    if not images:
+        return []
+    if fuse not in ("probs", "logits"):
+        raise ValueError(f"fuse must be probs or logits, got {fuse!r}")
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
+    h, w = images[0].shape[:2]
+    if any(im.shape[:2] != (h, w) for im in images):
+        raise ValueError("predict_probs_batch takes images of one size; group them first")
+    device = torch.device(device)
+    n = len(images)
+    streams = [_scaled_inputs(im, mean, std, scales, resize, device) for im in images]
+    total = None
+    for _ in scales:
+        xs = torch.cat([next(stream) for stream in streams])
+        batch = torch.cat([xs, xs.flip(-1)]) if flip else xs
+        logits = model(batch).float()
+        # n x passes x K x h x w (passes: the image and, with flip, its mirror flipped back)
+        logits = torch.stack([logits[:n], logits[n:].flip(-1)], dim=1) if flip else logits[:, None]
+        passes = logits.shape[1]
+        logits = F.interpolate(logits.flatten(0, 1), size=(h, w), mode="bilinear",
+                               align_corners=align_corners)
+        logits = logits.view(n, passes, *logits.shape[1:])
+        part = logits.sum(dim=1) if fuse == "logits" else logits.softmax(dim=2).sum(dim=1)
+        total = part if total is None else total + part
+    count = len(scales) * (2 if flip else 1)
+    mean_maps = total / count
+    out = mean_maps.softmax(dim=1) if fuse == "logits" else mean_maps
+    return list(out.cpu())
 
 
 def crf_present(image: np.ndarray, probs: np.ndarray, params) -> np.ndarray:

@@ -11,8 +11,11 @@ retraining) is an MXNet parameter file. Its layout (MXNet ``NDArray::Save`` of a
     shape semantics, same layout): ``int32`` storage type (0 = dense; sparse arrays are refused here), then
     the shape; ``0xF993FAC8`` (version 1): the shape follows directly; any other value is the legacy form
     where this word already is ``ndim`` and the dims are ``uint32``;
-  - shape (versions 1-3): ``int32`` ndim then ndim ``int64`` dims; an empty shape (ndim 0, or -1 in
-    version 3) is an empty array and nothing else follows;
+  - shape (versions 1-3): ``int32`` ndim then ndim ``int64`` dims. In versions 1 and 2 (and legacy) ndim 0
+    is a "none" array and nothing else follows. Version 3 has numpy semantics (MXNet's ``NDArray::Load``
+    with ``is_np_shape``): ndim 0 is a 0-d array of ONE element, whose context, type and data follow; a
+    dim of -1 (unknown) makes a "none" array with nothing after it; ndim -1 cannot be loaded (MXNet's
+    ``Tuple::Load`` fails on it);
   - context: ``int32`` device type, ``int32`` device id (ignored: everything is read to the CPU);
   - ``int32`` type flag (0 float32, 1 float64, 2 float16, 3 uint8, 4 int32, 5 int8, 6 int64);
   - the raw data, C order;
@@ -75,12 +78,17 @@ class _Reader:
         return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))
 
 
-def _read_shape(r: _Reader, index: int) -> tuple[int, ...] | None:
+def _read_shape(r: _Reader, index: int, numpy_semantics: bool) -> tuple[int, ...] | None:
+    """The shape, or None for a "none" array (nothing follows it)."""
     (ndim,) = r.unpack("<i", f"the shape of array {index}")
-    if ndim <= 0:
+    if ndim < 0 or ndim > 32:
+        raise WeightsError(f"{r.path}: array {index} has an unknown number of dimensions ({ndim})")
+    if ndim == 0 and not numpy_semantics:
         return None
-    dims = r.unpack(f"<{ndim}q", f"the shape of array {index}")
-    return tuple(int(d) for d in dims)
+    dims = tuple(int(d) for d in r.unpack(f"<{ndim}q", f"the shape of array {index}"))
+    if numpy_semantics and -1 in dims:
+        return None
+    return dims
 
 
 def _read_array(r: _Reader, index: int) -> np.ndarray:
@@ -90,9 +98,9 @@ def _read_array(r: _Reader, index: int) -> np.ndarray:
         if stype != 0:
             raise WeightsError(f"{r.path}: array {index} is sparse (storage type {stype}); only dense arrays "
                                f"are supported")
-        shape = _read_shape(r, index)
+        shape = _read_shape(r, index, numpy_semantics=magic == NDARRAY_V3_MAGIC)
     elif magic == NDARRAY_V1_MAGIC:
-        shape = _read_shape(r, index)
+        shape = _read_shape(r, index, numpy_semantics=False)
     else:  # legacy: the word was ndim, uint32 dims follow
         ndim = magic
         if ndim > 32:
@@ -101,7 +109,7 @@ def _read_array(r: _Reader, index: int) -> np.ndarray:
         shape = tuple(int(d) for d in r.unpack(f"<{ndim}I", f"the shape of array {index}")) if ndim else None
     if shape is None:
         return np.zeros((0,), np.float32)
-    if min(shape) < 0:
+    if shape and min(shape) < 0:
         raise WeightsError(f"{r.path}: array {index} has an unknown shape {shape}")
     r.unpack("<ii", f"the context of array {index}")
     (flag,) = r.unpack("<i", f"the type of array {index}")
@@ -195,5 +203,5 @@ def resnet38_state_dict(path: str | Path):
             continue
         if key in out:
             raise WeightsError(f"{path}: two parameters map to {key}")
-        out[key] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+        out[key] = torch.from_numpy(np.array(value, dtype=np.float32, order="C"))  # 0-d arrays stay 0-d
     return out

@@ -28,18 +28,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from weakclip.config import (
-    _plain,
+from weakclip.data.classes import IGNORE_INDEX
+from weakclip.data.transforms import _Transform
+from weakclip.errors import DataError, WeakclipError
+from weakclip.sections import (
     dump_yaml,
     load_sections,
     packaged_yaml,
+    plain,
     read_yaml,
     set_section_value,
     split_override,
 )
-from weakclip.data.classes import IGNORE_INDEX
-from weakclip.data.transforms import _Transform
-from weakclip.errors import DataError, WeakclipError
 
 __all__ = [
     "RETRAIN_PRESETS",
@@ -92,6 +92,10 @@ class RetrainDataConfig:
     # pipeline (weakclip.retrain.augment: HSV jitter, flip, bicubic scale, normalise, random-offset crop)
     pipeline: Literal["standard", "release"] = "standard"
     hsv_jitter: tuple[int, int, int] = (10, 10, 10)  # "release" pipeline: H, S, V shift ranges
+    # How training and validation images are read (weakclip.data.io.read_image): the release's cv2.imread;
+    # "auto" orientation: upright for folder datasets, for VOC/COCO what the reader does (OpenCV: upright)
+    image_reader: Literal["pil", "opencv"] = "opencv"
+    image_orientation: Literal["auto", "ignore", "exif"] = "auto"
 
 
 @dataclass
@@ -152,7 +156,7 @@ class RetrainConfig:
     eval: RetrainEvalConfig = field(default_factory=RetrainEvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: _plain(dataclasses.asdict(getattr(self, name))) for name in _SECTIONS}
+        return {name: plain(dataclasses.asdict(getattr(self, name))) for name in _SECTIONS}
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         return dump_yaml(self.to_dict(), path)
@@ -202,6 +206,10 @@ def _validate(cfg: RetrainConfig, source: str) -> None:
     need(m.width_divisor >= 1 and 64 % m.width_divisor == 0,
          f"model.width_divisor must divide 64, got {m.width_divisor}")
     need(min(d.hsv_jitter) >= 0, f"data.hsv_jitter must be >= 0, got {d.hsv_jitter}")
+    need(d.image_reader in ("pil", "opencv"),
+         f"data.image_reader must be pil or opencv, got {d.image_reader!r}")
+    need(d.image_orientation in ("auto", "ignore", "exif"),
+         f"data.image_orientation must be auto, ignore or exif, got {d.image_orientation!r}")
     need(t.bias_lr_mult > 0, f"train.bias_lr_mult must be positive, got {t.bias_lr_mult}")
     need(t.bias_weight_decay is None or t.bias_weight_decay >= 0,
          f"train.bias_weight_decay must be >= 0, got {t.bias_weight_decay}")
@@ -296,13 +304,16 @@ def _train_dataset(cfg: RetrainConfig, masks: Path, extra: dict[str, Any]):
         raise WeakclipError("no dataset root given (--data-root / data.root)")
     if not Path(d.root).exists():
         raise DataError(f"dataset folder not found: {d.root}")
-    return build_dataset(d.kind, d.root, split=d.split, seed_dir=masks, with_gt=False, **extra)
+    return build_dataset(d.kind, d.root, split=d.split, seed_dir=masks, with_gt=False,
+                         image_reader=d.image_reader, image_orientation=d.image_orientation, **extra)
 
 
 def _val_dataset(cfg: RetrainConfig, extra: dict[str, Any]):
     from weakclip.data.datasets import build_dataset
 
-    return build_dataset(cfg.data.kind, cfg.data.root, split=cfg.data.val_split, with_gt=True, **extra)
+    d = cfg.data
+    return build_dataset(d.kind, d.root, split=d.val_split, with_gt=True, image_reader=d.image_reader,
+                         image_orientation=d.image_orientation, **extra)
 
 
 def cross_entropy_step(model, batch: dict[str, Any], it: int) -> dict[str, torch.Tensor]:

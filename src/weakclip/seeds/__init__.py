@@ -24,10 +24,18 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name in ("BACKGROUND_PROMPTS", "ClipEsConfig", "ClipEsSeeder", "seed_from_cams", "seed_preset"):
-        from weakclip.seeds import clip_es
+    if name in ("BACKGROUND_PROMPTS", "ClipEsConfig", "seed_preset"):
+        from weakclip.seeds import settings
 
-        return getattr(clip_es, name)
+        return getattr(settings, name)
+    if name == "seed_from_cams":
+        from weakclip.seeds.cam_ops import seed_from_cams
+
+        return seed_from_cams
+    if name == "ClipEsSeeder":
+        from weakclip.seeds.clip_es import ClipEsSeeder
+
+        return ClipEsSeeder
     if name in ("argmax_mask", "crf_mask"):
         from weakclip.seeds import masks
 

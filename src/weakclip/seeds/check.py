@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from weakclip.data.classes import IGNORE_INDEX
@@ -110,16 +109,6 @@ class SeedReport:
         return "\n".join(lines)
 
 
-def _image_hw(path: Path) -> tuple[int, int]:
-    """(height, width) from the image header, without decoding the pixels."""
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-    except Exception as exc:  # PIL raises many kinds
-        raise DataError(f"cannot read image {path}: {exc}") from exc
-    return int(h), int(w)
-
-
 def check_seeds(seed_dir: str | Path, dataset, *, progress: bool = False) -> SeedReport:
     """Check the seed folder ``seed_dir`` against every image of ``dataset`` (module docstring)."""
     seed_dir = Path(seed_dir)
@@ -143,12 +132,13 @@ def check_seeds(seed_dir: str | Path, dataset, *, progress: bool = False) -> See
             continue
         rep.checked += 1
         try:
-            hw = _image_hw(dataset.image_path(i))
+            hw = dataset.image_hw(i)
+            fits = dataset.label_fits(i, seed.shape)
             labels = dataset.get_labels(i)
         except DataError as exc:
             rep.image_problems.append((ident, str(exc)))
             continue
-        if seed.shape != hw:
+        if not fits:
             size = f"seed is {seed.shape[1]}x{seed.shape[0]}, image is {hw[1]}x{hw[0]} (width x height)"
             rep.wrong_size.append((ident, size))
             continue

@@ -38,307 +38,54 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
 
-from weakclip.data.classes import IGNORE_INDEX
 from weakclip.errors import WeakclipError
-from weakclip.seeds.names import (
-    BACKGROUND_COCO,
-    BACKGROUND_VOC,
-    clip_es_background,
-    prompt_vocabulary,
-    recognise_class_list,
+from weakclip.seeds.cam_ops import (
+    affinity_matrix,
+    box_mask,
+    encode_prompts,
+    es_normalise,
+    resize_image,
+    seed_from_cams,
+    split_background,
+)
+from weakclip.seeds.names import prompt_vocabulary
+from weakclip.seeds.settings import (
+    BACKGROUND_PROMPTS,
+    CLIP_MEAN,
+    CLIP_STD,
+    MASK_KINDS,
+    PLUS_SWITCHES,
+    SEED_PRESETS,
+    ClipEsConfig,
+    seed_preset,
 )
 
+# The seeder lives here; its settings (weakclip.seeds.settings) and building blocks (weakclip.seeds.cam_ops)
+# are re-exported for the callers that import them from this module.
 __all__ = [
     "BACKGROUND_PROMPTS",
     "CLIP_MEAN",
     "CLIP_STD",
     "MASK_KINDS",
+    "PLUS_SWITCHES",
     "SEED_PRESETS",
     "ClipEsConfig",
     "ClipEsSeeder",
+    "affinity_matrix",
     "box_mask",
     "encode_prompts",
     "es_normalise",
+    "resize_image",
     "seed_from_cams",
     "seed_preset",
     "split_background",
 ]
-
-#: CLIP-ES's background prompt list of its VOC script (scene and stuff words that often co-occur with
-#: VOC objects); its COCO script leaves out "keyboard" and "sign" (``names.BACKGROUND_COCO``).
-BACKGROUND_PROMPTS: tuple[str, ...] = BACKGROUND_VOC
-
-CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-
-#: CLIP-ES's normalisation constant: ``(x - min) / (max + 1e-7)``.
-ES_EPS = 1e-7
-#: The extra label maps the seed stage can write besides the seeds (see :mod:`weakclip.seeds.masks`).
-MASK_KINDS: tuple[str, ...] = ("argmax", "crf")
-
-
-@dataclass(frozen=True)
-class ClipEsConfig:
-    """Settings of the seed stage. The defaults are CLIP-ES's; ``None`` means "CLIP-ES's value for the
-    dataset", resolved from the class list (COCO's, 80 classes or the release's 91 ids, in any spelling
-    (:func:`~weakclip.seeds.names.recognise_class_list`): the COCO script's, otherwise the VOC
-    script's). See :func:`seed_preset` for the named presets.
-
-    templates: prompt templates, ``{}`` = the class name; embeddings averaged over templates.
-    background: background prompts, extra softmax entries that are never labels (None: CLIP-ES's
-        list for the dataset, 25 words for VOC, 23 for COCO).
-    scales: resize factors of the (``input_size``-scaled) image; CAMs averaged over them.
-    flip: also run each scale horizontally flipped.
-    input_size: short side the image is resized to before ``scales``; None keeps its own size. Sides
-        are rounded up to multiples of the patch size.
-    logit_scale: CLIP's temperature for the softmax (OpenAI's trained value is 100).
-    softmax_over: ``"labels"`` (the image's labels + background prompts, CLIP-ES) or ``"all"``
-        (every class prompt + background prompts; departure).
-    plain_names: prompt the readable class names instead of CLIP-ES's synonym-extended ones
-        (departure; CLIP-ES's names exist for VOC and COCO only, other class lists always use plain;
-        a recognised VOC / COCO list gets our readable names of that dataset, whatever its spelling).
-    refine: apply the class-aware attention affinity (False: plain Grad-CAM).
-    affinity_blocks: how many of the last blocks' attentions are averaged (clipped to the depth).
-    sinkhorn_iters: rounds of column-then-row normalisation of the attention.
-    affinity_power: power of the symmetrised transition matrix.
-    box_threshold: fraction of a CAM's (uint8) maximum outlining the affinity boxes (None: 0.4 for
-        VOC, 0.7 for COCO, as CLIP-ES's two scripts).
-    inclusive_boxes: a box touching the right / bottom border keeps its last column / row
-        (departure; CLIP-ES clips the exclusive box end to W-1 / H-1, which drops them).
-    float_resize: resize the image as floats with torch bicubic (antialiased) instead of PIL bicubic
-        on uint8 (departure).
-    precision: ``"auto"`` (fp16 on CUDA, as CLIP-ES runs its whole model; fp32 on CPU, where fp16 is
-        impractically slow), ``"fp16"`` or ``"fp32"`` (departure on CUDA).
-    lo, hi: seed thresholds (background below ``lo`` for every label, a class at or above ``hi``).
-    masks: which CLIP-ES label maps to write besides the seeds (:data:`MASK_KINDS`).
-    bg_power: exponent ``t`` of CLIP-ES's background score ``(1 - max)^t`` (its CRF script uses 1;
-        its eval script tries 1 and 2 and keeps the better on the ground truth).
-    crf_confidence: CRF pixels whose marginal is under this become 255 (CLIP-ES: 0.95).
-    crf_fix_wrap: feed the CRF the image itself (departure); CLIP-ES casts the mean-subtracted BGR
-        image straight to uint8, so negative values wrap around.
-    """
-
-    templates: tuple[str, ...] = ("a clean origami {}.",)
-    background: tuple[str, ...] | None = None
-    scales: tuple[float, ...] = (1.0,)
-    flip: bool = False
-    input_size: int | None = None
-    logit_scale: float = 100.0
-    softmax_over: str = "labels"
-    plain_names: bool = False
-    refine: bool = True
-    affinity_blocks: int = 8
-    sinkhorn_iters: int = 3
-    affinity_power: int = 2
-    box_threshold: float | None = None
-    inclusive_boxes: bool = False
-    float_resize: bool = False
-    precision: str = "auto"
-    lo: float = 0.25
-    hi: float = 0.5
-    masks: tuple[str, ...] = MASK_KINDS
-    bg_power: float = 1.0
-    crf_confidence: float = 0.95
-    crf_fix_wrap: bool = False
-    mean: tuple[float, float, float] = field(default=CLIP_MEAN)
-    std: tuple[float, float, float] = field(default=CLIP_STD)
-
-    def __post_init__(self) -> None:
-        def fail(msg: str) -> None:
-            raise WeakclipError(f"seed settings: {msg}")
-
-        object.__setattr__(self, "templates", tuple(self.templates))
-        if self.background is not None:
-            background = tuple(str(b).strip() for b in self.background if str(b).strip())
-            object.__setattr__(self, "background", background)
-        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
-        object.__setattr__(self, "masks", tuple(dict.fromkeys(str(m) for m in self.masks)))
-        if not self.templates or any("{}" not in t for t in self.templates):
-            fail(f"every prompt template needs a '{{}}' for the class name, got {self.templates}")
-        if not self.scales or any(not (0.0 < s <= 8.0) for s in self.scales):
-            fail(f"scales must be positive (at most 8), got {self.scales}")
-        if self.input_size is not None and self.input_size < 16:
-            fail(f"input_size must be at least 16 pixels, got {self.input_size}")
-        if self.softmax_over not in ("all", "labels"):
-            fail(f"softmax_over must be 'all' or 'labels', got {self.softmax_over!r}")
-        if self.precision not in ("auto", "fp16", "fp32"):
-            fail(f"precision must be 'auto', 'fp16' or 'fp32', got {self.precision!r}")
-        if not 0.0 <= self.lo <= self.hi <= 1.0:
-            fail(f"thresholds must satisfy 0 <= lo <= hi <= 1, got lo={self.lo} hi={self.hi}")
-        if self.box_threshold is not None and not 0.0 <= self.box_threshold < 1.0:
-            fail(f"box_threshold must lie in [0, 1), got {self.box_threshold}")
-        if self.affinity_blocks < 1 or self.sinkhorn_iters < 0 or self.affinity_power < 1:
-            fail("affinity_blocks and affinity_power must be >= 1 and sinkhorn_iters >= 0")
-        if self.logit_scale <= 0:
-            fail(f"logit_scale must be positive, got {self.logit_scale}")
-        bad = [m for m in self.masks if m not in MASK_KINDS]
-        if bad:
-            fail(f"unknown mask kinds {bad}; choose from {list(MASK_KINDS)}")
-        if not self.bg_power > 0:
-            fail(f"bg_power must be positive, got {self.bg_power}")
-        if not 0.0 <= self.crf_confidence <= 1.0:
-            fail(f"crf_confidence must lie in [0, 1], got {self.crf_confidence}")
-
-    def for_classes(self, classes: Sequence[str]) -> ClipEsConfig:
-        """This config with the dataset-dependent ``None`` fields filled in for ``classes``."""
-        kind = recognise_class_list(classes)
-        coco = kind in ("coco", "coco91")
-        return replace(
-            self,
-            background=self.background if self.background is not None else clip_es_background(kind),
-            box_threshold=self.box_threshold if self.box_threshold is not None else (0.7 if coco else 0.4),
-        )
-
-    def dtype_on(self, device: torch.device | str) -> torch.dtype:
-        """The tower precision on ``device``."""
-        if self.precision == "fp16" or (self.precision == "auto" and torch.device(device).type == "cuda"):
-            return torch.float16
-        return torch.float32
-
-
-#: Departures from CLIP-ES, all on in the ``-plus`` presets (unmeasured; see docs/method.md).
-PLUS_SWITCHES: dict = {"softmax_over": "all", "plain_names": True, "inclusive_boxes": True,
-                       "float_resize": True, "precision": "fp32", "crf_fix_wrap": True}
-
-SEED_PRESETS: dict[str, dict] = {
-    "voc": {"background": BACKGROUND_VOC, "box_threshold": 0.4},
-    "coco": {"background": BACKGROUND_COCO, "box_threshold": 0.7},
-    "voc-plus": {"background": BACKGROUND_VOC, "box_threshold": 0.4, **PLUS_SWITCHES},
-    "coco-plus": {"background": BACKGROUND_COCO, "box_threshold": 0.7, **PLUS_SWITCHES},
-}
-
-
-def seed_preset(name: str, **overrides) -> ClipEsConfig:
-    """The seed settings of a preset: ``voc`` / ``coco`` are CLIP-ES's VOC / COCO scripts exactly;
-    ``voc-plus`` / ``coco-plus`` switch on our departures (:data:`PLUS_SWITCHES`). ``overrides`` are
-    :class:`ClipEsConfig` fields set on top."""
-    key = str(name).lower()
-    if key not in SEED_PRESETS:
-        raise WeakclipError(f"unknown seed preset {name!r}; choose from {sorted(SEED_PRESETS)}")
-    return ClipEsConfig(**{**SEED_PRESETS[key], **overrides})
-
-
-# --------------------------------------------------------------------------------------------------
-# helpers
-
-
-@torch.no_grad()
-def encode_prompts(text_tower, names: Sequence[str], templates: Sequence[str], chunk: int = 256) -> Tensor:
-    """One L2-normalised embedding per name: templates filled, encoded, normalised, averaged, normalised
-    (as CLIP-ES's ``zeroshot_classifier``), in the text tower's precision.
-
-    All prompts are encoded in batches, cut after the longest one's [EOT] (exact: the text tower is
-    causal, so padding after [EOT] never reaches it).
-    """
-    names, templates = list(names), list(templates)
-    if not names:
-        return torch.zeros(0, text_tower.embed_dim)
-    ids = text_tower.tokenize([t.format(n) for n in names for t in templates], truncate=True)
-    ids = ids[:, : int(ids.argmax(dim=-1).max()) + 1]
-    emb = torch.cat([text_tower.encode(ids[i : i + chunk]) for i in range(0, len(ids), chunk)])
-    emb = F.normalize(emb, dim=-1).view(len(names), len(templates), -1).mean(dim=1)
-    return F.normalize(emb, dim=-1)
-
-
-def split_background(background: Sequence[str], class_names: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(kept, dropped) background prompts: a prompt that is a class name, or a whole word of one, would
-    compete with that class in the softmax, so it is dropped (for COCO this removes "keyboard" and
-    "sign", as CLIP-ES's COCO list does)."""
-    words = set()
-    for name in class_names:
-        words.add(name.lower().strip())
-        words.update(w for w in name.lower().replace(",", " ").split())
-    kept = [b for b in background if b.lower().strip() not in words]
-    dropped = [b for b in background if b.lower().strip() in words]
-    return kept, dropped
-
-
-def es_normalise(x: Tensor) -> Tensor:
-    """Per row of a K x ... tensor, CLIP-ES's (and its Grad-CAM library's) normalisation in float32:
-    ``x - min``, then divided by ``max + 1e-7`` (so the peak stays just under 1; a constant row -> 0)."""
-    flat = x.float().flatten(1)
-    flat = flat - flat.min(dim=1, keepdim=True).values
-    flat = flat / (flat.max(dim=1, keepdim=True).values + ES_EPS)
-    return flat.view(x.shape)
-
-
-def box_mask(cam: Tensor, threshold: float, inclusive: bool = False) -> Tensor:
-    """Union of the bounding boxes of the regions of a CAM above ``threshold`` of its maximum, as CLIP-ES's
-    ``scoremap2bbox(multi_contour_eval=True)`` and the mask its scripts paint from the boxes, with the same
-    OpenCV calls:
-
-    the CAM (values in [0, 1]) is scaled to uint8 (``cam * 255``, truncated), ``cv2.threshold`` strictly
-    above ``int(threshold * max)``, ``cv2.findContours(RETR_TREE, CHAIN_APPROX_SIMPLE)``; each contour's
-    ``cv2.boundingRect`` gives a box whose exclusive end is clipped to ``W - 1`` / ``H - 1``, so a box
-    touching the right / bottom border loses its last column / row. ``inclusive`` keeps those (departure).
-
-    cam: h x w. Returns an h x w bool tensor (all False when nothing exceeds the threshold).
-    """
-    u8 = (cam.detach().float() * 255).to(torch.uint8).cpu().numpy()
-    h, w = u8.shape
-    _, binary = cv2.threshold(u8, int(threshold * int(u8.max())), 255, cv2.THRESH_BINARY)
-    contours = cv2.findContours(binary, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[-2]
-    out = np.zeros((h, w), dtype=bool)
-    for contour in contours:
-        x0, y0, bw, bh = cv2.boundingRect(contour)
-        x1, y1 = x0 + bw, y0 + bh
-        if not inclusive:
-            x1, y1 = min(x1, w - 1), min(y1, h - 1)
-        out[y0:y1, x0:x1] = True
-    return torch.from_numpy(out).to(cam.device)
-
-
-def affinity_matrix(attn: Tensor, sinkhorn_iters: int = 3, power: int = 2) -> Tensor:
-    """CAA transition matrix from an n x n (patch-to-patch, head-averaged) attention map."""
-    t = attn.float().clamp_min(1e-12)
-    for _ in range(sinkhorn_iters):
-        t = t / t.sum(dim=0, keepdim=True)
-        t = t / t.sum(dim=1, keepdim=True)
-    t = (t + t.transpose(0, 1)) / 2
-    return torch.linalg.matrix_power(t, power) if power > 1 else t
-
-
-def seed_from_cams(cams: np.ndarray, keys: Sequence[int], lo: float, hi: float) -> np.ndarray:
-    """Seed map from K x H x W CAMs of the classes ``keys``: the argmax class where its CAM >= hi,
-    background where every CAM < lo, 255 in between. No classes: all background."""
-    cams = np.asarray(cams)
-    if cams.ndim != 3 or cams.shape[0] != len(keys):
-        raise ValueError(f"cams must be len(keys) x H x W, got {cams.shape} for {len(keys)} keys")
-    if len(keys) == 0:
-        return np.zeros(cams.shape[1:], dtype=np.uint8)
-    top = cams.max(axis=0)
-    arg = cams.argmax(axis=0)
-    seed = np.full(top.shape, IGNORE_INDEX, dtype=np.uint8)
-    seed[top < lo] = 0
-    fg = top >= hi
-    seed[fg] = np.asarray(keys, dtype=np.uint8)[arg[fg]]
-    return seed
-
-
-def resize_image(image: np.ndarray, size: tuple[int, int], float_resize: bool = False) -> Tensor:
-    """An H x W x 3 uint8 image as a 1 x 3 x h x w float32 tensor in [0, 1] of ``size`` (h, w).
-
-    Default: CLIP-ES's preprocessing, PIL bicubic on the uint8 image, then ``/ 255`` (torchvision's
-    ``Resize`` + ``ToTensor`` on a PIL image). ``float_resize``: torch bicubic (antialiased) on the
-    float image, clamped to [0, 1] (departure). The same size returns the image unchanged either way.
-    """
-    h, w = size
-    if not float_resize and image.shape[:2] != (h, w):
-        image = np.array(Image.fromarray(np.ascontiguousarray(image)).resize((w, h), Image.BICUBIC))
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255
-    if float_resize and image.shape[:2] != (h, w):
-        x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True).clamp_(0, 1)
-    return x
-
 
 # --------------------------------------------------------------------------------------------------
 

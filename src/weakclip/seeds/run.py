@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from weakclip.data.io import jsonable, read_image, read_label_png, write_json_atomic, write_label_png
+from weakclip.data.io import jsonable, read_label_png, write_json_atomic, write_label_png
 from weakclip.distributed import env_world, shard
 from weakclip.errors import DataError
 from weakclip.metrics import ConfusionMatrix
@@ -54,7 +54,7 @@ def write_cams_npz(path: str | Path, cams: np.ndarray, keys) -> Path:
 
 
 def _load(dataset, i: int) -> tuple[np.ndarray, np.ndarray]:
-    return read_image(dataset.image_path(i)), dataset.get_labels(i)
+    return dataset.read_image(i), dataset.get_labels(i)
 
 
 def _prefetch(dataset, indices: list[int], depth: int = 3) -> Iterator[tuple[int, Future]]:
