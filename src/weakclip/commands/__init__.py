@@ -13,6 +13,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "weakclip.commands.retrain",
     "weakclip.commands.pseudo_masks",
     "weakclip.commands.predict",
+    "weakclip.commands.export",
     "weakclip.commands.run",
     "weakclip.commands.report",
 )
