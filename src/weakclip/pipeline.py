@@ -102,7 +102,7 @@ class Pipeline:
 
     def __init__(self, cfg: PipelineConfig, log: Callable[[str], None] = print):
         from weakclip.config import apply_overrides, load_preset
-        from weakclip.retrain.train import apply_retrain_overrides, load_retrain_preset
+        from weakclip.retrain.config import apply_retrain_overrides, load_retrain_preset
 
         self.cfg = cfg
         self.workdir = Path(cfg.workdir)

@@ -166,7 +166,7 @@ class RetrainedSegmenter(Segmenter):
     @property
     def settings(self) -> dict[str, Any]:
         from weakclip.data.io import jsonable
-        from weakclip.retrain.train import crf_params_of
+        from weakclip.retrain.config import crf_params_of
 
         out = {k: v for k, v in dataclasses.asdict(self._eval).items() if k != "max_images"}
         params = crf_params_of(self._eval)
@@ -174,7 +174,7 @@ class RetrainedSegmenter(Segmenter):
         return jsonable(out)
 
     def configure(self, **changes: Any) -> Segmenter:
-        from weakclip.retrain.train import RetrainConfig
+        from weakclip.retrain.config import RetrainConfig
 
         known = {f.name for f in dataclasses.fields(self._eval)} - {"max_images"}
         unknown = sorted(set(changes) - known)
@@ -186,8 +186,8 @@ class RetrainedSegmenter(Segmenter):
         return self
 
     def _run(self, images, allowed, together=False):
+        from weakclip.retrain.config import crf_params_of
         from weakclip.retrain.evaluate import crf_present, predict_probs_batch
-        from weakclip.retrain.train import crf_params_of
 
         e = self._eval
         crf = crf_params_of(e)

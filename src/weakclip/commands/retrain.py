@@ -27,8 +27,8 @@ _FLAG_KEYS: tuple[tuple[str, str], ...] = (
 def build_retrain_config(args: argparse.Namespace):
     """The preset, then ``--data-root``/``--masks``, the direct flags, the eval switches, then ``--set``."""
     from weakclip.commands import flag_overrides
+    from weakclip.retrain.config import apply_retrain_overrides, load_retrain_preset
     from weakclip.retrain.evaluate import MS_SCALES
-    from weakclip.retrain.train import apply_retrain_overrides, load_retrain_preset
 
     cfg = load_retrain_preset(args.preset)
     overrides = flag_overrides(args, _FLAG_KEYS, **{"data.root": args.data_root, "data.masks": args.masks})
