@@ -367,3 +367,25 @@ def test_torchrun_shards_give_the_same_masks_and_one_summary(trained, model_and_
     assert summary["processes"] == 2 and summary["written"] == len(dataset)
     assert summary["miou_after_crf"] == pytest.approx(single["miou_after_crf"])
     assert summary["miou_before_crf"] == pytest.approx(single["miou_before_crf"])
+
+
+def test_predict_of_the_refinement_model_equals_its_pseudo_masks(trained, model_and_data, tmp_path):
+    """``weakclip.load(...).predict`` with the pseudo section's settings (the release's: no label
+    restriction, the CRF over the argmax's classes) writes what the pseudo-mask stage writes, and with labels
+    what the stage writes with ``restrict_to_labels``."""
+    import weakclip
+
+    root, weights, workdir = trained
+    model, _, dataset = model_and_data
+    seg = weakclip.load(workdir, "cpu", clip_weights=weights).configure(**TTA, crf="voc")
+    images = [dataset.read_image(i) for i in range(len(dataset))]
+    for restrict in (False, True):
+        out = tmp_path / f"stage_{restrict}"
+        generate_pseudo_masks(model, dataset, out, settings(crf_workers=0, restrict_to_labels=restrict),
+                              progress=False)
+        for i, ident in enumerate(dataset.ids):
+            labels = None
+            if restrict:
+                labels = [dataset.classes[c] for c in np.flatnonzero(dataset.get_labels(i))[1:]]
+            np.testing.assert_array_equal(seg.predict(images[i], labels=labels or None),
+                                          read_label_png(out / f"{ident}.png"))

@@ -125,8 +125,8 @@ class Segmenter:
 
     def predict_proba(self, image_or_list: Any, labels: str | Sequence[str] | None = None):
         """Class probabilities ``K x H x W`` float32 (one map per image for a list) with the test-time
-        settings: scales, flip and their fusion, ``labels`` restricting (the other classes 0). When the dense
-        CRF is on, these are the probabilities it starts from; :meth:`predict` returns its label map."""
+        settings: scales, flip and their fusion, ``labels`` restricting (the other classes 0). These are the
+        probabilities before the dense CRF; with the CRF on, :meth:`predict` returns its label map."""
         images, many = _as_batch(image_or_list)
         allowed = self.label_ids(labels)
         out = [probs for probs, _ in self._run(images, allowed)]
@@ -279,7 +279,7 @@ class RefinementSegmenter(Segmenter):
 
     def _run(self, images, allowed, together=False):
         from weakclip.crf import dense_crf
-        from weakclip.inference.pseudo_masks import restrict_probs
+        from weakclip.inference.pseudo_masks import kept_classes
         from weakclip.inference.sliding import multiscale_inference_batch
 
         p = self._cfg.pseudo
@@ -295,9 +295,12 @@ class RefinementSegmenter(Segmenter):
             multi_hot[allowed] = 1.0
         out = []
         for image, probs in zip(images, probs_list):
-            keys, kept = restrict_probs(probs, multi_hot)
-            full = torch.zeros_like(probs)
-            full[keys] = kept
+            # the pseudo-mask stage's classes: the labels given, or the release's argmax classes
+            keys, kept = kept_classes(probs, multi_hot)
+            full = probs
+            if multi_hot is not None:
+                full = torch.zeros_like(probs)
+                full[keys] = kept
             if crf_params is not None:  # on the probabilities' device
                 rgb = torch.from_numpy(image).to(kept.device).permute(2, 0, 1)[None].float()
                 kept = dense_crf(kept[None].float(), rgb, crf_params, backend=p.crf_backend)[0]

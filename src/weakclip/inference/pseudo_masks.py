@@ -49,7 +49,8 @@ from weakclip.inference.jobs import JobLedger, gather_objects, warn, write_npz_a
 from weakclip.inference.sliding import multiscale_inference_batch
 from weakclip.metrics import ConfusionMatrix
 
-__all__ = ["SUMMARY_NAME", "argmax_probs", "format_summary", "generate_pseudo_masks", "restrict_probs"]
+__all__ = ["SUMMARY_NAME", "argmax_probs", "format_summary", "generate_pseudo_masks", "kept_classes",
+           "restrict_probs"]
 
 SUMMARY_NAME = "pseudo_masks_summary.json"
 
@@ -97,6 +98,13 @@ def argmax_probs(probs):
     keys = torch.unique(t.argmax(dim=0))
     out = t[keys]
     return (keys.cpu().numpy(), out.cpu().numpy()) if numpy_in else (keys, out)
+
+
+def kept_classes(probs, labels: np.ndarray | Sequence[float] | None):
+    """The classes a pseudo mask is made of -> ``(keys, probs[keys])``: with ``labels`` (multi-hot) those
+    and background, renormalised (:func:`restrict_probs`); without, the release's rule, the classes of the
+    argmax as they are (:func:`argmax_probs`). The CRF runs over exactly these."""
+    return restrict_probs(probs, labels) if labels is not None else argmax_probs(probs)
 
 
 def _crf_batch(images: Sequence[np.ndarray], probs: Sequence[np.ndarray | torch.Tensor],
@@ -285,7 +293,7 @@ def generate_pseudo_masks(
         on_device = []  # (ident, image, keys, kept) waiting for the CRF on the device
         for (ident, image, labels, gt), probs in zip(group, all_probs):
             # classes kept and the mask before the CRF, on the probabilities' device
-            keys, kept = restrict_probs(probs, labels) if labels is not None else argmax_probs(probs)
+            keys, kept = kept_classes(probs, labels)
             keys = keys.cpu().numpy()
             mask = keys.astype(np.uint8)[kept.argmax(dim=0).cpu().numpy()]
             timing["model_seconds"] += time.perf_counter() - start
