@@ -330,9 +330,10 @@ def test_release_checkpoints_hold_the_trained_towers_and_load_without_weights(sy
 
 def test_clip_es_seeds_know_the_release_coco_space():
     from weakclip.seeds.clip_es import ClipEsConfig
-    from weakclip.seeds.names import COCO_NAMES, class_prompt_names
+    from weakclip.seeds.names import COCO_NAMES, prompt_vocabulary
 
-    names, theirs = class_prompt_names(COCO91_CLASSES)
+    vocab = prompt_vocabulary(COCO91_CLASSES)
+    names, theirs = list(vocab.names), vocab.clip_es
     assert theirs and len(names) == 90
     by_id = dict(zip(COCO91_CLASSES[1:], names))
     assert [by_id[c] for c in COCO_CLASSES[1:]] == list(COCO_NAMES)  # CLIP-ES's names on the 80 classes

@@ -99,6 +99,13 @@ class Segmenter:
         returns ``self``."""
         raise NotImplementedError
 
+    def _check_known(self, changes: dict[str, Any], known: set[str]) -> None:
+        """One-line WeakclipError naming the settings of ``changes`` that are not in ``known``."""
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise WeakclipError(f"unknown test-time setting(s) {', '.join(unknown)} of a {self.kind} "
+                                f"network; known: {', '.join(sorted(known))}")
+
     # ------------------------------------------------------------------ prediction
     def label_ids(self, labels: str | Sequence[str] | None) -> list[int] | None:
         """Class names (a list or ``"cat,dog"``) -> class ids; one-line WeakclipError for an unknown name."""
@@ -176,11 +183,7 @@ class RetrainedSegmenter(Segmenter):
     def configure(self, **changes: Any) -> Segmenter:
         from weakclip.retrain.config import RetrainConfig
 
-        known = {f.name for f in dataclasses.fields(self._eval)} - {"max_images"}
-        unknown = sorted(set(changes) - known)
-        if unknown:
-            raise WeakclipError(f"unknown test-time setting(s) {', '.join(unknown)} of a {self.kind} "
-                                f"network; known: {', '.join(sorted(known))}")
+        self._check_known(changes, {f.name for f in dataclasses.fields(self._eval)} - {"max_images"})
         raw = {**dataclasses.asdict(self._eval), **changes}
         self._eval = RetrainConfig.from_dict({"eval": raw}, source="test-time settings").eval
         return self
@@ -257,11 +260,7 @@ class RefinementSegmenter(Segmenter):
     def configure(self, **changes: Any) -> Segmenter:
         from weakclip.config import Config, PseudoMaskConfig
 
-        known = {f.name for f in dataclasses.fields(PseudoMaskConfig)}
-        unknown = sorted(set(changes) - known)
-        if unknown:
-            raise WeakclipError(f"unknown test-time setting(s) {', '.join(unknown)} of a {self.kind} "
-                                f"network; known: {', '.join(sorted(known))}")
+        self._check_known(changes, {f.name for f in dataclasses.fields(PseudoMaskConfig)})
         raw = self._cfg.to_dict()
         raw["pseudo"] = {**raw["pseudo"], **changes}
         self._cfg = Config.from_dict(raw, source="test-time settings")

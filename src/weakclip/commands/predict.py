@@ -25,11 +25,12 @@ def settings_changes(args: argparse.Namespace, kind: str) -> dict:
     if args.no_flip:
         changes["flip"] = False
     if kind in ("refinement", "release-refinement"):
-        for flag in ("base_scale", "crop", "stride", "average", "size_divisor", "window_batch"):
-            if getattr(args, flag) is not None:
+        for flag in _WINDOW_FLAGS:
+            if flag == "amp":
+                if args.amp:
+                    changes["amp"] = "bf16"
+            elif getattr(args, flag) is not None:
                 changes[flag] = getattr(args, flag)
-        if args.amp:
-            changes["amp"] = "bf16"
         if args.crf is not None:
             changes["crf"] = args.crf
         return changes
@@ -59,13 +60,13 @@ def run(args: argparse.Namespace) -> int:
         raise WeakclipError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise WeakclipError("--device cuda asked for, but no CUDA device is visible to PyTorch")
-    collect_images(args.images, exclude=args.out)  # a missing path or an empty folder fails before loading
+    images = collect_images(args.images, exclude=args.out)  # a missing path or empty folder fails first
     seg = load(args.checkpoint, args.device, stage=args.stage, best=args.best, clip_weights=args.clip_weights)
     seg.label_ids(args.labels)  # an unknown name fails before any image is read
     seg.configure(**settings_changes(args, seg.kind))
     if not args.quiet:
         print(f"loaded {seg.description}", flush=True)
-    result = predict_files(seg, args.images, args.out, labels=args.labels, batch_size=args.batch_size,
+    result = predict_files(seg, images, args.out, labels=args.labels, batch_size=args.batch_size,
                            json_path=args.json, progress=not args.quiet)
     failures = result["failures"]
     skipped = f" ({len(result['skipped'])} already there, skipped)" if result["skipped"] else ""

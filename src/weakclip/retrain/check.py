@@ -41,11 +41,11 @@ def _check_one(dataset, masks_dir: Path, i: int) -> tuple[str, str] | None:
     except DataError as exc:
         return "unreadable", f"{ident}: {exc}"
     try:
-        hw = dataset.image_hw(i)
         fits = dataset.label_fits(i, mask.shape)
     except DataError:  # the dataset reports image problems itself
-        hw, fits = None, True
-    if hw is not None and not fits:
+        fits = True
+    if not fits:
+        hw = dataset.image_hw(i)
         return "size", f"{ident}: {mask.shape[1]}x{mask.shape[0]}, image {hw[1]}x{hw[0]}"
     k = dataset.num_classes
     values = np.unique(mask)

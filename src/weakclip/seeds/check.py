@@ -132,13 +132,13 @@ def check_seeds(seed_dir: str | Path, dataset, *, progress: bool = False) -> See
             continue
         rep.checked += 1
         try:
-            hw = dataset.image_hw(i)
             fits = dataset.label_fits(i, seed.shape)
             labels = dataset.get_labels(i)
         except DataError as exc:
             rep.image_problems.append((ident, str(exc)))
             continue
         if not fits:
+            hw = dataset.image_hw(i)
             size = f"seed is {seed.shape[1]}x{seed.shape[0]}, image is {hw[1]}x{hw[0]} (width x height)"
             rep.wrong_size.append((ident, size))
             continue

@@ -38,7 +38,6 @@ __all__ = [
     "NAME_SOURCES",
     "VOC_NAMES",
     "PromptNames",
-    "class_prompt_names",
     "clip_es_background",
     "normalise_name",
     "prompt_vocabulary",
@@ -201,10 +200,3 @@ def prompt_vocabulary(classes: Sequence[str], plain: bool = False) -> PromptName
         names = tuple(prompt_names(fg))
     source = "plain" if plain or kind is None else ("clip-es voc" if kind == "voc" else "clip-es coco")
     return PromptNames(tuple(names), source, kind)
-
-
-def class_prompt_names(classes: Sequence[str], plain: bool = False) -> tuple[list[str], bool]:
-    """The prompt names for the foreground ``classes[1:]`` and whether they are CLIP-ES's
-    (:func:`prompt_vocabulary`)."""
-    vocab = prompt_vocabulary(classes, plain=plain)
-    return list(vocab.names), vocab.clip_es
