@@ -395,7 +395,7 @@ def test_auto_backend_by_device_and_size(monkeypatch):
         probs, images = photo_case("astronaut", 32, 32)
         torch.testing.assert_close(dense_crf(probs, images, TRAIN_CRF),
                                    dense_crf(probs, images, TRAIN_CRF, backend="pydensecrf"), atol=0, rtol=0)
-    monkeypatch.setattr("weakclip.crf.pydensecrf_available", lambda: False)
+    monkeypatch.setattr("weakclip.crf.dispatch.pydensecrf_available", lambda: False)
     assert choose_backend("cpu", 64, 64) == "lattice"
     probs, images = photo_case("astronaut", 32, 32)
     torch.testing.assert_close(dense_crf(probs, images, TRAIN_CRF),

@@ -3,11 +3,14 @@
 import json
 
 import pytest
+import yaml
 from PIL import Image
 
+from weakclip.config import load_preset
 from weakclip.demo import DemoSize, run_demo
 from weakclip.errors import WeakclipError
 from weakclip.pipeline import Pipeline, PipelineConfig
+from weakclip.retrain.config import load_retrain_preset
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +39,14 @@ def test_demo_runs_end_to_end_and_refinement_beats_the_seeds(small_demo):
         assert record["status"] == "complete" and record["metrics"] and record["seconds"] >= 0
         assert (tmp_path / stage / "log.txt").read_text().startswith(f"== {stage} ")
     assert "done: iterations 0->120 of 120" in (tmp_path / "refine" / "log.txt").read_text()
+    # the worker pools users get: the presets' data loader workers and CRF worker processes
+    pseudo = json.loads((tmp_path / "pseudo_masks" / "pseudo_masks_summary.json").read_text())["settings"]
+    assert pseudo["crf_workers"] == load_preset("voc").pseudo.crf_workers >= 2
+    assert pseudo["crf_backend"] == "pydensecrf" and not pseudo["crf_on_device"]
+    refine_data = yaml.safe_load((tmp_path / "refine" / "config.yaml").read_text())["data"]
+    retrain_data = yaml.safe_load((tmp_path / "retrain" / "config.yaml").read_text())["data"]
+    assert refine_data["num_workers"] == load_preset("voc").data.num_workers >= 2
+    assert retrain_data["num_workers"] == load_retrain_preset("voc").data.num_workers >= 2
     assert "val mIoU" in (tmp_path / "retrain" / "log.txt").read_text()
     # pictures a person can look at: image | seed | pseudo mask | ground truth, and the loss plot
     overlays = sorted((tmp_path / "overlays").glob("*.png"))

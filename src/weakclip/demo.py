@@ -45,14 +45,15 @@ def refine_overrides(size: DemoSize) -> list[str]:
         f"model.clip_arch={DEMO_ARCH}", "model.out_blocks=1,2,3,4", "model.neck_channels=64",
         "model.head_channels=64", "model.match_width=64", "model.match_layers=1", "model.drop_path_rate=0",
         "data.split=train", f"data.crop_size={crop}", f"data.scale={size.image_size[1]},{crop}",
-        "data.ratio_range=0.75,1.5", "data.num_workers=0", "classes=none",
+        "data.ratio_range=0.75,1.5", "classes=none",
         f"train.iters={size.refine_iters}", "train.batch_size=4", "train.lr=1e-3", "train.warmup_iters=20",
         "train.min_lr=1e-5", f"train.checkpoint_every={max(10, size.refine_iters // 4)}", "train.log_every=5",
         "loss.loss_size=32",
-        # pseudo masks at one scale with flip, the VOC CRF run inline
+        # pseudo masks at one scale with flip, the VOC CRF in the preset's worker processes; the data
+        # loader and CRF worker counts are the preset's too: the demo runs the pools users run
         "pseudo.scales=1.0", "pseudo.flip=true", f"pseudo.crop={crop}",
         f"pseudo.stride={max(1, (2 * crop) // 3)}", f"pseudo.base_scale={size.image_size[1]},{crop}",
-        "pseudo.crf=voc", "pseudo.crf_workers=0",
+        "pseudo.crf=voc",
     ]
 
 
@@ -61,7 +62,7 @@ def retrain_overrides(size: DemoSize) -> list[str]:
     return [
         "model.name=deeplabv3_resnet18", "model.pretrained_backbone=false", "model.output_stride=8",
         "model.head_channels=64", "data.split=train", "data.val_split=val", f"data.crop_size={crop}",
-        "data.scale_range=0.75,1.5", "data.num_workers=0",
+        "data.scale_range=0.75,1.5",
         f"train.iters={size.retrain_iters}", "train.batch_size=8", "train.optimizer=adamw", "train.lr=2e-3",
         f"train.checkpoint_every={max(10, size.retrain_iters // 4)}", "train.log_every=10",
         "eval.scales=1.0", "eval.flip=true",

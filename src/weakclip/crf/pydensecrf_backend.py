@@ -5,10 +5,14 @@ This is what the authors' release runs, in the boundary loss and in the pseudo-m
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from weakclip.crf.params import UNARY_CLIP, VOC_CRF, CRFUnavailableError, DenseCRFParams
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["dense_crf_numpy", "dense_crf_pydensecrf", "pydensecrf_available"]
 
@@ -72,13 +76,14 @@ def dense_crf_numpy(image, probs, params: DenseCRFParams = VOC_CRF):
     return np.asarray(q, dtype=np.float32).reshape(k, h, w)
 
 
-@torch.no_grad()
 def dense_crf_pydensecrf(probs: torch.Tensor, images: torch.Tensor, params: DenseCRFParams
                          ) -> torch.Tensor:
     """pydensecrf2 on each image of a batch in turn (B x K x h x w, B x 3 x h x w in 0..255).
 
     Images are rounded to uint8 as pydensecrf needs; the marginals come back fp32 on the input's device.
     """
+    import torch  # here, not at the top: the CRF worker processes import this module without torch
+
     rgb = images.detach().float().clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     p = probs.detach().float().cpu().numpy()
     out = np.stack([dense_crf_numpy(rgb[i], p[i], params) for i in range(p.shape[0])]) if len(p) else p

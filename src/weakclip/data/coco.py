@@ -21,7 +21,6 @@ result.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -35,6 +34,7 @@ from tqdm import tqdm
 from weakclip.data.classes import COCO_CATEGORY_IDS, COCO_CLASSES, IGNORE_INDEX
 from weakclip.data.io import read_json, write_json_atomic, write_label_png, write_text_atomic
 from weakclip.errors import DataError
+from weakclip.worker_pool import init_worker, worker_context
 
 __all__ = ["coco_label_map", "decode_segmentation", "prepare_coco"]
 
@@ -220,7 +220,7 @@ def prepare_coco(
                     _render(task)
                     bar.update(1)
             else:
-                with multiprocessing.get_context().Pool(min(workers, len(todo))) as pool:
+                with worker_context().Pool(min(workers, len(todo)), init_worker, (os.getpid(),)) as pool:
                     for _ in pool.imap_unordered(_render, todo, chunksize=8):
                         bar.update(1)
         finally:

@@ -24,6 +24,7 @@ from weakclip.data.base import (
 from weakclip.data.classes import (
     VOC_CLASSES,
 )
+from weakclip.data.safe_npy import load_npy_safely
 from weakclip.errors import DataError
 
 __all__ = ["VOCDataset", "load_cls_labels"]
@@ -34,17 +35,10 @@ def load_cls_labels(path: str | Path, num_foreground: int) -> dict[str, np.ndarr
 
     Returns id -> array of class ids (1-based, background excluded). Keys are kept as strings; IRN's
     integer keys (``2007000032`` for ``2007_000032``) are found by :meth:`VOCDataset` too. The file is a
-    pickle (``allow_pickle=True``): load only files you trust.
+    pickle; it is read without running code (:func:`~weakclip.data.safe_npy.load_npy_safely`: numpy data
+    only, anything else refused).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"cls_labels file not found: {path}")
-    try:
-        obj = np.load(path, allow_pickle=True)
-    except Exception as exc:
-        raise DataError(f"cannot read cls_labels file {path}: {' '.join(str(exc).split())}") from exc
-    if isinstance(obj, np.ndarray) and obj.dtype == object and obj.shape == ():
-        obj = obj.item()
+    obj = load_npy_safely(path, what="cls_labels file")
     if not isinstance(obj, dict):
         raise DataError(
             f"cls_labels file {path} must hold a dict id -> multi-hot vector (np.save of a dict), "
@@ -52,7 +46,11 @@ def load_cls_labels(path: str | Path, num_foreground: int) -> dict[str, np.ndarr
         )
     out: dict[str, np.ndarray] = {}
     for key, value in obj.items():
-        vec = np.asarray(value, dtype=np.float64).reshape(-1)
+        try:
+            vec = np.asarray(value, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            raise DataError(f"cls_labels file {path}: entry {key!r} is a {type(value).__name__}, not a "
+                            f"vector of {num_foreground} numbers") from None
         if vec.shape[0] != num_foreground:
             raise DataError(
                 f"cls_labels file {path}: entry {key!r} has {vec.shape[0]} values, expected {num_foreground} "

@@ -68,6 +68,7 @@ from weakclip.engine.checkpoint import (
     trainable_state_dict,
 )
 from weakclip.errors import WeakclipError
+from weakclip.worker_pool import usable_cpus
 
 __all__ = [
     "GlobalBatchSampler", "LoopSettings", "MainLog", "SeededTransformDataset", "TrainingTask", "mix_seed",
@@ -423,6 +424,10 @@ def run_training(
 
     sampler = GlobalBatchSampler(len(dataset), batch_size, seed, info.rank, info.world_size,
                                  start_iter=start_iter)
+    if num_workers > usable_cpus():  # more would only contend (and torch warns of freezes)
+        log(f"note: {num_workers} data loader workers asked for, {usable_cpus()} CPUs here: using "
+            f"{usable_cpus()} (the batches do not depend on it)")
+        num_workers = usable_cpus()
     loader = DataLoader(SeededTransformDataset(dataset, transform, seed), batch_sampler=sampler,
                         num_workers=num_workers, collate_fn=collate_fn or collate_samples,
                         pin_memory=info.device.type == "cuda")

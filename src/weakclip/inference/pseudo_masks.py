@@ -1,14 +1,16 @@
 """Pseudo masks for a whole dataset from a trained refinement model (pipeline stage 3).
 
-Driven by one config section, :class:`~weakclip.config.PseudoMaskConfig` (the preset's ``pseudo``). For
-each image of this process's shard (:func:`weakclip.distributed.shard`, so ``torchrun`` splits the
-work): multi-scale + flip sliding-window probabilities (:func:`multiscale_inference_batch`; with
-``image_batch`` > 1 the windows of several images share forward passes), the classes kept (the
-argmax's classes, as the release, or the image's labels plus background, renormalised, with
-``restrict_to_labels``), argmax, then the full-resolution dense CRF. On the CPU the CRF runs in a pool
-of worker processes fed through a bounded queue, so the model keeps producing while the CRF of earlier
-images runs; when the model is on CUDA the CRF runs there, batched over the images of a group that
-share their size and class count (:func:`~weakclip.crf.dense_crf`, our permutohedral lattice).
+Driven by one config section, :class:`~weakclip.config.PseudoMaskConfig` (the preset's ``pseudo``). For each
+image of this process's shard (:func:`weakclip.distributed.shard`, so ``torchrun`` splits the work):
+multi-scale + flip sliding-window probabilities (:func:`multiscale_inference_batch`; with ``image_batch`` > 1
+the windows of several images share forward passes), the classes kept (the argmax's classes, as the release,
+or the image's labels plus background, renormalised, with ``restrict_to_labels``), argmax, then the
+full-resolution dense CRF. On the CPU the CRF runs in a pool of worker processes
+(:mod:`~weakclip.worker_pool`: no torch thread pool in a forked worker, safe after the model ran on several
+threads, stopped by Ctrl-C, gone with the main process) fed through a bounded queue, so the model keeps
+producing while the CRF of earlier images runs; when the model is on CUDA the CRF runs there, batched over the
+images of a group that share their size and class count (:func:`~weakclip.crf.dense_crf`, our permutohedral
+lattice).
 
 Output layout of ``out_dir``::
 
@@ -32,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +46,11 @@ from weakclip.data.io import jsonable, read_label_png, write_json_atomic, write_
 from weakclip.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from weakclip.errors import DataError
 from weakclip.inference.batching import WindowRunner
+from weakclip.inference.crf_worker import pydensecrf_job
 from weakclip.inference.jobs import JobLedger, gather_objects, warn, write_npz_atomic
 from weakclip.inference.sliding import multiscale_inference_batch
 from weakclip.metrics import ConfusionMatrix
+from weakclip.worker_pool import WorkerPool
 
 __all__ = ["SUMMARY_NAME", "argmax_probs", "format_summary", "generate_pseudo_masks", "kept_classes",
            "restrict_probs"]
@@ -133,33 +136,22 @@ def _crf_job(image: np.ndarray, probs: np.ndarray | torch.Tensor, keys: np.ndarr
     return masks[0], seconds
 
 
-def _mp_context(start_method: str | None):
-    """``fork`` (cheap, no re-import of ``__main__``) unless CUDA is initialised here, then ``spawn``.
-
-    A forked child of a CUDA process must not touch CUDA; the CRF workers never do, but a CUDA
-    context does not survive fork cleanly on every driver, so spawn is the safe choice there.
-    """
-    import multiprocessing
-
-    if start_method is None:
-        forkable = "fork" in multiprocessing.get_all_start_methods()
-        start_method = "fork" if forkable and not torch.cuda.is_initialized() else "spawn"
-    return multiprocessing.get_context(start_method)
-
-
 class _CrfQueue:
-    """Runs :func:`_crf_job` in ``workers`` processes (inline when 0) with at most ``max_pending`` queued."""
+    """The CRF of each image in a :class:`~weakclip.worker_pool.WorkerPool` of ``workers``
+    processes (inline when 0), counted and timed. With the release's ``pydensecrf`` backend the
+    job is :func:`~weakclip.inference.crf_worker.pydensecrf_job` (no torch in the workers), otherwise
+    :func:`_crf_job` with that backend."""
 
-    def __init__(self, workers: int, max_pending: int | None, on_done, start_method: str | None = None
-                 ) -> None:
-        self.start_method = start_method
-        self.workers = max(0, int(workers))
-        self.max_pending = max(1, int(max_pending) if max_pending else 2 * max(1, self.workers))
+    def __init__(self, workers: int, max_pending: int | None, on_done, backend: str,
+                 start_method: str | None = None) -> None:
         self.on_done = on_done
-        self.pending: dict[Future, str] = {}
-        self.pool: ProcessPoolExecutor | None = None
+        self.backend = backend
         self.seconds = 0.0
         self.done = 0
+        torch_free = backend == "pydensecrf"
+        self.pool = WorkerPool(pydensecrf_job if torch_free else _crf_job, workers, self._finish,
+                               runs_torch=not torch_free, max_pending=max_pending, start_method=start_method,
+                               what="CRF worker")
 
     def _finish(self, ident: str, result: tuple[np.ndarray, float]) -> None:
         mask, seconds = result
@@ -167,33 +159,20 @@ class _CrfQueue:
         self.done += 1
         self.on_done(ident, mask)
 
-    def _collect(self, block_until: int) -> None:
-        while len(self.pending) > block_until:
-            finished, _ = wait(list(self.pending), return_when=FIRST_COMPLETED)
-            for fut in finished:
-                ident = self.pending.pop(fut)
-                self._finish(ident, fut.result())
-
-    def submit(self, ident: str, *args: Any) -> None:
-        if self.workers == 0:
-            self._finish(ident, _crf_job(*args))
-            return
-        if self.pool is None:
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=_mp_context(self.start_method))
-        self._collect(self.max_pending - 1)
-        self.pending[self.pool.submit(_crf_job, *args)] = ident
+    def submit(self, ident: str, image: np.ndarray, probs: np.ndarray, keys: np.ndarray, params,
+               out_png: str) -> None:
+        extra = () if self.backend == "pydensecrf" else (self.backend,)
+        self.pool.submit(ident, image, probs, keys, params, out_png, *extra)
 
     def record(self, ident: str, mask: np.ndarray, seconds: float) -> None:
         """A CRF that ran elsewhere (on the model's device), counted and reported like the queue's own."""
         self._finish(ident, (mask, seconds))
 
     def drain(self) -> None:
-        self._collect(0)
+        self.pool.drain()
 
     def close(self, cancel: bool = False) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=cancel)
-            self.pool = None
+        self.pool.close(cancel)
 
 
 def generate_pseudo_masks(
@@ -233,8 +212,9 @@ def generate_pseudo_masks(
             model's device (``crf_backend: auto`` on a GPU: our batched lattice there; the release's
             ``pydensecrf``: the workers).
         max_pending: images waiting for the CRF workers at most (default twice the workers);
-            ``start_method`` of the workers: default ``fork`` on CPU, ``spawn`` once CUDA is initialised
-            (scripts then need the ``if __name__ == "__main__":`` guard).
+            ``start_method`` of the workers: by default ``fork`` for the release's pydensecrf job (no
+            torch in it) unless CUDA is initialised, else ``spawn`` (scripts then need the
+            ``if __name__ == "__main__":`` guard); see :mod:`weakclip.worker_pool`.
         evaluate: score against the ground truth when the dataset has it.
         limit: stop after writing this many images in this process (the rest is left for a later run).
         rank, world_size: this process's share; default from the ``torchrun`` environment.
@@ -271,11 +251,11 @@ def generate_pseudo_masks(
 
     ledger = JobLedger("pseudo-masks", dataset.ids, rank=rank, world_size=world_size, progress=progress,
                        limit=limit)
-    queue = _CrfQueue(settings.crf_workers if use_crf else 0, max_pending, crf_done, start_method)
     was_training = model.training
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     backend = choose_backend(device, 0, 0) if settings.crf_backend == "auto" else settings.crf_backend
+    queue = _CrfQueue(settings.crf_workers if use_crf else 0, max_pending, crf_done, backend, start_method)
     crf_here = crf_on_device if crf_on_device is not None else backend != "pydensecrf"
     runner = WindowRunner(model, num_classes, window_batch=settings.window_batch,
                           autocast_dtype=settings.autocast_dtype(device))
@@ -305,7 +285,7 @@ def generate_pseudo_masks(
                 on_device.append((ident, image, keys, kept))
             elif use_crf:
                 queue.submit(ident, image, np.ascontiguousarray(kept_np, dtype=np.float32), keys,
-                             crf_params, str(out_dir / f"{ident}.png"), backend)
+                             crf_params, str(out_dir / f"{ident}.png"))
                 ledger.wrote(ident)
             start = time.perf_counter()
         all_probs.clear()
