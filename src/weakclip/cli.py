@@ -6,17 +6,17 @@ Errors meant for the user (:class:`weakclip.errors.WeakclipError`) print one lin
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 
 from weakclip import __version__
 from weakclip.commands import COMMAND_MODULES
+from weakclip.commands.flags import WeakclipParser
 from weakclip.errors import WeakclipError
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> WeakclipParser:
+    parser = WeakclipParser(
         prog="weakclip",
         description="WeakCLIP: weakly-supervised semantic segmentation with a frozen CLIP.",
     )
