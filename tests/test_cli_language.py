@@ -187,7 +187,7 @@ def test_seeds_check_of_a_folder_dataset_checks_the_training_split(tmp_path, cap
     labelled image (the val ones too) would count seeds as missing."""
     root = _folder(tmp_path)
     assert main(["seeds", "check", str(root / "seeds"), "--data-root", str(root), "--quiet"]) == 0
-    assert "training split 'train'" in capsys.readouterr().err
+    assert "training split 'train'" in capsys.readouterr().out
     assert main(["seeds", "check", str(root / "seeds"), "--data-root", str(root), "--split", "val",
                  "--quiet"]) == 1
 
@@ -240,9 +240,9 @@ def test_pseudo_masks_default_split_and_unused_clip_weights_note(towers_checkpoi
     unused.write_bytes(b"not read")
     assert main(["pseudo-masks", "--checkpoint", str(work), "--data-root", str(root), "--out",
                  str(tmp_path / "o"), "--clip-weights", str(unused), "--device", "cpu", "--quiet"]) == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert err.count(f"note: --clip-weights {unused} is not used") == 1 and "holds the CLIP towers" in err
-    assert "training split 'train'" in err
+    assert "training split 'train'" in out
     train_ids = (root / "splits" / "train.txt").read_text().split()
     assert sorted(p.stem for p in (tmp_path / "o").glob("*.png")) == sorted(train_ids)
 

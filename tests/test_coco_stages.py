@@ -61,7 +61,7 @@ def test_seed_check_reads_a_detected_coco_folder_in_the_91_ids(coco, tmp_path, c
     assert len(training) == 3 and not training.has_gt
     assert any(DOG + 1 in np.unique(training.read_seed(i)) for i in range(3))
     assert main(["seeds", "check", str(seeds), "--data-root", str(coco), "--quiet"]) == 0
-    assert "read as coco91" in capsys.readouterr().err
+    assert "read as coco91" in capsys.readouterr().out
     assert main(["seeds", "check", str(seeds), "--data-root", str(coco), "--dataset", "coco", "--quiet"]) == 1
 
 

@@ -47,11 +47,13 @@ def build_retrain_config(args: argparse.Namespace):
     if cfg.data.kind == "folder":  # the presets' splits are VOC's / COCO's: a folder dataset has its own
         given = set_keys(args.set)
         picked = []
-        if args.split is None and "data.split" not in given:
-            split = folder_default_split("weakclip retrain", cfg.data.root, "training", "training split")
+        if args.split is None and "data.split" not in given and not args.eval_only:
+            split = folder_default_split("weakclip retrain", cfg.data.root, "training", "training split",
+                                         to_stderr=args.print_config)
             picked.append(f"data.split={split or 'none'}")
         if args.val_split is None and "data.val_split" not in given:
-            split = folder_default_split("weakclip retrain", cfg.data.root, "val", "val split")
+            split = folder_default_split("weakclip retrain", cfg.data.root, "val", "val split",
+                                         to_stderr=args.print_config)
             picked.append(f"data.val_split={split or 'none'}")
         cfg = apply_retrain_overrides(cfg, picked)
     return cfg

@@ -4,6 +4,7 @@ validate seeds."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -25,7 +26,8 @@ def _dataset(args: argparse.Namespace, command: str):
         kind = "coco" if getattr(args, "preset", None) == "coco-plus" else "coco91"
         what = "81 classes (as train --preset coco-plus)" if kind == "coco" else \
             "COCO's 91 category ids (as train --preset coco, the release)"
-        print(f"{command}: COCO layout read as {kind}: {what}; --dataset picks another", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{command}: COCO layout read as {kind}: {what}; --dataset picks another")
     split = args.split
     if kind == "folder" and split is None:
         split = folder_default_split(command, args.data_root, "training", "training split")

@@ -34,7 +34,8 @@ def build_config(args: argparse.Namespace):
     cfg = apply_overrides(cfg, overrides)
     if cfg.data.kind == "folder" and args.split is None and "data.split" not in set_keys(args.set):
         # the presets' splits are VOC's / COCO's: a folder dataset trains on its own training split
-        split = folder_default_split("weakclip train", cfg.data.root, "training", "training split")
+        split = folder_default_split("weakclip train", cfg.data.root, "training", "training split",
+                                     to_stderr=args.print_config)
         cfg = apply_overrides(cfg, [f"data.split={split or 'none'}"])
     return cfg
 
