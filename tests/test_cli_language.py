@@ -67,6 +67,10 @@ def test_one_spelling_and_one_set_of_values_per_setting():
     assert all(tuple(a.choices) == AMP_CHOICES for _, a in amp)
     devices = _options("--device")
     assert len(devices) == 7 and len({a.type for _, a in devices}) == 1  # one shared argparse type
+    scales = _options("--scales")
+    assert {p for p, _ in scales} == {"weakclip run", "weakclip retrain", "weakclip pseudo-masks",
+                                      "weakclip predict", "weakclip seeds generate"}
+    assert all(a.nargs == "+" and a.type is float for _, a in scales)
     for gone in ("--no-crf", "--pseudo-scales", "--seeds-batch", "--image-batch"):
         assert _options(gone) == []  # hidden aliases only
     presets = dict(_options("--preset"))
@@ -159,6 +163,9 @@ def test_folder_datasets_take_their_own_splits_by_default(tmp_path, capsys):
                  "--print-config"]) == 0
     out, err = capsys.readouterr()
     assert "split: train\n" in out and "val_split: val\n" in out and "val split 'val'" in err
+    assert main(["retrain", "--data-root", str(root), "--workdir", str(tmp_path / "w"), "--print-config",
+                 "--scales", "0.75", "1.25"]) == 0
+    assert "scales: [0.75, 1.25]\n" in capsys.readouterr().out
     # without split lists: every labelled image for training, and no evaluation
     shutil.rmtree(root / "splits")
     assert main(["retrain", "--dataset", "folder", "--data-root", str(root), "--workdir", str(tmp_path / "w"),

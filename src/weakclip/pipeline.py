@@ -136,8 +136,9 @@ class Pipeline:
         r_data = [f"data.kind={self.kind}", f"data.root={cfg.data_root}"]
         if cfg.val_split:
             r_data.append(f"data.val_split={cfg.val_split}")
-        elif folder and "data.val_split" not in _keys(cfg.retrain_overrides):
-            r_data.append(f"data.val_split={self._folder_split('val', 'val split')}")
+        elif folder and "data.val_split" not in _keys(cfg.retrain_overrides) and \
+                self._folder_split("val", "val split") is not None:
+            r_data.append("data.val_split=val")
         # the user's keys are checked before any dataset is opened
         apply_retrain_overrides(retrain, [*r_data, *cfg.retrain_overrides])
         # seeds, pseudo masks and retraining take each image once (refinement may repeat some: VOC's
@@ -211,17 +212,16 @@ class Pipeline:
             with contextlib.redirect_stdout(_Tee(sys.stdout, fh)):
                 yield
 
-    def _folder_split(self, purpose: str, what: str) -> str:
-        """A folder dataset's own split for ``purpose`` (the presets' are VOC's and COCO's), said in one line;
-        ``none``: every labelled image for training, no evaluation for val."""
+    def _folder_split(self, purpose: str, what: str) -> str | None:
+        """A folder dataset's own split for ``purpose`` (the presets' are VOC's and COCO's), said in one line:
+        for training ``"none"`` is every labelled image; a missing val list gives None (the data check then
+        refuses the run, which ``--val-split none`` runs without a final evaluation)."""
         from weakclip.data.folder import default_split
 
         split = default_split(self.cfg.data_root, purpose)
-        if split:
-            which = f"{split!r} (splits/{split}.txt)"
-        else:
-            which = "none (no splits/val.txt): no final evaluation" if purpose == "val" else \
-                "every labelled image (no splits/train.txt)"
+        if split is None and purpose == "val":
+            return None
+        which = f"{split!r} (splits/{split}.txt)" if split else "every labelled image (no splits/train.txt)"
         flag = "--val-split" if purpose == "val" else "--split"
         self.log(f"folder dataset, {what} {which}; {flag} picks another")
         return split or "none"

@@ -36,8 +36,14 @@ def build_retrain_config(args: argparse.Namespace):
     overrides = flag_overrides(args, _FLAG_KEYS, **{"data.root": args.data_root, "data.masks": args.masks})
     if args.no_pretrained:
         overrides.append("model.pretrained_backbone=false")
+    if args.ms_eval and args.scales:
+        from weakclip.errors import WeakclipError
+
+        raise WeakclipError("--ms-eval and --scales exclude each other")
     if args.ms_eval:
         overrides += ["eval.scales=" + ",".join(str(s) for s in MS_SCALES), "eval.flip=true"]
+    elif args.scales:
+        overrides.append("eval.scales=" + ",".join(str(s) for s in args.scales))
     if args.crf == "none":
         overrides.append("eval.crf=false")
     elif args.crf is not None:  # auto: on, with the preset's parameters
@@ -155,6 +161,9 @@ def register(sub) -> None:
                    help="continue from the workdir's latest checkpoint (a finished run is only re-evaluated)")
     p.add_argument("--max-iters-this-run", type=int, default=None,
                    help="stop (with a checkpoint) after this many iterations; continue later with --resume")
+    p.add_argument("--scales", type=float, nargs="+", default=None,
+                   help="test scales of the evaluation (eval.scales; default: the preset's, 0.5-1.5 for "
+                        "voc / coco)")
     p.add_argument("--ms-eval", action="store_true",
                    help="evaluate at scales 0.5-1.75 with flip (the voc/coco presets already evaluate at "
                         "0.5-1.5 with flip)")
