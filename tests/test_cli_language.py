@@ -210,6 +210,11 @@ def test_evaluate_refuses_a_class_list_of_another_size(tmp_path, capsys):
     assert f"--classes {root / 'classes.txt'}" in err
     assert main([*base, "--classes", str(root / "classes.txt")]) == 0
     assert "mIoU 100.00%" in capsys.readouterr().out
+    # ground truth without its dataset's class list: scored, with a note that the list looks too long
+    bare = tmp_path / "bare" / "gt"
+    shutil.copytree(root / "masks", bare)
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(bare), "--quiet", "--classes", "voc"]) == 0
+    assert "class ids go up to 4 but --classes voc has 21 classes" in capsys.readouterr().err
     (pred / sorted(p.name for p in pred.glob("*.png"))[0]).unlink()
     assert main([*base, "--classes", str(root / "classes.txt")]) == 2
     assert "--ids FILE" in capsys.readouterr().err
