@@ -54,9 +54,9 @@ def test_pseudo_masks_conflicting_flags_are_a_one_line_error(tmp_path, capsys):
     assert "pseudo.image_batch must be >= 1" in capsys.readouterr().err
 
 
-def test_run_seeds_batch_is_checked_before_any_work(tmp_path, capsys):
-    argv = ["run", "--data-root", str(tmp_path), "--workdir", str(tmp_path / "w"), "--seeds-batch", "0"]
+def test_run_seed_batch_size_is_checked_before_any_work(tmp_path, capsys):
+    argv = ["run", "--data-root", str(tmp_path), "--workdir", str(tmp_path / "w"), "--batch-size", "0"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--seeds-batch must be >= 1" in err
+    assert len(err.splitlines()) == 1 and "--batch-size must be >= 1" in err
     assert not (tmp_path / "w").exists()

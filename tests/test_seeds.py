@@ -138,8 +138,10 @@ def test_seeds_command_end_to_end_resume_and_corrupt_image(tmp_path, tiny_weight
 
 
 def test_generate_needs_weights_and_out(tmp_path, capsys):
-    assert main(["seeds", "--data-root", str(tmp_path)]) == 2
-    assert "--clip-weights" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # required options of `seeds [generate]`, refused by the parser
+        main(["seeds", "--data-root", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "required: --clip-weights, --out" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ its ``pseudo`` section (multi-scale sliding windows,
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,9 @@ def load(path: str | Path, device: str | torch.device | None = None, *, stage: s
         seg = _load_release_deeplabv1(file, obj, device)
     else:
         raise _wrong_kind(file, obj)
+    if found == "retrain" and clip_weights is not None:
+        print(f"note: --clip-weights {clip_weights} is not used: {file} holds a {seg.kind} network, which "
+              f"has no CLIP towers", file=sys.stderr)
     if stage is not None and not where and stage != found:
         raise WeakclipError(f"{file} holds a {seg.kind} network ({found} stage), not the {stage} stage's")
     return seg

@@ -8,7 +8,6 @@ removed): ``interrupted``, exit 130; ``terminated``, exit 143.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import signal
 import sys
@@ -16,11 +15,12 @@ import threading
 
 from weakclip import __version__
 from weakclip.commands import COMMAND_MODULES
+from weakclip.commands.flags import WeakclipParser
 from weakclip.errors import WeakclipError
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> WeakclipParser:
+    parser = WeakclipParser(
         prog="weakclip",
         description="WeakCLIP: weakly-supervised semantic segmentation with a frozen CLIP.",
     )

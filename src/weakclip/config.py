@@ -153,7 +153,7 @@ class PseudoMaskConfig:
     pydensecrf2 in the workers on a CPU) or ``lattice`` (ours wherever the model runs). Speed settings (the
     release: one window at a time, one image at a time, float32): ``window_batch`` windows per forward pass,
     from any scale and flip (0: as many as the free device memory allows), ``image_batch`` images whose
-    windows share those passes, ``amp`` (``bf16`` on CUDA).
+    windows share those passes, ``amp`` (``bf16`` or ``fp16`` autocast on CUDA).
     """
 
     scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -169,7 +169,7 @@ class PseudoMaskConfig:
     crf_workers: int = 2
     window_batch: int = 1
     image_batch: int = 1
-    amp: Literal["bf16", "none"] = "none"
+    amp: Literal["bf16", "fp16", "none"] = "none"
     # each scale's image: "opencv" (cv2.resize INTER_LINEAR of the uint8 image on the CPU, the release's
     # mmseg Resize) or "torch" (bilinear on the model's device, rounded: no host round trip on a GPU)
     resize: Literal["opencv", "torch"] = "opencv"
@@ -185,10 +185,13 @@ class PseudoMaskConfig:
         return {"voc": VOC_CRF, "coco": COCO_CRF, "none": None}[self.crf_name(kind)]
 
     def autocast_dtype(self, device):
-        """``torch.bfloat16`` with ``amp: bf16`` on CUDA, else None (float32)."""
+        """``torch.bfloat16`` / ``torch.float16`` with ``amp: bf16`` / ``fp16`` on CUDA, else None
+        (float32)."""
         import torch
 
-        return torch.bfloat16 if self.amp == "bf16" and torch.device(device).type == "cuda" else None
+        if self.amp == "none" or torch.device(device).type != "cuda":
+            return None
+        return torch.bfloat16 if self.amp == "bf16" else torch.float16
 
 
 @dataclass
@@ -334,7 +337,7 @@ def validate(cfg: Config, source: str = "config") -> None:
          f"pseudo.crf_backend must be pydensecrf, auto or lattice, got {ps.crf_backend!r}")
     need(ps.crf in ("auto", "voc", "coco", "none"), f"pseudo.crf must be auto, voc, coco or none, got "
                                                      f"{ps.crf!r}")
-    need(ps.amp in ("bf16", "none"), f"pseudo.amp must be bf16 or none, got {ps.amp!r}")
+    need(ps.amp in AMP_CHOICES, f"pseudo.amp must be one of {', '.join(AMP_CHOICES)}, got {ps.amp!r}")
     need(lo.loss_size > 0, f"loss.loss_size must be positive, got {lo.loss_size}")
     need(lo.identity_weight >= 0, f"loss.identity_weight must be >= 0, got {lo.identity_weight}")
     if cfg.classes is not None:

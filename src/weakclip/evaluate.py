@@ -5,9 +5,10 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
-from weakclip.data.classes import resolve_classes
+from weakclip.data.classes import read_class_file, resolve_classes
 from weakclip.data.io import read_label_png
 from weakclip.errors import DataError
 from weakclip.metrics import ConfusionMatrix, SegScores
@@ -23,6 +24,19 @@ def _read_ids(path: Path) -> list[str]:
     if not path.is_file():
         raise DataError(f"id list not found: {path}")
     return [ln.split()[0] for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+def _check_class_count(names: list[str], spec, gt_dir: Path) -> None:
+    """A class list of another size than the ground truth's dataset (the ``classes.txt`` of the folder layout
+    beside ``gt_dir``) would name every class wrongly: a one-line error."""
+    own = gt_dir.parent / "classes.txt"
+    if not own.is_file() or (isinstance(spec, (str, Path)) and Path(spec).resolve() == own.resolve()):
+        return
+    theirs = read_class_file(own)
+    if len(theirs) != len(names):
+        given = spec if isinstance(spec, (str, Path)) else "the list given"
+        raise DataError(f"class list {given} has {len(names)} classes, but the ground truth's dataset lists "
+                        f"{len(theirs)} in {own}: pass --classes {own}")
 
 
 def evaluate_folders(
@@ -58,7 +72,8 @@ def evaluate_folders(
     missing = [i for i in wanted if i not in preds]
     if missing:
         raise DataError(f"{len(missing)} of {len(wanted)} images have no prediction in {pred_dir}, "
-                        f"e.g. {missing[:5]}")
+                        f"e.g. {missing[:5]} (to score a subset, pass its id list: --ids FILE)")
+    _check_class_count(names, classes, gt_dir)
 
     cm = ConfusionMatrix(names, unsure=unsure)
 
@@ -71,6 +86,8 @@ def evaluate_folders(
         for i, pred, gt in tqdm(pool.map(load, wanted), total=len(wanted), desc="evaluate",
                                 disable=not progress, unit="img"):
             cm.update(pred, gt, name=str(preds[i]))
+    present = np.flatnonzero(cm.matrix.sum(axis=0) + cm.matrix.sum(axis=1))
+    top = int(present.max()) if present.size else 0
     record = {"images": len(wanted), "extra_predictions": len(set(preds) - set(wanted)),
-              "unsure_pixels": cm.unsure_pixels, "unsure": unsure}
+              "unsure_pixels": cm.unsure_pixels, "unsure": unsure, "highest_class_id": top}
     return cm.scores(), record

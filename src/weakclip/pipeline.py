@@ -88,6 +88,11 @@ def _percent(value: float | None) -> float | None:
     return None if value is None or value != value else round(100.0 * float(value), 2)
 
 
+def _keys(overrides: Sequence[str]) -> set[str]:
+    """The config keys that ``key=value`` overrides name."""
+    return {item.split("=", 1)[0].strip() for item in overrides}
+
+
 def _retrain_preset_for(preset: str | Path) -> str:
     """The retraining preset that goes with a refinement preset: the same name for the packaged ones
     (``voc``, ``coco``: the authors' DeepLab-v1; ``voc-plus``, ``coco-plus``), ``voc`` for a YAML file."""
@@ -118,8 +123,11 @@ class Pipeline:
         refine = load_preset(cfg.preset)
         kind = cfg.dataset or refine.data.kind
         data = [f"data.kind={kind}", f"data.root={cfg.data_root}"]
+        folder = kind == "folder"
         if cfg.train_split:
             data.append(f"data.split={cfg.train_split}")
+        elif folder and "data.split" not in _keys(cfg.refine_overrides):
+            data.append(f"data.split={self._folder_split('training', 'training split')}")
         self.refine_cfg = apply_overrides(refine, [*data, *cfg.refine_overrides])
         self.kind = self.refine_cfg.data.kind
         self.train_split = self.refine_cfg.data.split
@@ -128,13 +136,16 @@ class Pipeline:
         r_data = [f"data.kind={self.kind}", f"data.root={cfg.data_root}"]
         if cfg.val_split:
             r_data.append(f"data.val_split={cfg.val_split}")
+        elif folder and "data.val_split" not in _keys(cfg.retrain_overrides) and \
+                self._folder_split("val", "val split") is not None:
+            r_data.append("data.val_split=val")
         # the user's keys are checked before any dataset is opened
         apply_retrain_overrides(retrain, [*r_data, *cfg.retrain_overrides])
         # seeds, pseudo masks and retraining take each image once (refinement may repeat some: VOC's
         # "train+train_aug")
         self.pseudo_split = self._image_split(self.train_split)
-        if self.pseudo_split:
-            r_data.append(f"data.split={self.pseudo_split}")
+        if self.pseudo_split or folder:
+            r_data.append(f"data.split={self.pseudo_split or 'none'}")
         self.retrain_cfg = apply_retrain_overrides(retrain, [*r_data, *cfg.retrain_overrides])
         self._check_data()
 
@@ -200,6 +211,20 @@ class Pipeline:
             fh.write(f"== {stage} {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
             with contextlib.redirect_stdout(_Tee(sys.stdout, fh)):
                 yield
+
+    def _folder_split(self, purpose: str, what: str) -> str | None:
+        """A folder dataset's own split for ``purpose`` (the presets' are VOC's and COCO's), said in one line:
+        for training ``"none"`` is every labelled image; a missing val list gives None (the data check then
+        refuses the run, which ``--val-split none`` runs without a final evaluation)."""
+        from weakclip.data.folder import default_split
+
+        split = default_split(self.cfg.data_root, purpose)
+        if split is None and purpose == "val":
+            return None
+        which = f"{split!r} (splits/{split}.txt)" if split else "every labelled image (no splits/train.txt)"
+        flag = "--val-split" if purpose == "val" else "--split"
+        self.log(f"folder dataset, {what} {which}; {flag} picks another")
+        return split or "none"
 
     def _image_split(self, split: str | None) -> str | None:
         """The split whose images a concatenated training split ``"a+b"`` repeats: the part that holds every

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -18,6 +19,9 @@ def run(args: argparse.Namespace) -> int:
         how = "left out" if args.unsure == "ignore" else "counted as background"
         line += f" ({record['unsure_pixels']} unsure pixels {how})"
     print(line)
+    if record["highest_class_id"] + 1 < len(scores.classes) // 2:
+        print(f"note: the masks' class ids go up to {record['highest_class_id']} but --classes "
+              f"{args.classes} has {len(scores.classes)} classes: is it the right list?", file=sys.stderr)
     if args.json:
         write_json_atomic(args.json, {**scores.to_dict(), **record})
         print(f"wrote {args.json}")
@@ -30,8 +34,11 @@ def register(sub) -> None:
                                    "label PNGs (<pred>/<id>.png) against ground truth (<gt>/<id>.png).")
     p.add_argument("--pred", required=True, type=Path, help="folder of predicted label PNGs")
     p.add_argument("--gt", required=True, type=Path, help="folder of ground-truth label PNGs (255 = ignored)")
-    p.add_argument("--classes", required=True, help="'voc', 'coco' or a class-list file (first: background)")
-    p.add_argument("--ids", type=Path, default=None, help="id-list file (default: all GT)")
+    p.add_argument("--classes", required=True,
+                   help="'voc', 'coco' (81 classes), 'coco91' (COCO's 91 category ids) or a class-list file "
+                        "(first: background); its size must match the masks' values")
+    p.add_argument("--ids", type=Path, default=None,
+                   help="id-list file: score only these images (default: every ground-truth PNG)")
     p.add_argument("--unsure", choices=["background", "ignore", "error"], default="background",
                    help="how to count prediction pixels of 255 (unsure seeds): as background (default), "
                         "left out, or an error")

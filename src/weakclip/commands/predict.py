@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from weakclip.commands.flags import add_crf, add_device
 from weakclip.commands.tta_flags import add_tta_flags, tta_overrides
 
 #: The flags that only the refinement model's sliding-window inference has.
@@ -26,10 +27,7 @@ def settings_changes(args: argparse.Namespace, kind: str) -> dict:
         changes["flip"] = False
     if kind in ("refinement", "release-refinement"):
         for flag in _WINDOW_FLAGS:
-            if flag == "amp":
-                if args.amp:
-                    changes["amp"] = "bf16"
-            elif getattr(args, flag) is not None:
+            if getattr(args, flag) is not None:
                 changes[flag] = getattr(args, flag)
         if args.crf is not None:
             changes["crf"] = args.crf
@@ -58,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     apply_overrides(Config(), tta_overrides(args))  # bad values fail now, before the checkpoint is read
     if args.batch_size < 1:
         raise WeakclipError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise WeakclipError("--device cuda asked for, but no CUDA device is visible to PyTorch")
     images = collect_images(args.images, exclude=args.out)  # a missing path or empty folder fails first
     seg = load(args.checkpoint, args.device, stage=args.stage, best=args.best, clip_weights=args.clip_weights)
@@ -96,7 +94,8 @@ def register(sub) -> None:
                         "latest checkpoint")
     p.add_argument("--clip-weights", type=Path, default=None,
                    help="the CLIP weights file a refinement checkpoint was trained with (default: the file "
-                        "it records; not needed for release checkpoints)")
+                        "it records; not used for networks that hold their towers or have none, which "
+                        "says so)")
     p.add_argument("--labels", default=None,
                    help="comma-separated class names in the images (e.g. cat,dog); default: all classes")
     p.add_argument("--out", required=True, type=Path, help="output folder")
@@ -107,9 +106,8 @@ def register(sub) -> None:
                         "retrained network's masks then exactly its evaluation's; larger batches change "
                         "probabilities by float rounding only)")
     add_tta_flags(p)  # each defaults to the network's own settings
-    p.add_argument("--crf", choices=["none", "auto", "voc", "coco"], default=None,
-                   help="dense-CRF post-processing (default: the network's own; auto: on, with the "
-                        "network's own parameters)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    add_crf(p, "dense-CRF post-processing: auto (on, the network's own parameters), voc or coco (on, those "
+               "parameters) or none (default: the network's own)")
+    add_device(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar or loading line")
     p.set_defaults(func=run)

@@ -5,18 +5,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from weakclip.commands.flags import add_crf, add_dataset, add_device, add_renamed
 from weakclip.commands.tta_flags import add_tta_flags, tta_overrides
 
 
 def _pseudo_overrides(args: argparse.Namespace) -> list[str]:
     """The flags given, as overrides of the checkpoint's ``pseudo`` section (its preset's settings)."""
     out = tta_overrides(args)
-    for flag in ("crf_workers", "image_batch", "crf_backend"):
+    for flag, key in (("crf_workers", "crf_workers"), ("batch_size", "image_batch"),
+                      ("crf_backend", "crf_backend")):
         if getattr(args, flag) is not None:
-            out.append(f"pseudo.{flag}={getattr(args, flag)}")
-    if args.no_crf:
-        out.append("pseudo.crf=none")
-    elif args.crf is not None:
+            out.append(f"pseudo.{key}={getattr(args, flag)}")
+    if args.crf is not None:
         out.append(f"pseudo.crf={args.crf}")
     if args.restrict and args.no_restrict:
         from weakclip.errors import WeakclipError
@@ -28,6 +28,7 @@ def _pseudo_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from weakclip.commands import folder_default_split
     from weakclip.config import Config, apply_overrides
     from weakclip.data.datasets import build_dataset
     from weakclip.distributed import cleanup, init_distributed
@@ -46,7 +47,10 @@ def run(args: argparse.Namespace) -> int:
         root = args.data_root
         if not root.exists():
             raise WeakclipError(f"dataset folder not found: {root}")
-        dataset = build_dataset(kind, root, split=args.split, image_reader=cfg.data.image_reader,
+        split = args.split
+        if kind == "folder" and split is None:
+            split = folder_default_split("weakclip pseudo-masks", root, "training", "training split")
+        dataset = build_dataset(kind, root, split=split, image_reader=cfg.data.image_reader,
                                 image_orientation=cfg.data.image_orientation)
         if len(dataset.classes) != len(cfg.classes):
             raise WeakclipError(f"the model was trained on {len(cfg.classes)} classes, the dataset at "
@@ -75,21 +79,21 @@ def register(sub) -> None:
                    help="training checkpoint (.pth), the training work folder (its latest checkpoint) "
                         "or an authors' release checkpoint (mmseg .pth; needs no --clip-weights)")
     p.add_argument("--clip-weights", type=Path, default=None,
-                   help="the CLIP weights file the model was trained with")
+                   help="the CLIP weights file the model was trained with (default: the file it records; "
+                        "not used for checkpoints that hold the towers, which says so)")
     p.add_argument("--data-root", required=True, type=Path,
                    help="dataset root (VOC2012, prepared COCO, folder)")
-    p.add_argument("--dataset", choices=["voc", "coco", "coco91", "folder"], default=None,
-                   help="dataset layout (default: the one the model was trained on)")
+    add_dataset(p, "the one the model was trained on")
     p.add_argument("--split", default=None,
                    help="split name or id-list file (default: the dataset's training split: VOC train_aug, "
-                        "COCO train2014, folder: every labelled image)")
+                        "COCO train2014, folder: splits/train.txt when present, else every labelled image)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--best", action="store_true",
                    help="with a work folder: its checkpoints/best.pth (train.eval_every), not the latest")
     add_tta_flags(p)  # each defaults to the checkpoint's `pseudo` section (its preset's)
-    p.add_argument("--no-crf", action="store_true", help="no dense CRF (OUT/<id>.png is the model's mask)")
-    p.add_argument("--crf", choices=["auto", "voc", "coco"], default=None,
-                   help="CRF parameters (auto: coco for COCO, voc otherwise)")
+    add_crf(p, "dense CRF of the masks: auto (coco parameters for COCO, voc otherwise), voc, coco, or none "
+               "(OUT/<id>.png is then the model's mask; default: the checkpoint's)")
+    add_renamed(p, "--no-crf", "--crf none", "crf", value="none")
     p.add_argument("--restrict", action="store_true",
                    help="keep only each image's labels (+ background), renormalised (-plus)")
     p.add_argument("--no-restrict", action="store_true",
@@ -101,10 +105,11 @@ def register(sub) -> None:
                         "model runs, batched; pydensecrf2 on a CPU) or lattice")
     p.add_argument("--crf-workers", type=int, default=None,
                    help="CRF worker processes per process (0 = run the CRF inline)")
-    p.add_argument("--image-batch", type=int, default=None,
-                   help="images whose windows share forward passes (the release: 1)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images whose windows share forward passes (pseudo.image_batch; the release: 1)")
+    add_renamed(p, "--image-batch", "--batch-size", "batch_size", type=int)
     p.add_argument("--max-images", type=int, default=None,
                    help="stop after writing this many images per process (continue later)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    add_device(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

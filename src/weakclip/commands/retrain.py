@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from weakclip.commands.flags import PRESET_HELP, add_crf, add_dataset, add_device
+
 # direct flag -> config key
 _FLAG_KEYS: tuple[tuple[str, str], ...] = (
     ("dataset", "data.kind"),
@@ -26,7 +28,7 @@ _FLAG_KEYS: tuple[tuple[str, str], ...] = (
 
 def build_retrain_config(args: argparse.Namespace):
     """The preset, then ``--data-root``/``--masks``, the direct flags, the eval switches, then ``--set``."""
-    from weakclip.commands import flag_overrides
+    from weakclip.commands import flag_overrides, folder_default_split, set_keys
     from weakclip.retrain.config import apply_retrain_overrides, load_retrain_preset
     from weakclip.retrain.evaluate import MS_SCALES
 
@@ -34,12 +36,33 @@ def build_retrain_config(args: argparse.Namespace):
     overrides = flag_overrides(args, _FLAG_KEYS, **{"data.root": args.data_root, "data.masks": args.masks})
     if args.no_pretrained:
         overrides.append("model.pretrained_backbone=false")
+    if args.ms_eval and args.scales:
+        from weakclip.errors import WeakclipError
+
+        raise WeakclipError("--ms-eval and --scales exclude each other")
     if args.ms_eval:
         overrides += ["eval.scales=" + ",".join(str(s) for s in MS_SCALES), "eval.flip=true"]
-    if args.crf:
-        overrides.append("eval.crf=true")
+    elif args.scales:
+        overrides.append("eval.scales=" + ",".join(str(s) for s in args.scales))
+    if args.crf == "none":
+        overrides.append("eval.crf=false")
+    elif args.crf is not None:  # auto: on, with the preset's parameters
+        overrides += ["eval.crf=true"] + ([f"eval.crf_params={args.crf}"] if args.crf != "auto" else [])
     overrides += list(args.set or [])
-    return apply_retrain_overrides(cfg, overrides)
+    cfg = apply_retrain_overrides(cfg, overrides)
+    if cfg.data.kind == "folder":  # the presets' splits are VOC's / COCO's: a folder dataset has its own
+        given = set_keys(args.set)
+        picked = []
+        if args.split is None and "data.split" not in given and not args.eval_only:
+            split = folder_default_split("weakclip retrain", cfg.data.root, "training", "training split",
+                                         to_stderr=args.print_config)
+            picked.append(f"data.split={split or 'none'}")
+        if args.val_split is None and "data.val_split" not in given:
+            split = folder_default_split("weakclip retrain", cfg.data.root, "val", "val split",
+                                         to_stderr=args.print_config)
+            picked.append(f"data.val_split={split or 'none'}")
+        cfg = apply_retrain_overrides(cfg, picked)
+    return cfg
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,18 +118,22 @@ def register(sub) -> None:
                     "under `torchrun --nproc_per_node=N` (--batch-size is GLOBAL). Settings: the preset, "
                     "then the flags, then --set key=value.")
     p.add_argument("--masks", type=Path, default=None,
-                   help="folder of pseudo-mask PNGs (<id>.png, 255 = ignore)")
+                   help="folder of pseudo-mask PNGs (<id>.png, 255 = ignore); required, except with "
+                        "--eval-only")
     p.add_argument("--data-root", type=Path, default=None,
-                   help="dataset root (VOC2012, prepared COCO, folder)")
-    p.add_argument("--dataset", choices=["voc", "coco", "folder"], default=None,
-                   help="dataset layout (default: the preset's)")
-    p.add_argument("--split", default=None, help="training split (default: the preset's, e.g. train_aug)")
-    p.add_argument("--val-split", default=None, help="validation split (default: the preset's, e.g. val)")
+                   help="dataset root (VOC2012, prepared COCO, folder); required, except with --print-config")
+    add_dataset(p, "the preset's: voc for voc and voc-plus, coco91 for coco, coco for coco-plus")
+    p.add_argument("--split", default=None,
+                   help="training split (default: the preset's, e.g. train_aug; folder datasets: "
+                        "splits/train.txt when present, else every labelled image)")
+    p.add_argument("--val-split", default=None,
+                   help="validation split, 'none' for no evaluation (default: the preset's, e.g. val; folder "
+                        "datasets: splits/val.txt when present, else none)")
     p.add_argument("--workdir", type=Path, required=True,
                    help="output folder: config.yaml, log.csv, checkpoints/, eval.json")
     p.add_argument("--preset", default="voc",
-                   help="voc, coco (the authors' DeepLab-v1 / ResNet-38), voc-plus, coco-plus (torchvision's "
-                        "DeepLabV3), or a retrain config .yaml (default voc)")
+                   help=f"retraining preset: {PRESET_HELP} (voc / coco: the authors' DeepLab-v1 / ResNet-38; "
+                        f"-plus: torchvision's DeepLabV3), or a retrain config .yaml (default voc)")
     p.add_argument("--model", default=None,
                    help="network: deeplabv1_resnet38 (voc/coco), deeplabv3_resnet101 (the -plus presets), "
                         "deeplabv3plus_resnet101, fcn_resnet50, lraspp_mobilenet_v3_large, ... (any "
@@ -134,6 +161,9 @@ def register(sub) -> None:
                    help="continue from the workdir's latest checkpoint (a finished run is only re-evaluated)")
     p.add_argument("--max-iters-this-run", type=int, default=None,
                    help="stop (with a checkpoint) after this many iterations; continue later with --resume")
+    p.add_argument("--scales", type=float, nargs="+", default=None,
+                   help="test scales of the evaluation (eval.scales; default: the preset's, 0.5-1.5 for "
+                        "voc / coco)")
     p.add_argument("--ms-eval", action="store_true",
                    help="evaluate at scales 0.5-1.75 with flip (the voc/coco presets already evaluate at "
                         "0.5-1.5 with flip)")
@@ -143,11 +173,12 @@ def register(sub) -> None:
                    help="with --eval-only: the network to evaluate (the authors' released .pth or another "
                         "state dict; loaded with weights_only=True). A run of this package is re-evaluated "
                         "with --resume on its workdir")
-    p.add_argument("--crf", action="store_true", help="dense CRF on the evaluation's probabilities")
+    add_crf(p, "dense CRF on the evaluation's probabilities: auto (on, the preset's parameters), voc or coco "
+               "(on, those parameters) or none (default: the preset's: on for voc / coco)", bare="auto")
     p.add_argument("--no-eval", action="store_true", help="train only")
     p.add_argument("--save-predictions", type=Path, default=None,
                    help="write the val predictions (PNGs) here")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    add_device(p)
     p.add_argument("--print-config", action="store_true", help="print the resulting config and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

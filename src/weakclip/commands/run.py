@@ -6,27 +6,35 @@ import argparse
 import sys
 from pathlib import Path
 
+from weakclip.commands.flags import PRESET_HELP, add_crf, add_dataset, add_device, add_renamed
+
 
 def run_pipeline(args: argparse.Namespace) -> int:
     from weakclip.distributed import cleanup
     from weakclip.errors import WeakclipError
     from weakclip.pipeline import Pipeline, PipelineConfig, RegressionStop
 
-    if args.seeds_batch < 1:
-        raise WeakclipError(f"--seeds-batch must be >= 1, got {args.seeds_batch}")
+    if args.batch_size < 1:
+        raise WeakclipError(f"--batch-size must be >= 1, got {args.batch_size}")
     # the pseudo-mask flags are overrides of the preset's pseudo section (given ones only)
     pseudo = [f"pseudo.crf={args.crf}"] if args.crf is not None else []
     if args.restrict:
         pseudo.append("pseudo.restrict_to_labels=true")
     if args.crf_workers is not None:
         pseudo.append(f"pseudo.crf_workers={args.crf_workers}")
-    if args.pseudo_scales:
-        pseudo.append("pseudo.scales=" + ",".join(str(s) for s in args.pseudo_scales))
+    if args.scales:
+        pseudo.append("pseudo.scales=" + ",".join(str(s) for s in args.scales))
+    retrain = []
+    if args.backbone_weights is not None:
+        retrain.append(f"model.backbone_weights={args.backbone_weights}")
+    if args.no_pretrained:
+        retrain.append("model.pretrained_backbone=false")
     cfg = PipelineConfig(workdir=args.workdir, data_root=args.data_root, preset=args.preset,
                          retrain_preset=args.retrain_preset, dataset=args.dataset, train_split=args.split,
                          val_split=args.val_split, clip_weights=args.clip_weights, seeds=args.seeds,
-                         refine_overrides=[*pseudo, *args.set], retrain_overrides=list(args.retrain_set),
-                         device=args.device, progress=not args.quiet, seeds_batch=args.seeds_batch,
+                         refine_overrides=[*pseudo, *args.set],
+                         retrain_overrides=[*retrain, *args.retrain_set],
+                         device=args.device, progress=not args.quiet, seeds_batch=args.batch_size,
                          stop_on_regression=args.stop_on_regression)
     try:
         Pipeline(cfg).run()
@@ -53,48 +61,67 @@ def register(sub) -> None:
                     "finished stages are skipped, interrupted ones resumed. Ends with a summary table, "
                     "report.json and report.html (see 'weakclip report'). Works the same under torchrun.")
     p.add_argument("--preset", default="voc",
-                   help="refinement and pseudo-mask preset: voc, coco (the release), voc-plus, coco-plus "
-                        "(our unmeasured departures) or a .yaml (default voc)")
+                   help=f"refinement and pseudo-mask preset: {PRESET_HELP} (voc / coco: the release; "
+                        f"-plus: our unmeasured departures) or a .yaml (default voc)")
     p.add_argument("--retrain-preset", default=None,
-                   help="retraining preset (default: the same name as --preset; voc for a .yaml)")
+                   help=f"retraining preset: {PRESET_HELP} or a .yaml (default: the same name as "
+                        f"--preset; voc for a .yaml)")
     p.add_argument("--data-root", required=True, type=Path, help="dataset root (VOC2012, COCO, folder)")
-    p.add_argument("--dataset", choices=["voc", "coco", "coco91", "folder"], default=None)
-    p.add_argument("--split", default=None, help="training split (default: the preset's, e.g. train_aug)")
-    p.add_argument("--val-split", default=None, help="val split for the final evaluation (default: val)")
+    add_dataset(p, "the preset's: voc for voc and voc-plus, coco91 for coco, coco for coco-plus")
+    p.add_argument("--split", default=None,
+                   help="training split (default: the preset's, e.g. train_aug; folder datasets: "
+                        "splits/train.txt when present, else every labelled image)")
+    p.add_argument("--val-split", default=None,
+                   help="val split for the final evaluation, 'none' for none (default: val; folder datasets: "
+                        "splits/val.txt when present, else none)")
     p.add_argument("--clip-weights", type=Path, default=None, help="CLIP ViT-B/16 weights (see README)")
     p.add_argument("--seeds", type=Path, default=None, help="external seed PNGs (default: built-in CLIP-ES)")
-    p.add_argument("--workdir", required=True, type=Path)
+    p.add_argument("--workdir", required=True, type=Path,
+                   help="work folder: one sub-folder per stage, report.json, report.html")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--backbone-weights", type=Path, default=None,
+                         help="ImageNet weights of the retraining backbone (as `weakclip retrain "
+                              "--backbone-weights`): ilsvrc-cls_rna-a1_cls1000_ep-0001.params (MXNet) or a "
+                              "converted .pth for ResNet-38 (voc / coco; no download), torchvision's "
+                              "resnet101-63fe2227.pth for the -plus presets")
+    weights.add_argument("--no-pretrained", action="store_true",
+                         help="retrain from random initialisation (no ImageNet weights)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="refinement override, e.g. --set train.iters=10000 (repeatable)")
     p.add_argument("--retrain-set", action="append", default=[], metavar="KEY=VALUE",
                    help="retraining override, e.g. --retrain-set model.name=deeplabv3plus_resnet101")
-    p.add_argument("--pseudo-scales", type=float, nargs="+", default=None,
-                   help="pseudo-mask test scales (default: the release's 0.5 .. 1.75)")
-    p.add_argument("--crf", choices=["auto", "voc", "coco", "none"], default=None,
-                   help="full-resolution CRF of the pseudo masks (default: the preset's; auto: by "
-                        "dataset)")
+    p.add_argument("--scales", type=float, nargs="+", default=None,
+                   help="test scales of the pseudo-mask stage (default: the preset's; the release's 0.5 "
+                        ".. 1.75)")
+    add_renamed(p, "--pseudo-scales", "--scales", "scales", type=float, nargs="+")
+    add_crf(p, "full-resolution CRF of the pseudo masks: auto (by dataset), voc, coco or none (default: the "
+               "preset's)")
     p.add_argument("--restrict", action="store_true",
                    help="restrict pseudo masks to each image's labels (pseudo.restrict_to_labels; the "
                         "release does not; on in the -plus presets)")
     p.add_argument("--crf-workers", type=int, default=None,
                    help="CRF worker processes (default: the preset's)")
-    p.add_argument("--seeds-batch", type=int, default=1,
-                   help="images through CLIP at once in the built-in seed stage (default 1, as CLIP-ES; "
-                        "e.g. 8 on a GPU: the CAMs change by float rounding only)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images through CLIP at once in the built-in seed stage, as `weakclip seeds "
+                        "--batch-size` (default 1, as CLIP-ES; e.g. 8 on a GPU: the CAMs change by float "
+                        "rounding only). The training batches are the presets' (--set train.batch_size=N, "
+                        "--retrain-set train.batch_size=N)")
+    add_renamed(p, "--seeds-batch", "--batch-size", "batch_size", type=int)
     p.add_argument("--stop-on-regression", action="store_true",
                    help="stop after a stage that made things worse (pseudo masks below the seeds, final "
                         "network below the pseudo masks, a class vanished) instead of going on (exit "
                         "status 3; the report is written)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--quiet", action="store_true")
+    add_device(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_pipeline)
 
     d = sub.add_parser("demo", help="the whole pipeline on the embedded synthetic dataset (CPU, minutes)",
                        description="Synthetic data + a tiny random CLIP: refinement, pseudo masks, "
                                    "retraining; writes report.json, report.html, overlays/ and losses.png in "
                                    "--workdir.")
-    d.add_argument("--workdir", type=Path, default=Path("weakclip_demo"))
+    d.add_argument("--workdir", type=Path, default=Path("weakclip_demo"),
+                   help="work folder (default weakclip_demo; resumable: finished stages are skipped)")
     d.add_argument("--small", action="store_true", help="a reduced size (what the test suite runs)")
-    d.add_argument("--device", default=None)
-    d.add_argument("--quiet", action="store_true")
+    add_device(d)
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=run_demo)

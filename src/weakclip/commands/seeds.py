@@ -1,21 +1,40 @@
-"""``weakclip seeds``: training-free CLIP-ES seeds and masks; ``weakclip seeds check DIR``: validate seeds."""
+"""``weakclip seeds [generate]``: training-free CLIP-ES seeds and masks; ``weakclip seeds check DIR``:
+validate seeds."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from weakclip.commands.flags import DATASET_HELP, DATASET_KINDS, add_device
 
-def _dataset(args: argparse.Namespace):
-    from weakclip.data.datasets import build_dataset
 
-    options = {"split": args.split, "with_gt": False if args.no_gt else None}
+def _dataset(args: argparse.Namespace, command: str):
+    """The dataset of ``--data-root``: its layout ``--dataset`` or detected (a COCO folder in the label space
+    of the refinement preset of the seed preset's name: the release's 91 ids, 81 classes for coco-plus); a
+    folder dataset in its training split unless ``--split`` names one. Says on stderr what it picked."""
+    from weakclip.commands import folder_default_split
+    from weakclip.data.datasets import build_dataset, detect_kind
+    from weakclip.errors import DataError
+
+    if not args.data_root.exists():
+        raise DataError(f"dataset folder not found: {args.data_root}")
+    kind = args.dataset or detect_kind(args.data_root)
+    if kind == "coco" and not args.dataset:
+        kind = "coco" if getattr(args, "preset", None) == "coco-plus" else "coco91"
+        what = "81 classes (as train --preset coco-plus)" if kind == "coco" else \
+            "COCO's 91 category ids (as train --preset coco, the release)"
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{command}: COCO layout read as {kind}: {what}; --dataset picks another")
+    split = args.split
+    if kind == "folder" and split is None:
+        split = folder_default_split(command, args.data_root, "training", "training split")
+    options = {"split": split, "with_gt": False if args.no_gt else None}
     if args.cls_labels is not None:
         options["cls_labels"] = args.cls_labels
-    if args.dataset:
-        return build_dataset(args.dataset, args.data_root, **options)
-    return build_dataset(args.data_root, **options)
+    return build_dataset(kind, args.data_root, **options)
 
 
 def _background(spec: str) -> tuple[str, ...]:
@@ -63,13 +82,8 @@ def preset_mismatch(preset: str, class_list: str | None) -> str | None:
 def run_generate(args: argparse.Namespace) -> int:
     from weakclip.errors import WeakclipError
 
-    given = (("--data-root", args.data_root), ("--clip-weights", args.clip_weights), ("--out", args.out))
-    missing = [flag for flag, value in given if value is None]
     if args.batch_size is not None and args.batch_size < 1:
         raise WeakclipError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if missing:
-        raise WeakclipError(f"{', '.join(missing)} required to generate seeds "
-                            "(or use 'weakclip seeds check DIR' to validate a folder)")
     from weakclip.data.io import jsonable, write_json_atomic
     from weakclip.distributed import cleanup, init_distributed
     from weakclip.models.clip import build_clip
@@ -78,7 +92,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     info = init_distributed(args.device)
     try:
-        dataset = _dataset(args)
+        dataset = _dataset(args, "weakclip seeds")
         preset, config = seed_config(args, getattr(dataset, "kind", ""), dataset.classes)
         image_tower, text_tower = build_clip(args.arch, args.clip_weights, device=info.device)
         seeder = ClipEsSeeder(image_tower, dataset.classes, text_tower=text_tower, config=config)
@@ -112,7 +126,7 @@ def run_check(args: argparse.Namespace) -> int:
     from weakclip.data.io import write_json_atomic
     from weakclip.seeds.check import check_seeds
 
-    report = check_seeds(args.dir, _dataset(args), progress=not args.quiet)
+    report = check_seeds(args.dir, _dataset(args, "weakclip seeds check"), progress=not args.quiet)
     print(report.format())
     if args.json:
         write_json_atomic(args.json, report.to_dict())
@@ -122,12 +136,15 @@ def run_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _data_args(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--data-root", required=required, type=Path, help="dataset root folder")
-    p.add_argument("--dataset", choices=["voc", "coco", "folder"], default=None,
-                   help="dataset layout (default: detected from the folder)")
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-root", required=True, type=Path, help="dataset root folder")
+    p.add_argument("--dataset", choices=DATASET_KINDS, default=None,
+                   help=f"{DATASET_HELP} (default: detected from the folder; a COCO folder as coco91, or "
+                        f"coco with --preset coco-plus)")
     p.add_argument("--split", default=None,
-                   help="split / id list (default: the dataset's; train_aug for VOC)")
+                   help="split / id list (default: the dataset's training split: train_aug for VOC, "
+                        "train2014 for COCO, splits/train.txt of a folder dataset when present, else every "
+                        "labelled image)")
     p.add_argument("--cls-labels", type=Path, default=None, help="VOC: cls_labels.npy image labels")
     p.add_argument("--no-gt", action="store_true", help="ignore ground-truth masks even when present")
     p.add_argument("--json", type=Path, default=None, help="also write the report to this JSON file")
@@ -135,20 +152,26 @@ def _data_args(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser(
-        "seeds", help="training-free CLIP-ES seeds and masks, or check a seed folder",
+    s = sub.add_parser(
+        "seeds", help="training-free CLIP-ES seeds and masks (generate, the default), or check a seed folder",
+        default_action="generate",
+        description="weakclip seeds generate ... (or 'weakclip seeds ...': generate is the default action) "
+                    "makes CLIP-ES seeds; 'weakclip seeds check DIR --data-root ...' validates a seed folder "
+                    "made by any method. 'weakclip seeds ACTION --help' lists each one's options.")
+    actions = s.add_subparsers(dest="seeds_action", metavar="ACTION", required=True)
+    p = actions.add_parser(
+        "generate", help="CLIP-ES seeds and masks of a dataset (the default action)",
         description="CLIP-ES (Grad-CAM on the frozen CLIP image tower refined by class-aware attention "
                     "affinity, for the labelled classes of each image; defaults = CLIP-ES's VOC or COCO "
                     "script). Writes <out>/<id>.png seeds (class id, 0 = background, 255 = unsure; what "
                     "refinement trains on) and CLIP-ES's own masks: argmax/<id>.png (background score "
                     "argmax) and crf/<id>.png (dense CRF, 255 under 0.95 confidence). Resumable; run under "
-                    "torchrun to shard. Ends with the mIoUs when ground truth exists. "
-                    "'weakclip seeds check DIR --data-root ...' validates a seed folder made by any method.")
-    _data_args(p, required=False)
-    p.add_argument("--clip-weights", type=Path, default=None,
+                    "torchrun to shard. Ends with the mIoUs when ground truth exists.")
+    _data_args(p)
+    p.add_argument("--clip-weights", type=Path, required=True,
                    help="CLIP weights file (OpenAI ViT-B-16.pt, open_clip state dict or HF folder)")
     p.add_argument("--arch", default="ViT-B/16", help="CLIP architecture ('auto': from the file)")
-    p.add_argument("--out", type=Path, default=None, help="output seed folder")
+    p.add_argument("--out", type=Path, required=True, help="output seed folder")
     p.add_argument("--preset", choices=["voc", "coco", "voc-plus", "coco-plus"], default=None,
                    help="seed settings: voc / coco = CLIP-ES's VOC / COCO script exactly (default: by the "
                         "dataset, coco for COCO or a COCO class list in any spelling, else voc); "
@@ -194,14 +217,13 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="images through the CLIP tower at once, those of one size batched (default 1, "
                         "as CLIP-ES; e.g. 8 on a GPU for speed: the CAMs change by float rounding only)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_device(p)
     p.set_defaults(func=run_generate)
 
-    actions = p.add_subparsers(dest="seeds_action", metavar="ACTION")
     c = actions.add_parser("check", help="validate a seed folder against a dataset",
                            description="Every image has a seed of its size, values are class ids or 255, "
                                        "classes agree with the image labels; prints coverage statistics. "
                                        "Exit status 1 when a problem is found.")
     c.add_argument("dir", type=Path, help="seed folder (<id>.png)")
-    _data_args(c, required=True)
+    _data_args(c)
     c.set_defaults(func=run_check)

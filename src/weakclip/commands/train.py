@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from weakclip.commands.flags import PRESET_HELP, add_amp, add_dataset, add_device
+
 # direct flag -> config key
 _FLAG_KEYS: tuple[tuple[str, str], ...] = (
     ("dataset", "data.kind"),
@@ -23,13 +25,19 @@ _FLAG_KEYS: tuple[tuple[str, str], ...] = (
 
 def build_config(args: argparse.Namespace):
     """The preset, then ``--data-root``/``--seeds``, the direct flags, then ``--set`` (the last wins)."""
-    from weakclip.commands import flag_overrides
+    from weakclip.commands import flag_overrides, folder_default_split, set_keys
     from weakclip.config import apply_overrides, load_preset
 
     cfg = load_preset(args.preset)
     overrides = flag_overrides(args, _FLAG_KEYS, **{"data.root": args.data_root, "data.seeds": args.seeds})
     overrides += list(args.set or [])
-    return apply_overrides(cfg, overrides)
+    cfg = apply_overrides(cfg, overrides)
+    if cfg.data.kind == "folder" and args.split is None and "data.split" not in set_keys(args.set):
+        # the presets' splits are VOC's / COCO's: a folder dataset trains on its own training split
+        split = folder_default_split("weakclip train", cfg.data.root, "training", "training split",
+                                     to_stderr=args.print_config)
+        cfg = apply_overrides(cfg, [f"data.split={split or 'none'}"])
+    return cfg
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,24 +77,27 @@ def register(sub) -> None:
                     "Runs alone or under `torchrun --nproc_per_node=N` (DDP; NCCL on GPU, gloo on CPU); "
                     "--batch-size is the GLOBAL batch. Settings: the preset, then the flags below, then "
                     "--set key=value (e.g. --set train.warmup_iters=500 --set model.match_mode=release).")
-    p.add_argument("--preset", default="voc", help="voc, coco, or a config .yaml file (default voc)")
+    p.add_argument("--preset", default="voc",
+                   help=f"refinement preset: {PRESET_HELP} (voc / coco: the release; -plus: our unmeasured "
+                        f"departures), or a config .yaml file (default voc)")
     p.add_argument("--data-root", type=Path, default=None,
-                   help="dataset root (VOC2012, prepared COCO, folder)")
-    p.add_argument("--dataset", choices=["voc", "coco", "coco91", "folder"], default=None,
-                   help="dataset layout (default: the preset's)")
-    p.add_argument("--split", default=None, help="training split or id-list file (default: the preset's)")
+                   help="dataset root (VOC2012, prepared COCO, folder); needed except with --print-config")
+    add_dataset(p, "the preset's: voc for voc and voc-plus, coco91 for coco, coco for coco-plus")
+    p.add_argument("--split", default=None,
+                   help="training split or id-list file (default: the preset's; folder datasets: "
+                        "splits/train.txt when present, else every labelled image)")
     p.add_argument("--seeds", type=Path, default=None, help="folder of seed PNGs (<id>.png, 255 = unsure)")
     p.add_argument("--clip-weights", type=Path, default=None,
                    help="CLIP weights file (OpenAI ViT-B-16.pt, open_clip or Hugging Face)")
     p.add_argument("--workdir", type=Path, required=True, help="output folder: config, log.csv, checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from the workdir's latest checkpoint")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    add_device(p)
     p.add_argument("--iters", type=int, default=None, help="total iterations (train.iters)")
     p.add_argument("--batch-size", type=int, default=None, help="GLOBAL batch size (train.batch_size)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (train.lr)")
     p.add_argument("--crop-size", type=int, default=None, help="training crop (data.crop_size)")
-    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None,
-                   help="autocast on CUDA (train.amp)")
+    add_amp(p, "autocast on CUDA: bf16, fp16 (with a gradient scaler) or none (train.amp; default: the "
+               "preset's, none)")
     p.add_argument("--seed", type=int, default=None, help="random seed (train.seed)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="iterations between checkpoints")
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers per process")

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import argparse
 
+from weakclip.commands.flags import add_amp
+
 
 def add_tta_flags(p: argparse.ArgumentParser) -> None:
     """Scales, windows, their averaging and batches, flip and amp; each defaults to the checkpoint's."""
     p.add_argument("--scales", type=float, nargs="+", default=None,
-                   help="ratios of the base scale (default: the checkpoint's; the release: 0.5 ... 1.75)")
+                   help="test scales, ratios of the base scale (default: the checkpoint's; the release: "
+                        "0.5 ... 1.75)")
     p.add_argument("--base-scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"),
                    help="base resize scale, aspect kept (the release: 2048 512)")
     p.add_argument("--crop", type=int, default=None, help="sliding-window size (the release: 512)")
@@ -22,7 +25,8 @@ def add_tta_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window-batch", type=int, default=None,
                    help="sliding windows per forward pass, from any scale and flip (0: as many as the free "
                         "GPU memory allows; the release: 1)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast for the model on CUDA (faster)")
+    add_amp(p, "autocast of the model on CUDA: bf16, fp16 or none (default: the checkpoint's, none; faster)",
+            bare="bf16")
 
 
 def tta_overrides(args: argparse.Namespace) -> list[str]:
@@ -37,6 +41,6 @@ def tta_overrides(args: argparse.Namespace) -> list[str]:
             out.append(f"pseudo.{flag}={getattr(args, flag)}")
     if args.no_flip:
         out.append("pseudo.flip=false")
-    if args.amp:
-        out.append("pseudo.amp=bf16")
+    if args.amp is not None:
+        out.append(f"pseudo.amp={args.amp}")
     return out

@@ -17,6 +17,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("weights", help="identify a CLIP weights file: its format and architecture")
+    p = sub.add_parser("weights", help="identify a CLIP weights file: its format and architecture",
+                       description="Reads a CLIP weights file (or Hugging Face folder) and prints its "
+                                   "format, architecture, image size, text tower, activation, parameter "
+                                   "count and dtypes: what --clip-weights will load.")
     p.add_argument("file", type=Path, help="OpenAI .pt, open_clip state dict, or HF CLIPModel folder")
     p.set_defaults(func=run)

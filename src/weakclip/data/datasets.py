@@ -60,6 +60,21 @@ def detect_kind(root: str | Path) -> str:
     )
 
 
+def _constructor_options(cls: type) -> set[str]:
+    """The keyword options a dataset class takes, those its ``__init__`` passes on through ``**kwargs`` to a
+    base class included (``COCO91Dataset`` takes ``COCODataset``'s)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names |= {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return names - {"self", "root"}
+
+
 def build_dataset(kind_or_root: str | Path, root: str | Path | None = None, **kwargs: Any) -> SegDataset:
     """``build_dataset("voc", root, split=...)``, ``"coco"``, ``"folder"``, or ``build_dataset(root)``.
 
@@ -97,7 +112,7 @@ def build_dataset(kind_or_root: str | Path, root: str | Path | None = None, **kw
         kind = detect_kind(root)
     cls = _KINDS[kind]
     options = {k: v for k, v in kwargs.items() if v is not None}
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "root"}
+    accepted = _constructor_options(cls)
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise DataError(f"option(s) {', '.join(unknown)} do not apply to {kind} datasets")

@@ -41,7 +41,7 @@ from weakclip.data.classes import (
 from weakclip.data.io import IMAGE_EXTENSIONS, read_json
 from weakclip.errors import DataError
 
-__all__ = ["FolderDataset"]
+__all__ = ["DEFAULT_SPLITS", "FolderDataset", "default_split"]
 
 
 class FolderDataset(SegDataset):
@@ -199,3 +199,16 @@ class FolderDataset(SegDataset):
 
     def _label_ids(self, i: int) -> Iterable[int]:
         return self._fg[self.ids[i]]
+
+
+#: The split a folder dataset is read in by default for each purpose, when its list exists.
+DEFAULT_SPLITS: dict[str, str] = {"training": "train", "val": "val"}
+
+
+def default_split(root: str | Path, purpose: str) -> str | None:
+    """The split of the folder dataset at ``root`` a command takes by default for ``purpose`` (``"training"``:
+    seeds, refinement, pseudo masks, retraining; ``"val"``: evaluation): ``splits/train.txt`` /
+    ``splits/val.txt`` when the folder has it, else None (every labelled image; for ``"val"`` too, which the
+    caller then refuses or skips)."""
+    name = DEFAULT_SPLITS[purpose]
+    return name if (Path(root) / "splits" / f"{name}.txt").is_file() else None

@@ -9,6 +9,7 @@ towers and the BatchNorm statistics included): no CLIP weights file is read
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,12 @@ def release_config(model_cfg, classes: list[str]):
     return cfg
 
 
+def _unused_clip_weights(clip_weights, why: str) -> None:
+    """One note on stderr when a CLIP weights file was given but the checkpoint does not need it."""
+    if clip_weights is not None:
+        print(f"note: --clip-weights {clip_weights} is not used: {why}", file=sys.stderr)
+
+
 def load_trained_model(checkpoint: str | Path, clip_weights: str | Path | None = None,
                        device: str | torch.device = "cpu", *, best: bool = False, raw: Any = None):
     """Rebuild the trained model in eval mode -> ``(model, config)``.
@@ -144,6 +151,8 @@ def load_trained_model(checkpoint: str | Path, clip_weights: str | Path | None =
         raw = read_checkpoint_file(path)
     if is_release_checkpoint(raw):
         model, model_cfg, classes, _ = load_release_checkpoint(path, raw)
+        _unused_clip_weights(clip_weights, f"{path} is the authors' release checkpoint, which holds "
+                                           f"the towers")
         return model.to(device), release_config(model_cfg, classes)
     state = check_training_checkpoint(raw, path)
     if not isinstance(state.get("config"), Mapping):
@@ -153,6 +162,7 @@ def load_trained_model(checkpoint: str | Path, clip_weights: str | Path | None =
     cfg.classes = classes
     if _holds_towers(state["model"]):
         # trained without a weights file: the checkpoint carries the towers it was trained with
+        _unused_clip_weights(clip_weights, f"{path} holds the CLIP towers it was trained with")
         model = build_model(cfg.model, classes, pretrained_download=False)
         _load_everything(model, state["model"], path)
         model.eval()

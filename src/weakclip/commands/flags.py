@@ -1,0 +1,140 @@
+"""The command-line language every sub-command shares: one spelling per setting, one rule per value.
+
+* ``--device``: ``cpu``, ``cuda`` or ``cuda:N``, checked by :func:`device_arg` wherever a device is taken;
+* ``--dataset``: :data:`DATASET_KINDS` wherever a dataset is read;
+* ``--crf``: :data:`CRF_CHOICES` (``none`` = off); ``--amp``: :data:`AMP_CHOICES` (``none`` = float32);
+* renamed flags stay for a release as hidden aliases (:func:`add_renamed`) that print a one-line note.
+
+Nothing here imports torch or the models: ``weakclip --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+#: Dataset layouts (``weakclip.config.DATASET_KINDS``; a test keeps them equal).
+DATASET_KINDS: tuple[str, ...] = ("voc", "coco", "coco91", "folder")
+#: Packaged presets of refinement and retraining (``weakclip.config.PRESETS``; a test keeps them equal).
+PRESET_NAMES: tuple[str, ...] = ("voc", "coco", "voc-plus", "coco-plus")
+CRF_CHOICES: tuple[str, ...] = ("auto", "voc", "coco", "none")
+AMP_CHOICES: tuple[str, ...] = ("bf16", "fp16", "none")
+
+DATASET_HELP = ("dataset layout: voc, coco (81 classes), coco91 (COCO's 91 category ids, the release's), "
+                "folder (your own data)")
+PRESET_HELP = ", ".join(PRESET_NAMES)
+
+_DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+)$")
+
+
+def device_arg(value: str) -> str:
+    """The argparse type of every ``--device``: ``cpu``, ``cuda`` or ``cuda:N``."""
+    text = value.strip().lower()
+    if not _DEVICE.match(text):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device: expected cpu, cuda or cuda:N (N = "
+                                         f"0, 1, ...)")
+    return text
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", type=device_arg, default=None, metavar="{cpu,cuda,cuda:N}",
+                   help="where to run: cpu, cuda or cuda:N (default: cuda when available; under torchrun "
+                        "each "
+                        "process takes the GPU of its local rank)")
+
+
+def add_dataset(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--dataset", choices=DATASET_KINDS, default=None,
+                   help=f"{DATASET_HELP} (default: {default})")
+
+
+def note(message: str) -> None:
+    """A one-line note on stderr (a renamed flag, a flag without effect)."""
+    print(f"note: {message}", file=sys.stderr)
+
+
+class _Renamed(argparse.Action):
+    """A hidden old spelling: notes the new one on stderr, then stores as the new flag would."""
+
+    def __init__(self, option_strings, dest, new: str, store=None, **kwargs):
+        self.new = new
+        self.store = store  # a callable: the old flag's value -> the new flag's value
+        kwargs.setdefault("default", argparse.SUPPRESS)
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        note(f"{option_string} is renamed {self.new} (the old spelling goes in a later release)")
+        setattr(namespace, self.dest, self.store(values) if self.store else values)
+
+
+def add_renamed(p: argparse.ArgumentParser, old: str, new: str, dest: str, *, value=None, **kwargs) -> None:
+    """Keep ``old`` as a hidden alias of the flag ``new`` (its ``dest``). ``value``: for an old switch (no
+    argument), what it stores; otherwise the old flag takes arguments as given in ``kwargs`` (nargs, type)."""
+    if value is not None:
+        p.add_argument(old, action=_Renamed, dest=dest, new=new, nargs=0, store=lambda _: value)
+    else:
+        p.add_argument(old, action=_Renamed, dest=dest, new=new, **kwargs)
+
+
+class _OptionalValue(argparse.Action):
+    """``--flag VALUE``, where the bare ``--flag`` of an earlier release still works as ``--flag bare``
+    (with a note)."""
+
+    def __init__(self, option_strings, dest, bare: str, **kwargs):
+        self.bare = bare
+        super().__init__(option_strings, dest, nargs="?", const=None, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values is None:
+            note(f"{option_string} without a value is deprecated: it means {option_string} {self.bare}")
+            values = self.bare
+        setattr(namespace, self.dest, values)
+
+
+def add_amp(p: argparse.ArgumentParser, help: str, *, bare: str | None = None) -> None:
+    """``--amp {bf16,fp16,none}``; ``bare``: what the value-less ``--amp`` of an earlier release meant."""
+    if bare is None:
+        p.add_argument("--amp", choices=AMP_CHOICES, default=None, help=help)
+    else:
+        p.add_argument("--amp", action=_OptionalValue, bare=bare, choices=AMP_CHOICES, default=None,
+                       metavar="{" + ",".join(AMP_CHOICES) + "}", help=help)
+
+
+def add_crf(p: argparse.ArgumentParser, help: str, *, bare: str | None = None) -> None:
+    """``--crf {auto,voc,coco,none}``; ``bare``: what a value-less ``--crf`` of an earlier release meant."""
+    if bare is None:
+        p.add_argument("--crf", choices=CRF_CHOICES, default=None, help=help)
+    else:
+        p.add_argument("--crf", action=_OptionalValue, bare=bare, choices=CRF_CHOICES, default=None,
+                       metavar="{" + ",".join(CRF_CHOICES) + "}", help=help)
+
+
+class WeakclipParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose sub-actions may have a default: with ``default_action="generate"``,
+    ``weakclip seeds --data-root ...`` reads as ``weakclip seeds generate --data-root ...``."""
+
+    def __init__(self, *args, default_action: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.default_action = default_action
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self.default_action is not None:
+            args = list(sys.argv[1:] if args is None else args)
+            subs = [a for a in self._actions if isinstance(a, argparse._SubParsersAction)]
+            actions = subs[0].choices if subs else {}
+            if not args or (args[0] not in actions and args[0] not in ("-h", "--help")):
+                args.insert(0, self.default_action)
+        return super().parse_known_args(args, namespace)
+
+
+def folder_split_line(command: str, what: str, split: str | None, purpose: str = "training") -> str:
+    """What a command says about the split it picked of a folder dataset (``purpose``: training or val)."""
+    if split:
+        which = f"{split!r} (splits/{split}.txt)"
+    elif purpose == "val":
+        which = "none (no splits/val.txt), so no evaluation"
+    else:
+        which = "every labelled image (no splits/train.txt)"
+    flag = "--val-split" if purpose == "val" else "--split"
+    return f"{command}: folder dataset, {what} {which}; {flag} picks another"
