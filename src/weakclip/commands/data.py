@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from weakclip.commands import output_files
+
 
 def run_prepare_coco(args: argparse.Namespace) -> int:
     from weakclip.data.coco import prepare_coco
@@ -36,6 +38,7 @@ def register(sub) -> None:
     pc.add_argument("--splits", nargs="+", default=["train2014", "val2014"])
     pc.add_argument("--workers", type=int, default=2)
     pc.set_defaults(func=run_prepare_coco)
+    output_files(pc, "out")
 
     p = sub.add_parser("synth", help="write the small synthetic dataset used by the tests and the demo")
     p.add_argument("--out", required=True, type=Path)
@@ -43,3 +46,4 @@ def register(sub) -> None:
     p.add_argument("--n-val", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_synth)
+    output_files(p, "out")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from weakclip.commands import lock_folder, output_files
 from weakclip.commands.tta_flags import add_tta_flags, tta_overrides
 
 #: The flags that only the refinement model's sliding-window inference has.
@@ -113,3 +114,5 @@ def register(sub) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--quiet", action="store_true", help="no progress bar or loading line")
     p.set_defaults(func=run)
+    lock_folder(p, "out")
+    output_files(p, "json")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from weakclip.commands import lock_folder
 from weakclip.commands.tta_flags import add_tta_flags, tta_overrides
 
 
@@ -108,3 +109,4 @@ def register(sub) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
+    lock_folder(p, "out")

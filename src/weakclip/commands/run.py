@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from weakclip.commands import lock_folder
+
 
 def run_pipeline(args: argparse.Namespace) -> int:
     from weakclip.distributed import cleanup
@@ -88,6 +90,7 @@ def register(sub) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_pipeline)
+    lock_folder(p, "workdir")
 
     d = sub.add_parser("demo", help="the whole pipeline on the embedded synthetic dataset (CPU, minutes)",
                        description="Synthetic data + a tiny random CLIP: refinement, pseudo masks, "
@@ -98,3 +101,4 @@ def register(sub) -> None:
     d.add_argument("--device", default=None)
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=run_demo)
+    lock_folder(d, "workdir")

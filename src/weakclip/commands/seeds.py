@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from weakclip.commands import lock_folder, output_files
+
 
 def _dataset(args: argparse.Namespace):
     from weakclip.data.datasets import build_dataset
@@ -196,6 +198,8 @@ def register(sub) -> None:
                         "as CLIP-ES; e.g. 8 on a GPU for speed: the CAMs change by float rounding only)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=run_generate)
+    lock_folder(p, "out")
+    output_files(p, "json")
 
     actions = p.add_subparsers(dest="seeds_action", metavar="ACTION")
     c = actions.add_parser("check", help="validate a seed folder against a dataset",
@@ -204,4 +208,5 @@ def register(sub) -> None:
                                        "Exit status 1 when a problem is found.")
     c.add_argument("dir", type=Path, help="seed folder (<id>.png)")
     _data_args(c, required=True)
-    c.set_defaults(func=run_check)
+    c.set_defaults(func=run_check, lock_folder=None)
+    output_files(c, "json")

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from weakclip.commands import lock_folder
+
 # direct flag -> config key
 _FLAG_KEYS: tuple[tuple[str, str], ...] = (
     ("dataset", "data.kind"),
@@ -97,3 +99,4 @@ def register(sub) -> None:
     p.add_argument("--print-config", action="store_true", help="print the resulting config and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
+    lock_folder(p, "workdir")
