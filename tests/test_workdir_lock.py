@@ -138,8 +138,8 @@ def test_the_holding_process_takes_it_again_without_deadlock(tmp_path):
 def test_another_hosts_lock_names_the_host_and_force_unlock_takes_it(tmp_path, capsys):
     work = tmp_path / "w"
     work.mkdir()
-    (work / LOCK_NAME).write_text(json.dumps({"host": "node-17.cluster", "pid": 4242, "command": "weakclip run",
-                                              "started": 1.8e9}))
+    (work / LOCK_NAME).write_text(json.dumps({"host": "node-17.cluster", "pid": 4242,
+                                              "command": "weakclip run", "started": 1.8e9}))
     assert main(["report", str(work)]) == 2
     err = capsys.readouterr().err.strip()
     assert "pid 4242 on host node-17.cluster, started 2027-01-15" in err and "on another host" in err
@@ -152,7 +152,8 @@ def test_another_hosts_lock_names_the_host_and_force_unlock_takes_it(tmp_path, c
 
 def test_ranks_of_one_torchrun_job_share_the_lock(tmp_path, holder, monkeypatch):
     work = tmp_path / "w"
-    job = {"WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "abc", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}
+    job = {"WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "abc", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": "29511"}
     proc = holder(work, RANK="0", **job)  # rank 0 holds it
     assert _record(work)["job"] == "abc@127.0.0.1:29511"
     for key, value in job.items():
