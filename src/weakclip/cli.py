@@ -43,6 +43,8 @@ def _folder_lock(args: argparse.Namespace):
     folder = getattr(args, attr, None) if attr else None
     if folder is None or getattr(args, "print_config", False):
         return contextlib.nullcontext()
+    if getattr(args, "lock_existing", False) and not Path(folder).is_dir():
+        return contextlib.nullcontext()
     from weakclip.workdir_lock import workdir_lock
 
     return workdir_lock(folder, _command_name(args), force=args.force_unlock)
@@ -59,7 +61,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
         if path is not None:
             path = Path(path)
             is_file = attr == "json" or path.suffix.lower() == ".json"
-            check_writable(path.parent if is_file else path, f"the folder of --{attr.replace('_', '-')}")
+            check_writable(path.parent if is_file else path, f"into the --{attr.replace('_', '-')} folder")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,13 +82,13 @@ def make_tiny_clip(path: Path, seed: int = 0) -> Path:
     from weakclip.write_errors import writing
 
     tmp = path.with_name(f".{path.name}.tmp")
-    with writing(path, what="demo CLIP weights"):
-        try:
+    try:
+        with writing(path, what="demo CLIP weights"):
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(model.state_dict(), tmp)
             tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

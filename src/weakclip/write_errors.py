@@ -44,7 +44,7 @@ def is_write_failure(exc: BaseException) -> bool:
     if isinstance(exc, OSError):
         return exc.errno in _REASONS
     if isinstance(exc, RuntimeError):
-        return any(word in str(exc) for word in _TORCH_WRITE_WORDS)
+        return _os_error(exc) is not None or any(word in str(exc) for word in _TORCH_WRITE_WORDS)
     return False
 
 
@@ -67,11 +67,22 @@ def free_space(path: str | Path) -> str:
         return "free space unknown"
 
 
+def _os_error(exc: BaseException | None) -> OSError | None:
+    """The disk's ``OSError`` behind ``exc`` (PyTorch's writer raises its own error while handling it)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in _REASONS:
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
 def output_error(path: str | Path, exc: BaseException, kept: str | None = None, *,
                  what: str = "") -> OutputError:
-    """The one-line :class:`OutputError` for a failed write of ``path`` (``what``: e.g. 'checkpoint')."""
-    known = isinstance(exc, OSError) and exc.errno in _REASONS
-    reason = _REASONS[exc.errno] if known else "the write failed"
+    """The one-line :class:`OutputError` for a failed write of ``path`` (``what``: e.g. 'checkpoint').
+    Call it before removing the partial file, so that the free space is the disk's at the failure."""
+    cause = _os_error(exc)
+    reason = _REASONS[cause.errno] if cause is not None else "the write failed"
     name = f"{what} {path}" if what else str(path)
     return OutputError(f"could not write {name}: {reason} ({free_space(path)} on its disk); "
                        f"{kept or KEPT_DEFAULT}")
@@ -90,14 +101,14 @@ def writing(path: str | Path, kept: str | None = None, *, what: str = "") -> Ite
         raise output_error(path, exc, kept, what=what) from exc
 
 
-def check_writable(folder: str | Path, what: str = "output folder") -> None:
+def check_writable(folder: str | Path, what: str = "into the output folder") -> None:
     """Fail now, before the work, when files cannot be created in ``folder`` (made if missing; a probe
     file is created and removed). A folder that cannot be made or written is an :class:`OutputError`."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except FileExistsError as exc:
-        raise OutputError(f"{what} {folder} is a file, not a folder") from exc
+        raise OutputError(f"{folder} is a file, not a folder") from exc
     except OSError as exc:
         raise output_error(folder, exc, "nothing was written", what=what) from exc
     probe = folder / f".weakclip-probe.{os.getpid()}.{secrets.token_hex(4)}"

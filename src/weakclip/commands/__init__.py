@@ -19,11 +19,12 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
-def lock_folder(parser, attr: str) -> None:
+def lock_folder(parser, attr: str, existing: bool = False) -> None:
     """The command writes into the folder ``args.<attr>``: :func:`weakclip.cli.main` holds that folder's
-    lock (:mod:`weakclip.workdir_lock`) while the command runs; ``--force-unlock`` takes a lock whose holder
-    cannot be checked from here (another host)."""
-    parser.set_defaults(lock_folder=attr)
+    lock (:mod:`weakclip.workdir_lock`) while the command runs (``existing``: only when the folder exists,
+    for a command that never makes it); ``--force-unlock`` takes a lock whose holder cannot be checked
+    from here (another host)."""
+    parser.set_defaults(lock_folder=attr, lock_existing=existing)
     parser.add_argument("--force-unlock", action="store_true",
                         help="take the folder's lock from its holder (for a lock left on a shared file "
                              "system by a job on another host that is gone)")

@@ -33,4 +33,4 @@ def register(sub) -> None:
     p.add_argument("workdir", type=Path, help="the --workdir of 'weakclip run' or 'weakclip demo'")
     p.add_argument("--quiet", action="store_true", help="print only the warnings and the page's path")
     p.set_defaults(func=build)
-    lock_folder(p, "workdir")
+    lock_folder(p, "workdir", existing=True)

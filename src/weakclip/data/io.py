@@ -404,23 +404,23 @@ def _atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], *, fsync
     from weakclip.write_errors import writing
 
     path = Path(path)
-    with writing(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        # os.open with mode 0o666 respects the umask, unlike tempfile (0o600), so the final file gets
-        # the same permissions as a plain open() would give it.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        with writing(path):  # the free space is measured before the partial file goes
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # os.open with mode 0o666 respects the umask, unlike tempfile (0o600), so the final file gets
+            # the same permissions as a plain open() would give it.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             with os.fdopen(fd, "wb") as fh:
                 write(fh)
                 fh.flush()
                 if fsync:
                     os.fsync(fh.fileno())
             os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
     return path
 
 

@@ -68,18 +68,18 @@ def checkpoint_dir(workdir: str | Path) -> Path:
 def _atomic_replace(path: Path, write, kept: str | None = None, what: str = "checkpoint") -> None:
     """Write ``path`` through a temporary file renamed over it; a full or read-only disk is a one-line
     :class:`~weakclip.errors.OutputError` saying ``kept`` (the temporary file removed)."""
-    with writing(path, kept, what=what):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        try:
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        with writing(path, kept, what=what):  # the free space is measured before the partial file goes
+            path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as fh:
                 write(fh)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _kept_checkpoint(workdir: str | Path) -> str:

@@ -84,10 +84,10 @@ def write_npz_atomic(path: str | Path, compress: bool = True, **arrays: np.ndarr
     """
     path = Path(path)
     method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
-    with writing(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        try:
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as fh, zipfile.ZipFile(fh, "w", compression=method) as zf:
                 for name, value in arrays.items():
                     buf = io.BytesIO()
@@ -97,10 +97,10 @@ def write_npz_atomic(path: str | Path, compress: bool = True, **arrays: np.ndarr
                     info.external_attr = 0o644 << 16
                     zf.writestr(info, buf.getvalue())
             os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
     return path
 
 
