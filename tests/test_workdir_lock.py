@@ -146,7 +146,8 @@ def test_another_hosts_lock_names_the_host_and_force_unlock_takes_it(tmp_path, c
     assert "--force-unlock" in err and "\n" not in err
     main(["report", str(work), "--force-unlock", "--quiet"])
     err = capsys.readouterr().err
-    assert "note: taking over the lock" in err and "(--force-unlock)" in err
+    assert "note: taking over the lock" in err and "pid 4242 on host node-17.cluster" in err
+    assert ": as --force-unlock asks\n" in err
     assert not (work / LOCK_NAME).exists()
 
 

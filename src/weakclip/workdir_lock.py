@@ -205,9 +205,9 @@ class WorkdirLock:
             alive = holder_alive(record)
             where = f"the work folder {self.folder}"
             if self.force or alive is False or (job is not None and record.get("job") == job):
-                why = ("--force-unlock" if self.force else "its job restarted" if alive else
-                       "which is no longer running")
-                self.note(f"note: taking over the lock of {where} held by {describe_holder(record)} ({why})")
+                why = ("as --force-unlock asks" if self.force else "its torchrun job restarted" if alive else
+                       "that process is no longer running")
+                self.note(f"note: taking over the lock of {where} from {describe_holder(record)}: {why}")
                 self._take_over(record)
                 continue
             self._remove_created()
