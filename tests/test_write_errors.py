@@ -94,7 +94,7 @@ def test_json_and_masks_on_a_full_disk(tmp_path, monkeypatch):
         write_json_atomic(path, {"status": "other"})
     message = str(info.value)
     assert message.startswith(f"could not write {path}: no space left on the device (")
-    assert "the previous files are unchanged" in message and "finished outputs are skipped" in message
+    assert "what was written before is kept" in message and "finished outputs are skipped" in message
     assert json.loads(path.read_text()) == {"status": "complete"} and _temps(tmp_path) == []
     monkeypatch.undo()
 

@@ -35,7 +35,7 @@ _REASONS = {
 _TORCH_WRITE_WORDS = ("PytorchStreamWriter", "inline_container", "file write failed", "unexpected pos")
 
 #: what a failed write of a file that replaces its target keeps, unless the writer knows better
-KEPT_DEFAULT = ("the previous files are unchanged; free some space (or make the folder writable) and run "
+KEPT_DEFAULT = ("what was written before is kept; free some space (or make the folder writable) and run "
                 "the same command again: finished outputs are skipped")
 
 
