@@ -29,6 +29,7 @@ _REASONS = {
     errno.EPERM: "operation not permitted",
     errno.EFBIG: "the file is too large for the file system",
     errno.EIO: "input/output error",
+    errno.ENOTDIR: "a file stands where a folder should be",
 }
 
 # what PyTorch's zip writer says when the file under it fails (torch.save on a full disk)
