@@ -221,3 +221,11 @@ def test_the_cli_turns_any_disk_refusal_into_one_line(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"weakclip report: error: could not write {tmp_path / 'w' / 'log.csv'}: no space")
     assert "\n" not in err
+
+
+def test_the_writability_check_leaves_nothing_behind(tmp_path):
+    check_writable(tmp_path / "a" / "b")
+    assert list(tmp_path.iterdir()) == []  # neither the folders nor the probe file
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(OutputError, match=r"could not write into the output folder .*f/out: .*f is a file"):
+        check_writable(tmp_path / "f" / "out")

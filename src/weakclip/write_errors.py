@@ -103,16 +103,16 @@ def writing(path: str | Path, kept: str | None = None, *, what: str = "") -> Ite
 
 
 def check_writable(folder: str | Path, what: str = "into the output folder") -> None:
-    """Fail now, before the work, when files cannot be created in ``folder`` (made if missing; a probe
-    file is created and removed). A folder that cannot be made or written is an :class:`OutputError`."""
+    """Fail now, before the work, when files cannot be created in ``folder``: a probe file is created and
+    removed in it or, when it does not exist yet, in its nearest existing parent (where the writer will
+    make it). Nothing is left behind; a folder that cannot be written is an :class:`OutputError`."""
     folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except FileExistsError as exc:
-        raise OutputError(f"{folder} is a file, not a folder") from exc
-    except OSError as exc:
-        raise output_error(folder, exc, "nothing was written", what=what) from exc
-    probe = folder / f".weakclip-probe.{os.getpid()}.{secrets.token_hex(4)}"
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"could not write {what} {folder}: {existing} is a file, not a folder")
+    probe = existing / f".weakclip-probe.{os.getpid()}.{secrets.token_hex(4)}"
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except OSError as exc:
