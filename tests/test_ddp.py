@@ -54,6 +54,7 @@ def test_two_processes_match_one(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "DDP over 2 processes (gloo)" in res.stdout + res.stderr
+    assert not (tmp_path / "two" / ".weakclip.lock").exists()  # rank 0 held it, the job's ranks shared it
 
     one = load_checkpoint(latest_checkpoint(tmp_path / "one"))
     two = load_checkpoint(latest_checkpoint(tmp_path / "two"))
@@ -81,3 +82,31 @@ def test_two_processes_match_one(tmp_path):
     for a, b in zip(log_one[1:], log_two[1:]):
         loss_a, loss_b = float(a.split(",")[2]), float(b.split(",")[2])
         assert loss_a == pytest.approx(loss_b, abs=1e-4)
+
+
+_HOLDER = """
+import sys, time
+from weakclip.workdir_lock import workdir_lock
+with workdir_lock(sys.argv[1], "weakclip train"):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_torchrun_job_on_a_held_folder_stops_at_once(tmp_path):
+    work = tmp_path / "w"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(work)], stdout=subprocess.PIPE, text=True,
+                              env=env)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "weakclip",
+               *_args(tmp_path / "no-data", work)]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert res.returncode != 0
+        assert f"is in use by 'weakclip train' (pid {holder.pid} on host" in res.stderr
+        assert sorted(p.name for p in work.iterdir()) == [".weakclip.lock"]
+    finally:
+        holder.kill()
+        holder.wait()

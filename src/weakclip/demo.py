@@ -80,10 +80,16 @@ def make_tiny_clip(path: Path, seed: int = 0) -> Path:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = make_open_clip_model(get_arch(DEMO_ARCH))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from weakclip.write_errors import writing
+
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(path)
+    try:
+        with writing(path, what="demo CLIP weights"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), tmp)
+            tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -96,9 +102,17 @@ def plot_losses(log_csv: Path, out_png: Path) -> Path:
     return plot_training(read_log_csv(log_csv), "refinement training losses", out_png)
 
 
+def _png_bytes(image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def write_overlays(data_root: Path, pseudo_dir: Path, out_dir: Path, count: int = 4) -> list[Path]:
     from weakclip.data.datasets import build_dataset
-    from weakclip.data.io import read_label_png
+    from weakclip.data.io import read_label_png, write_bytes_atomic
 
     dataset = build_dataset("folder", data_root, split="train")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -109,11 +123,8 @@ def write_overlays(data_root: Path, pseudo_dir: Path, out_dir: Path, count: int 
         seed = dataset.read_seed(i)
         gt = dataset.read_gt(i)
         pseudo = read_label_png(pseudo_dir / f"{ident}.png", expected_hw=gt.shape)
-        path = out_dir / f"{ident}.png"
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        panel_row(image, [seed, pseudo, gt], ["seed", "pseudo mask", "ground truth"]).save(tmp)
-        tmp.replace(path)
-        written.append(path)
+        row = panel_row(image, [seed, pseudo, gt], ["seed", "pseudo mask", "ground truth"])
+        written.append(write_bytes_atomic(out_dir / f"{ident}.png", _png_bytes(row)))
     return written
 
 

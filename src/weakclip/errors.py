@@ -11,3 +11,8 @@ class DataError(WeakclipError):
 
 class WeightsError(WeakclipError):
     """A weights file that is missing, corrupt, or of another architecture."""
+
+
+class OutputError(WeakclipError):
+    """An output that could not be written (a full disk, a read-only or foreign folder): says which file,
+    the free space, and what was kept."""

@@ -19,6 +19,23 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+def lock_folder(parser, attr: str, existing: bool = False) -> None:
+    """The command writes into the folder ``args.<attr>``: :func:`weakclip.cli.main` holds that folder's
+    lock (:mod:`weakclip.workdir_lock`) while the command runs (``existing``: only when the folder exists,
+    for a command that never makes it); ``--force-unlock`` takes a lock whose holder cannot be checked
+    from here (another host)."""
+    parser.set_defaults(lock_folder=attr, lock_existing=existing)
+    parser.add_argument("--force-unlock", action="store_true",
+                        help="take the folder's lock from its holder (for a lock left on a shared file "
+                             "system by a job on another host that is gone)")
+
+
+def output_files(parser, *attrs: str) -> None:
+    """Files (``--json``) or folders (``--out``) the command writes besides its locked folder: their
+    folders are checked for writability before any work (a read-only folder fails at once)."""
+    parser.set_defaults(output_files=attrs)
+
+
 def flag_overrides(args, flag_keys, **paths) -> list[str]:
     """``key=value`` config overrides from the direct flags that were given: ``flag_keys`` pairs an argparse
     attribute with its config key; ``paths`` maps config keys to values (e.g. ``data.root``) set when not

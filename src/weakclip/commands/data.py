@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from weakclip.commands import output_files
+
 
 def run_prepare_coco(args: argparse.Namespace) -> int:
     from weakclip.data.coco import prepare_coco
@@ -41,6 +43,7 @@ def register(sub) -> None:
                          "(default: train2014 val2014)")
     pc.add_argument("--workers", type=int, default=2, help="processes writing label PNGs (default 2)")
     pc.set_defaults(func=run_prepare_coco)
+    output_files(pc, "out")
 
     p = sub.add_parser("synth", help="write the small synthetic dataset used by the tests and the demo",
                        description="Textured shapes on textured backgrounds in the folder layout "
@@ -53,3 +56,4 @@ def register(sub) -> None:
     p.add_argument("--n-val", type=int, default=8, help="val images (default 8)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the drawing (default 0)")
     p.set_defaults(func=run_synth)
+    output_files(p, "out")

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from weakclip.commands import output_files
+
 
 def run(args: argparse.Namespace) -> int:
     from weakclip.data.io import write_json_atomic
@@ -46,3 +48,4 @@ def register(sub) -> None:
     p.add_argument("--workers", type=int, default=4, help="reader threads")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
+    output_files(p, "json")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from weakclip.commands import lock_folder, output_files
 from weakclip.commands.flags import add_crf, add_device
 from weakclip.commands.tta_flags import add_tta_flags, tta_overrides
 
@@ -111,3 +112,5 @@ def register(sub) -> None:
     add_device(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar or loading line")
     p.set_defaults(func=run)
+    lock_folder(p, "out")
+    output_files(p, "json")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from weakclip.commands import lock_folder
 from weakclip.commands.flags import add_crf, add_dataset, add_device, add_renamed
 from weakclip.commands.tta_flags import add_tta_flags, tta_overrides
 
@@ -113,3 +114,4 @@ def register(sub) -> None:
     add_device(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
+    lock_folder(p, "out")

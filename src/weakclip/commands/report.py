@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from weakclip.commands import lock_folder
+
 
 def build(args: argparse.Namespace) -> int:
     from weakclip.report.analysis import analyse
@@ -31,3 +33,4 @@ def register(sub) -> None:
     p.add_argument("workdir", type=Path, help="the --workdir of 'weakclip run' or 'weakclip demo'")
     p.add_argument("--quiet", action="store_true", help="print only the warnings and the page's path")
     p.set_defaults(func=build)
+    lock_folder(p, "workdir", existing=True)

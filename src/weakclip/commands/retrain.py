@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from weakclip.commands import lock_folder, output_files
 from weakclip.commands.flags import PRESET_HELP, add_crf, add_dataset, add_device
 
 # direct flag -> config key
@@ -182,3 +183,5 @@ def register(sub) -> None:
     p.add_argument("--print-config", action="store_true", help="print the resulting config and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
+    lock_folder(p, "workdir")
+    output_files(p, "save_predictions")

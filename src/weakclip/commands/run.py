@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from weakclip.commands import lock_folder
 from weakclip.commands.flags import PRESET_HELP, add_crf, add_dataset, add_device, add_renamed
 
 
@@ -114,6 +115,7 @@ def register(sub) -> None:
     add_device(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_pipeline)
+    lock_folder(p, "workdir")
 
     d = sub.add_parser("demo", help="the whole pipeline on the embedded synthetic dataset (CPU, minutes)",
                        description="Synthetic data + a tiny random CLIP: refinement, pseudo masks, "
@@ -125,3 +127,4 @@ def register(sub) -> None:
     add_device(d)
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=run_demo)
+    lock_folder(d, "workdir")

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from weakclip.commands import lock_folder, output_files
 from weakclip.commands.flags import DATASET_HELP, DATASET_KINDS, add_device
 
 
@@ -219,6 +220,8 @@ def register(sub) -> None:
                         "as CLIP-ES; e.g. 8 on a GPU for speed: the CAMs change by float rounding only)")
     add_device(p)
     p.set_defaults(func=run_generate)
+    lock_folder(p, "out")
+    output_files(p, "json")
 
     c = actions.add_parser("check", help="validate a seed folder against a dataset",
                            description="Every image has a seed of its size, values are class ids or 255, "
@@ -226,4 +229,5 @@ def register(sub) -> None:
                                        "Exit status 1 when a problem is found.")
     c.add_argument("dir", type=Path, help="seed folder (<id>.png)")
     _data_args(c)
-    c.set_defaults(func=run_check)
+    c.set_defaults(func=run_check, lock_folder=None)
+    output_files(c, "json")

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from weakclip.commands import lock_folder
 from weakclip.commands.flags import PRESET_HELP, add_amp, add_dataset, add_device
 
 # direct flag -> config key
@@ -108,3 +109,4 @@ def register(sub) -> None:
     p.add_argument("--print-config", action="store_true", help="print the resulting config and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
+    lock_folder(p, "workdir")

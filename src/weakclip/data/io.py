@@ -56,6 +56,7 @@ __all__ = [
     "read_label_png",
     "write_json_atomic",
     "write_label_png",
+    "write_bytes_atomic",
     "write_text_atomic",
 ]
 
@@ -398,20 +399,24 @@ def read_label_png(
 
 
 def _atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], *, fsync: bool) -> Path:
-    """Write ``path`` through a temporary file in the same folder, then rename it over ``path``."""
+    """Write ``path`` through a temporary file in the same folder, then rename it over ``path``. A full or
+    read-only disk is an :class:`~weakclip.errors.OutputError` (the temporary file removed)."""
+    from weakclip.write_errors import writing
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    # os.open with mode 0o666 respects the umask, unlike tempfile (0o600), so the final file gets
-    # the same permissions as a plain open() would give it.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            if fsync:
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        with writing(path):  # the free space is measured before the partial file goes
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # os.open with mode 0o666 respects the umask, unlike tempfile (0o600), so the final file gets
+            # the same permissions as a plain open() would give it.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            with os.fdopen(fd, "wb") as fh:
+                write(fh)
+                fh.flush()
+                if fsync:
+                    os.fsync(fh.fileno())
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -450,6 +455,11 @@ def write_label_png(path: str | Path, array: np.ndarray, palette: bool = True) -
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
     """Atomically write ``obj`` as UTF-8 JSON (indented, trailing newline). Returns the path written."""
     return write_text_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Atomically write ``data``. Returns the path written."""
+    return _atomic_write(path, lambda fh: fh.write(data), fsync=False)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

@@ -41,6 +41,7 @@ from torch import nn
 
 from weakclip.errors import WeakclipError
 from weakclip.safe_load import safe_torch_load
+from weakclip.write_errors import writing
 
 __all__ = [
     "capture_rng_state",
@@ -64,18 +65,30 @@ def checkpoint_dir(workdir: str | Path) -> Path:
     return Path(workdir) / "checkpoints"
 
 
-def _atomic_replace(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _atomic_replace(path: Path, write, kept: str | None = None, what: str = "checkpoint") -> None:
+    """Write ``path`` through a temporary file renamed over it; a full or read-only disk is a one-line
+    :class:`~weakclip.errors.OutputError` saying ``kept`` (the temporary file removed)."""
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        with writing(path, kept, what=what):  # the free space is measured before the partial file goes
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as fh:
+                write(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _kept_checkpoint(workdir: str | Path) -> str:
+    """What a failed checkpoint write keeps: the last complete checkpoint, to resume from."""
+    last = latest_checkpoint(workdir)
+    if last is None:
+        return "no complete checkpoint exists yet: free some space and run the same command again"
+    return (f"the last complete checkpoint, {last.name}, is kept: free some space and run the same command "
+            f"again (with --resume for train/retrain) to go on from it")
 
 
 def trainable_state_dict(model: nn.Module, include_frozen: bool = False) -> dict[str, torch.Tensor]:
@@ -143,8 +156,10 @@ def save_checkpoint(workdir: str | Path, state: dict[str, Any], iteration: int, 
     delete all but the newest ``keep`` checkpoints. Returns the checkpoint's path."""
     folder = checkpoint_dir(workdir)
     path = folder / f"iter_{int(iteration):07d}.pth"
-    _atomic_replace(path, lambda fh: torch.save(state, fh))
-    _atomic_replace(folder / "latest", lambda fh: fh.write((path.name + "\n").encode("utf-8")))
+    kept = _kept_checkpoint(workdir)
+    _atomic_replace(path, lambda fh: torch.save(state, fh), kept)
+    _atomic_replace(folder / "latest", lambda fh: fh.write((path.name + "\n").encode("utf-8")), kept,
+                    what="checkpoint pointer")
     if keep > 0:
         for old in list_checkpoints(workdir)[:-keep]:
             if old != path:
@@ -160,7 +175,8 @@ def best_checkpoint_path(workdir: str | Path) -> Path:
 def save_best_checkpoint(workdir: str | Path, state: dict[str, Any]) -> Path:
     """Write ``state`` (``iteration``, ``model``, ...) atomically as :func:`best_checkpoint_path`."""
     path = best_checkpoint_path(workdir)
-    _atomic_replace(path, lambda fh: torch.save(state, fh))
+    _atomic_replace(path, lambda fh: torch.save(state, fh), "the previous best.pth (if any) and "
+                    + _kept_checkpoint(workdir), what="best checkpoint")
     return path
 
 

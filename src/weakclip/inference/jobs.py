@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from weakclip.distributed import env_world, shard
+from weakclip.write_errors import writing
 
 __all__ = ["JobLedger", "gather_objects", "sum_counts", "warn", "write_npz_atomic"]
 
@@ -82,19 +83,20 @@ def write_npz_atomic(path: str | Path, compress: bool = True, **arrays: np.ndarr
     bytes (a resumed job reproduces a fresh one exactly). ``np.load`` reads the file as usual.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
-        with open(tmp, "wb") as fh, zipfile.ZipFile(fh, "w", compression=method) as zf:
-            for name, value in arrays.items():
-                buf = io.BytesIO()
-                np.lib.format.write_array(buf, np.asanyarray(value), allow_pickle=False)
-                info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE)
-                info.compress_type = method
-                info.external_attr = 0o644 << 16
-                zf.writestr(info, buf.getvalue())
-        os.replace(tmp, path)
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as fh, zipfile.ZipFile(fh, "w", compression=method) as zf:
+                for name, value in arrays.items():
+                    buf = io.BytesIO()
+                    np.lib.format.write_array(buf, np.asanyarray(value), allow_pickle=False)
+                    info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE)
+                    info.compress_type = method
+                    info.external_attr = 0o644 << 16
+                    zf.writestr(info, buf.getvalue())
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

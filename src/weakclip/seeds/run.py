@@ -33,6 +33,7 @@ from weakclip.data.io import jsonable, read_label_png, write_json_atomic, write_
 from weakclip.distributed import env_world, shard
 from weakclip.errors import DataError
 from weakclip.metrics import ConfusionMatrix
+from weakclip.write_errors import writing
 
 __all__ = ["format_names", "format_summary", "generate_seeds", "write_cams_npz"]
 
@@ -40,12 +41,14 @@ __all__ = ["format_names", "format_summary", "generate_seeds", "write_cams_npz"]
 def write_cams_npz(path: str | Path, cams: np.ndarray, keys) -> Path:
     """Atomically write CAMs (float16, compressed) and their class ids to ``path`` (.npz)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, keys=np.asarray(keys, dtype=np.int16), cams=np.asarray(cams, np.float16))
-        os.replace(tmp, path)
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as fh:
+                np.savez_compressed(fh, keys=np.asarray(keys, dtype=np.int16),
+                                    cams=np.asarray(cams, np.float16))
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
