@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from weakclip.errors import WeakclipError
-from weakclip.safe_load import safe_torch_load
+from weakclip.safe_load import foreign_file, safe_torch_load
 
 __all__ = [
     "capture_rng_state",
@@ -185,7 +185,7 @@ def read_checkpoint_file(path: str | Path) -> Any:
 def check_training_checkpoint(state: Any, path: str | Path) -> dict[str, Any]:
     """``state`` when it is a weakclip training checkpoint, else WeakclipError."""
     if not isinstance(state, dict) or "iteration" not in state or "model" not in state:
-        raise WeakclipError(f"{path} is not a weakclip training checkpoint")
+        raise foreign_file(path, state, "a weakclip training checkpoint (iteration, model, config)")
     return state
 
 
