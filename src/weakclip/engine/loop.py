@@ -253,9 +253,28 @@ def _truncate_csv(path: Path, upto_iter: int) -> None:
     with open(path, newline="", encoding="utf-8") as fh:
         rows = list(csv.reader(fh))
     if rows:
-        keep = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= upto_iter]
+        head = [] if rows[0] and rows[0][0].isdigit() else [rows[0]]  # a log that lost its header: none
+        keep = head + [r for r in rows[len(head):] if r and r[0].isdigit() and int(r[0]) <= upto_iter]
         with open(path, "w", newline="", encoding="utf-8") as fh:
             csv.writer(fh).writerows(keep)
+
+
+def _open_csv_log(path: Path, header: list[str], resume: bool):
+    """``path`` opened for appending rows, its header first: a fresh file on a new run; on a resumed one the
+    existing rows are kept and a header is written first when the file is missing, empty, or lost it (a run
+    killed before its first row was flushed left an empty file, which the report could not read)."""
+    rows: list[list[str]] = []
+    if resume and path.is_file():
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = [r for r in csv.reader(fh) if r]
+    if rows and rows[0] and not rows[0][0].isdigit():  # the header is there: append below it
+        fh = open(path, "a", newline="", encoding="utf-8")  # noqa: SIM115 - the caller closes it
+        return fh, csv.writer(fh)
+    fh = open(path, "w", newline="", encoding="utf-8")  # noqa: SIM115 - the caller closes it
+    writer = csv.writer(fh)
+    writer.writerows([header, *rows])
+    fh.flush()  # the header is on disk before the first row, so a kill leaves a readable log
+    return fh, writer
 
 
 def _autocast(device: torch.device, amp: str):
@@ -431,12 +450,8 @@ def run_training(
     writer = None
     tb = None
     if info.is_main:
-        path = workdir / "log.csv"
-        new = not (ckpt is not None and path.is_file())
-        csv_fh = open(path, "w" if new else "a", newline="", encoding="utf-8")  # noqa: SIM115 - closed below
-        writer = csv.writer(csv_fh)
-        if new:
-            writer.writerow(["iter", "lr", *names, "seconds", "images_per_s"])
+        csv_fh, writer = _open_csv_log(workdir / "log.csv", ["iter", "lr", *names, "seconds", "images_per_s"],
+                                       resume=ckpt is not None)
         from weakclip.engine.tensorboard import scalar_writer
 
         tb = scalar_writer(workdir, desc)  # None without the tensorboard package
@@ -467,10 +482,7 @@ def run_training(
         eval_path = workdir / "eval.csv"
         if ckpt is not None:
             _truncate_csv(eval_path, start_iter)
-        fresh = not eval_path.is_file() or ckpt is None
-        eval_fh = open(eval_path, "w" if fresh else "a", newline="", encoding="utf-8")  # noqa: SIM115
-        if fresh:
-            csv.writer(eval_fh).writerow(["iter", "miou", "best_miou"])
+        eval_fh, _ = _open_csv_log(eval_path, ["iter", "miou", "best_miou"], resume=ckpt is not None)
 
     def periodic_eval(done: int) -> None:
         nonlocal best
