@@ -175,7 +175,8 @@ def test_other_formats_named_by_their_first_bytes(tmp_path):
     assert sniff_file(tmp_path / "a.gz").startswith("starts with 1f 8b")
     assert "an HTML page" in sniff_file(tmp_path / "a.html")
     assert "a Python pickle, not written by torch.save" in sniff_file(tmp_path / "a.pkl")
-    assert "a zip archive but not a PyTorch file (it holds weights/readme.txt)" in sniff_file(tmp_path / "a.zip")
+    zipped = sniff_file(tmp_path / "a.zip")
+    assert "a zip archive but not a PyTorch file (it holds weights/readme.txt)" in zipped
     # what torch.save writes passes, the legacy format included
     torch.save({"w": torch.zeros(1)}, tmp_path / "new.pth")
     torch.save({"w": torch.zeros(1)}, tmp_path / "old.pth", _use_new_zipfile_serialization=False)

@@ -1,7 +1,8 @@
 """The ``weakclip`` command: a thin layer of argument parsing over the Python API.
 
 Each sub-command imports what it needs when it runs, so ``weakclip --help`` stays fast.
-Errors meant for the user (:class:`weakclip.errors.WeakclipError`) print one line and exit 2.
+Errors meant for the user (:class:`weakclip.errors.WeakclipError`) print one line and exit with the error's
+``exit_status``: 2 (bad input or usage), 1 (finished, but some items failed), 3 (a regression stop).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except WeakclipError as err:
         print(f"weakclip {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_status", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

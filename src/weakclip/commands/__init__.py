@@ -29,3 +29,19 @@ def flag_overrides(args, flag_keys, **paths) -> list[str]:
         if value is not None:
             overrides.append(f"{key}={value}")
     return overrides
+
+
+def report_failed_items(command: str, failures, total: int, show: bool = True) -> int:
+    """The exit status of a command that went over ``total`` items: 0 when none failed, else 1
+    (``EXIT_ITEMS_FAILED``, the same for every command) after one line on stderr,
+    ``weakclip <command>: N failed (of M images): ...; fix or remove them and run again``."""
+    import sys
+
+    from weakclip.errors import EXIT_ITEMS_FAILED, EXIT_OK, failed_items_message
+
+    if not failures:
+        return EXIT_OK
+    if show:
+        print(f"weakclip {command}: {failed_items_message(failures, total)}; fix or remove them and run "
+              "again (the others are written and kept)", file=sys.stderr)
+    return EXIT_ITEMS_FAILED

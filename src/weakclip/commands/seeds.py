@@ -70,6 +70,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if missing:
         raise WeakclipError(f"{', '.join(missing)} required to generate seeds "
                             "(or use 'weakclip seeds check DIR' to validate a folder)")
+    from weakclip.commands import report_failed_items
     from weakclip.data.io import jsonable, write_json_atomic
     from weakclip.distributed import cleanup, init_distributed
     from weakclip.models.clip import build_clip
@@ -105,7 +106,7 @@ def run_generate(args: argparse.Namespace) -> int:
                 write_json_atomic(args.json, jsonable(record))
     finally:
         cleanup()
-    return 0
+    return report_failed_items("seeds", summary["failures"], summary["images"], info.is_main)
 
 
 def run_check(args: argparse.Namespace) -> int:

@@ -50,7 +50,7 @@ def norm_constants(normalize: str) -> tuple[tuple[float, ...], tuple[float, ...]
 
 def build_train_data(cfg: Config):
     """The seeded training set (dataset + transforms); returns ``(dataset, transform)``."""
-    from weakclip.data.datasets import build_dataset
+    from weakclip.data.datasets import build_dataset, require_images
     from weakclip.data.transforms import train_transforms
 
     d = cfg.data
@@ -60,6 +60,7 @@ def build_train_data(cfg: Config):
         raise WeakclipError(f"seed folder not found: {d.seeds}")
     dataset = build_dataset(d.kind, d.root, split=d.split, seed_dir=d.seeds, with_gt=False,
                             image_reader=d.image_reader, image_orientation=d.image_orientation)
+    require_images(dataset, "training")
     if not dataset.has_seeds:
         raise WeakclipError(f"the {d.kind} dataset at {d.root} has no seeds: pass the seed PNG folder "
                             "(--seeds / data.seeds)")

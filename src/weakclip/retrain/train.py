@@ -117,23 +117,27 @@ def build_retrain_transform(d: RetrainDataConfig):
 
 
 def _train_dataset(cfg: RetrainConfig, masks: Path, extra: dict[str, Any]):
-    from weakclip.data.datasets import build_dataset
+    from weakclip.data.datasets import build_dataset, require_images
 
     d = cfg.data
     if not d.root:
         raise WeakclipError("no dataset root given (--data-root / data.root)")
     if not Path(d.root).exists():
         raise DataError(f"dataset folder not found: {d.root}")
-    return build_dataset(d.kind, d.root, split=d.split, seed_dir=masks, with_gt=False,
-                         image_reader=d.image_reader, image_orientation=d.image_orientation, **extra)
+    dataset = build_dataset(d.kind, d.root, split=d.split, seed_dir=masks, with_gt=False,
+                            image_reader=d.image_reader, image_orientation=d.image_orientation, **extra)
+    require_images(dataset, "retraining")
+    return dataset
 
 
 def _val_dataset(cfg: RetrainConfig, extra: dict[str, Any]):
-    from weakclip.data.datasets import build_dataset
+    from weakclip.data.datasets import build_dataset, require_images
 
     d = cfg.data
-    return build_dataset(d.kind, d.root, split=d.val_split, with_gt=True, image_reader=d.image_reader,
-                         image_orientation=d.image_orientation, **extra)
+    dataset = build_dataset(d.kind, d.root, split=d.val_split, with_gt=True, image_reader=d.image_reader,
+                            image_orientation=d.image_orientation, **extra)
+    require_images(dataset, "evaluation")
+    return dataset
 
 
 def cross_entropy_step(model, batch: dict[str, Any], it: int) -> dict[str, torch.Tensor]:
