@@ -27,6 +27,7 @@ from weakclip.engine.loop import (
     LoopSettings,
     MainLog,
     TrainingTask,
+    check_resume_network,
     mix_seed,
     optimizer_step,
     resume_checkpoint,
@@ -195,6 +196,11 @@ def train(cfg: Config, workdir: str | Path, *, clip_weights: str | Path | None =
 
     # -------------------------------------------------------------- resume or fresh
     ckpt = resume_checkpoint(workdir, resume, log)  # before the model: it may name the CLIP weights
+    if ckpt is not None:  # another preset's or network's folder: one line, before the weights are loaded
+        from weakclip.config import PRESETS, load_preset
+
+        presets = {name: load_preset(name).to_dict()["model"] for name in PRESETS}
+        check_resume_network(ckpt, cfg.to_dict(), workdir, kind="refinement model", presets=presets)
     start_iter = int(ckpt["iteration"]) if ckpt is not None else 0
     if ckpt is not None and clip_weights is None and ckpt.get("clip_weights"):
         if not Path(ckpt["clip_weights"]).is_file():

@@ -291,7 +291,15 @@ def retrain(cfg: RetrainConfig, masks_dir: str | Path | None = None,
     import torch.distributed as dist
 
     from weakclip.distributed import init_distributed
-    from weakclip.engine.loop import LoopSettings, TrainingTask, mix_seed, run_training
+    from weakclip.engine.loop import (
+        LoopSettings,
+        MainLog,
+        TrainingTask,
+        check_resume_network,
+        mix_seed,
+        resume_checkpoint,
+        run_training,
+    )
     from weakclip.retrain.check import preflight_masks
 
     masks = Path(masks_dir) if masks_dir is not None else (Path(cfg.data.masks) if cfg.data.masks else None)
@@ -305,6 +313,12 @@ def retrain(cfg: RetrainConfig, masks_dir: str | Path | None = None,
     started_group = not (dist.is_available() and dist.is_initialized())
     info = init_distributed(device)
     try:
+        # the checkpoint to resume from, checked against this run's network before any work
+        ckpt = resume_checkpoint(workdir, resume, MainLog(info, quiet))
+        presets = {name: load_retrain_preset(name).to_dict()["model"] for name in RETRAIN_PRESETS}
+        check_resume_network(ckpt, cfg.to_dict(), workdir, kind="retrained network", presets=presets,
+                             name_key="name", preset_word="retrain preset",
+                             ignore=("pretrained_backbone", "backbone_weights"))
         dataset = _train_dataset(cfg, masks, dict(dataset_kwargs or {}))
         preflight_masks(dataset, masks, workers=max(1, cfg.data.num_workers))
         val = None
@@ -336,7 +350,7 @@ def retrain(cfg: RetrainConfig, masks_dir: str | Path | None = None,
         task = TrainingTask(model=model, optimizer=optimizer, schedule=schedule, step_fn=cross_entropy_step,
                             dataset=dataset, transform=build_retrain_transform(cfg.data))
         summary = run_training(task, LoopSettings.from_section(t, num_workers=cfg.data.num_workers),
-                               workdir=workdir, info=info, config=cfg.to_dict(), resume=resume,
+                               workdir=workdir, info=info, config=cfg.to_dict(), checkpoint=ckpt,
                                max_iters_this_run=max_iters_this_run, progress=progress, quiet=quiet)
         summary["model"] = model
         if val is not None and summary["finished"]:
