@@ -184,13 +184,24 @@ def test_other_formats_named_by_their_first_bytes(tmp_path):
 
 
 # ---------------------------------------------------------------------------- the commands
-def _cli_case(command: str, path, tmp_path) -> list[str]:
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    from weakclip.data.synthetic import make_synthetic_dataset
+
+    return make_synthetic_dataset(tmp_path_factory.mktemp("synth"), n_train=2, n_val=0, image_size=(32, 32))
+
+
+def _cli_case(command: str, path, tmp_path, synth) -> list[str]:
     images = tmp_path / "images"
     images.mkdir(exist_ok=True)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(images / "x.png")
     data = tmp_path / "data"
     data.mkdir(exist_ok=True)
     return {
+        "seeds --clip-weights": ["seeds", "--data-root", str(synth), "--split", "train", "--clip-weights",
+                                 str(path), "--arch", "tiny", "--out", str(tmp_path / "o"), "--device", "cpu",
+                                 "--quiet"],
+        "export": ["export", str(path), "--format", "torchscript", "--out", str(tmp_path / "o")],
         "weights": ["weights", str(path)],
         "predict": ["predict", str(images), "--checkpoint", str(path), "--out", str(tmp_path / "o"),
                     "--device", "cpu", "--quiet"],
@@ -199,14 +210,14 @@ def _cli_case(command: str, path, tmp_path) -> list[str]:
     }[command]
 
 
-@pytest.mark.parametrize("command", ["weights", "predict", "pseudo-masks"])
+@pytest.mark.parametrize("command", ["weights", "seeds --clip-weights", "predict", "pseudo-masks", "export"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_commands_exit_2_with_one_line(command, kind, tmp_path, capsys):
+def test_commands_exit_2_with_one_line(command, kind, tmp_path, capsys, synth):
     path, marker = make_bad_file(kind, tmp_path)
-    assert main(_cli_case(command, path, tmp_path)) == 2
+    assert main(_cli_case(command, path, tmp_path, synth)) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"weakclip {command}: error: ")
-    if kind == "foreign" and command == "weights":
+    assert err.startswith(f"weakclip {command.split()[0]}: error: ")
+    if kind == "foreign" and command in ("weights", "seeds --clip-weights"):
         assert "holds a dict with keys epoch, net, best_acc" in err and "\n" not in err
     else:
         _check(err, kind, path)
