@@ -134,6 +134,27 @@ def test_resume_continues_exactly(synth, tmp_path):
     assert ca["clip_weights"] is None
 
 
+@pytest.mark.parametrize("damage", ["empty", "missing", "headerless"])
+def test_resumed_log_csv_gets_its_header_back(synth, tmp_path, damage):
+    from weakclip.report.analysis import read_log_csv
+
+    cfg = small_config(synth, "train.checkpoint_every=2", iters=4)
+    work = tmp_path / "w"
+    train(cfg, work, device="cpu", progress=False, max_iters_this_run=2)
+    log = work / "log.csv"
+    header, *rows = log.read_text().splitlines()
+    # killed after the checkpoint but before the log reached the disk / a log that lost its header
+    {"empty": lambda: log.write_text(""), "missing": log.unlink,
+     "headerless": lambda: log.write_text("\n".join(rows) + "\n")}[damage]()
+    train(cfg, work, device="cpu", progress=False, resume=True)
+    lines = log.read_text().splitlines()
+    assert lines[0] == header
+    kept = [1, 2] if damage == "headerless" else []
+    assert [int(r["iter"]) for r in csv.DictReader(lines)] == [*kept, 3, 4]
+    curves = read_log_csv(log)  # what the report plots
+    assert curves["iter"] == [float(i) for i in (*kept, 3, 4)] and len(curves["lr"]) == len(kept) + 2
+
+
 def test_a_fresh_run_refuses_a_used_workdir(synth, tmp_path):
     cfg = small_config(synth, iters=1)
     train(cfg, tmp_path / "w", device="cpu", progress=False)

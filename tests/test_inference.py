@@ -274,14 +274,16 @@ def test_pseudo_masks_command_reports_and_skips_a_corrupt_image(trained, tmp_pat
     out = tmp_path / "out"
     argv = ["pseudo-masks", "--checkpoint", str(workdir), "--clip-weights", str(weights), "--data-root",
             str(data), "--split", "train", "--out", str(out), "--crf-workers", "0", "--quiet", *CLI_TTA]
-    assert main(argv + ["--image-batch", "3"]) == 0  # the bad image falls in the first group
+    assert main(argv + ["--image-batch", "3"]) == 1  # the bad image falls in the first group
     captured = capsys.readouterr()
     assert bad in captured.err and "mIoU before CRF" in captured.out and "1 failed" in captured.out
+    last = captured.err.strip().splitlines()[-1]
+    assert last.startswith(f"weakclip pseudo-masks: 1 failed (of 5 images): {bad}")
     summary = json.loads((out / SUMMARY_NAME).read_text())
     assert summary["failed"] == 1 and list(summary["failures"]) == [bad]
     assert summary["written"] == 4 and not (out / f"{bad}.png").exists()
     # running again skips what exists and still reports the bad image
-    assert main(argv + ["--no-restrict"]) == 0
+    assert main(argv + ["--no-restrict"]) == 1
     summary = json.loads((out / SUMMARY_NAME).read_text())
     assert summary["skipped_existing"] == 4 and list(summary["failures"]) == [bad]
 

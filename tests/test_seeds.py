@@ -128,9 +128,9 @@ def test_seeds_command_end_to_end_resume_and_corrupt_image(tmp_path, tiny_weight
     dataset.image_path(2).write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     (out / f"{bad}.png").unlink()
     capsys.readouterr()
-    assert main(argv) == 0
+    assert main(argv) == 1  # finished, one image failed
     captured = capsys.readouterr()
-    assert bad in captured.err
+    assert bad in captured.err and "weakclip seeds: 1 failed (of 6 images)" in captured.err
     summary = json.loads((out / "seeds_summary.json").read_text())
     assert summary["failed"] == 1 and bad in summary["failures"] and summary["skipped_existing"] == 5
     assert not (out / f"{bad}.png").exists()

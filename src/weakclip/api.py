@@ -59,26 +59,10 @@ def _resolve_device(device) -> torch.device:
 
 
 # ============================================================================ loading
-def _describe(obj: Any) -> str:
-    """What a loaded ``.pth`` object holds, in a few words."""
-    if isinstance(obj, Mapping):
-        keys = [str(k) for k in obj]
-        if keys and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            more = ", ..." if len(keys) > 3 else ""
-            return f"a state dict of {len(keys)} tensors ({', '.join(keys[:3])}{more})"
-        if isinstance(obj.get("config"), Mapping):
-            sections = ", ".join(str(k) for k in obj["config"])
-            return f"a checkpoint whose config has the sections {sections}"
-        if not keys:
-            return "an empty dict"
-        return f"a dict with keys {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''}"
-    if isinstance(obj, torch.Tensor):
-        return f"one tensor of shape {tuple(obj.shape)}"
-    return f"a {type(obj).__name__}"
-
-
 def _wrong_kind(path: Path, obj: Any) -> WeakclipError:
-    return WeakclipError(f"{path} holds {_describe(obj)}; expected {_EXPECTED}")
+    from weakclip.safe_load import foreign_file
+
+    return foreign_file(path, obj, _EXPECTED)
 
 
 def _is_run_folder(path: Path) -> bool:

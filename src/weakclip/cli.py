@@ -1,12 +1,12 @@
 """The ``weakclip`` command: a thin layer of argument parsing over the Python API.
 
 Each sub-command imports what it needs when it runs, so ``weakclip --help`` stays fast.
-Errors meant for the user (:class:`weakclip.errors.WeakclipError`) print one line and exit with their
-status (2 unless they say otherwise); so does a disk's refusal of a write that no writer turned into an
-:class:`~weakclip.errors.OutputError`. A command that writes into a work folder runs holding that
-folder's lock (:mod:`weakclip.workdir_lock`). Ctrl-C (SIGINT) and SIGTERM stop the command through its
-clean-up code (worker processes stopped, the lock released, partial files removed): ``interrupted``,
-exit 130; ``terminated``, exit 143.
+Errors meant for the user (:class:`weakclip.errors.WeakclipError`) print one line and exit with the error's
+``exit_status``: 2 (bad input or usage), 1 (finished, but some items failed), 3 (a regression stop); so
+does (2) a disk's refusal of a write that no writer turned into an :class:`~weakclip.errors.OutputError`.
+A command that writes into a work folder runs holding that folder's lock (:mod:`weakclip.workdir_lock`).
+Ctrl-C (SIGINT) and SIGTERM stop the command through its clean-up code (worker processes stopped, the
+lock released, partial files removed): ``interrupted``, exit 130; ``terminated``, exit 143.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except WeakclipError as err:
         print(f"weakclip {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_status", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from weakclip.errors import WeakclipError
+from weakclip.errors import EXIT_REGRESSION, ItemsFailed, WeakclipError, failed_items_message
 
 STAGES = ("seeds", "refine", "pseudo_masks", "retrain")
 
@@ -51,7 +51,9 @@ class PipelineConfig:
 
 
 class RegressionStop(WeakclipError):
-    """``stop_on_regression``: a stage made things worse; the report has been written."""
+    """``stop_on_regression``: a stage made things worse; the report has been written (exit status 3)."""
+
+    exit_status = EXIT_REGRESSION
 
 
 def _broadcast(obj: Any) -> Any:
@@ -152,16 +154,18 @@ class Pipeline:
     def _check_data(self) -> None:
         """Open the training and val splits now, so that a missing list or folder stops the run before
         hours of work rather than at the last stage."""
+        from weakclip.data.datasets import require_images
         from weakclip.errors import DataError
 
         try:
-            self._dataset(self.train_split, seed_dir=None)
+            require_images(self._dataset(self.train_split, seed_dir=None), "training split")
         except DataError as exc:
             raise DataError(f"training split {self.train_split!r}: {exc}") from exc
         val_split = self.retrain_cfg.data.val_split
         if val_split:
             try:
                 val = self._dataset(val_split, seed_dir=None, with_gt=True)
+                require_images(val, "val split")
             except DataError as exc:
                 raise DataError(f"val split {val_split!r}: {exc} (--val-split none skips the final "
                                 "evaluation)") from exc
@@ -180,15 +184,23 @@ class Pipeline:
         return self.workdir / stage
 
     def stage_record(self, stage: str) -> dict[str, Any] | None:
+        """The stage's ``stage.json`` when it finished; None when it has not, or when the record says it
+        went over no image (written by an older version for an empty split: the stage is run again)."""
         from weakclip.data.io import read_json
 
         path = self.stage_dir(stage) / "stage.json"
-        return read_json(path, what="stage record") if path.is_file() else None
+        record = read_json(path, what="stage record") if path.is_file() else None
+        if record is not None and (record.get("metrics") or {}).get("images") == 0:
+            self.log(f"== {stage}: recorded complete over 0 images, so not done: run again")
+            return None
+        return record
 
     def _finish(self, stage: str, settings: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
         from weakclip.data.io import jsonable, write_json_atomic
         from weakclip.distributed import barrier, env_world
 
+        if metrics.get("images") == 0:  # never "complete" over nothing (require_images stops this before)
+            raise WeakclipError(f"{stage}: no image was processed; the stage is not recorded complete")
         record = {"stage": stage, "status": "complete", "settings": settings, "metrics": metrics}
         if self._stage_t0 is not None:  # wall time of this session of the stage
             record["seconds"] = round(time.perf_counter() - self._stage_t0, 2)
@@ -271,9 +283,8 @@ class Pipeline:
         summary = generate_seeds(dataset, seeder, out, rank=info.rank, world_size=info.world_size,
                                  progress=self.cfg.progress, batch_size=self.cfg.seeds_batch)
         if summary.get("failed"):
-            failed = sorted(summary["failures"])[:5]
-            raise WeakclipError(f"seeds: {summary['failed']} images failed ({failed}); fix or remove them "
-                                "and run again")
+            raise ItemsFailed(f"seeds: {failed_items_message(summary['failures'], summary['images'])}; fix "
+                              "or remove them and run again (the stage is not recorded complete)")
         metrics = {"seeds_miou": summary.get("miou"), "seeds_miou_confident": summary.get("miou_confident"),
                    "coverage": summary.get("coverage"), "images": summary.get("images")}
         # the settings as resolved for the class list, then the prompts used (its "background" replaces the
@@ -340,8 +351,9 @@ class Pipeline:
                                         rank=info.rank, world_size=info.world_size,
                                         progress=self.cfg.progress)
         if summary.get("failed"):
-            raise WeakclipError(f"pseudo masks: {summary['failed']} images failed; fix or remove them and "
-                                "run again")
+            failed = failed_items_message(summary["failures"], summary["images"])
+            raise ItemsFailed(f"pseudo masks: {failed}; fix or remove them and run again (the stage is not "
+                              "recorded complete)")
         metrics = {"pseudo_miou": summary.get("miou"),
                    "pseudo_miou_no_crf": summary.get("miou_before_crf", summary.get("miou")),
                    "images": summary.get("images")}

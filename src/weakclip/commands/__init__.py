@@ -68,3 +68,19 @@ def folder_default_split(command: str, root, purpose: str, what: str, *,
     if os.environ.get("RANK", "0") == "0":
         print(folder_split_line(command, what, split, purpose), file=sys.stderr if to_stderr else sys.stdout)
     return split
+
+
+def report_failed_items(command: str, failures, total: int, show: bool = True) -> int:
+    """The exit status of a command that went over ``total`` items: 0 when none failed, else 1
+    (``EXIT_ITEMS_FAILED``, the same for every command) after one line on stderr,
+    ``weakclip <command>: N failed (of M images): ...; fix or remove them and run again``."""
+    import sys
+
+    from weakclip.errors import EXIT_ITEMS_FAILED, EXIT_OK, failed_items_message
+
+    if not failures:
+        return EXIT_OK
+    if show:
+        print(f"weakclip {command}: {failed_items_message(failures, total)}; fix or remove them and run "
+              "again (the others are written and kept)", file=sys.stderr)
+    return EXIT_ITEMS_FAILED

@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from weakclip.api import load
+    from weakclip.commands import report_failed_items
     from weakclip.config import Config, apply_overrides
     from weakclip.errors import WeakclipError
     from weakclip.predict_files import collect_images, predict_files
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     skipped = f" ({len(result['skipped'])} already there, skipped)" if result["skipped"] else ""
     print(f"wrote {len(result['written'])} masks and overlays to {args.out}{skipped}"
           + (f"; {len(failures)} image(s) could not be read: {', '.join(failures)}" if failures else ""))
-    return 1 if failures else 0
+    return report_failed_items("predict", failures, len(images))
 
 
 def register(sub) -> None:

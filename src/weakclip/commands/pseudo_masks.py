@@ -29,7 +29,7 @@ def _pseudo_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from weakclip.commands import folder_default_split
+    from weakclip.commands import folder_default_split, report_failed_items
     from weakclip.config import Config, apply_overrides
     from weakclip.data.datasets import build_dataset
     from weakclip.distributed import cleanup, init_distributed
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
             print(format_summary(summary))
     finally:
         cleanup()
-    return 0
+    return report_failed_items("pseudo-masks", summary["failures"], summary["images"], info.is_main)
 
 
 def register(sub) -> None:

@@ -85,6 +85,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     if args.batch_size is not None and args.batch_size < 1:
         raise WeakclipError(f"--batch-size must be >= 1, got {args.batch_size}")
+    from weakclip.commands import report_failed_items
     from weakclip.data.io import jsonable, write_json_atomic
     from weakclip.distributed import cleanup, init_distributed
     from weakclip.models.clip import build_clip
@@ -120,7 +121,7 @@ def run_generate(args: argparse.Namespace) -> int:
                 write_json_atomic(args.json, jsonable(record))
     finally:
         cleanup()
-    return 0
+    return report_failed_items("seeds", summary["failures"], summary["images"], info.is_main)
 
 
 def run_check(args: argparse.Namespace) -> int:

@@ -38,6 +38,7 @@ __all__ = [
     "load_cls_labels",
     "prepare_coco",
     "read_id_list",
+    "require_images",
 ]
 
 
@@ -117,3 +118,17 @@ def build_dataset(kind_or_root: str | Path, root: str | Path | None = None, **kw
     if unknown:
         raise DataError(f"option(s) {', '.join(unknown)} do not apply to {kind} datasets")
     return cls(root, **options)
+
+
+def require_images(dataset, what: str) -> None:
+    """DataError, before any work, when ``dataset`` holds no image (an empty split file, a folder dataset
+    without labelled images): a stage over zero images would finish at once and look done."""
+    if len(dataset) > 0:
+        return
+    parts = getattr(dataset, "parts", None) or [dataset]
+    files = [str(p.list_file) for p in parts if getattr(p, "list_file", None) is not None]
+    source = f" (the split file {', '.join(files)} lists none)" if files else ""
+    split, root = getattr(dataset, "split", None), getattr(dataset, "root", "?")
+    where = f"split {split!r} of {root}" if split else f"{root}"
+    raise DataError(f"{what}: no images in the {where}{source}: fix the split file or choose another split "
+                    "(--split)")

@@ -40,11 +40,12 @@ import torch
 from torch import nn
 
 from weakclip.errors import WeakclipError
-from weakclip.safe_load import safe_torch_load
+from weakclip.safe_load import foreign_file, safe_torch_load
 from weakclip.write_errors import writing
 
 __all__ = [
     "capture_rng_state",
+    "check_shapes",
     "check_training_checkpoint",
     "checkpoint_dir",
     "latest_checkpoint",
@@ -98,8 +99,22 @@ def trainable_state_dict(model: nn.Module, include_frozen: bool = False) -> dict
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k not in frozen}
 
 
+def check_shapes(model: nn.Module, state: dict[str, Any], source: str = "checkpoint") -> None:
+    """WeakclipError (one line) when tensors of ``state`` have other shapes than ``model``'s of the same name
+    (a network of other settings: another preset, class count or architecture), instead of PyTorch's
+    many-line list of size mismatches."""
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} in the file, {tuple(own[k].shape)} here" for k, v in state.items()
+             if k in own and isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        raise WeakclipError(f"{source} does not fit the model: {len(wrong)} tensors of other shapes ("
+                            f"{'; '.join(wrong[:2])}): it holds a network of other settings; use those "
+                            "settings (its config.yaml) or another work folder")
+
+
 def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint"):
-    """Load what :func:`trainable_state_dict` saved; every trainable parameter must be there."""
+    """Load what :func:`trainable_state_dict` saved; every trainable parameter must be there, of its shape."""
+    check_shapes(model, state, source)
     result = model.load_state_dict(state, strict=False)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     missing = sorted(k for k in result.missing_keys if k in trainable)
@@ -201,7 +216,7 @@ def read_checkpoint_file(path: str | Path) -> Any:
 def check_training_checkpoint(state: Any, path: str | Path) -> dict[str, Any]:
     """``state`` when it is a weakclip training checkpoint, else WeakclipError."""
     if not isinstance(state, dict) or "iteration" not in state or "model" not in state:
-        raise WeakclipError(f"{path} is not a weakclip training checkpoint")
+        raise foreign_file(path, state, "a weakclip training checkpoint (iteration, model, config)")
     return state
 
 

@@ -44,7 +44,7 @@ from __future__ import annotations
 import csv
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,7 @@ from weakclip.distributed import DistInfo
 from weakclip.engine.checkpoint import (
     best_checkpoint_path,
     capture_rng_state,
+    check_shapes,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -213,6 +214,7 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params:
 
 
 def _load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    check_shapes(model, state, "the checkpoint")
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         shown = ", ".join((list(result.missing_keys) + list(result.unexpected_keys))[:5])
@@ -236,6 +238,57 @@ def _mean_over_ranks(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return values.cpu()
 
 
+def _preset_of(model: Mapping[str, Any], presets: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], int]:
+    """The packaged presets closest to a model section and how many of its settings differ from them."""
+    counts = {n: sum(1 for k, v in model.items() if k in m and m[k] != v) for n, m in presets.items()}
+    if not counts:
+        return [], 0
+    fewest = min(counts.values())
+    return [n for n, c in counts.items() if c == fewest], fewest
+
+
+def _network_label(model: Mapping[str, Any], presets: Mapping[str, Mapping[str, Any]], name_key: str | None,
+                   preset_word: str) -> str:
+    """``deeplabv1_resnet38 (retrain preset voc)``, ``preset voc``, ``preset voc with 3 settings changed``."""
+    names, changed = _preset_of(model, presets)
+    which = f"{preset_word} {' / '.join(names)}" if names else "model settings of its own"
+    if names and changed:
+        which += f" with {changed} setting{'s' if changed > 1 else ''} changed"
+    if name_key and model.get(name_key):
+        return f"{model[name_key]} ({which})"
+    return which
+
+
+def check_resume_network(ckpt: Mapping[str, Any] | None, config: Mapping[str, Any], workdir: str | Path, *,
+                         kind: str, presets: Mapping[str, Mapping[str, Any]], name_key: str | None = None,
+                         preset_flag: str = "--preset", preset_word: str = "preset",
+                         ignore: Sequence[str] = ()) -> None:
+    """Before any weight is loaded: WeakclipError (one line) when ``ckpt`` (a resumed checkpoint) was trained
+    with other model settings than ``config``'s (another preset or network): it names what the folder holds,
+    which differ, and what to do. ``presets``: name -> model section of each packaged preset (to name it);
+    ``name_key``: the model section's network name (retraining: ``name``). Keys one of the two configs lacks
+    (an older version's checkpoint) and ``ignore`` (settings of the start only, e.g. a weights file's path)
+    are not compared."""
+    if ckpt is None:
+        return
+    old = (ckpt.get("config") or {}).get("model")
+    new = config.get("model")
+    if not isinstance(old, Mapping) or not isinstance(new, Mapping):
+        return
+    common = [k for k in old if k in new and k not in ignore]
+    diffs = _differences({k: old[k] for k in common}, {k: new[k] for k in common}, "model.")
+    if not diffs:
+        return
+    held = _network_label(old, presets, name_key, preset_word)
+    given = _network_label(new, presets, name_key, preset_word)
+    names, changed = _preset_of(old, presets)
+    hint = (f"resume with {preset_flag} {names[0]}" if names and not changed
+            else f"resume with the settings of {workdir}/config.yaml")
+    raise WeakclipError(f"{workdir} holds a {kind} of {held}, this run asks for {given} "
+                        f"({'; '.join(diffs[:3])}{'; ...' if len(diffs) > 3 else ''}): {hint}, or start in "
+                        "another work folder")
+
+
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     out = []
     for key in sorted(set(old) | set(new)):
@@ -254,9 +307,28 @@ def _truncate_csv(path: Path, upto_iter: int) -> None:
     with open(path, newline="", encoding="utf-8") as fh:
         rows = list(csv.reader(fh))
     if rows:
-        keep = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= upto_iter]
+        head = [] if rows[0] and rows[0][0].isdigit() else [rows[0]]  # a log that lost its header: none
+        keep = head + [r for r in rows[len(head):] if r and r[0].isdigit() and int(r[0]) <= upto_iter]
         with open(path, "w", newline="", encoding="utf-8") as fh:
             csv.writer(fh).writerows(keep)
+
+
+def _open_csv_log(path: Path, header: list[str], resume: bool):
+    """``path`` opened for appending rows, its header first: a fresh file on a new run; on a resumed one the
+    existing rows are kept and a header is written first when the file is missing, empty, or lost it (a run
+    killed before its first row was flushed left an empty file, which the report could not read)."""
+    rows: list[list[str]] = []
+    if resume and path.is_file():
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = [r for r in csv.reader(fh) if r]
+    if rows and rows[0] and not rows[0][0].isdigit():  # the header is there: append below it
+        fh = open(path, "a", newline="", encoding="utf-8")  # noqa: SIM115 - the caller closes it
+        return fh, csv.writer(fh)
+    fh = open(path, "w", newline="", encoding="utf-8")  # noqa: SIM115 - the caller closes it
+    writer = csv.writer(fh)
+    writer.writerows([header, *rows])
+    fh.flush()  # the header is on disk before the first row, so a kill leaves a readable log
+    return fh, writer
 
 
 def _autocast(device: torch.device, amp: str):
@@ -436,12 +508,8 @@ def run_training(
     writer = None
     tb = None
     if info.is_main:
-        path = workdir / "log.csv"
-        new = not (ckpt is not None and path.is_file())
-        csv_fh = open(path, "w" if new else "a", newline="", encoding="utf-8")  # noqa: SIM115 - closed below
-        writer = csv.writer(csv_fh)
-        if new:
-            writer.writerow(["iter", "lr", *names, "seconds", "images_per_s"])
+        csv_fh, writer = _open_csv_log(workdir / "log.csv", ["iter", "lr", *names, "seconds", "images_per_s"],
+                                       resume=ckpt is not None)
         from weakclip.engine.tensorboard import scalar_writer
 
         tb = scalar_writer(workdir, desc)  # None without the tensorboard package
@@ -472,10 +540,7 @@ def run_training(
         eval_path = workdir / "eval.csv"
         if ckpt is not None:
             _truncate_csv(eval_path, start_iter)
-        fresh = not eval_path.is_file() or ckpt is None
-        eval_fh = open(eval_path, "w" if fresh else "a", newline="", encoding="utf-8")  # noqa: SIM115
-        if fresh:
-            csv.writer(eval_fh).writerow(["iter", "miou", "best_miou"])
+        eval_fh, _ = _open_csv_log(eval_path, ["iter", "miou", "best_miou"], resume=ckpt is not None)
 
     def periodic_eval(done: int) -> None:
         nonlocal best

@@ -27,6 +27,7 @@ from weakclip.engine.loop import (
     LoopSettings,
     MainLog,
     TrainingTask,
+    check_resume_network,
     mix_seed,
     optimizer_step,
     resume_checkpoint,
@@ -50,7 +51,7 @@ def norm_constants(normalize: str) -> tuple[tuple[float, ...], tuple[float, ...]
 
 def build_train_data(cfg: Config):
     """The seeded training set (dataset + transforms); returns ``(dataset, transform)``."""
-    from weakclip.data.datasets import build_dataset
+    from weakclip.data.datasets import build_dataset, require_images
     from weakclip.data.transforms import train_transforms
 
     d = cfg.data
@@ -60,6 +61,7 @@ def build_train_data(cfg: Config):
         raise WeakclipError(f"seed folder not found: {d.seeds}")
     dataset = build_dataset(d.kind, d.root, split=d.split, seed_dir=d.seeds, with_gt=False,
                             image_reader=d.image_reader, image_orientation=d.image_orientation)
+    require_images(dataset, "training")
     if not dataset.has_seeds:
         raise WeakclipError(f"the {d.kind} dataset at {d.root} has no seeds: pass the seed PNG folder "
                             "(--seeds / data.seeds)")
@@ -194,6 +196,11 @@ def train(cfg: Config, workdir: str | Path, *, clip_weights: str | Path | None =
 
     # -------------------------------------------------------------- resume or fresh
     ckpt = resume_checkpoint(workdir, resume, log)  # before the model: it may name the CLIP weights
+    if ckpt is not None:  # another preset's or network's folder: one line, before the weights are loaded
+        from weakclip.config import PRESETS, load_preset
+
+        presets = {name: load_preset(name).to_dict()["model"] for name in PRESETS}
+        check_resume_network(ckpt, cfg.to_dict(), workdir, kind="refinement model", presets=presets)
     start_iter = int(ckpt["iteration"]) if ckpt is not None else 0
     if ckpt is not None and clip_weights is None and ckpt.get("clip_weights"):
         if not Path(ckpt["clip_weights"]).is_file():

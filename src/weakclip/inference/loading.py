@@ -64,6 +64,9 @@ def _holds_towers(model_state: Mapping[str, Any]) -> bool:
 
 def _load_everything(model, model_state: Mapping[str, Any], path: Path) -> None:
     """Load a checkpoint that holds the whole model, frozen towers included (every key must fit)."""
+    from weakclip.engine.checkpoint import check_shapes
+
+    check_shapes(model, dict(model_state), f"checkpoint {path}")
     result = model.load_state_dict(dict(model_state), strict=False)
     if result.missing_keys or result.unexpected_keys:
         shown = ", ".join((list(result.missing_keys) + list(result.unexpected_keys))[:5])

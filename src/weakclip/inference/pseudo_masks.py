@@ -42,6 +42,7 @@ import torch
 
 from weakclip.config import PseudoMaskConfig
 from weakclip.crf import choose_backend, dense_crf
+from weakclip.data.datasets import require_images
 from weakclip.data.io import jsonable, read_label_png, write_json_atomic, write_label_png
 from weakclip.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from weakclip.errors import DataError
@@ -228,6 +229,7 @@ def generate_pseudo_masks(
     :class:`~weakclip.metrics.SegScores` under ``"scores"`` (left out of the JSON file).
     """
     settings = PseudoMaskConfig() if settings is None else settings
+    require_images(dataset, "pseudo masks")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     crf_params = settings.crf_params(kind or getattr(dataset, "kind", "voc"))

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from weakclip.errors import WeightsError
 from weakclip.models.clip_arch import CLIP_ARCHS, ClipArch, default_out_blocks
+from weakclip.safe_load import describe_contents, explain_read_error, safe_torch_load, sniff_file
 
 __all__ = [
     "OFFLINE_ENV",
@@ -103,6 +104,8 @@ def read_clip_weights(path: str | PathLike) -> ClipWeights:
     except WeightsError:
         raise
     except Exception as err:  # corrupt, truncated, unrelated: torch/zip/safetensors/json errors
+        if p.is_file() and p.name != "config.json":  # the file's own bytes say what is wrong
+            raise WeightsError(f"CLIP weights file {p} {explain_read_error(p, err)}") from None
         raise _unreadable(p, err) from err
 
 
@@ -150,13 +153,16 @@ def _is_torchscript(p: Path) -> bool:
 
 
 def _load_torch_file(p: Path) -> tuple[object, str]:
+    sniffed = sniff_file(p)
+    if sniffed is not None:
+        raise WeightsError(f"CLIP weights file {p} {sniffed}")
     if _is_torchscript(p):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
             module = torch.jit.load(str(p), map_location="cpu")
         return dict(module.state_dict()), FORMAT_TORCHSCRIPT
-    return torch.load(p, map_location="cpu", weights_only=True), FORMAT_STATE_DICT
+    return safe_torch_load(p, what="CLIP weights file"), FORMAT_STATE_DICT
 
 
 def _as_tensor_dict(obj: object, p: Path) -> dict[str, Tensor]:
@@ -172,7 +178,7 @@ def _as_tensor_dict(obj: object, p: Path) -> dict[str, Tensor]:
         raise _unreadable(p, f"it holds a {type(obj).__name__}, not a state dict")
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
     if not tensors:
-        raise _unreadable(p, "it holds no tensors")
+        raise _unreadable(p, f"it holds {describe_contents(obj)}, no tensors")
     if all(k.startswith("module.") for k in tensors):
         tensors = {k[len("module."):]: v for k, v in tensors.items()}
     return tensors
@@ -216,7 +222,7 @@ def _read_hf(folder: Path, weights_file: Path | None) -> ClipWeights:
         if shard.suffix == ".safetensors":
             tensors.update(_load_safetensors(shard))
         else:
-            tensors.update(_as_tensor_dict(torch.load(shard, map_location="cpu", weights_only=True), shard))
+            tensors.update(_as_tensor_dict(safe_torch_load(shard, what="CLIP weights file"), shard))
     if not _is_hf_naming(tensors):
         raise _unreadable(folder, "no Hugging Face CLIPModel keys (vision_model.*, text_model.*) in it")
     return _hf_weights(tensors, config, folder)

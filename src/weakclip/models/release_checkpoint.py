@@ -56,7 +56,7 @@ from torch import Tensor
 
 from weakclip.data.classes import COCO91_CLASSES, VOC_CLASSES
 from weakclip.errors import WeakclipError
-from weakclip.safe_load import safe_torch_load
+from weakclip.safe_load import foreign_file, safe_torch_load
 
 __all__ = [
     "RELEASE_ALLOWED_GLOBALS",
@@ -351,8 +351,8 @@ def load_release_checkpoint(path: str | Path, obj: Mapping[str, Any] | None = No
     if obj is None:
         obj = safe_torch_load(path, allow=RELEASE_ALLOWED_GLOBALS, what="release checkpoint")
     if not is_release_checkpoint(obj):
-        raise WeakclipError(f"{path} is not a checkpoint of the release's WeakCLIP (no state_dict with "
-                            "backbone.* and decode_head.conv_seg)")
+        raise foreign_file(path, obj, "a checkpoint of the release's WeakCLIP (a state_dict with backbone.* "
+                           "and decode_head.conv_seg)")
     state = {str(k): v for k, v in obj["state_dict"].items()}
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}

@@ -35,6 +35,7 @@ from weakclip.engine.schedule import PolySchedule
 from weakclip.errors import WeakclipError, WeightsError
 from weakclip.retrain.resnet38 import MXNET_FILE, ResNet38, load_resnet38_weights
 from weakclip.retrain.segmenter import Segmenter
+from weakclip.safe_load import foreign_file, safe_torch_load
 
 __all__ = [
     "DeepLabV1",
@@ -168,23 +169,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     ``{"model": state dict}`` / ``{"state_dict": ...}`` wrapper. Loaded with ``weights_only=True``: a file
     that needs arbitrary pickled objects is refused with a one-line WeightsError (this package's own
     training checkpoints store plain values only, so they load too)."""
-    import pickle
-    import re
-
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        reason = " ".join(str(exc).split())
-        glob = re.search(r"Unsupported global: GLOBAL (\S+)", reason)
-        what = glob.group(1) if glob else reason[:120]
-        raise WeightsError(f"checkpoint {path} needs arbitrary pickled objects ({what}), which are not "
-                           "loaded (weights_only=True)") from exc
-    except Exception as exc:  # noqa: BLE001 - corrupt zip, wrong format ...
-        raise WeightsError(f"cannot read checkpoint {path}: {' '.join(str(exc).split())[:160]}") from exc
-    return state_dict_of(state, path)
+    return state_dict_of(safe_torch_load(path, what="checkpoint"), path)
 
 
 def state_dict_of(obj, source: str | Path) -> dict[str, torch.Tensor]:
@@ -197,7 +182,7 @@ def state_dict_of(obj, source: str | Path) -> dict[str, torch.Tensor]:
             state = state[key]
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor)
                                                            for v in state.values()):
-        raise WeightsError(f"checkpoint {source} does not hold a state dict of tensors")
+        raise foreign_file(source, obj, "a segmentation network's state dict (a retraining checkpoint)")
     out = {}
     for k, v in state.items():
         while k.startswith(("module.", "net.")):

@@ -45,6 +45,7 @@ from torch import nn
 from weakclip.errors import WeakclipError, WeightsError
 from weakclip.retrain.deeplabv1 import build_deeplabv1
 from weakclip.retrain.segmenter import Segmenter
+from weakclip.safe_load import foreign_file, safe_torch_load
 
 __all__ = ["DeepLabV3Plus", "Segmenter", "available_models", "build_segmenter", "load_backbone_file"]
 
@@ -105,15 +106,13 @@ class DeepLabV3Plus(nn.Module):
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise WeightsError(f"backbone weights file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unpickling fails in many ways
-        raise WeightsError(f"cannot read backbone weights {path}: {' '.join(str(exc).split())}") from exc
+    loaded = state = safe_torch_load(path, what="backbone weights file")
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"backbone weights {path} do not hold a state dict of tensors")
+    if not isinstance(state, dict) or not state or \
+            not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise foreign_file(path, loaded, "an ImageNet state dict of the backbone (torchvision layout)")
     out = {}
     for k, v in state.items():
         for prefix in ("module.", "backbone.", "features."):

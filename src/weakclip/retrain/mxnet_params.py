@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from weakclip.errors import WeightsError
+from weakclip.safe_load import sniff_file
 
 __all__ = [
     "LIST_MAGIC",
@@ -127,6 +128,9 @@ def read_ndarray_list(path: str | Path) -> dict[str, np.ndarray] | list[np.ndarr
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"MXNet parameter file not found: {path}")
+    sniffed = sniff_file(path)
+    if sniffed is not None and not sniffed.startswith("starts with 12 01 00 00 "):
+        raise WeightsError(f"MXNet parameter file {path} {sniffed.replace('not a PyTorch', 'not an MXNet')}")
     r = _Reader(path.read_bytes(), path)
     if len(r.data) < 16:
         raise WeightsError(f"{path} is not an MXNet NDArray file (only {len(r.data)} bytes)")

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from weakclip.errors import WeakclipError, WeightsError
+from weakclip.safe_load import foreign_file, safe_torch_load
 
 __all__ = ["MXNET_FILE", "ResNet38", "load_resnet38_weights", "read_resnet38_file"]
 
@@ -140,16 +141,13 @@ def read_resnet38_file(path: str | Path) -> dict[str, torch.Tensor]:
         from weakclip.retrain.mxnet_params import resnet38_state_dict
 
         return resnet38_state_dict(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unpickling fails in many ways
-        raise WeightsError(f"cannot read ResNet-38 weights {path} as a PyTorch state dict "
-                           f"({' '.join(str(exc).split())[:160]})") from exc
+    loaded = state = safe_torch_load(path, what="ResNet-38 weights file")
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"ResNet-38 weights {path} do not hold a state dict of tensors")
+    if not isinstance(state, dict) or not state or \
+            not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise foreign_file(path, loaded, f"a ResNet-38 state dict ({MXNET_FILE} or its converted .pth)")
     out = {}
     for k, v in state.items():
         for prefix in ("module.", "backbone."):

@@ -117,23 +117,27 @@ def build_retrain_transform(d: RetrainDataConfig):
 
 
 def _train_dataset(cfg: RetrainConfig, masks: Path, extra: dict[str, Any]):
-    from weakclip.data.datasets import build_dataset
+    from weakclip.data.datasets import build_dataset, require_images
 
     d = cfg.data
     if not d.root:
         raise WeakclipError("no dataset root given (--data-root / data.root)")
     if not Path(d.root).exists():
         raise DataError(f"dataset folder not found: {d.root}")
-    return build_dataset(d.kind, d.root, split=d.split, seed_dir=masks, with_gt=False,
-                         image_reader=d.image_reader, image_orientation=d.image_orientation, **extra)
+    dataset = build_dataset(d.kind, d.root, split=d.split, seed_dir=masks, with_gt=False,
+                            image_reader=d.image_reader, image_orientation=d.image_orientation, **extra)
+    require_images(dataset, "retraining")
+    return dataset
 
 
 def _val_dataset(cfg: RetrainConfig, extra: dict[str, Any]):
-    from weakclip.data.datasets import build_dataset
+    from weakclip.data.datasets import build_dataset, require_images
 
     d = cfg.data
-    return build_dataset(d.kind, d.root, split=d.val_split, with_gt=True, image_reader=d.image_reader,
-                         image_orientation=d.image_orientation, **extra)
+    dataset = build_dataset(d.kind, d.root, split=d.val_split, with_gt=True, image_reader=d.image_reader,
+                            image_orientation=d.image_orientation, **extra)
+    require_images(dataset, "evaluation")
+    return dataset
 
 
 def cross_entropy_step(model, batch: dict[str, Any], it: int) -> dict[str, torch.Tensor]:
@@ -287,7 +291,15 @@ def retrain(cfg: RetrainConfig, masks_dir: str | Path | None = None,
     import torch.distributed as dist
 
     from weakclip.distributed import init_distributed
-    from weakclip.engine.loop import LoopSettings, TrainingTask, mix_seed, run_training
+    from weakclip.engine.loop import (
+        LoopSettings,
+        MainLog,
+        TrainingTask,
+        check_resume_network,
+        mix_seed,
+        resume_checkpoint,
+        run_training,
+    )
     from weakclip.retrain.check import preflight_masks
 
     masks = Path(masks_dir) if masks_dir is not None else (Path(cfg.data.masks) if cfg.data.masks else None)
@@ -301,6 +313,12 @@ def retrain(cfg: RetrainConfig, masks_dir: str | Path | None = None,
     started_group = not (dist.is_available() and dist.is_initialized())
     info = init_distributed(device)
     try:
+        # the checkpoint to resume from, checked against this run's network before any work
+        ckpt = resume_checkpoint(workdir, resume, MainLog(info, quiet))
+        presets = {name: load_retrain_preset(name).to_dict()["model"] for name in RETRAIN_PRESETS}
+        check_resume_network(ckpt, cfg.to_dict(), workdir, kind="retrained network", presets=presets,
+                             name_key="name", preset_word="retrain preset",
+                             ignore=("pretrained_backbone", "backbone_weights"))
         dataset = _train_dataset(cfg, masks, dict(dataset_kwargs or {}))
         preflight_masks(dataset, masks, workers=max(1, cfg.data.num_workers))
         val = None
@@ -332,7 +350,7 @@ def retrain(cfg: RetrainConfig, masks_dir: str | Path | None = None,
         task = TrainingTask(model=model, optimizer=optimizer, schedule=schedule, step_fn=cross_entropy_step,
                             dataset=dataset, transform=build_retrain_transform(cfg.data))
         summary = run_training(task, LoopSettings.from_section(t, num_workers=cfg.data.num_workers),
-                               workdir=workdir, info=info, config=cfg.to_dict(), resume=resume,
+                               workdir=workdir, info=info, config=cfg.to_dict(), checkpoint=ckpt,
                                max_iters_this_run=max_iters_this_run, progress=progress, quiet=quiet)
         summary["model"] = model
         if val is not None and summary["finished"]:

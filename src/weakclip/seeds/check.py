@@ -1,7 +1,8 @@
 """Validate a seed folder (built-in or from another CAM method) against a dataset.
 
-Checks per image id of the dataset: the seed ``<id>.png`` exists and decodes as a label map, has the
-image's size, holds only class ids (< K) or 255, and shows no class outside the image's labels.
+Checks per image id of the dataset: the image decodes (whole: a truncated JPEG is found), the seed
+``<id>.png`` exists and decodes as a label map, has the image's size, holds only class ids (< K) or 255,
+and shows no class outside the image's labels.
 Labelled classes that a seed does not show are counted too (a note, not an error: CAMs often miss
 small objects). Coverage statistics: the share of labelled (non-255) pixels overall, of background,
 of each class, and per class the share of its images in which the seed shows it.
@@ -16,7 +17,8 @@ import numpy as np
 from tqdm import tqdm
 
 from weakclip.data.classes import IGNORE_INDEX
-from weakclip.data.io import read_label_png
+from weakclip.data.datasets import require_images
+from weakclip.data.io import read_image, read_label_png
 from weakclip.errors import DataError
 
 __all__ = ["SeedReport", "check_seeds"]
@@ -114,6 +116,7 @@ def check_seeds(seed_dir: str | Path, dataset, *, progress: bool = False) -> See
     seed_dir = Path(seed_dir)
     if not seed_dir.is_dir():
         raise DataError(f"seed folder not found: {seed_dir}")
+    require_images(dataset, "seeds check")
     classes = list(dataset.classes)
     k = len(classes)
     rep = SeedReport(str(seed_dir), classes, images=len(dataset), class_pixels=[0] * k,
@@ -132,6 +135,7 @@ def check_seeds(seed_dir: str | Path, dataset, *, progress: bool = False) -> See
             continue
         rep.checked += 1
         try:
+            read_image(dataset.image_path(i))  # decoded whole: a truncated or corrupt image shows here
             fits = dataset.label_fits(i, seed.shape)
             labels = dataset.get_labels(i)
         except DataError as exc:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from weakclip.data.datasets import require_images
 from weakclip.data.io import jsonable, read_label_png, write_json_atomic, write_label_png
 from weakclip.distributed import env_world, shard
 from weakclip.errors import DataError
@@ -138,6 +139,7 @@ def generate_seeds(
     The seeder's ``config.masks`` (when it has one) says which of CLIP-ES's masks are written
     (``argmax/<id>.png``, ``crf/<id>.png``); an image counts as done when all its files exist.
     """
+    require_images(dataset, "seeds")
     env_rank, env_world_size, _ = env_world()
     rank = env_rank if rank is None else int(rank)
     world_size = env_world_size if world_size is None else int(world_size)
