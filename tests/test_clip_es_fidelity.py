@@ -4,7 +4,6 @@ precision, the VOC / COCO settings, and its two mask rules (background-power arg
 
 from __future__ import annotations
 
-import argparse
 import platform
 
 import numpy as np
@@ -228,17 +227,16 @@ def test_voc_and_coco_settings(tiny):
     assert seed_preset("coco-plus").box_threshold == 0.7 and seed_preset("coco-plus").inclusive_boxes
     with pytest.raises(WeakclipError, match="unknown seed preset"):
         seed_preset("pascal")
-    from weakclip.commands.seeds import register
-
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers())
+    from weakclip.cli import build_parser
     from weakclip.commands.seeds import seed_config
 
-    args = parser.parse_args(["seeds"])
+    parser = build_parser()
+    needed = ["--data-root", "d", "--clip-weights", "w.pt", "--out", "o"]
+    args = parser.parse_args(["seeds", *needed])
     assert seed_config(args, "coco")[0] == "coco" and seed_config(args, "voc")[0] == "voc"
     assert seed_config(args, "folder")[1] == seed_preset("voc")
-    args = parser.parse_args(["seeds", "--preset", "voc", "--inclusive-boxes", "--box-threshold", "0.5",
-                              "--masks"])
+    args = parser.parse_args(["seeds", *needed, "--preset", "voc", "--inclusive-boxes", "--box-threshold",
+                              "0.5", "--masks"])
     name, cfg = seed_config(args, "coco")
     assert name == "voc" and cfg.inclusive_boxes and cfg.box_threshold == 0.5 and cfg.masks == ()
     assert not cfg.float_resize and cfg.softmax_over == "labels"

@@ -207,15 +207,19 @@ def test_seeder_record_of_a_foreign_list_and_of_given_embeddings(tiny):
     assert "names_note" not in given
 
 
+_NEEDED = ["--data-root", "d", "--clip-weights", "w.pt", "--out", "o"]  # what seeds generate requires
+
+
 def test_default_preset_follows_the_recognised_class_list():
-    args = build_parser().parse_args(["seeds"])
+    args = build_parser().parse_args(["seeds", *_NEEDED])
     coco = _spelled(COCO_CLASSES, "underscores")
     assert seed_config(args, "folder", coco)[0] == "coco"
     assert seed_config(args, "folder", _coco91(COCO_CLASSES))[0] == "coco"
     assert seed_config(args, "folder", list(VOC_PROMPT_NAMES))[0] == "voc"
     assert seed_config(args, "coco", ["background", "cat"])[0] == "coco"
     assert seed_config(args, "folder", ["background", "cat"])[0] == "voc"
-    assert seed_config(build_parser().parse_args(["seeds", "--preset", "voc"]), "folder", coco)[0] == "voc"
+    chosen = build_parser().parse_args(["seeds", *_NEEDED, "--preset", "voc"])
+    assert seed_config(chosen, "folder", coco)[0] == "voc"
     assert preset_mismatch("voc", "coco").startswith("note: the class list is COCO's")
     assert preset_mismatch("coco-plus", "voc") is not None
     assert preset_mismatch("voc-plus", "voc") is None and preset_mismatch("coco", None) is None
