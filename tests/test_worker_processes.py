@@ -269,6 +269,8 @@ def test_a_stopped_stage_leaves_no_worker_behind(photo_job, tmp_path, how):
         assert proc.returncode == expected[0], err[-1500:]
         assert expected[1] in err and "Traceback" not in err, err[-1500:]
         assert stopped < 20
+        # the work-folder lock goes with a clean stop; kill -9 leaves it for the next run to take over
+        assert (out / ".weakclip.lock").exists() == (how == "kill-9")
     finally:
         _kill_tree(proc.pid)
         proc.wait()
