@@ -13,7 +13,7 @@ from weakclip.data.datasets import build_dataset
 from weakclip.data.synthetic import make_synthetic_dataset
 from weakclip.data.transforms import CLIP_MEAN, CLIP_STD
 from weakclip.engine.checkpoint import latest_checkpoint, load_checkpoint, load_trainable_state_dict
-from weakclip.engine.loop import GlobalBatchSampler
+from weakclip.engine.sampling import GlobalBatchSampler
 from weakclip.engine.schedule import WarmupCosineSchedule, lr_at
 from weakclip.engine.trainer import train
 from weakclip.metrics import ConfusionMatrix

@@ -44,12 +44,11 @@ from __future__ import annotations
 import csv
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -61,95 +60,18 @@ from weakclip.engine.checkpoint import (
     capture_rng_state,
     check_shapes,
     latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
     restore_rng_state,
     save_best_checkpoint,
     save_checkpoint,
     trainable_state_dict,
 )
+from weakclip.engine.csv_log import open_csv_log, truncate_csv
+from weakclip.engine.resume import config_differences, resume_checkpoint
+from weakclip.engine.sampling import GlobalBatchSampler, SeededTransformDataset, mix_seed
 from weakclip.errors import WeakclipError
 from weakclip.worker_pool import usable_cpus
 
-__all__ = [
-    "GlobalBatchSampler", "LoopSettings", "MainLog", "SeededTransformDataset", "TrainingTask", "mix_seed",
-    "optimizer_step", "resume_checkpoint", "run_training",
-]
-
-
-def mix_seed(*values: int) -> int:
-    """A well-mixed 63-bit seed from several integers (numpy's SeedSequence)."""
-    state = np.random.SeedSequence([int(v) % 2**63 for v in values]).generate_state(2, dtype=np.uint32)
-    return int(state[0]) << 31 | int(state[1]) >> 1
-
-
-# ====================================================================== data
-class GlobalBatchSampler:
-    """Yields, per iteration, this process's slice of the global batch as ``(it, slot, index)`` triples.
-
-    ``slot`` is the position in the GLOBAL batch (0..B-1), ``index`` the dataset index. Infinite; starts at
-    ``start_iter``. See the module docstring for the order.
-    """
-
-    def __init__(self, n_items: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1,
-                 start_iter: int = 0) -> None:
-        if n_items <= 0:
-            raise WeakclipError("the training set is empty")
-        if global_batch % world_size:
-            raise WeakclipError(f"global batch {global_batch} is not divisible by the {world_size} processes")
-        self.n_items = int(n_items)
-        self.global_batch = int(global_batch)
-        self.seed = int(seed)
-        self.rank = int(rank)
-        self.world_size = int(world_size)
-        self.start_iter = int(start_iter)
-        self._perm_epoch = -1
-        self._perm: list[int] = []
-
-    def permutation(self, epoch: int) -> list[int]:
-        if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 0x5A3D))
-            self._perm = torch.randperm(self.n_items, generator=g).tolist()
-            self._perm_epoch = epoch
-        return self._perm
-
-    def global_indices(self, it: int) -> list[int]:
-        """Dataset indices of the whole global batch of iteration ``it``."""
-        out = []
-        for pos in range(it * self.global_batch, (it + 1) * self.global_batch):
-            epoch, offset = divmod(pos, self.n_items)
-            out.append(self.permutation(epoch)[offset])
-        return out
-
-    def local_batch(self, it: int) -> list[tuple[int, int, int]]:
-        per = self.global_batch // self.world_size
-        indices = self.global_indices(it)
-        slots = range(self.rank * per, (self.rank + 1) * per)
-        return [(it, j, indices[j]) for j in slots]
-
-    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
-        it = self.start_iter
-        while True:
-            yield self.local_batch(it)
-            it += 1
-
-
-class SeededTransformDataset(Dataset):
-    """``dataset[index]`` passed through ``transform(sample, rng=default_rng([seed, it, slot]))``."""
-
-    def __init__(self, dataset: Dataset, transform, seed: int) -> None:
-        self.dataset = dataset
-        self.transform = transform
-        self.seed = int(seed)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
-        it, slot, index = key
-        sample = self.dataset[index]
-        sample.pop("gt", None)
-        return self.transform(sample, rng=np.random.default_rng([self.seed, int(it), int(slot)]))
+__all__ = ["LoopSettings", "MainLog", "TrainingTask", "optimizer_step", "run_training"]
 
 
 # ====================================================================== pieces
@@ -168,24 +90,6 @@ class MainLog:
             self.bar.write(msg)
         else:
             print(msg, flush=True)
-
-
-def resume_checkpoint(workdir: str | Path, resume: bool, log: Callable[[str], None]) -> dict[str, Any] | None:
-    """The checkpoint a run starts from: with ``resume`` the latest in ``workdir`` (None when there is none:
-    a fresh start); without, None, and a WeakclipError when ``workdir`` already holds checkpoints."""
-    workdir = Path(workdir)
-    if resume:
-        path = latest_checkpoint(workdir)
-        if path is None:
-            log(f"no checkpoint in {workdir}: starting from iteration 0")
-            return None
-        ckpt = load_checkpoint(path)
-        log(f"resuming from {path} (iteration {ckpt['iteration']})")
-        return ckpt
-    if list_checkpoints(workdir):
-        raise WeakclipError(f"{workdir} already holds checkpoints: pass --resume to continue, or use another "
-                            "--workdir")
-    return None
 
 
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor], *,
@@ -236,99 +140,6 @@ def _mean_over_ranks(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
         dist.all_reduce(values)
         values = values / info.world_size
     return values.cpu()
-
-
-def _preset_of(model: Mapping[str, Any], presets: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], int]:
-    """The packaged presets closest to a model section and how many of its settings differ from them."""
-    counts = {n: sum(1 for k, v in model.items() if k in m and m[k] != v) for n, m in presets.items()}
-    if not counts:
-        return [], 0
-    fewest = min(counts.values())
-    return [n for n, c in counts.items() if c == fewest], fewest
-
-
-def _network_label(model: Mapping[str, Any], presets: Mapping[str, Mapping[str, Any]], name_key: str | None,
-                   preset_word: str) -> str:
-    """``deeplabv1_resnet38 (retrain preset voc)``, ``preset voc``, ``preset voc with 3 settings changed``."""
-    names, changed = _preset_of(model, presets)
-    which = f"{preset_word} {' / '.join(names)}" if names else "model settings of its own"
-    if names and changed:
-        which += f" with {changed} setting{'s' if changed > 1 else ''} changed"
-    if name_key and model.get(name_key):
-        return f"{model[name_key]} ({which})"
-    return which
-
-
-def check_resume_network(ckpt: Mapping[str, Any] | None, config: Mapping[str, Any], workdir: str | Path, *,
-                         kind: str, presets: Mapping[str, Mapping[str, Any]], name_key: str | None = None,
-                         preset_flag: str = "--preset", preset_word: str = "preset",
-                         ignore: Sequence[str] = ()) -> None:
-    """Before any weight is loaded: WeakclipError (one line) when ``ckpt`` (a resumed checkpoint) was trained
-    with other model settings than ``config``'s (another preset or network): it names what the folder holds,
-    which differ, and what to do. ``presets``: name -> model section of each packaged preset (to name it);
-    ``name_key``: the model section's network name (retraining: ``name``). Keys one of the two configs lacks
-    (an older version's checkpoint) and ``ignore`` (settings of the start only, e.g. a weights file's path)
-    are not compared."""
-    if ckpt is None:
-        return
-    old = (ckpt.get("config") or {}).get("model")
-    new = config.get("model")
-    if not isinstance(old, Mapping) or not isinstance(new, Mapping):
-        return
-    common = [k for k in old if k in new and k not in ignore]
-    diffs = _differences({k: old[k] for k in common}, {k: new[k] for k in common}, "model.")
-    if not diffs:
-        return
-    held = _network_label(old, presets, name_key, preset_word)
-    given = _network_label(new, presets, name_key, preset_word)
-    names, changed = _preset_of(old, presets)
-    hint = (f"resume with {preset_flag} {names[0]}" if names and not changed
-            else f"resume with the settings of {workdir}/config.yaml")
-    raise WeakclipError(f"{workdir} holds a {kind} of {held}, this run asks for {given} "
-                        f"({'; '.join(diffs[:3])}{'; ...' if len(diffs) > 3 else ''}): {hint}, or start in "
-                        "another work folder")
-
-
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out
-
-
-def _truncate_csv(path: Path, upto_iter: int) -> None:
-    """On resume, drop the rows beyond the checkpoint (they will be written again)."""
-    if not path.is_file():
-        return
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.reader(fh))
-    if rows:
-        head = [] if rows[0] and rows[0][0].isdigit() else [rows[0]]  # a log that lost its header: none
-        keep = head + [r for r in rows[len(head):] if r and r[0].isdigit() and int(r[0]) <= upto_iter]
-        with open(path, "w", newline="", encoding="utf-8") as fh:
-            csv.writer(fh).writerows(keep)
-
-
-def _open_csv_log(path: Path, header: list[str], resume: bool):
-    """``path`` opened for appending rows, its header first: a fresh file on a new run; on a resumed one the
-    existing rows are kept and a header is written first when the file is missing, empty, or lost it (a run
-    killed before its first row was flushed left an empty file, which the report could not read)."""
-    rows: list[list[str]] = []
-    if resume and path.is_file():
-        with open(path, newline="", encoding="utf-8") as fh:
-            rows = [r for r in csv.reader(fh) if r]
-    if rows and rows[0] and not rows[0][0].isdigit():  # the header is there: append below it
-        fh = open(path, "a", newline="", encoding="utf-8")  # noqa: SIM115 - the caller closes it
-        return fh, csv.writer(fh)
-    fh = open(path, "w", newline="", encoding="utf-8")  # noqa: SIM115 - the caller closes it
-    writer = csv.writer(fh)
-    writer.writerows([header, *rows])
-    fh.flush()  # the header is on disk before the first row, so a kill leaves a readable log
-    return fh, writer
 
 
 def _autocast(device: torch.device, amp: str):
@@ -463,7 +274,7 @@ def run_training(
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt.get("scaler") is not None:
             scaler.load_state_dict(ckpt["scaler"])
-        diffs = _differences(ckpt.get("config") or {}, config)
+        diffs = config_differences(ckpt.get("config") or {}, config)
         if diffs:
             log("note: the config differs from the checkpoint's: " + "; ".join(diffs[:8]))
     schedule.set_iteration(start_iter)
@@ -484,7 +295,7 @@ def run_training(
         if prepare_workdir is not None:
             prepare_workdir(workdir)
         if ckpt is not None:
-            _truncate_csv(workdir / "log.csv", start_iter)
+            truncate_csv(workdir / "log.csv", start_iter)
     if info.distributed:
         dist.barrier()
     if ckpt is not None and ckpt.get("rng"):
@@ -508,7 +319,7 @@ def run_training(
     writer = None
     tb = None
     if info.is_main:
-        csv_fh, writer = _open_csv_log(workdir / "log.csv", ["iter", "lr", *names, "seconds", "images_per_s"],
+        csv_fh, writer = open_csv_log(workdir / "log.csv", ["iter", "lr", *names, "seconds", "images_per_s"],
                                        resume=ckpt is not None)
         from weakclip.engine.tensorboard import scalar_writer
 
@@ -539,8 +350,8 @@ def run_training(
     if info.is_main and eval_every > 0 and evaluate_fn is not None:
         eval_path = workdir / "eval.csv"
         if ckpt is not None:
-            _truncate_csv(eval_path, start_iter)
-        eval_fh, _ = _open_csv_log(eval_path, ["iter", "miou", "best_miou"], resume=ckpt is not None)
+            truncate_csv(eval_path, start_iter)
+        eval_fh, _ = open_csv_log(eval_path, ["iter", "miou", "best_miou"], resume=ckpt is not None)
 
     def periodic_eval(done: int) -> None:
         nonlocal best

@@ -23,16 +23,9 @@ import torch.distributed as dist
 from weakclip.config import Config
 from weakclip.distributed import init_distributed
 from weakclip.engine.checkpoint import load_trainable_state_dict, trainable_state_dict
-from weakclip.engine.loop import (
-    LoopSettings,
-    MainLog,
-    TrainingTask,
-    check_resume_network,
-    mix_seed,
-    optimizer_step,
-    resume_checkpoint,
-    run_training,
-)
+from weakclip.engine.loop import LoopSettings, MainLog, TrainingTask, optimizer_step, run_training
+from weakclip.engine.resume import check_resume_network, resume_checkpoint
+from weakclip.engine.sampling import mix_seed
 from weakclip.engine.schedule import WarmupCosineSchedule
 from weakclip.errors import WeakclipError
 

@@ -291,15 +291,9 @@ def retrain(cfg: RetrainConfig, masks_dir: str | Path | None = None,
     import torch.distributed as dist
 
     from weakclip.distributed import init_distributed
-    from weakclip.engine.loop import (
-        LoopSettings,
-        MainLog,
-        TrainingTask,
-        check_resume_network,
-        mix_seed,
-        resume_checkpoint,
-        run_training,
-    )
+    from weakclip.engine.loop import LoopSettings, MainLog, TrainingTask, run_training
+    from weakclip.engine.resume import check_resume_network, resume_checkpoint
+    from weakclip.engine.sampling import mix_seed
     from weakclip.retrain.check import preflight_masks
 
     masks = Path(masks_dir) if masks_dir is not None else (Path(cfg.data.masks) if cfg.data.masks else None)
