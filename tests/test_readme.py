@@ -67,7 +67,7 @@ def _own_data_example() -> list[str]:
     return shlex.split(command_lines(section)[0])
 
 
-def test_the_readme_own_data_example_runs_end_to_end(tmp_path, monkeypatch, one_thread):
+def test_the_readme_own_data_example_runs_end_to_end(tmp_path, monkeypatch, one_thread, capsys):
     """The README's `weakclip run ... --dataset folder` command on the synthetic set, its file names
     replaced by the test's files and tiny overrides appended: a tiny random CLIP, a few iterations,
     ResNet-18 DeepLabV3 with the given (random) ImageNet file in place of ResNet-38. Every flag of the
@@ -94,6 +94,8 @@ def test_the_readme_own_data_example_runs_end_to_end(tmp_path, monkeypatch, one_
             "--set", "train.batch_size=2", "--retrain-set", "train.batch_size=2", "--device", "cpu",
             "--quiet"]
     assert main(argv[1:] + tiny) == 0
+    # the run's --clip-weights served its seeds and refinement: no note that a stage did not use it
+    assert "is not used" not in capsys.readouterr().err
     work = tmp_path / argv[argv.index("--workdir") + 1]
     report = json.loads((work / "report.json").read_text())
     assert report["seeds_miou"] is not None and report["pseudo_miou"] is not None

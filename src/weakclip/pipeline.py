@@ -341,7 +341,9 @@ class Pipeline:
 
         p = self.refine_cfg.pseudo  # the preset's section with the --set pseudo.* overrides
         info = init_distributed(self.cfg.device)
-        model, cfg = load_trained_model(self.stage_dir("refine"), self.cfg.clip_weights, device=info.device)
+        # the run's --clip-weights served the seeds and the refinement: no note that this stage needs none
+        model, cfg = load_trained_model(self.stage_dir("refine"), self.cfg.clip_weights, device=info.device,
+                                        note_unused=False)
         dataset = self._dataset(self.pseudo_split, seed_dir=None, image_reader=cfg.data.image_reader,
                                 image_orientation=cfg.data.image_orientation)
         crf = p.crf_name(self.kind)

@@ -120,7 +120,8 @@ def _unused_clip_weights(clip_weights, why: str) -> None:
 
 
 def load_trained_model(checkpoint: str | Path, clip_weights: str | Path | None = None,
-                       device: str | torch.device = "cpu", *, best: bool = False, raw: Any = None):
+                       device: str | torch.device = "cpu", *, best: bool = False, raw: Any = None,
+                       note_unused: bool = True):
     """Rebuild the trained model in eval mode -> ``(model, config)``.
 
     Args:
@@ -133,6 +134,8 @@ def load_trained_model(checkpoint: str | Path, clip_weights: str | Path | None =
             (the engine stores them when it trained without a weights file).
         device: where to put the model.
         best: take the work folder's ``checkpoints/best.pth`` (periodic evaluation) instead of the latest.
+        note_unused: say on stderr when ``clip_weights`` is not needed (off where the caller passes it
+            on from a run that used it for other stages).
         raw: what the checkpoint file holds, when the caller has read it already (``checkpoint`` is then
             that file): it is not read again.
 
@@ -154,8 +157,8 @@ def load_trained_model(checkpoint: str | Path, clip_weights: str | Path | None =
         raw = read_checkpoint_file(path)
     if is_release_checkpoint(raw):
         model, model_cfg, classes, _ = load_release_checkpoint(path, raw)
-        _unused_clip_weights(clip_weights, f"{path} is the authors' release checkpoint, which holds "
-                                           f"the towers")
+        unused = clip_weights if note_unused else None
+        _unused_clip_weights(unused, f"{path} is the authors' release checkpoint, which holds the towers")
         return model.to(device), release_config(model_cfg, classes)
     state = check_training_checkpoint(raw, path)
     if not isinstance(state.get("config"), Mapping):
@@ -165,7 +168,8 @@ def load_trained_model(checkpoint: str | Path, clip_weights: str | Path | None =
     cfg.classes = classes
     if _holds_towers(state["model"]):
         # trained without a weights file: the checkpoint carries the towers it was trained with
-        _unused_clip_weights(clip_weights, f"{path} holds the CLIP towers it was trained with")
+        unused = clip_weights if note_unused else None
+        _unused_clip_weights(unused, f"{path} holds the CLIP towers it was trained with")
         model = build_model(cfg.model, classes, pretrained_download=False)
         _load_everything(model, state["model"], path)
         model.eval()
