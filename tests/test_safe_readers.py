@@ -163,6 +163,7 @@ def test_a_yaml_config_with_python_tags_is_refused(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- TorchScript CLIP
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script's deprecation: still how to make one
 def test_a_torchscript_archive_with_a_python_pickle_is_refused(tmp_path):
     """OpenAI's ``ViT-B-16.pt`` is a TorchScript archive: torch's own C++ unpickler reads it, which
     knows no Python functions. A ``data.pkl`` swapped for a pickle calling ``os.system`` fails to load,
