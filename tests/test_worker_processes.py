@@ -92,6 +92,13 @@ _STAGE_SCRIPT = textwrap.dedent('''
         inline = generate_pseudo_masks(model, Photos(6), out + "/inline", settings, progress=False)
         print("written", pooled["written"], spawned["written"], torch_job["written"], inline["written"],
               flush=True)
+        for name in ("coco", "voc-plus", "coco-plus"):  # every preset's defaults, on the CPU
+            other = load_preset(name).pseudo
+            assert other.crf_workers >= 2 and other.crf != "none", (name, other)
+            other.scales, other.flip = (0.25,), False
+            done = generate_pseudo_masks(model, Photos(3), out + "/" + name, other, progress=False)
+            assert done["written"] == 3 and not done["settings"]["crf_on_device"], (name, done)
+        print("presets done", flush=True)
 ''')
 
 
@@ -120,7 +127,7 @@ def test_pseudo_masks_finish_with_the_presets_workers_after_a_threaded_model(tmp
     script.write_text(_STAGE_SCRIPT)
     done = _run_or_fail([sys.executable, str(script), str(tmp_path)], 300, env=_env())
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "written 6 6 3 6" in done.stdout
+    assert "written 6 6 3 6" in done.stdout and "presets done" in done.stdout
     names = sorted(p.name for p in (tmp_path / "inline").glob("*.png"))
     assert len(names) == 6
     for name in names:  # the workers write what the inline CRF writes, forked or spawned
