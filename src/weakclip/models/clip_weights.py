@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import socket
 import warnings
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from os import PathLike
 from pathlib import Path
@@ -29,6 +27,8 @@ from torch import Tensor, nn
 
 from weakclip.errors import WeightsError
 from weakclip.models.clip_arch import CLIP_ARCHS, ClipArch, default_out_blocks
+from weakclip.models.clip_download import OFFLINE_ENV, download_openai_weights
+from weakclip.models.clip_hf_keys import convert_hf_state_dict, is_hf_naming
 from weakclip.safe_load import describe_contents, explain_read_error, safe_torch_load, sniff_file
 
 __all__ = [
@@ -44,8 +44,6 @@ __all__ = [
     "weights_shape",
 ]
 
-OFFLINE_ENV = "WEAKCLIP_OFFLINE"
-
 FORMAT_TORCHSCRIPT = "openai-torchscript"
 FORMAT_STATE_DICT = "open_clip"
 FORMAT_SAFETENSORS = "open_clip-safetensors"
@@ -53,14 +51,6 @@ FORMAT_HF = "huggingface"
 
 # Entries of OpenAI's archive (and of open_clip models) that are not parameters of the towers.
 _IGNORED_KEYS = frozenset({"input_resolution", "context_length", "vocab_size", "attn_mask"})
-
-# arch name -> (open_clip model name, OpenAI's release file, Hugging Face repository)
-_RELEASES: dict[str, tuple[str, str, str]] = {
-    "ViT-B/16": ("ViT-B-16", "ViT-B-16.pt", "openai/clip-vit-base-patch16"),
-    "ViT-B/32": ("ViT-B-32", "ViT-B-32.pt", "openai/clip-vit-base-patch32"),
-    "ViT-L/14": ("ViT-L-14", "ViT-L-14.pt", "openai/clip-vit-large-patch14"),
-    "ViT-L/14@336px": ("ViT-L-14-336", "ViT-L-14-336px.pt", "openai/clip-vit-large-patch14-336"),
-}
 
 _HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _OPEN_CLIP_HUB_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -123,7 +113,7 @@ def _read_path(p: Path) -> ClipWeights:
     else:
         raw, fmt = _load_torch_file(p)
     tensors = _as_tensor_dict(raw, p)
-    if _is_hf_naming(tensors):
+    if is_hf_naming(tensors):
         config = p.parent / "config.json"
         return _hf_weights(tensors, config if config.is_file() else None, p)
     return ClipWeights(_check_openai_naming(tensors, p), fmt, p)
@@ -184,10 +174,6 @@ def _as_tensor_dict(obj: object, p: Path) -> dict[str, Tensor]:
     return tensors
 
 
-def _is_hf_naming(tensors: Mapping[str, Tensor]) -> bool:
-    return any(k.startswith(("vision_model.", "text_model.")) for k in tensors)
-
-
 def _check_openai_naming(tensors: dict[str, Tensor], p: Path) -> dict[str, Tensor]:
     if "visual.conv1.weight" in tensors and "visual.proj" in tensors:
         return {k: v for k, v in tensors.items() if k not in _IGNORED_KEYS}
@@ -223,7 +209,7 @@ def _read_hf(folder: Path, weights_file: Path | None) -> ClipWeights:
             tensors.update(_load_safetensors(shard))
         else:
             tensors.update(_as_tensor_dict(safe_torch_load(shard, what="CLIP weights file"), shard))
-    if not _is_hf_naming(tensors):
+    if not is_hf_naming(tensors):
         raise _unreadable(folder, "no Hugging Face CLIPModel keys (vision_model.*, text_model.*) in it")
     return _hf_weights(tensors, config, folder)
 
@@ -252,69 +238,6 @@ def _hf_weights(tensors: dict[str, Tensor], config: Path | None, p: Path) -> Cli
         quick_gelu = acts[0] == "quick_gelu"
     state_dict = convert_hf_state_dict(tensors, path=p)
     return ClipWeights(state_dict, FORMAT_HF, p, vision_heads, text_heads, quick_gelu)
-
-
-_HF_LAYER = re.compile(r"^(vision_model|text_model)\.encoder\.layers\.(\d+)\.(.+)$")
-_HF_LAYER_PARTS = {
-    "layer_norm1": "ln_1",
-    "layer_norm2": "ln_2",
-    "mlp.fc1": "mlp.c_fc",
-    "mlp.fc2": "mlp.c_proj",
-    "self_attn.out_proj": "attn.out_proj",
-}
-_HF_SINGLE = {
-    "vision_model.embeddings.class_embedding": "visual.class_embedding",
-    "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
-    "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
-    "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",
-    "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
-    "vision_model.post_layernorm.weight": "visual.ln_post.weight",
-    "vision_model.post_layernorm.bias": "visual.ln_post.bias",
-    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-    "text_model.embeddings.position_embedding.weight": "positional_embedding",
-    "text_model.final_layer_norm.weight": "ln_final.weight",
-    "text_model.final_layer_norm.bias": "ln_final.bias",
-    "logit_scale": "logit_scale",
-}
-_HF_TRANSPOSED = {"visual_projection.weight": "visual.proj", "text_projection.weight": "text_projection"}
-
-
-def convert_hf_state_dict(hf: Mapping[str, Tensor], path: Path | str = "<state dict>") -> dict[str, Tensor]:
-    """Hugging Face ``CLIPModel`` keys -> OpenAI keys (q/k/v joined into in_proj, projections transposed)."""
-    out: dict[str, Tensor] = {}
-    qkv: dict[tuple[str, str], dict[str, Tensor]] = {}
-    unknown: list[str] = []
-    for key, value in hf.items():
-        if key.endswith("position_ids"):  # a buffer of older checkpoints
-            continue
-        if key in _HF_SINGLE:
-            out[_HF_SINGLE[key]] = value
-            continue
-        if key in _HF_TRANSPOSED:
-            out[_HF_TRANSPOSED[key]] = value.t().contiguous()
-            continue
-        match = _HF_LAYER.match(key)
-        if match is None:
-            unknown.append(key)
-            continue
-        tower, index, rest = match.groups()
-        prefix = ("visual.transformer" if tower == "vision_model" else "transformer") + f".resblocks.{index}."
-        projection = re.match(r"^self_attn\.([qkv])_proj\.(weight|bias)$", rest)
-        if projection is not None:
-            qkv.setdefault((prefix, projection.group(2)), {})[projection.group(1)] = value
-            continue
-        part, _, leaf = rest.rpartition(".")
-        if part not in _HF_LAYER_PARTS:
-            unknown.append(key)
-            continue
-        out[prefix + _HF_LAYER_PARTS[part] + "." + leaf] = value
-    if unknown:
-        raise _unreadable(path, f"{len(unknown)} unexpected Hugging Face keys (e.g. {unknown[0]!r})")
-    for (prefix, leaf), parts in qkv.items():
-        if set(parts) != {"q", "k", "v"}:
-            raise _unreadable(path, f"incomplete q/k/v projections for {prefix}attn")
-        out[f"{prefix}attn.in_proj_{leaf}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -499,54 +422,6 @@ def load_into_model(
         model.load_state_dict(given, strict=True)
     except RuntimeError as err:
         raise WeightsError(f"weights file {path} does not fit CLIP {arch.name}: {_one_line(err)}") from err
-
-
-# --------------------------------------------------------------------------------------------------
-# Download
-
-
-def _supply_hint(arch: ClipArch) -> str:
-    open_clip_name, release_file, hf_repo = _RELEASES.get(arch.name, ("ViT-B-16", "ViT-B-16.pt", ""))
-    return (
-        f"pass --clip-weights with OpenAI's {release_file} (TorchScript, from the openai/CLIP release), "
-        f"an open_clip state dict for {open_clip_name}, or a Hugging Face {hf_repo} folder"
-    )
-
-
-def _open_clip_download(arch: ClipArch) -> str:
-    from open_clip.pretrained import download_pretrained, get_pretrained_cfg
-
-    cfg = get_pretrained_cfg(_RELEASES[arch.name][0], "openai")
-    if not cfg:
-        raise RuntimeError(f"open_clip knows no OpenAI weights for {arch.name}")
-    try:  # OpenAI's own TorchScript file first (the release's), then open_clip's Hugging Face copy
-        target = download_pretrained(cfg, prefer_hf_hub=False)
-    except Exception:
-        socket.getaddrinfo("huggingface.co", 443)  # offline: fail now (the hub client retries for a minute)
-        target = download_pretrained(cfg, prefer_hf_hub=True)
-    if not target:
-        raise RuntimeError("open_clip returned no file")
-    return target
-
-
-def download_openai_weights(
-    arch: ClipArch, *, downloader: Callable[[ClipArch], str | PathLike] | None = None
-) -> Path | None:
-    """Download OpenAI's weights for ``arch`` through open_clip (or ``downloader``); None for archs
-    without an OpenAI release (e.g. "tiny"). WeightsError saying what to supply when offline
-    (also when WEAKCLIP_OFFLINE=1, which skips the attempt)."""
-    if arch.name not in _RELEASES:
-        return None
-    if downloader is None and os.environ.get(OFFLINE_ENV, "").strip() not in ("", "0"):
-        raise WeightsError(
-            f"no CLIP weights given and download skipped ({OFFLINE_ENV}=1): {_supply_hint(arch)}"
-        )
-    try:
-        return Path((downloader or _open_clip_download)(arch))
-    except Exception as err:
-        raise WeightsError(
-            f"no CLIP weights given and download failed (offline?): {_supply_hint(arch)}"
-        ) from err
 
 
 def describe_weights(path: str | PathLike) -> dict[str, object]:
