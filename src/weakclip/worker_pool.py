@@ -8,7 +8,7 @@ job). Three rules, each from a failure seen on real photos:
   op (a ``torch.stack`` of a photo's probabilities) then waited forever in ``gomp_team_barrier_wait_end``.
   So a job that runs torch is started with ``spawn`` (a fresh interpreter, one torch thread; scripts
   that call it need the usual ``if __name__ == "__main__":`` guard), and a fork is used only for a job
-  that runs no torch at all (:func:`job_start_method`: the pseudo-mask stage's pydensecrf job, numpy
+  that runs no torch at all (:func:`worker_context`: the pseudo-mask stage's pydensecrf job, numpy
   and pydensecrf2 only), and only while CUDA is not initialised. A forked worker starts at once and
   needs no guard in the caller's script.
 * **Ctrl-C is the parent's.** The workers ignore SIGINT (the terminal sends it to the whole process
@@ -32,8 +32,8 @@ from typing import Any
 
 from weakclip.errors import WeakclipError
 
-__all__ = ["PARENT_POLL_SECONDS", "WorkerPool", "WorkerPoolError", "init_worker", "job_start_method",
-           "usable_cpus", "worker_context"]
+__all__ = ["PARENT_POLL_SECONDS", "WorkerPool", "WorkerPoolError", "init_worker", "usable_cpus",
+           "worker_context"]
 
 PARENT_POLL_SECONDS = 0.25
 
@@ -50,20 +50,16 @@ def usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def worker_context(start_method: str | None = None):
-    """The multiprocessing context of the workers: ``spawn`` unless told otherwise (see the module
-    docstring for when ``fork`` is safe)."""
-    return multiprocessing.get_context(start_method or "spawn")
-
-
-def job_start_method(runs_torch: bool) -> str:
-    """``fork`` for a job that runs no torch op while CUDA is not initialised here (where fork exists),
-    else ``spawn``."""
-    if runs_torch or "fork" not in multiprocessing.get_all_start_methods():
-        return "spawn"
-    torch = sys.modules.get("torch")
-    cuda_up = torch is not None and torch.cuda.is_initialized()
-    return "spawn" if cuda_up else "fork"
+def worker_context(start_method: str | None = None, *, runs_torch: bool = True):
+    """The multiprocessing context of workers whose job ``runs_torch`` (or not): ``start_method`` when
+    given; else ``fork`` for a job that runs no torch op while CUDA is not initialised here (where fork
+    exists), ``spawn`` otherwise (the module docstring says why)."""
+    if start_method is None:
+        torch = sys.modules.get("torch")
+        cuda_up = torch is not None and torch.cuda.is_initialized()
+        forkable = "fork" in multiprocessing.get_all_start_methods()
+        start_method = "fork" if forkable and not runs_torch and not cuda_up else "spawn"
+    return multiprocessing.get_context(start_method)
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -91,7 +87,7 @@ class WorkerPool:
     """Runs ``job(*args)`` in ``workers`` processes (inline when 0), with at most ``max_pending`` jobs
     queued; ``on_done(ident, result)`` is called in the parent, in completion order, for each.
     ``runs_torch``: whether the job runs torch ops (then spawned, one torch thread; else forked where
-    :func:`job_start_method` allows); ``start_method`` overrides that choice."""
+    :func:`worker_context` allows); ``start_method`` overrides that choice."""
 
     def __init__(self, job: Callable[..., Any], workers: int, on_done: Callable[[str, Any], None], *,
                  runs_torch: bool = True, max_pending: int | None = None, start_method: str | None = None,
@@ -125,8 +121,8 @@ class WorkerPool:
             self.on_done(ident, self.job(*args))
             return
         if self.pool is None:
-            method = self.start_method or job_start_method(self.runs_torch)
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=worker_context(method),
+            context = worker_context(self.start_method, runs_torch=self.runs_torch)
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=context,
                                             initializer=init_worker,
                                             initargs=(os.getpid(), 1 if self.runs_torch else None))
         self._collect(self.max_pending - 1)

@@ -220,7 +220,8 @@ def prepare_coco(
                     _render(task)
                     bar.update(1)
             else:
-                with worker_context().Pool(min(workers, len(todo)), init_worker, (os.getpid(),)) as pool:
+                context = worker_context(runs_torch=False)  # pycocotools, numpy, PIL: no torch op
+                with context.Pool(min(workers, len(todo)), init_worker, (os.getpid(),)) as pool:
                     for _ in pool.imap_unordered(_render, todo, chunksize=8):
                         bar.update(1)
         finally:
