@@ -57,11 +57,17 @@ def _size(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def _nearest_existing(path: str | Path) -> Path:
+    """``path`` itself when it exists, else its nearest existing parent."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def free_space(path: str | Path) -> str:
     """``'1.2 GiB free'`` on the file system of ``path`` (its nearest existing folder)."""
-    folder = Path(path).absolute()
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
+    folder = _nearest_existing(path)
     try:
         return f"{_size(shutil.disk_usage(folder).free)} free"
     except OSError:
@@ -107,9 +113,7 @@ def check_writable(folder: str | Path, what: str = "into the output folder") -> 
     removed in it or, when it does not exist yet, in its nearest existing parent (where the writer will
     make it). Nothing is left behind; a folder that cannot be written is an :class:`OutputError`."""
     folder = Path(folder)
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = _nearest_existing(folder)
     if not existing.is_dir():
         raise OutputError(f"could not write {what} {folder}: {existing} is a file, not a folder")
     probe = existing / f".weakclip-probe.{os.getpid()}.{secrets.token_hex(4)}"
