@@ -22,7 +22,7 @@ from pathlib import Path
 from weakclip import __version__
 from weakclip.commands import COMMAND_MODULES
 from weakclip.commands.flags import WeakclipParser
-from weakclip.errors import WeakclipError
+from weakclip.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, WeakclipError
 
 
 def build_parser() -> WeakclipParser:
@@ -100,16 +100,16 @@ def main(argv: list[str] | None = None) -> int:
         if not is_write_failure(err) or err.filename is None:
             raise
         print(f"weakclip {args.command}: error: {output_error(err.filename, err)}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except WeakclipError as err:
         print(f"weakclip {args.command}: error: {err}", file=sys.stderr)
-        return getattr(err, "exit_status", 2)
+        return err.exit_status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Terminated:
         print("terminated", file=sys.stderr)
-        return 143
+        return EXIT_TERMINATED
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Each carries the exit status of the ``weakclip`` command that ends with it (``exit_status``; the README's
 table): 2 for bad input or usage (the default), 1 for work that finished but left some items undone
-(:class:`ItemsFailed`), 3 for a ``--stop-on-regression`` stop. 0 is success, 130 an interrupt (Ctrl-C).
+(:class:`ItemsFailed`), 3 for a ``--stop-on-regression`` stop. 0 is success, 130 an interrupt (Ctrl-C),
+143 a SIGTERM.
 """
 
 EXIT_OK = 0
@@ -10,6 +11,7 @@ EXIT_ITEMS_FAILED = 1
 EXIT_USAGE = 2
 EXIT_REGRESSION = 3
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 
 class WeakclipError(Exception):

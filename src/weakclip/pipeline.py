@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from weakclip.errors import EXIT_REGRESSION, ItemsFailed, WeakclipError, failed_items_message
+from weakclip.sections import override_keys
 
 STAGES = ("seeds", "refine", "pseudo_masks", "retrain")
 
@@ -90,11 +91,6 @@ def _percent(value: float | None) -> float | None:
     return None if value is None or value != value else round(100.0 * float(value), 2)
 
 
-def _keys(overrides: Sequence[str]) -> set[str]:
-    """The config keys that ``key=value`` overrides name."""
-    return {item.split("=", 1)[0].strip() for item in overrides}
-
-
 def _retrain_preset_for(preset: str | Path) -> str:
     """The retraining preset that goes with a refinement preset: the same name for the packaged ones
     (``voc``, ``coco``: the authors' DeepLab-v1; ``voc-plus``, ``coco-plus``), ``voc`` for a YAML file."""
@@ -128,7 +124,7 @@ class Pipeline:
         folder = kind == "folder"
         if cfg.train_split:
             data.append(f"data.split={cfg.train_split}")
-        elif folder and "data.split" not in _keys(cfg.refine_overrides):
+        elif folder and "data.split" not in override_keys(cfg.refine_overrides):
             data.append(f"data.split={self._folder_split('training', 'training split')}")
         self.refine_cfg = apply_overrides(refine, [*data, *cfg.refine_overrides])
         self.kind = self.refine_cfg.data.kind
@@ -138,7 +134,7 @@ class Pipeline:
         r_data = [f"data.kind={self.kind}", f"data.root={cfg.data_root}"]
         if cfg.val_split:
             r_data.append(f"data.val_split={cfg.val_split}")
-        elif folder and "data.val_split" not in _keys(cfg.retrain_overrides) and \
+        elif folder and "data.val_split" not in override_keys(cfg.retrain_overrides) and \
                 self._folder_split("val", "val split") is not None:
             r_data.append("data.val_split=val")
         # the user's keys are checked before any dataset is opened
@@ -228,14 +224,12 @@ class Pipeline:
         """A folder dataset's own split for ``purpose`` (the presets' are VOC's and COCO's), said in one line:
         for training ``"none"`` is every labelled image; a missing val list gives None (the data check then
         refuses the run, which ``--val-split none`` runs without a final evaluation)."""
-        from weakclip.data.folder import default_split
+        from weakclip.data.folder import default_split, split_choice_line
 
         split = default_split(self.cfg.data_root, purpose)
         if split is None and purpose == "val":
             return None
-        which = f"{split!r} (splits/{split}.txt)" if split else "every labelled image (no splits/train.txt)"
-        flag = "--val-split" if purpose == "val" else "--split"
-        self.log(f"folder dataset, {what} {which}; {flag} picks another")
+        self.log(split_choice_line(what, split, purpose))
         return split or "none"
 
     def _image_split(self, split: str | None) -> str | None:

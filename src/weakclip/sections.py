@@ -22,6 +22,7 @@ __all__ = [
     "load_sections",
     "packaged_yaml",
     "plain",
+    "override_keys",
     "read_yaml",
     "section_dict",
     "set_section_value",
@@ -100,6 +101,12 @@ def split_override(item: str) -> tuple[str, str]:
         raise WeakclipError(f"override {item!r} is not of the form section.key=value")
     key, value = (part.strip() for part in item.split("=", 1))
     return key, value
+
+
+def override_keys(overrides) -> set[str]:
+    """The config keys that ``key=value`` overrides name (an item without ``=`` counts as its key; it is
+    refused where it is applied)."""
+    return {item.split("=", 1)[0].strip() for item in overrides or ()}
 
 
 def set_section_value(cfg: Any, sections: dict[str, type], key: str, value: Any, *,

@@ -48,11 +48,6 @@ def flag_overrides(args, flag_keys, **paths) -> list[str]:
     return overrides
 
 
-def set_keys(overrides) -> set[str]:
-    """The config keys that ``--set key=value`` items name."""
-    return {item.split("=", 1)[0].strip() for item in overrides or ()}
-
-
 def folder_default_split(command: str, root, purpose: str, what: str, *,
                          to_stderr: bool = False) -> str | None:
     """A folder dataset's default split for ``purpose`` (:func:`weakclip.data.folder.default_split`), said in
@@ -61,12 +56,12 @@ def folder_default_split(command: str, root, purpose: str, what: str, *,
     import os
     import sys
 
-    from weakclip.commands.flags import folder_split_line
-    from weakclip.data.folder import default_split
+    from weakclip.data.folder import default_split, split_choice_line
 
     split = default_split(root, purpose) if root is not None else None
     if os.environ.get("RANK", "0") == "0":
-        print(folder_split_line(command, what, split, purpose), file=sys.stderr if to_stderr else sys.stdout)
+        line = f"{command}: {split_choice_line(what, split, purpose)}"
+        print(line, file=sys.stderr if to_stderr else sys.stdout)
     return split
 
 

@@ -92,22 +92,34 @@ class _OptionalValue(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def add_amp(p: argparse.ArgumentParser, help: str, *, bare: str | None = None) -> None:
-    """``--amp {bf16,fp16,none}``; ``bare``: what the value-less ``--amp`` of an earlier release meant."""
+def _add_choice(p: argparse.ArgumentParser, flag: str, choices: tuple[str, ...], help: str,
+                bare: str | None) -> None:
+    """``flag {choices}``; ``bare``: what the value-less flag of an earlier release meant (then still
+    accepted, with a note)."""
     if bare is None:
-        p.add_argument("--amp", choices=AMP_CHOICES, default=None, help=help)
+        p.add_argument(flag, choices=choices, default=None, help=help)
     else:
-        p.add_argument("--amp", action=_OptionalValue, bare=bare, choices=AMP_CHOICES, default=None,
-                       metavar="{" + ",".join(AMP_CHOICES) + "}", help=help)
+        p.add_argument(flag, action=_OptionalValue, bare=bare, choices=choices, default=None,
+                       metavar="{" + ",".join(choices) + "}", help=help)
+
+
+def add_amp(p: argparse.ArgumentParser, help: str, *, bare: str | None = None) -> None:
+    """``--amp {bf16,fp16,none}``."""
+    _add_choice(p, "--amp", AMP_CHOICES, help, bare)
 
 
 def add_crf(p: argparse.ArgumentParser, help: str, *, bare: str | None = None) -> None:
-    """``--crf {auto,voc,coco,none}``; ``bare``: what a value-less ``--crf`` of an earlier release meant."""
-    if bare is None:
-        p.add_argument("--crf", choices=CRF_CHOICES, default=None, help=help)
-    else:
-        p.add_argument("--crf", action=_OptionalValue, bare=bare, choices=CRF_CHOICES, default=None,
-                       metavar="{" + ",".join(CRF_CHOICES) + "}", help=help)
+    """``--crf {auto,voc,coco,none}``."""
+    _add_choice(p, "--crf", CRF_CHOICES, help, bare)
+
+
+def add_training_data(p: argparse.ArgumentParser) -> None:
+    """``--dataset`` and the training ``--split`` of the commands that train (``train``, ``retrain``,
+    ``run``)."""
+    add_dataset(p, "the preset's: voc for voc and voc-plus, coco91 for coco, coco for coco-plus")
+    p.add_argument("--split", default=None,
+                   help="training split or id-list file (default: the preset's, e.g. train_aug; folder "
+                        "datasets: splits/train.txt when present, else every labelled image)")
 
 
 class WeakclipParser(argparse.ArgumentParser):
@@ -126,15 +138,3 @@ class WeakclipParser(argparse.ArgumentParser):
             if not args or (args[0] not in actions and args[0] not in ("-h", "--help")):
                 args.insert(0, self.default_action)
         return super().parse_known_args(args, namespace)
-
-
-def folder_split_line(command: str, what: str, split: str | None, purpose: str = "training") -> str:
-    """What a command says about the split it picked of a folder dataset (``purpose``: training or val)."""
-    if split:
-        which = f"{split!r} (splits/{split}.txt)"
-    elif purpose == "val":
-        which = "none (no splits/val.txt), so no evaluation"
-    else:
-        which = "every labelled image (no splits/train.txt)"
-    flag = "--val-split" if purpose == "val" else "--split"
-    return f"{command}: folder dataset, {what} {which}; {flag} picks another"

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from weakclip.commands import lock_folder, output_files
-from weakclip.commands.flags import PRESET_HELP, add_crf, add_dataset, add_device
+from weakclip.commands.flags import PRESET_HELP, add_crf, add_device, add_training_data
 
 # direct flag -> config key
 _FLAG_KEYS: tuple[tuple[str, str], ...] = (
@@ -29,9 +29,10 @@ _FLAG_KEYS: tuple[tuple[str, str], ...] = (
 
 def build_retrain_config(args: argparse.Namespace):
     """The preset, then ``--data-root``/``--masks``, the direct flags, the eval switches, then ``--set``."""
-    from weakclip.commands import flag_overrides, folder_default_split, set_keys
+    from weakclip.commands import flag_overrides, folder_default_split
     from weakclip.retrain.config import apply_retrain_overrides, load_retrain_preset
     from weakclip.retrain.evaluate import MS_SCALES
+    from weakclip.sections import override_keys
 
     cfg = load_retrain_preset(args.preset)
     overrides = flag_overrides(args, _FLAG_KEYS, **{"data.root": args.data_root, "data.masks": args.masks})
@@ -52,7 +53,7 @@ def build_retrain_config(args: argparse.Namespace):
     overrides += list(args.set or [])
     cfg = apply_retrain_overrides(cfg, overrides)
     if cfg.data.kind == "folder":  # the presets' splits are VOC's / COCO's: a folder dataset has its own
-        given = set_keys(args.set)
+        given = override_keys(args.set)
         picked = []
         if args.split is None and "data.split" not in given and not args.eval_only:
             split = folder_default_split("weakclip retrain", cfg.data.root, "training", "training split",
@@ -123,10 +124,7 @@ def register(sub) -> None:
                         "--eval-only")
     p.add_argument("--data-root", type=Path, default=None,
                    help="dataset root (VOC2012, prepared COCO, folder); required, except with --print-config")
-    add_dataset(p, "the preset's: voc for voc and voc-plus, coco91 for coco, coco for coco-plus")
-    p.add_argument("--split", default=None,
-                   help="training split (default: the preset's, e.g. train_aug; folder datasets: "
-                        "splits/train.txt when present, else every labelled image)")
+    add_training_data(p)
     p.add_argument("--val-split", default=None,
                    help="validation split, 'none' for no evaluation (default: the preset's, e.g. val; folder "
                         "datasets: splits/val.txt when present, else none)")

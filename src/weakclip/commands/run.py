@@ -7,7 +7,13 @@ import sys
 from pathlib import Path
 
 from weakclip.commands import lock_folder
-from weakclip.commands.flags import PRESET_HELP, add_crf, add_dataset, add_device, add_renamed
+from weakclip.commands.flags import (
+    PRESET_HELP,
+    add_crf,
+    add_device,
+    add_renamed,
+    add_training_data,
+)
 
 
 def run_pipeline(args: argparse.Namespace) -> int:
@@ -68,10 +74,7 @@ def register(sub) -> None:
                    help=f"retraining preset: {PRESET_HELP} or a .yaml (default: the same name as "
                         f"--preset; voc for a .yaml)")
     p.add_argument("--data-root", required=True, type=Path, help="dataset root (VOC2012, COCO, folder)")
-    add_dataset(p, "the preset's: voc for voc and voc-plus, coco91 for coco, coco for coco-plus")
-    p.add_argument("--split", default=None,
-                   help="training split (default: the preset's, e.g. train_aug; folder datasets: "
-                        "splits/train.txt when present, else every labelled image)")
+    add_training_data(p)
     p.add_argument("--val-split", default=None,
                    help="val split for the final evaluation, 'none' for none (default: val; folder datasets: "
                         "splits/val.txt when present, else none)")

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from weakclip.commands import lock_folder
-from weakclip.commands.flags import PRESET_HELP, add_amp, add_dataset, add_device
+from weakclip.commands.flags import PRESET_HELP, add_amp, add_device, add_training_data
 
 # direct flag -> config key
 _FLAG_KEYS: tuple[tuple[str, str], ...] = (
@@ -26,14 +26,15 @@ _FLAG_KEYS: tuple[tuple[str, str], ...] = (
 
 def build_config(args: argparse.Namespace):
     """The preset, then ``--data-root``/``--seeds``, the direct flags, then ``--set`` (the last wins)."""
-    from weakclip.commands import flag_overrides, folder_default_split, set_keys
+    from weakclip.commands import flag_overrides, folder_default_split
     from weakclip.config import apply_overrides, load_preset
+    from weakclip.sections import override_keys
 
     cfg = load_preset(args.preset)
     overrides = flag_overrides(args, _FLAG_KEYS, **{"data.root": args.data_root, "data.seeds": args.seeds})
     overrides += list(args.set or [])
     cfg = apply_overrides(cfg, overrides)
-    if cfg.data.kind == "folder" and args.split is None and "data.split" not in set_keys(args.set):
+    if cfg.data.kind == "folder" and args.split is None and "data.split" not in override_keys(args.set):
         # the presets' splits are VOC's / COCO's: a folder dataset trains on its own training split
         split = folder_default_split("weakclip train", cfg.data.root, "training", "training split",
                                      to_stderr=args.print_config)
@@ -83,10 +84,7 @@ def register(sub) -> None:
                         f"departures), or a config .yaml file (default voc)")
     p.add_argument("--data-root", type=Path, default=None,
                    help="dataset root (VOC2012, prepared COCO, folder); needed except with --print-config")
-    add_dataset(p, "the preset's: voc for voc and voc-plus, coco91 for coco, coco for coco-plus")
-    p.add_argument("--split", default=None,
-                   help="training split or id-list file (default: the preset's; folder datasets: "
-                        "splits/train.txt when present, else every labelled image)")
+    add_training_data(p)
     p.add_argument("--seeds", type=Path, default=None, help="folder of seed PNGs (<id>.png, 255 = unsure)")
     p.add_argument("--clip-weights", type=Path, default=None,
                    help="CLIP weights file (OpenAI ViT-B-16.pt, open_clip or Hugging Face)")

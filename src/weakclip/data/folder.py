@@ -41,7 +41,7 @@ from weakclip.data.classes import (
 from weakclip.data.io import IMAGE_EXTENSIONS, read_json
 from weakclip.errors import DataError
 
-__all__ = ["DEFAULT_SPLITS", "FolderDataset", "default_split"]
+__all__ = ["DEFAULT_SPLITS", "FolderDataset", "default_split", "split_choice_line"]
 
 
 class FolderDataset(SegDataset):
@@ -203,6 +203,19 @@ class FolderDataset(SegDataset):
 
 #: The split a folder dataset is read in by default for each purpose, when its list exists.
 DEFAULT_SPLITS: dict[str, str] = {"training": "train", "val": "val"}
+
+
+def split_choice_line(what: str, split: str | None, purpose: str = "training") -> str:
+    """What a command says about the split it took of a folder dataset (:func:`default_split`;
+    ``purpose``: training or val)."""
+    if split:
+        which = f"{split!r} (splits/{split}.txt)"
+    elif purpose == "val":
+        which = "none (no splits/val.txt), so no evaluation"
+    else:
+        which = "every labelled image (no splits/train.txt)"
+    flag = "--val-split" if purpose == "val" else "--split"
+    return f"folder dataset, {what} {which}; {flag} picks another"
 
 
 def default_split(root: str | Path, purpose: str) -> str | None:
