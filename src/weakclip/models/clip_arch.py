@@ -81,6 +81,9 @@ CLIP_ARCHS: dict[str, ClipArch] = {
         ClipArch("tiny", 64, 16, 64, 4, 2, 32, 32, 2, 2, out_blocks=(1, 2, 3, 4)),
         # For the demo and tests that train: patch 8, so that a 64-96 px image has an 8-12 token grid.
         ClipArch("tiny-p8", 64, 8, 64, 4, 2, 32, 32, 2, 2, out_blocks=(1, 2, 3, 4)),
+        # For ExCEL's tests and demo: 12 blocks (its fusion reads all 12 layers) and widths that are multiples
+        # of 64 (the authors' CLIP derives its head counts as width // 64), so their code builds it too.
+        ClipArch("tiny-excel", 64, 16, 128, 12, 2, 64, 64, 2, 1),
     )
 }
 

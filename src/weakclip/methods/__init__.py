@@ -1,0 +1,85 @@
+"""Methods as plug-ins: which method a preset, a work folder or a checkpoint belongs to.
+
+A method is a subpackage (``weakclip.methods.excel``) or, for WeakCLIP, the package's original stages; this
+module only names them, so that the pipeline, the commands, the report, ``predict``, ``export`` and
+``weakclip.load`` can ask "which method made this?" without importing every method. It imports nothing of the
+package but ``errors``; a method's own modules are imported by whoever runs it, from ``MethodInfo.package``.
+
+Records name their method under the key ``"method"`` (``stage.json``, ``run.json``, ``config.yaml`` of a work
+folder, and every checkpoint); a record without that key was written before there was a second method and is
+WeakCLIP's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from weakclip.errors import WeakclipError
+
+DEFAULT_METHOD = "weakclip"
+METHOD_KEY = "method"
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """A method's name (as written in records), its title, the presets that select it, and the dotted
+    name of the module that implements it."""
+
+    name: str
+    title: str
+    presets: tuple[str, ...]
+    package: str
+
+
+_REGISTRY: dict[str, MethodInfo] = {}
+
+
+def register(info: MethodInfo) -> MethodInfo:
+    if info.name in _REGISTRY and _REGISTRY[info.name] != info:
+        raise WeakclipError(f"method {info.name!r} is registered twice")
+    _REGISTRY[info.name] = info
+    return info
+
+
+def names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get(name: str) -> MethodInfo:
+    info = _REGISTRY.get(str(name).strip().lower())
+    if info is None:
+        raise WeakclipError(f"unknown method {name!r}; known: {', '.join(_REGISTRY)}")
+    return info
+
+
+def of_preset(preset: str) -> MethodInfo:
+    """The method a packaged preset name belongs to (a YAML file of one's own: the method it names, see
+    ``of_record``); unknown names are WeakCLIP's, whose config loader then says what is wrong."""
+    key = str(preset).strip().lower()
+    for info in _REGISTRY.values():
+        if key in info.presets:
+            return info
+    return _REGISTRY[DEFAULT_METHOD]
+
+
+def of_record(record: Mapping[str, Any] | None) -> MethodInfo:
+    """The method a record (``run.json``, ``stage.json``, a checkpoint's dict) names; WeakCLIP without one."""
+    name = record.get(METHOD_KEY) if isinstance(record, Mapping) else None
+    return get(name) if name else _REGISTRY[DEFAULT_METHOD]
+
+
+def check_same(found: MethodInfo | str, wanted: MethodInfo | str, where: str, hint: str = "") -> None:
+    """One-line error when ``where`` (a work folder, a checkpoint) belongs to another method than asked."""
+    found_info = found if isinstance(found, MethodInfo) else get(found)
+    wanted_info = wanted if isinstance(wanted, MethodInfo) else get(wanted)
+    if found_info.name != wanted_info.name:
+        tail = f"; {hint}" if hint else ""
+        raise WeakclipError(
+            f"{where} holds a {found_info.title} result, but this asks for {wanted_info.title}{tail}"
+        )
+
+
+register(MethodInfo("weakclip", "WeakCLIP", ("voc", "coco", "voc-plus", "coco-plus"), "weakclip.pipeline"))
+register(MethodInfo("excel", "ExCEL", ("excel-voc", "excel-coco"), "weakclip.methods.excel"))
