@@ -140,6 +140,11 @@ def test_preset_equals_the_release_training_loop_literals(preset):
     dataset_cls = "VOC12ClsDataset" if cfg.data.kind == "voc" else "CocoClsDataset"
     assert tuple(_keyword(script, dataset_cls, "rescale_range")) == cfg.data.scale_range
     assert _keyword(script, dataset_cls, "img_fliplr") is cfg.data.flip
+    # the crop window judged on the ground-truth mask: VOC's class passes it to random_crop, COCO's does not
+    module = _tree("datasets/voc.py" if cfg.data.kind == "voc" else "datasets/coco.py")
+    dataset = next(n for n in ast.walk(module) if isinstance(n, ast.ClassDef) and n.name == dataset_cls)
+    (crop,) = _calls(dataset, "random_crop")
+    assert (len(crop.args) == 2) is cfg.data.mask_guided_crop
     loss = _assigned(script, "loss")  # loss = 1.0 * seg_loss + args.w_diver * diver_loss
     assert ast.literal_eval(loss.left.left) == cfg.train.seg_weight and loss.right.left.attr == "w_diver"
     # utils/optimizer.py, engine/optimizer_engine.py: eps and the decoder groups' x10

@@ -116,7 +116,9 @@ class ExcelLabelsConfig:
 class ExcelDataConfig:
     """Training data and the crops the release's VOC12ClsDataset really makes: random rescale by a ratio
     in ``scale_range``, horizontal flip, random crop ``crop_size`` (zero-padded, the image box kept),
-    normalisation (ImageNet's mean/std, as the release feeds its CLIP)."""
+    normalisation (ImageNet's mean/std, as the release feeds its CLIP). ``mask_guided_crop``: the crop
+    window is redrawn (10 tries at most) until no class holds 75% of it, judged on the ground-truth mask
+    (VOC's dataset class does so; COCO's does not); on a dataset without masks the first window is kept."""
 
     kind: Literal["voc", "coco", "coco91", "folder"] = "voc"
     root: str | None = None
@@ -124,6 +126,7 @@ class ExcelDataConfig:
     crop_size: int = 320
     scale_range: tuple[float, float] = (0.5, 2.0)
     flip: bool = True
+    mask_guided_crop: bool = True
     normalize: Literal["imagenet", "clip"] = "imagenet"
     num_workers: int = 2
     image_reader: Literal["pil", "opencv"] = "pil"
