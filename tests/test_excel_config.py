@@ -170,11 +170,13 @@ def test_preset_equals_the_release_model_literals(preset):
     head = _tree("model/segformer_head.py")
     assert {ast.literal_eval(c.args[0]) for c in _calls(head, "Dropout2d")} == {cfg.model.fuse_dropout}
     attr = _tree("model/load_attr.py")
-    assert _keyword(attr, "KMeans", "random_state") == cfg.text.kmeans_seed
-    # no n_init given: scikit-learn's default of the pinned version, 1.0.2, whose default is 10
-    assert not any(k.arg == "n_init" for c in _calls(attr, "KMeans") for k in c.keywords)
+    # KMeans(n_clusters, random_state=0) and nothing else: the defaults of the pinned scikit-learn 1.0.2
+    # (n_init 10, elkan), which "sklearn-1.0.2" seeding reproduces with today's scikit-learn
+    assert {k.arg for c in _calls(attr, "KMeans") for k in c.keywords} == {"n_clusters", "random_state"}
+    assert _keyword(attr, "KMeans", "random_state") == 0
     root = excel_ref_root()
-    assert "scikit-learn==1.0.2" in (root / "requirements.txt").read_text() and cfg.text.kmeans_n_init == 10
+    assert "scikit-learn==1.0.2" in (root / "requirements.txt").read_text()
+    assert cfg.text.kmeans_seeding == "sklearn-1.0.2"
     assert _default(attr, "attr_aggregate", "topK") == cfg.text.top_k
     affutils = _tree("utils/affutils.py")
     assert _default(affutils, "refine_cams_with_aff", "attn_layers") == cfg.labels.attn_layers
@@ -182,7 +184,7 @@ def test_preset_equals_the_release_model_literals(preset):
     assert tuple(_default(transforms, "normalize_img", "mean")) == IMAGENET_MEAN
     assert tuple(_default(transforms, "normalize_img", "std")) == IMAGENET_STD
     assert cfg.data.normalize == "imagenet"
-    assert cfg.text.background == ("voc" if preset == "excel-voc" else "coco")
+    assert cfg.text.background is None  # the release's list for the class list (text.excel_prompts)
 
 
 @pytest.mark.parametrize("preset", EXCEL_PRESETS)

@@ -76,19 +76,19 @@ class ExcelModelConfig:
 
 @dataclass
 class ExcelTextConfig:
-    """Text Semantic Enrichment. ``background``: the release's background class list of that dataset
-    (``voc`` / ``coco``); ``class_names``: ``release`` (its prompt names, e.g. "bird avian", for VOC's and
-    COCO's classes) or ``dataset`` (the class list as it is); ``descriptors``: the JSON file of class
-    descriptors (None: plain class prompts, said in one line); ``num_clusters`` / ``kmeans_seed`` /
-    ``kmeans_n_init``: the k-means bank; ``top_k``: ``attr_aggregate``'s topK."""
+    """Text Semantic Enrichment. ``prompt``: the class prompt template; ``background``: background words
+    (None: the release's list for VOC's or COCO's classes, else VOC's less the words of the class names);
+    ``descriptors``: the JSON file of class descriptors (None: plain class prompts, said in one line);
+    ``num_clusters``: the k-means bank's size (None: 112 for VOC, 224 for COCO, else VOC's ratio);
+    ``kmeans_seeding``: ``sklearn-1.0.2`` (the release's pinned scikit-learn: n_init 10, elkan, its k-means++
+    draws) or ``sklearn`` (today's); ``top_k``: ``attr_aggregate``'s topK (the lowest ``1 - top_k`` of the
+    clusters are masked)."""
 
     prompt: str = "a clean origami {}."
-    background: Literal["voc", "coco", "none"] = "voc"
-    class_names: Literal["release", "dataset"] = "release"
+    background: list[str] | None = None
     descriptors: str | None = None
-    num_clusters: int = 112
-    kmeans_seed: int = 0
-    kmeans_n_init: int = 10
+    num_clusters: int | None = 112
+    kmeans_seeding: Literal["sklearn-1.0.2", "sklearn"] = "sklearn-1.0.2"
     top_k: float = 0.9
 
 
@@ -277,8 +277,10 @@ def validate(cfg: ExcelConfig, source: str = "config") -> None:
     need(0 <= m.fuse_dropout < 1, f"model.fuse_dropout must lie in [0, 1), got {m.fuse_dropout}")
     need(m.surgery_layers >= 1, f"model.surgery_layers must be >= 1, got {m.surgery_layers}")
     need("{}" in x.prompt, f"text.prompt must hold '{{}}' where the class name goes, got {x.prompt!r}")
-    need(x.num_clusters > 0, f"text.num_clusters must be positive, got {x.num_clusters}")
-    need(x.kmeans_n_init > 0, f"text.kmeans_n_init must be positive, got {x.kmeans_n_init}")
+    need(x.num_clusters is None or x.num_clusters > 0,
+         f"text.num_clusters must be positive or none, got {x.num_clusters}")
+    need(x.background is None or all(isinstance(w, str) and w.strip() for w in x.background),
+         "text.background must be non-empty words")
     need(0 <= x.top_k < 1, f"text.top_k must lie in [0, 1), got {x.top_k}")
     need(0 <= lb.caa_threshold <= 1, f"labels.caa_threshold must lie in [0, 1], got {lb.caa_threshold}")
     need(lb.attn_layers >= 1, f"labels.attn_layers must be >= 1, got {lb.attn_layers}")
