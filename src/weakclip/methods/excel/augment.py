@@ -186,11 +186,17 @@ def crop_with_box(image: np.ndarray, mask: np.ndarray | None, crop: int, draws: 
 
 
 def normalize_image(image: np.ndarray) -> np.ndarray:
-    """``normalize_img``: ``(x - mean) / std`` per channel in float32 (:data:`IMAGE_MEAN`, :data:`IMAGE_STD`),
-    ``H x W x 3`` in and out; the test-time input (``VOC12SegDataset`` without ``aug``) is the uint8 image
-    through this alone."""
-    x = np.asarray(image).astype(np.float32, copy=False)
-    return (x - np.asarray(IMAGE_MEAN, dtype=np.float32)) / np.asarray(IMAGE_STD, dtype=np.float32)
+    """``normalize_img``: ``(x - mean) / std`` per channel (:data:`IMAGE_MEAN`, :data:`IMAGE_STD`) with Python
+    floats, stored as float32, ``H x W x 3`` in and out.
+
+    As in the release the arithmetic follows the input's dtype: a float32 image (the training crop) is
+    computed in float32, a uint8 image (the test-time input: ``VOC12SegDataset`` without ``aug`` gives the
+    image as read through this alone) in float64 and then rounded to float32; the two differ by an ulp."""
+    x = np.asarray(image)
+    out = np.empty(x.shape, dtype=np.float32)
+    for c in range(3):
+        out[..., c] = (x[..., c] - IMAGE_MEAN[c]) / IMAGE_STD[c]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ augment
