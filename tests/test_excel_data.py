@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -278,6 +279,7 @@ def test_private_streams_are_per_item_and_epoch(voc_folder):
     c = ds[1]
     assert a["image"].shape == c["image"].shape == (3, 64, 64) and a["mask"].shape == (64, 64)
     assert not np.array_equal(a["image"], c["image"])
+    assert ds.dataset.orientation == "exif"  # read upright, as the release's pinned imageio 2.26 does
     batch = torch.utils.data.default_collate([ds[0], ds[2]])
     assert batch["image"].shape == (2, 3, 64, 64) and batch["cls_label"].shape == (2, 20)
 
@@ -425,6 +427,21 @@ def test_release_miou_and_the_package_metric(ref):
         matrix.update(p, g)
     assert matrix.scores().miou == pytest.approx(ref.evaluate.scores(full, preds, num_classes=6)["miou"],
                                                  abs=1e-12)
+
+
+def test_training_validation_is_one_unflipped_pass(voc_folder):
+    """engine/validatation_engine.py: F.interpolate to 320 x 320, model(batch of 1)[0], bilinear to the mask's
+    size, argmax (the release function needs the whole network's outputs: its formula is checked here)."""
+    ds = VOCDataset(voc_folder.root, "val")
+    rgb, gt = ds.read_image(0), ds.read_gt(0)
+    net = _SegNet(21)
+    x = torch.from_numpy(aug.normalize_image(rgb).transpose(2, 0, 1).copy())[None]
+    with torch.no_grad():
+        seg = net(F.interpolate(x, size=[320, 320], mode="bilinear", align_corners=False))[0]
+        want = torch.argmax(F.interpolate(seg, size=gt.shape, mode="bilinear", align_corners=False), dim=1)[0]
+    ours = infer.infer_image(net, rgb, infer.TRAINING_VALIDATION, out_size=gt.shape)
+    assert np.array_equal(ours.labels, want.numpy())
+    assert not np.array_equal(ours.labels, infer.infer_image(net, rgb, out_size=gt.shape).labels)
 
 
 def test_inference_settings_and_inputs_are_checked():

@@ -27,6 +27,10 @@ The release trains on ``datasets/voc.py`` ``VOC12ClsDataset`` (stage ``train``) 
   ``img_box`` is ``[top, bottom, left, right]`` (int16) of the image inside the crop, with the release's
   quirk kept: ``bottom`` and ``right`` are ``min(window end, pad offset + size)`` in the PADDED frame, so
   where the image was larger than the crop and the window does not start at 0 they exceed the crop size.
+* images are read by ``imageio.v2.imread``; with the release's pinned imageio 2.26.0 that turns JPEGs upright
+  by their EXIF orientation (imageio 2.38 no longer does): :data:`RELEASE_IMAGE_READING`, the package's Pillow
+  reader with ``orientation="exif"``, gives the same pixels for all 8 orientations (checked against imageio
+  2.26.0). VOC has no such tags; a few COCO photos have. Masks (PNG, no orientation) are read as stored;
 * the image-level label is the foreground multi-hot from ``cls_labels_onehot.npy`` (20 numbers for VOC,
   float32); here it is the dataset's label vector without its background entry (:class:`ExcelTrainDataset`).
 
@@ -61,6 +65,7 @@ __all__ = [
     "CROP_TRIES",
     "IMAGE_MEAN",
     "IMAGE_STD",
+    "RELEASE_IMAGE_READING",
     "SCALE_RANGE",
     "AugmentedSample",
     "Draws",
@@ -82,6 +87,9 @@ CROP_SIZE = 320
 #: ``random_crop``'s window rule: at most this many windows, until no class holds this share or more.
 CROP_TRIES = 10
 CROP_MAX_SHARE = 0.75
+#: ``(reader, orientation)`` for :meth:`weakclip.data.base.SegDataset.set_image_reading` that reads as the
+#: release's ``imageio.v2.imread`` (imageio 2.26.0, its pin): Pillow, upright by EXIF (module docstring).
+RELEASE_IMAGE_READING: tuple[str, str] = ("pil", "exif")
 
 
 @dataclass
@@ -272,14 +280,18 @@ class ExcelTrainDataset(Dataset):
     from ``(seed, epoch, index)`` (:meth:`draws_for`), so a sample does not depend on workers, order or
     resumption; :meth:`set_epoch` changes the epoch. :meth:`sample` takes the draws explicitly.
 
-    The wrapped dataset's own ``transform`` must be None (this class makes the sample).
+    The wrapped dataset's own ``transform`` must be None (this class makes the sample). ``image_reading``
+    (default :data:`RELEASE_IMAGE_READING`) is set on it (``set_image_reading``); None keeps its own.
     """
 
     def __init__(self, dataset: SegDataset, augment: ExcelAugment | None = None, *,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, image_reading: tuple[str, str] | None = RELEASE_IMAGE_READING
+                 ) -> None:
         super().__init__()
         if getattr(dataset, "transform", None) is not None:
             raise DataError("ExcelTrainDataset makes its own samples: build the dataset without a transform")
+        if image_reading is not None:
+            dataset.set_image_reading(*image_reading)
         self.dataset = dataset
         if augment is None:
             augment = ExcelAugment(mask_guided_crop=release_mask_guided(getattr(dataset, "kind", "")))

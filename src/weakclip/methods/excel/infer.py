@@ -27,6 +27,10 @@ present in the ground truth OR the prediction; the two differ only when a class 
 absent from every ground truth of the set (the package counts its IoU 0, the release leaves it out). On the
 full VOC and COCO val sets every class is present, so the two agree there.
 
+The release reads the test image with ``imageio.v2.imread`` (upright by EXIF with its pinned imageio 2.26.0:
+read it with :data:`weakclip.methods.excel.augment.RELEASE_IMAGE_READING`); :func:`infer_image` takes the
+image as read.
+
 Images are processed one at a time, as the release does: the network's batch-wide means (``attn_pred``)
 make a batch of several images give other logits.
 """
@@ -48,6 +52,7 @@ __all__ = [
     "COCO_INFERENCE",
     "EXCEL_CRF",
     "TEST_SCALES",
+    "TRAINING_VALIDATION",
     "VOC_INFERENCE",
     "ExcelPrediction",
     "InferenceSettings",
@@ -78,6 +83,10 @@ class InferenceSettings:
             loop skips it).
         flip_at_base: average the base pass with its flip (COCO's script: True). VOC's script discards the
             flipped prediction (False, the release's quirk); True there is a departure.
+        flip: batch every pass with its flip (both scripts). False runs each pass on the image alone and
+            averages nothing: with ``scales=(1.0,)`` that is the release's validation during training
+            (``engine/validatation_engine.py``: 320 x 320, batch 1, argmax at the mask's size),
+            :data:`TRAINING_VALIDATION`.
         logits_fraction: the averaging grid as a fraction of the image (VOC 1.0, COCO 0.2).
         crf: dense-CRF post-processing (VOC's script: off; COCO's: on).
         crf_params: its parameters (:data:`EXCEL_CRF`).
@@ -86,6 +95,7 @@ class InferenceSettings:
     size: int = 320
     scales: tuple[float, ...] = TEST_SCALES
     flip_at_base: bool = False
+    flip: bool = True
     logits_fraction: float = 1.0
     crf: bool = False
     crf_params: DenseCRFParams = EXCEL_CRF
@@ -104,6 +114,8 @@ class InferenceSettings:
 VOC_INFERENCE = InferenceSettings()
 #: ``tools/infer_seg_coco.py`` as its script runs it (CRF on).
 COCO_INFERENCE = InferenceSettings(flip_at_base=True, logits_fraction=0.2, crf=True)
+#: The segmentation score the release logs every 2,000 iterations (one 320 x 320 pass, no flip, no CRF).
+TRAINING_VALIDATION = InferenceSettings(scales=(1.0,), flip=False)
 
 
 def _logits(net: SegNet, batch: torch.Tensor) -> torch.Tensor:
@@ -118,9 +130,11 @@ def _logits(net: SegNet, batch: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _flip_pass(net: SegNet, image: torch.Tensor, side: int, grid: tuple[int, int], average: bool
-               ) -> torch.Tensor:
+def _flip_pass(net: SegNet, image: torch.Tensor, side: int, grid: tuple[int, int], average: bool,
+               flip: bool = True) -> torch.Tensor:
     x = F.interpolate(image, size=[side, side], mode="bilinear", align_corners=False)
+    if not flip:
+        return F.interpolate(_logits(net, x), size=grid, mode="bilinear", align_corners=False)
     seg = _logits(net, torch.cat([x, x.flip(-1)], dim=0))
     seg = F.interpolate(seg, size=grid, mode="bilinear", align_corners=False)
     if not average:
@@ -143,11 +157,11 @@ def multiscale_logits(net: SegNet, image: torch.Tensor, settings: InferenceSetti
     fraction = float(settings.logits_fraction)
     grid = (max(1, int(fraction * height)), max(1, int(fraction * width)))
     with torch.no_grad():
-        passes = [_flip_pass(net, image, int(settings.size), grid, settings.flip_at_base)]
+        passes = [_flip_pass(net, image, int(settings.size), grid, settings.flip_at_base, settings.flip)]
         for scale in settings.scales:
             if float(scale) != 1.0:
                 side = int(int(settings.size) * float(scale))
-                passes.append(_flip_pass(net, image, side, grid, True))
+                passes.append(_flip_pass(net, image, side, grid, True, settings.flip))
         return torch.mean(torch.stack(passes, dim=0), dim=0)
 
 
