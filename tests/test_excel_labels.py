@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from excel_ref import excel_reference
-from weakclip.errors import DataError
+from weakclip.errors import DataError, WeakclipError
 from weakclip.methods.excel import labels as L
 from weakclip.methods.excel import losses as LS
 from weakclip.methods.excel import schedule as S
@@ -388,10 +388,10 @@ def test_training_step_at_the_release_size_equals_the_release(ref):
 
 def test_the_switches_need_their_inputs():
     out = _outputs(0, 1, 32, 3)
-    with pytest.raises(Exception, match="second CLIP pass"):
+    with pytest.raises(WeakclipError, match="second CLIP pass"):
         L.training_targets(out.attr, out.attn, out.attn_pred, out.cls, L.denormalize_image(out.inputs), 14000,
                            L.VOC_LABELS, PAR())
-    with pytest.raises(Exception, match="seg_logits"):
+    with pytest.raises(WeakclipError, match="seg_logits"):
         L.training_targets(out.attr, out.attn, out.attn_pred, out.cls, L.denormalize_image(out.inputs), 24000,
                            L.VOC_LABELS, PAR(), second_pass=lambda: out.second)
 
