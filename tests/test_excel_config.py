@@ -194,6 +194,15 @@ def test_preset_equals_the_release_inference_and_training_free(preset, release_a
     assert a.resize_size == cfg.infer.size
     assert tuple(a.scales) == cfg.infer.scales
     assert a.crf_post is cfg.infer.crf
+    script = _tree(INFER[preset])
+    averaged = [n for n in ast.walk(script) if isinstance(n, ast.Assign)
+                and ast.unparse(n.targets[0]) == "seg"
+                and ast.unparse(n.value) == "(segs[:1, ...] + segs[1:, ...].flip(-1)) / 2"]
+    assert len(averaged) == (2 if cfg.infer.flip_at_base else 1)  # the scales' passes always average
+    fractions = [ast.literal_eval(n.value.args[0].left) for n in ast.walk(script) if isinstance(n, ast.Assign)
+                 and ast.unparse(n.targets[0]) in ("h", "w") and ast.unparse(n.value).startswith("int(")]
+    assert fractions == ([] if cfg.infer.logits_fraction == 1.0 else [cfg.infer.logits_fraction] * 2)
+    assert cfg.infer.flip and cfg.infer.settings().flip_at_base is cfg.infer.flip_at_base
     free = release_args["free"]
     assert free.training_free is True and free.resize_size == cfg.free.size
     lam = _tree("tools/infer_lam.py")

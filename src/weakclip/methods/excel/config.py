@@ -163,13 +163,24 @@ class ExcelTrainConfig:
 
 @dataclass
 class ExcelInferConfig:
-    """Test-time inference: the image resized to ``size`` x ``size``, then ``scales`` of it with ``flip``,
-    probabilities averaged, optional dense CRF."""
+    """Test-time inference (:class:`~weakclip.methods.excel.infer.InferenceSettings`): a base pass on the
+    image resized to ``size`` x ``size`` and one per other ``scale``, each batched with its flip (``flip``);
+    the base pass's flipped prediction averaged in (``flip_at_base``: COCO's script) or discarded (VOC's
+    quirk); logits averaged on a grid of ``logits_fraction`` of the image (COCO 0.2); optional dense CRF."""
 
     size: int = 320
     scales: tuple[float, ...] = (0.7, 1.0, 1.2, 1.5)
     flip: bool = True
+    flip_at_base: bool = False
+    logits_fraction: float = 1.0
     crf: bool = False
+
+    def settings(self):
+        """These values as :class:`~weakclip.methods.excel.infer.InferenceSettings`."""
+        from weakclip.methods.excel.infer import InferenceSettings
+
+        return InferenceSettings(size=self.size, scales=tuple(self.scales), flip_at_base=self.flip_at_base,
+                                 flip=self.flip, logits_fraction=self.logits_fraction, crf=self.crf)
 
 
 @dataclass
@@ -319,6 +330,7 @@ def validate(cfg: ExcelConfig, source: str = "config") -> None:
          f"train.grad_clip must be positive or none, got {t.grad_clip}")
     need(inf.size > 0, f"infer.size must be positive, got {inf.size}")
     need(len(inf.scales) > 0 and min(inf.scales) > 0, f"infer.scales must be positive, got {inf.scales}")
+    need(0 < inf.logits_fraction <= 1, f"infer.logits_fraction must lie in (0, 1], got {inf.logits_fraction}")
     need(fr.size > 0, f"free.size must be positive, got {fr.size}")
     need(0 <= fr.caa_threshold <= 1, f"free.caa_threshold must lie in [0, 1], got {fr.caa_threshold}")
     if cfg.classes is not None:
