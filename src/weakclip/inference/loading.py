@@ -149,6 +149,7 @@ def load_trained_model(checkpoint: str | Path, clip_weights: str | Path | None =
         load_trainable_state_dict,
         read_checkpoint_file,
     )
+    from weakclip.methods import DEFAULT_METHOD, check_same, of_checkpoint
     from weakclip.models.release_checkpoint import is_release_checkpoint, load_release_checkpoint
     from weakclip.models.weakclip import build_model
 
@@ -161,6 +162,7 @@ def load_trained_model(checkpoint: str | Path, clip_weights: str | Path | None =
         _unused_clip_weights(unused, f"{path} is the authors' release checkpoint, which holds the towers")
         return model.to(device), release_config(model_cfg, classes)
     state = check_training_checkpoint(raw, path)
+    check_same(of_checkpoint(state), DEFAULT_METHOD, str(path))  # e.g. an ExCEL checkpoint: one line
     if not isinstance(state.get("config"), Mapping):
         raise WeakclipError(f"checkpoint {path} holds no config")
     cfg = Config.from_dict(dict(state["config"]), source=f"config of {path}")

@@ -26,12 +26,12 @@ logs group 0's, a tenth of it, which holds no parameter), a progress bar, DDP un
 batch. Under several processes each process's images form the batch whose mean the affinity prediction and
 the second pass subtract (the release: per GPU likewise).
 
-Records: ``config.yaml`` and every checkpoint name the method (``"method": "excel"``, :mod:`weakclip.methods`).
-A checkpoint holds the trained fusion + decoder only (``"model"``; the frozen CLIP comes from the weights
-file, recorded as ``"clip_weights"``), the network's settings and text bank (``"excel"``: class names, prompt
-names, background words, integral and enriched text features, k-means centres and flags), ``"classes"`` and
-``"palette"``, so that :func:`load_excel_checkpoint` rebuilds the network without the descriptors file or the
-data folder.
+Records: ``config.yaml`` and every checkpoint name the method (``"method": "excel"``,
+:mod:`weakclip.methods`). A checkpoint holds the trained fusion + decoder only (``"model"``; the frozen CLIP
+comes from the weights file, recorded as ``"clip_weights"``), the network's settings and text bank
+(``"excel"``: class names, prompt names, background words, integral and enriched text features, k-means
+centres and flags), ``"classes"`` and ``"palette"``, so that :func:`load_excel_checkpoint` rebuilds the
+network without the descriptors file or the data folder.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 
 from weakclip.errors import DataError, WeakclipError
-from weakclip.methods import METHOD_KEY, check_same, of_record
+from weakclip.methods import METHOD_KEY, check_same, of_checkpoint
 from weakclip.methods.excel.config import EXCEL_PRESETS, METHOD, ExcelConfig, load_excel_preset
 
 __all__ = [
@@ -56,6 +56,8 @@ __all__ = [
     "ExcelStep",
     "StepSchedule",
     "build_excel_optimizer",
+    "build_network",
+    "build_par",
     "label_settings",
     "load_excel_checkpoint",
     "train_excel",
@@ -72,10 +74,10 @@ def label_settings(cfg: ExcelConfig, patch_size: int = 16):
     from weakclip.methods.excel.labels import LabelSettings
 
     lb = cfg.labels
-    return LabelSettings(caa_thre=lb.caa_threshold, attn_layers=lb.attn_layers, calibration_iter=lb.switch_iter,
-                         prediction_affinity_iter=lb.aff_from_pred_iter, radius=lb.radius, bkg_thre=lb.bkg_thre,
-                         high_thre=lb.high_thre, low_thre=lb.low_thre, ignore_index=lb.ignore_index,
-                         patch_size=patch_size)
+    return LabelSettings(caa_thre=lb.caa_threshold, attn_layers=lb.attn_layers,
+                         calibration_iter=lb.switch_iter, prediction_affinity_iter=lb.aff_from_pred_iter,
+                         radius=lb.radius, bkg_thre=lb.bkg_thre, high_thre=lb.high_thre, low_thre=lb.low_thre,
+                         ignore_index=lb.ignore_index, patch_size=patch_size)
 
 
 def build_par(cfg: ExcelConfig, device: torch.device | str = "cpu"):
@@ -90,8 +92,8 @@ def build_excel_optimizer(net, cfg: ExcelConfig):
     from weakclip.methods.excel.schedule import ExcelAdamW, PolyWarmup
 
     t = cfg.train
-    schedule = PolyWarmup(lr=t.lr, warmup_iters=t.warmup_iters, max_iters=t.iters, warmup_ratio=t.warmup_ratio,
-                          power=t.power)
+    schedule = PolyWarmup(lr=t.lr, warmup_iters=t.warmup_iters, max_iters=t.iters,
+                          warmup_ratio=t.warmup_ratio, power=t.power)
     mults = (1.0, 1.0, t.decoder_lr_mult, t.decoder_lr_mult)
     return ExcelAdamW(net.param_groups(), schedule, mults, weight_decay=t.weight_decay, betas=tuple(t.betas),
                       eps=t.eps)
@@ -142,8 +144,9 @@ class ExcelStep:
         images_denorm = denormalize_image(images.clone())
         out = train_model(images)
         targets = training_targets(
-            out.attr_maps, out.attn, out.affinity, cls_labels, images_denorm, int(it), self.settings, self.par,
-            seg_logits=out.seg, second_pass=lambda: net.attr_maps_from_features(images, out.features))
+            out.attr_maps, out.attn, out.affinity, cls_labels, images_denorm, int(it), self.settings,
+            self.par, seg_logits=out.seg,
+            second_pass=lambda: net.attr_maps_from_features(images, out.features))
         total, seg, aff = excel_loss(out.seg, targets.pseudo_labels, out.affinity, targets.affinity_targets,
                                      aff_weight=self.aff_weight, seg_weight=self.seg_weight,
                                      ignore_index=self.ignore_index)
@@ -251,10 +254,8 @@ def _palette(n: int) -> list[list[int]]:
 
 def check_excel_record(record: Any, where: str) -> None:
     """One line when ``record`` (a checkpoint, a config dict) belongs to another method than ExCEL."""
-    found = of_record(record if isinstance(record, Mapping) else None)
-    if isinstance(record, Mapping) and METHOD_KEY not in record and isinstance(record.get("config"), Mapping):
-        found = of_record(record["config"])
-    check_same(found, METHOD, where, "use a checkpoint or work folder of ExCEL training")
+    check_same(of_checkpoint(record if isinstance(record, Mapping) else None), METHOD, where,
+               "use a checkpoint or work folder of ExCEL training")
 
 
 def load_excel_checkpoint(path: str | Path, clip_weights: str | Path | None = None,
@@ -290,27 +291,40 @@ def load_excel_checkpoint(path: str | Path, clip_weights: str | Path | None = No
 
 
 # ====================================================================== train
-def _build_net(cfg: ExcelConfig, classes: list[str], ckpt: Mapping[str, Any] | None, clip_weights,
-               descriptors, device: torch.device, log: Callable[[str], None], workdir: Path):
-    from weakclip.methods.excel.model import build_excel_net, rebuild_excel_net
+def build_network(cfg: ExcelConfig, classes: list[str], *, clip_weights: str | Path | None = None,
+                  descriptors: str | Path | None = None, device: torch.device | str = "cpu",
+                  note: Callable[[str], None] | None = None):
+    """A fresh ExCEL network for ``classes`` (background first) with ``cfg``'s settings: the frozen CLIP of
+    ``clip_weights``, the text bank from ``descriptors`` (None: plain class prompts), a new fusion + decoder
+    (:func:`~weakclip.methods.excel.model.build_excel_net`)."""
+    from weakclip.methods.excel.model import build_excel_net
 
     m, x = cfg.model, cfg.text
-    if ckpt is not None:
-        if "excel" not in ckpt:
-            raise WeakclipError(f"{workdir}: its checkpoint holds no ExCEL network settings and text bank")
-        payload = {**dict(ckpt["excel"]), "decoder": ckpt["model"]}
-        net = rebuild_excel_net(payload, clip_weights, device, where=f"the checkpoint of {workdir}")
-        if list(net.class_names) != list(classes):
-            raise WeakclipError(f"{workdir} was trained on the classes {', '.join(net.class_names)}; this data "
-                                f"has {', '.join(classes)}: use another work folder")
-        log("text bank and settings: from the checkpoint (the descriptors file is not read again)")
-        return net
     return build_excel_net(
         m.clip_arch, clip_weights, classes, dataset=cfg.data.kind, descriptors=descriptors,
         clusters=x.num_clusters, crop=cfg.data.crop_size, device=device, position_mode="crop",
-        background=x.background, top_k=x.top_k, kmeans_seeding=x.kmeans_seeding, note=log,
+        background=x.background, top_k=x.top_k, kmeans_seeding=x.kmeans_seeding, note=note,
         embed_dim=m.embedding_dim, decoder_layers=m.decoder_layers, decoder_heads=m.decoder_heads,
         surgery_layers=m.surgery_layers, fusion_dropout=m.fuse_dropout)
+
+
+def _network(cfg: ExcelConfig, classes: list[str], ckpt: Mapping[str, Any] | None, clip_weights, descriptors,
+             device: torch.device, log: Callable[[str], None], workdir: Path):
+    """A resumed run's network from its checkpoint (text bank included), else a fresh one."""
+    from weakclip.methods.excel.model import rebuild_excel_net
+
+    if ckpt is None:
+        return build_network(cfg, classes, clip_weights=clip_weights, descriptors=descriptors, device=device,
+                             note=log)
+    if "excel" not in ckpt:
+        raise WeakclipError(f"{workdir}: its checkpoint holds no ExCEL network settings and text bank")
+    payload = {**dict(ckpt["excel"]), "decoder": ckpt["model"]}
+    net = rebuild_excel_net(payload, clip_weights, device, where=f"the checkpoint of {workdir}")
+    if list(net.class_names) != list(classes):
+        raise WeakclipError(f"{workdir} was trained on the classes {', '.join(net.class_names)}; this "
+                            f"data has {', '.join(classes)}: use another work folder")
+    log("text bank and settings: from the checkpoint (the descriptors file is not read again)")
+    return net
 
 
 def train_excel(cfg: ExcelConfig, workdir: str | Path, *, clip_weights: str | Path | None = None,
@@ -354,8 +368,8 @@ def train_excel(cfg: ExcelConfig, workdir: str | Path, *, clip_weights: str | Pa
             check_resume_network(ckpt, cfg.to_dict(), workdir, kind="ExCEL network", presets=presets)
             if clip_weights is None and ckpt.get("clip_weights"):
                 if not Path(ckpt["clip_weights"]).is_file():
-                    raise WeakclipError(f"the checkpoint was trained with CLIP weights {ckpt['clip_weights']}, "
-                                        "which is gone: pass clip_weights")
+                    raise WeakclipError(f"the checkpoint was trained with CLIP weights "
+                                        f"{ckpt['clip_weights']}, which is gone: pass clip_weights")
                 clip_weights = ckpt["clip_weights"]
                 log(f"CLIP weights (recorded in the checkpoint): {clip_weights}")
 
@@ -365,7 +379,7 @@ def train_excel(cfg: ExcelConfig, workdir: str | Path, *, clip_weights: str | Pa
             raise WeakclipError(f"the config names {len(classes)} classes, the dataset has "
                                 f"{dataset.num_classes}")
         torch.manual_seed(mix_seed(t.seed, -1, 0))  # the same initial decoder on every process
-        net = _build_net(cfg, classes, ckpt, clip_weights, descriptors, info.device, log, workdir)
+        net = _network(cfg, classes, ckpt, clip_weights, descriptors, info.device, log, workdir)
         net = net.to(info.device).train()
         optimizer = build_excel_optimizer(net, cfg)
         schedule = StepSchedule(optimizer)
@@ -378,17 +392,18 @@ def train_excel(cfg: ExcelConfig, workdir: str | Path, *, clip_weights: str | Pa
         trained = sum(p.numel() for p in net.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in net.parameters() if not p.requires_grad)
         bank = net.text_bank
+        window = "placed with the masks" if dataset.has_gt else "at random"
         intro = [
             f"ExCEL: CLIP {net.settings.arch} frozen ({frozen:,} params); fusion + decoder trained "
             f"({trained:,} params); {len(classes)} classes; text bank: "
             + (f"{bank.centres.shape[0]} clusters of {bank.descriptors}" if bank.enriched_by_descriptors
                else "plain class prompts"),
             f"data: {len(dataset)} images ({dataset!r}); global batch {t.batch_size} = {info.world_size} x "
-            f"{t.batch_size // info.world_size}; crop {cfg.data.crop_size}, rescale {tuple(cfg.data.scale_range)}"
-            f", crop window {'placed with the masks' if dataset.has_gt else 'at random'}",
+            f"{t.batch_size // info.world_size}; crop {cfg.data.crop_size}, rescale "
+            f"{tuple(cfg.data.scale_range)}, crop window {window}",
             f"schedule: {t.iters} iterations, AdamW lr {t.lr:g} (decoder x{t.decoder_lr_mult:g}), warm-up "
-            f"{t.warmup_iters} from x{t.warmup_ratio:g}, poly {t.power:g}, wd {t.weight_decay:g}; second CLIP "
-            f"pass from {cfg.labels.switch_iter}, affinity target from the prediction from "
+            f"{t.warmup_iters} from x{t.warmup_ratio:g}, poly {t.power:g}, wd {t.weight_decay:g}; second "
+            f"CLIP pass from {cfg.labels.switch_iter}, affinity target from the prediction from "
             f"{cfg.labels.aff_from_pred_iter}; device {info.device}",
         ]
         excel_record = {k: v for k, v in net.payload().items() if k != "decoder"}
@@ -416,6 +431,7 @@ def train_excel(cfg: ExcelConfig, workdir: str | Path, *, clip_weights: str | Pa
 
 def _loop_settings(cfg: ExcelConfig, settings_cls):
     t = cfg.train
-    return settings_cls(iters=t.iters, batch_size=t.batch_size, seed=t.seed, checkpoint_every=t.checkpoint_every,
-                        keep_checkpoints=t.keep_checkpoints, log_every=t.log_every,
+    return settings_cls(iters=t.iters, batch_size=t.batch_size, seed=t.seed,
+                        checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
+                        log_every=t.log_every,
                         num_workers=cfg.data.num_workers, amp=t.amp, grad_clip=t.grad_clip)
