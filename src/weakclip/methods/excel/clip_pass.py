@@ -16,9 +16,10 @@ OpenAI names), without changing that tower:
   stored as a layer's tokens): the stored tokens of the last unchanged block end up as the final surgery-path
   tokens, and the stored tokens of each replaced block but the last include the next block's attention
   output (before that block's MLP). The fusion head reads these stored tokens.
-- The surgery path's CLS token is replaced by the original path's, then ``ln_post`` and the projection give the
-  image features, which ``generate_clip_fts`` normalises over the *token* axis (dim 1), not the channels.
-- With decoder features (``ex_feats``, its Learnable Visual Calibration; utils/camutils.py ``cure_attr_map``):
+- The surgery path's CLS token is replaced by the original path's, then ``ln_post`` and the projection give
+  the image features, which ``generate_clip_fts`` normalises over the *token* axis (dim 1), not the channels.
+- With decoder features (``ex_feats``, its Learnable Visual Calibration; utils/camutils.py
+  ``cure_attr_map``):
   their cosine similarities, minus the mean over the whole batch (an image's maps depend on its batch),
   times 3, negatives set to -inf, row softmax, are added to the patch-patch part of the surgery attention
   (every head) before the heads are summed. The original path is unaffected.
@@ -142,7 +143,9 @@ class ExcelClipPass(nn.Module):
             )
         for index, block in enumerate(tower.visual.transformer.resblocks, start=1):
             if not (isinstance(block.ls_1, nn.Identity) and isinstance(block.ls_2, nn.Identity)):
-                raise WeakclipError(f"ExCEL's CLIP pass needs a CLIP without layer scale (block {index} has one)")
+                raise WeakclipError(
+                    f"ExCEL's CLIP pass needs a CLIP without layer scale (block {index} has one)"
+                )
         self.tower = tower
         self.surgery_layers = int(surgery_layers)
         self.num_replaced = replaced
@@ -255,7 +258,8 @@ class ExcelClipPass(nn.Module):
         ) / 3
         if calibration is not None:
             surgery[:, :, 1:, 1:] = surgery[:, :, 1:, 1:] + calibration
-        surgery = torch.sum(surgery, dim=1, keepdim=True)  # quirk: heads summed, then applied to every head's v
+        # quirk: the heads' attentions are summed, then applied to every head's v
+        surgery = torch.sum(surgery, dim=1, keepdim=True)
 
         surgery_out = (surgery @ v).transpose(1, 2).reshape(batch, length, width)
         original_out = (original @ v).transpose(1, 2).reshape(batch, length, width)
@@ -267,12 +271,13 @@ class ExcelClipPass(nn.Module):
         """The release's image pass; with ``ex_feats`` (B x D x h x w on the token grid) its second pass."""
         grid = self._grid_of(images)
         calibration = None
-        if ex_feats is not None:
-            if ex_feats.ndim != 4 or ex_feats.shape[0] != images.shape[0] or tuple(ex_feats.shape[2:]) != grid:
-                raise WeakclipError(
-                    f"ex_feats must be B x D x {grid[0]} x {grid[1]} for {images.shape[0]} images of "
-                    f"{images.shape[2]}x{images.shape[3]}, got {tuple(ex_feats.shape)}"
-                )
+        if ex_feats is not None and (
+            ex_feats.ndim != 4 or ex_feats.shape[0] != images.shape[0] or tuple(ex_feats.shape[2:]) != grid
+        ):
+            raise WeakclipError(
+                f"ex_feats must be B x D x {grid[0]} x {grid[1]} for {images.shape[0]} images of "
+                f"{images.shape[2]}x{images.shape[3]}, got {tuple(ex_feats.shape)}"
+            )
         with torch.no_grad():
             if ex_feats is not None:
                 calibration = calibration_attention(ex_feats.detach())
@@ -290,7 +295,9 @@ class ExcelClipPass(nn.Module):
             original = x
             for step, index in enumerate(range(plain, len(blocks))):
                 block = blocks[index]
-                surgery_res, original_res, w = self._two_path_attention(block, block.ln_1(original), calibration)
+                surgery_res, original_res, w = self._two_path_attention(
+                    block, block.ln_1(original), calibration
+                )
                 original = original + original_res
                 if step > 0:
                     # quirk: the release adds this attention output in place to the tokens it stored for the
@@ -304,8 +311,8 @@ class ExcelClipPass(nn.Module):
             # the surgery path's CLS token comes from the original path (the release's ``x[0] = x_ori[0]``)
             surgery = torch.cat([original[:1], surgery[1:]], dim=0)
             if plain > 0:
-                # quirk: the release's ``x += x_res`` runs in place on the last unchanged block's output, so the
-                # tokens stored for that block are the final surgery-path tokens (CLS replaced included)
+                # quirk: the release's ``x += x_res`` runs in place on the last unchanged block's output, so
+                # the tokens stored for that block are the final surgery-path tokens (CLS replaced included)
                 stored[plain - 1] = surgery
 
             visual = self.tower.visual
