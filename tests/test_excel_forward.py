@@ -228,6 +228,30 @@ def test_plain_prompts_without_descriptors(tiny):
     assert bank.names == ["red fox", "kettle"] and "keyboard" in bank.background
 
 
+def test_folder_class_list_with_descriptors(tiny, tmp_path):
+    """A class list of one's own: plain names, the default cluster count (the release's VOC ratio of 112
+    clusters to 400 sentences, at least 11), flags in class order whatever the file's order."""
+    _, text_tower = build_clip("tiny-excel", weights=tiny["weights"])
+    path = _write_descriptors(tmp_path / "d.json", ["kettle", "red_fox"], per_class=20)
+    lines = []
+    with threadpool_limits(1):
+        bank = excel_text.build_text_bank(text_tower, ["background", "red fox", "kettle"], descriptors=path,
+                                          note=lines.append)
+    assert bank.kmeans["clusters"] == 11 and bank.centres.shape == (11, 64) and bank.descriptors == "d.json"
+    assert len(lines) == 1 and "plain class names" in lines[0]
+    table = excel_text.read_descriptors(path)
+    embedded = torch.cat(excel_text.encode_descriptors(text_tower, table))
+    with threadpool_limits(1):
+        _, labels = excel_text.cluster_descriptors(embedded, 11)
+    assert torch.equal(bank.flags, excel_text.cluster_flags(labels, [1] * 20 + [0] * 20, 2, 11))
+    assert not torch.equal(bank.enriched, bank.text_features)
+    with pytest.raises(WeakclipError, match="width 512, the CLIP image tower's embedding is 64"):
+        ExcelNet(build_clip("tiny-excel", weights=tiny["weights"])[0], excel_text.TextBank(
+            class_names=["background", "a"], names=["a"], background=["sky"], template="{}",
+            text_features=torch.zeros(2, 512), enriched=torch.zeros(2, 512), centres=torch.zeros(0, 512),
+            flags=torch.zeros(1, 0)), ExcelSettings(arch="tiny-excel"))
+
+
 def test_kmeans_seeding_of_scikit_learn_1_0_2():
     """``kmeans_plusplus_sklearn_1_0`` draws the centres scikit-learn 1.0.2's ``_kmeans_plusplus`` drew: the
     indices below were produced by 1.0.2's own source (its wheel's Python code, with its float64

@@ -119,6 +119,11 @@ class ExcelNet(nn.Module):
     def __init__(self, image_tower: CLIPImageTower, text_bank: TextBank, settings: ExcelSettings) -> None:
         super().__init__()
         text_bank.check()
+        if text_bank.enriched.shape[1] != image_tower.embed_dim:
+            raise WeakclipError(
+                f"the ExCEL text bank has features of width {text_bank.enriched.shape[1]}, the CLIP image "
+                f"tower's embedding is {image_tower.embed_dim} wide (another CLIP?)"
+            )
         self.settings = settings
         self.text_bank = text_bank
         image_tower.requires_grad_(False)
@@ -295,11 +300,6 @@ def rebuild_excel_net(
     settings = ExcelSettings.from_dict(payload["settings"], where)
     bank = TextBank.from_payload(payload["text_bank"], where)
     image_tower, _ = _frozen_tower(settings.arch, clip_weights, device, pretrained_download)
-    if bank.enriched.shape[1] != image_tower.embed_dim:
-        raise WeakclipError(
-            f"{where} was trained on a CLIP of embedding width {bank.enriched.shape[1]}, the weights file's "
-            f"is {image_tower.embed_dim}"
-        )
     net = ExcelNet(image_tower, bank, settings)
     net.load_trainable_state_dict(payload["decoder"], where=where)
     return net.eval()
