@@ -36,14 +36,15 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from weakclip.methods.excel.decoder import release_state_dict_to_ours
 
 from excel_ref import excel_ref_root, excel_reference, reference_clip_from_state_dict
 from weakclip.data.classes import VOC_CLASSES
 from weakclip.errors import WeakclipError
 from weakclip.methods.excel.config import apply_excel_overrides, load_excel_preset
+from weakclip.methods.excel.decoder import release_state_dict_to_ours
 from weakclip.methods.excel.train import (
     ExcelStep,
     StepSchedule,
@@ -556,3 +557,109 @@ def test_bad_inputs_are_one_line_errors(world, synth, tmp_path):
         with pytest.raises(WeakclipError) as err:
             train_excel(run_cfg, tmp_path / "w", device="cpu", progress=False, quiet=True, **kwargs)
         assert words in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+# ====================================================================== training-free masks
+FREE = 96
+
+
+@pytest.fixture(scope="module")
+def free_pair(ref, world):
+    """infer_lam.py's model: built with ``mode=args.infer_set`` ("train": the positional grid of
+    ``--resize_size``), in eval mode; ours the same."""
+    cfg, ours, reference = _pair(ref, world, FREE, mode="train")
+    return cfg, ours.eval(), reference.eval()
+
+
+def _free_images(seed: int = 0) -> list[tuple[np.ndarray, torch.Tensor]]:
+    """uint8 RGB images of other sizes and aspects than the square, with 1-3 classes each."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for h, w in ((70, 90), (112, 64), (96, 96)):
+        pixels = torch.randint(0, 256, (1, 3, h, w), generator=gen).float()
+        smooth = torch.nn.functional.avg_pool2d(pixels, 7, stride=1, padding=3, count_include_pad=False)
+        image = smooth[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+        cls = torch.zeros(20)
+        cls[torch.randperm(20, generator=gen)[: int(torch.randint(1, 4, (1,), generator=gen))]] = 1
+        out.append((image, cls))
+    return out
+
+
+def _release_free_masks(ref, reference, images, training_free: bool) -> list[np.ndarray]:
+    """tools/infer_lam.py ``build_validation`` itself on these images (batch 1 each, as its loader), its
+    scores function replaced by one that keeps the labels it is given."""
+    lam = ref.module("tools.infer_lam")
+    normalize = ref.module("datasets.transforms").normalize_img
+    args = lam.parser.parse_args(["--resize_size", str(FREE), "--training_free", str(training_free)])
+    par = ref.module("utils.PAR").PAR(num_iter=20, dilations=[1, 2, 4, 8, 12, 24])
+    loader = [([f"img{i}"], torch.from_numpy(normalize(img).transpose(2, 0, 1).copy())[None],
+               torch.zeros(1, *img.shape[:2]), cls[None]) for i, (img, cls) in enumerate(images)]
+    kept = {}
+    saved = lam.evaluate.scores, lam.format_tabs_multi_metircs
+
+    def scores(gts, preds, num_classes=21):
+        kept["preds"] = preds
+        return {}
+
+    lam.evaluate.scores, lam.format_tabs_multi_metircs = scores, lambda *args, **kwargs: ""
+    try:
+        lam.build_validation(model=reference, par=par, val_loader=loader, device="cpu", args=args)
+    finally:
+        lam.evaluate.scores, lam.format_tabs_multi_metircs = saved
+        reference.eval()  # its build_validation ends with model.train()
+    return kept["preds"]
+
+
+@pytest.mark.parametrize("training_free", [True, False])
+def test_training_free_masks_equal_infer_lam(ref, free_pair, training_free):
+    """``--training_free true`` (the frozen CLIP's maps, attention refinement, PAR on the normalised input)
+    and ``false`` (the flip-merged second-pass maps, attention gated by the predicted affinity): labels 100%
+    equal at each image's own size."""
+    from weakclip.methods.excel.training_free import FreeSettings, training_free_mask
+
+    _, ours, reference = free_pair
+    images = _free_images(1 if training_free else 2)
+    theirs = _release_free_masks(ref, reference, images, training_free)
+    settings = FreeSettings(size=FREE)
+    for (image, cls), expected in zip(images, theirs):
+        mask = training_free_mask(ours, image, cls, settings, calibrated=not training_free)
+        assert mask.shape == image.shape[:2] and mask.dtype == np.uint8
+        assert np.array_equal(mask, expected.astype(np.uint8))
+        present = set(np.unique(mask)) - {0}
+        assert present and present <= {int(c) + 1 for c in torch.nonzero(cls)[:, 0]}
+
+
+def test_training_free_departure_and_the_other_script(ref, world, free_pair, synth, tmp_path):
+    """``par_image="denormalized"`` (what training gives PAR) is another mask; tools/training_free_attr.py
+    does not run at this commit (it imports a function its engine does not define), so the package follows
+    infer_lam.py; ``write_training_free_masks`` writes a dataset's masks as PNGs."""
+    from weakclip.data.datasets import build_dataset
+    from weakclip.data.io import read_label_png
+    from weakclip.methods.excel.training_free import (
+        FreeSettings,
+        free_settings,
+        training_free_mask,
+        write_training_free_masks,
+    )
+
+    _, ours, _ = free_pair
+    assert free_settings(load_excel_preset("excel-voc")) == FreeSettings()
+    image, cls = _free_images(3)[0]
+    a = training_free_mask(ours, image, cls, FreeSettings(size=FREE))
+    b = training_free_mask(ours, image, cls, FreeSettings(size=FREE, par_image="denormalized"))
+    assert not np.array_equal(a, b)
+    with pytest.raises(ImportError, match="build_clip_grad"):
+        ref.module("tools.training_free_attr")
+    with pytest.raises(WeakclipError, match="one image at a time|foreground classes|without any class"):
+        training_free_mask(ours, image, torch.zeros(20), FreeSettings(size=FREE))
+
+    dataset = build_dataset("folder", synth["root"], split="train")
+    folder_cfg = _config("data.kind=folder", "text.num_clusters=12", crop=FREE)
+    net = build_network(folder_cfg, synth["classes"], clip_weights=world["weights"],
+                        descriptors=synth["descriptors"])
+    written = write_training_free_masks(net, dataset, tmp_path / "masks", FreeSettings(size=FREE),
+                                        progress=False)
+    assert written == [s for s in dataset.ids]
+    first = dataset[0]
+    expected = training_free_mask(net, first["image"], first["labels"][1:], FreeSettings(size=FREE))
+    assert np.array_equal(read_label_png(tmp_path / "masks" / f"{first['id']}.png"), expected)
