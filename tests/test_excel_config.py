@@ -184,6 +184,11 @@ def test_preset_equals_the_release_model_literals(preset):
     assert tuple(_default(transforms, "normalize_img", "mean")) == IMAGENET_MEAN
     assert tuple(_default(transforms, "normalize_img", "std")) == IMAGENET_STD
     assert cfg.data.normalize == "imagenet"
+    # how the release's datasets read images and place crops, as tests/test_excel_data.py established them
+    from weakclip.methods.excel.augment import RELEASE_IMAGE_READING, release_mask_guided
+
+    assert (cfg.data.image_reader, cfg.data.image_orientation) == RELEASE_IMAGE_READING
+    assert cfg.data.mask_guided_crop is release_mask_guided(cfg.data.kind)
     assert cfg.text.background is None  # the release's list for the class list (text.excel_prompts)
 
 

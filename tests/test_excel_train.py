@@ -540,8 +540,14 @@ def test_a_checkpoint_of_the_other_method_is_refused_in_one_line(world, synth, t
     assert "holds an ExCEL result, but this asks for WeakCLIP" in str(err.value)
 
 
-def test_bad_inputs_are_one_line_errors(world, synth, tmp_path):
+def test_bad_inputs_are_one_line_errors(world, synth, trained, tmp_path):
     from weakclip.methods.excel.train import train_excel
+
+    with pytest.raises(WeakclipError) as err:  # a work folder of other network settings
+        train_excel(_loop_config(synth["root"], "model.decoder_layers=2"), trained["workdir"], resume=True,
+                    device="cpu", progress=False, quiet=True)
+    assert "holds a trained ExCEL network of preset excel-voc" in str(err.value)
+    assert "model.decoder_layers: 3 -> 2" in str(err.value) and "\n" not in str(err.value)
 
     cfg = _loop_config(synth["root"])
     cases = [

@@ -365,7 +365,8 @@ def train_excel(cfg: ExcelConfig, workdir: str | Path, *, clip_weights: str | Pa
         if ckpt is not None:
             check_excel_record(ckpt, str(workdir))
             presets = {name: load_excel_preset(name).to_dict()["model"] for name in EXCEL_PRESETS}
-            check_resume_network(ckpt, cfg.to_dict(), workdir, kind="ExCEL network", presets=presets)
+            check_resume_network(ckpt, cfg.to_dict(), workdir, kind="trained ExCEL network",
+                                 presets=presets)
             if clip_weights is None and ckpt.get("clip_weights"):
                 if not Path(ckpt["clip_weights"]).is_file():
                     raise WeakclipError(f"the checkpoint was trained with CLIP weights "
