@@ -314,14 +314,13 @@ def test_two_training_steps_equal_the_release(ref, voc_pair):
     optim = loop.optimizer(reference, 0)
     optimizer = build_excel_optimizer(ours, cfg)
     step = ExcelStep(cfg, build_par(cfg))
-    measured = []
     for it in (0, 1):
         batch = _batch(10 + it, BATCH, CROP)
         torch.manual_seed(100 + it)
         ns = loop.step(reference, optim, batch, it)
         torch.manual_seed(100 + it)
         terms = train_step(ours, optimizer, step, batch, it)
-        measured.append(_compare_step(ns, step, terms, ours, reference, optim, optimizer))
+        _compare_step(ns, step, terms, ours, reference, optim, optimizer)
         assert (step.last.pseudo_labels > 0).any() and (step.last.pseudo_labels == 0).any()
     assert _compare_params(ours, reference) <= 1e-7
     assert _compare_params(ours, reference0) > 0  # the steps changed the weights
