@@ -7,7 +7,7 @@ What their ``_validate`` loop computes for one image (batch 1; the input is the 
    ``resize_size`` x ``resize_size`` (320; the script's help says "resize the long side", the code ignores the
    aspect ratio), batched with its left-right flip, ``model(batch)[0]`` (the segmentation logits), resized
    bilinearly to the output grid. VOC keeps the unflipped prediction only: the flipped one is computed and
-   discarded (quirk; it is still in the batch, and the network's batch-wide means see it). COCO averages the
+   discarded (quirk; it is still computed, in the same batch). COCO averages the
    two (``(a + flip(b)) / 2``);
 2. the same for every scale ``s`` of ``(0.7, 1.0, 1.2, 1.5)`` other than 1.0, at ``int(320 * s)`` square
    (224, 384, 480), always averaging with the flip. The base pass is made whatever the scale list holds;
@@ -31,8 +31,9 @@ The release reads the test image with ``imageio.v2.imread`` (upright by EXIF wit
 read it with :data:`weakclip.methods.excel.augment.RELEASE_IMAGE_READING`); :func:`infer_image` takes the
 image as read.
 
-Images are processed one at a time, as the release does: the network's batch-wide means (``attn_pred``)
-make a batch of several images give other logits.
+Images are processed one at a time, as the release does. The segmentation logits of an image do not depend
+on its batch (only the affinity prediction and the second CLIP pass take batch-wide means, and neither is used
+here; tests/test_excel_forward.py), so batching images would change speed, not masks.
 """
 
 from __future__ import annotations
