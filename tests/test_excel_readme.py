@@ -1,6 +1,6 @@
 """The README's "ExCEL from Python" block runs as written: train, load the checkpoint with neither the
-descriptors nor the data, segment a photo. Only the sizes are made small (a tiny CLIP, crop 64, 3 iterations, a
-synthetic folder dataset): the test adds those overrides after the README's own."""
+descriptors nor the data, segment a photo. Only the sizes are made small (a tiny CLIP, crop 64, 3
+iterations, a synthetic folder dataset): the test adds those overrides after the README's own."""
 
 from __future__ import annotations
 
