@@ -39,7 +39,9 @@ least disturbed by other processes on a shared machine).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -52,7 +54,8 @@ import torch.nn.functional as F
 
 from weakclip.data.classes import VOC_CLASSES
 
-STAGES = ("seeds", "train", "masks", "crf64", "crffull")
+STAGES = ("seeds", "train", "masks", "crf64", "crffull", "excel-train", "excel-free", "excel-infer")
+EXCEL_STAGES = ("excel-train", "excel-free", "excel-infer")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,7 +147,7 @@ def measure(stage: str, path: str, setting: str, device: torch.device, images: i
                 torch.cuda.synchronize(device)
             best = min(best, time.perf_counter() - start)
     row = Row(stage, path, setting, str(device), images, best, mem.peak_mib)
-    print(f"  {stage:<9} {path:<8} {setting:<68} {row.images_per_s:9.3f} images/s", flush=True)
+    print(f"  {stage:<11} {path:<8} {setting:<68} {row.images_per_s:9.3f} images/s", flush=True)
     return row
 
 
@@ -361,17 +364,200 @@ def crf_rows(stage: str, device: torch.device, args) -> list[Row]:
 
 
 # ----------------------------------------------------------------------------------------------
+# ExCEL: the release's path (its own code from the snapshot, benchmarks/excel_release.py) vs ours
+
+
+class _ExcelWorld:
+    """What both sides of the ExCEL rows share: one random CLIP (``--excel-arch``), its OpenAI-layout state
+    dict for the release, random enriched text features (VOC: 20 classes + the background words), the
+    release's snapshot importable, and the checks' notes."""
+
+    def __init__(self, device: torch.device, args, stack) -> None:
+        from weakclip.models.clip import get_arch, make_open_clip_model
+        from weakclip.seeds.names import BACKGROUND_VOC
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import excel_release  # benchmarks/excel_release.py
+
+        self.release_mod = excel_release
+        self.device = device
+        self.arch = get_arch(args.excel_arch)
+        torch.manual_seed(0)
+        clip = make_open_clip_model(self.arch).eval().requires_grad_(False)
+        self.state = {k: v.clone() for k, v in clip.state_dict().items()}
+        self.visual = clip.visual.to(device)
+        self.texts = F.normalize(torch.randn(20 + len(BACKGROUND_VOC), self.arch.embed_dim), dim=1)
+        self.why_not = excel_release.available()
+        self.ref = None if self.why_not else stack.enter_context(excel_release.release(device))
+        self.notes: list[str] = []
+
+    def pair(self, size: int, mode: str):
+        """The release's ``ExCEL_model`` (``mode``: "train" or "val", its ``reload_self_attn`` mode; None
+        without the snapshot) and ours (``ExcelNet``, position mode "crop" / "clip"), same weights."""
+        from weakclip.methods.excel.model import ExcelNet, ExcelSettings
+        from weakclip.methods.excel.text import PROMPT_TEMPLATE, TextBank
+        from weakclip.models.clip import CLIPImageTower
+        from weakclip.seeds.names import BACKGROUND_VOC, VOC_NAMES
+
+        torch.manual_seed(1)
+        reference = None
+        if self.ref is not None:
+            reference = self.release_mod.release_model(self.ref, self.state, self.texts, self.arch.width, size,
+                                                       mode, self.device)
+        bank = TextBank(class_names=list(VOC_CLASSES), names=list(VOC_NAMES), background=list(BACKGROUND_VOC),
+                        template=PROMPT_TEMPLATE, text_features=self.texts, enriched=self.texts,
+                        centres=torch.zeros(0, self.arch.embed_dim), flags=torch.zeros(20, 0))
+        tower = CLIPImageTower(self.visual, self.arch).eval().requires_grad_(False)
+        settings = ExcelSettings(arch=self.arch.name, crop=size, position_mode="crop" if mode == "train" else "clip")
+        ours = ExcelNet(tower, bank, settings).eval()
+        if reference is not None:
+            ours.load_trainable_state_dict(reference.state_dict(), release=True)
+        return reference, ours
+
+    def skipped(self, stage: str) -> list[Row]:
+        print(f"  {stage:<11} release  skipped: {self.why_not}", flush=True)
+        return []
+
+
+def _excel_labels(n: int, classes: int = 20) -> list[np.ndarray]:
+    """1 to 3 foreground classes an image (multi-hot without background, as the release's cls_label)."""
+    g = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        v = np.zeros(classes, np.float32)
+        v[g.choice(classes, size=1 + i % 3, replace=False)] = 1
+        out.append(v)
+    return out
+
+
+def _equal_share(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    same = sum(int((np.asarray(x) == np.asarray(y)).sum()) for x, y in zip(a, b))
+    return 100.0 * same / max(1, sum(np.asarray(x).size for x in a))
+
+
+def excel_train_rows(world: _ExcelWorld, device: torch.device, args) -> list[Row]:
+    from weakclip.methods.excel.config import apply_excel_overrides, load_excel_preset
+    from weakclip.methods.excel.train import ExcelStep, build_excel_optimizer, build_par, train_step
+
+    batch, crop, it = args.excel_batch, args.excel_crop, args.excel_iter
+    reference, ours = world.pair(crop, "train")
+    _, images = photo_batch(batch, crop, crop, 2)
+    mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
+    std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+    images = ((images - mean) / std).to(device)
+    cls = torch.from_numpy(np.stack(_excel_labels(batch))).to(device)
+    phase = "first phase" if it < 14000 else "second CLIP pass"
+    what = f"iteration {it} ({phase}), batch {batch} of {crop}x{crop}, {world.arch.name}"
+    rows, losses = [], {}
+
+    def seeded(key: str, step):  # the same dropout masks on both sides: torch's seed set per call
+        calls = [0]
+
+        def run() -> None:
+            calls[0] += 1
+            torch.manual_seed(calls[0])
+            losses[key] = step()
+        return run
+
+    if reference is not None:
+        release_step = world.release_mod.ReleaseStep(world.ref, reference, crop, batch, device)
+        rows.append(measure("excel-train", "release", f"train_voc.py loop body, {what}", device, batch,
+                            seeded("release", lambda: release_step(images.clone(), cls.clone(), it)),
+                            args.repeats))
+        del release_step, reference
+    else:
+        world.skipped("excel-train")
+    cfg = apply_excel_overrides(load_excel_preset("excel-voc"), [
+        f"model.clip_arch={world.arch.name}", f"data.crop_size={crop}", f"train.batch_size={batch}"])
+    ours.train()
+    optimizer = build_excel_optimizer(ours, cfg)
+    step = ExcelStep(cfg, build_par(cfg, device), ours.clip_pass.patch_size)
+    batch_dict = {"image": images, "cls_label": cls}
+    rows.append(measure("excel-train", "ours", f"ExcelStep + AdamW, {what}", device, batch,
+                        seeded("ours", lambda: float(train_step(ours, optimizer, step, batch_dict, it)["loss"])),
+                        args.repeats))
+    if "release" in losses:
+        world.notes.append(f"excel-train: loss of the last step, release {losses['release']:.6f}, ours "
+                           f"{losses['ours']:.6f} (same weights, batch and dropout seeds on both sides)")
+    return rows
+
+
+def excel_free_rows(world: _ExcelWorld, device: torch.device, args) -> list[Row]:
+    from weakclip.methods.excel.par import PAR
+    from weakclip.methods.excel.training_free import FreeSettings, training_free_mask
+
+    size, n = args.excel_size, args.excel_images
+    reference, ours = world.pair(size, "train")  # infer_lam's model: mode = its --infer_set, "train"
+    images = _photos_uint8(n, 375, 500)
+    labels = _excel_labels(n)
+    what = f"{n} x 500x375 resized to {size}, {world.arch.name}, one image at a time"
+    rows, masks = [], {}
+    if reference is not None:
+        par = world.release_mod.release_par(world.ref, device)
+
+        def release() -> None:
+            masks["release"] = world.release_mod.release_training_free(world.ref, reference, par, images, labels,
+                                                                       size, device)
+        rows.append(measure("excel-free", "release", f"infer_lam.py --training_free true, {what}", device, n,
+                            release, args.repeats))
+        del reference
+    else:
+        world.skipped("excel-free")
+    settings = FreeSettings(size=size)
+    par = PAR(settings.par_dilations, settings.par_iters).to(device)
+
+    def run() -> None:
+        masks["ours"] = [training_free_mask(ours, image, cls, settings, par=par) for image, cls in zip(images, labels)]
+    rows.append(measure("excel-free", "ours", f"training_free_mask, {what}", device, n, run, args.repeats))
+    if "release" in masks:
+        world.notes.append(f"excel-free: masks equal to the release's on "
+                           f"{_equal_share(masks['release'], masks['ours']):.2f}% of the pixels")
+    return rows
+
+
+def excel_infer_rows(world: _ExcelWorld, device: torch.device, args) -> list[Row]:
+    from weakclip.methods.excel.infer import VOC_INFERENCE, InferenceSettings, infer_image
+
+    size, n = args.excel_size, args.excel_images
+    reference, ours = world.pair(size, "val")  # infer_seg_voc.py's model: mode "val"
+    images = _photos_uint8(n, 375, 500)
+    settings = InferenceSettings(size=size, scales=VOC_INFERENCE.scales)
+    sides = ", ".join(str(int(size * s)) for s in settings.scales)
+    what = f"{n} x 500x375, squares {sides} + flip, {world.arch.name}"
+    rows, labels = [], {}
+    if reference is not None:
+        def release() -> None:
+            labels["release"] = world.release_mod.release_inference(world.ref, reference, images, size)
+        rows.append(measure("excel-infer", "release", f"infer_seg_voc.py _validate, {what}", device, n,
+                            release, args.repeats))
+        del reference
+    else:
+        world.skipped("excel-infer")
+
+    def run() -> None:
+        labels["ours"] = [infer_image(ours, image, settings, device=device).labels for image in images]
+    rows.append(measure("excel-infer", "ours", f"infer_image (VOC settings), {what}", device, n, run,
+                        args.repeats))
+    if "release" in labels:
+        world.notes.append(f"excel-infer: labels equal to the release's on "
+                           f"{_equal_share(labels['release'], labels['ours']):.2f}% of the pixels")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def print_table(rows: list[Row], device: torch.device) -> None:
     mem = "peak CUDA MiB" if device.type == "cuda" else "peak +RSS MiB"
-    print(f"\n{'stage':<9} {'path':<8} {'setting':<68} {'device':<7} {'images/s':>9} {mem:>14} "
+    width = max([9] + [len(r.stage) for r in rows])
+    setting = max([68] + [len(r.setting) for r in rows])
+    print(f"\n{'stage':<{width}} {'path':<8} {'setting':<{setting}} {'device':<7} {'images/s':>9} {mem:>14} "
           f"{'x release':>10}")
     for row in rows:
         release = next((r for r in rows if r.stage == row.stage and r.path == "release"), None)
         ratio = f"{row.images_per_s / release.images_per_s:.2f}x" if release else "-"
-        print(f"{row.stage:<9} {row.path:<8} {row.setting:<68} {row.device:<7} {row.images_per_s:9.3f} "
-              f"{row.peak_mib:14.0f} {ratio:>10}")
+        print(f"{row.stage:<{width}} {row.path:<8} {row.setting:<{setting}} {row.device:<7} "
+              f"{row.images_per_s:9.3f} {row.peak_mib:14.0f} {ratio:>10}")
 
 
 def main() -> None:
@@ -392,13 +578,31 @@ def main() -> None:
     ap.add_argument("--crf-full-images", type=int, default=None,
                     help="500x375 images in the crffull rows (default 8 on GPU, 1 with --cpu)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--quick", action="store_true",
+                    help="ExCEL rows only (unless --only says otherwise), with the tiny-excel CLIP, crop 96, "
+                         "one timed run: a check that they run, not a measurement")
+    ap.add_argument("--excel-arch", default=None, help="CLIP of the ExCEL rows (ViT-B/16; --quick: tiny-excel)")
+    ap.add_argument("--excel-batch", type=int, default=4, help="ExCEL training batch (the release's 4)")
+    ap.add_argument("--excel-crop", type=int, default=None,
+                    help="ExCEL training crop (the release's 320; --quick: 96)")
+    ap.add_argument("--excel-iter", type=int, default=0,
+                    help="ExCEL training iteration (0: first phase; from 14000 the second CLIP pass)")
+    ap.add_argument("--excel-size", type=int, default=None,
+                    help="ExCEL test and training-free square (the release's 320; --quick: 96)")
+    ap.add_argument("--excel-images", type=int, default=None,
+                    help="500x375 images of the ExCEL training-free and inference rows (8 GPU, 1 CPU)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.cpu and not torch.cuda.is_available():
         ap.error("no CUDA device visible: pass --cpu")
     device = torch.device("cpu" if args.cpu else "cuda")
-    args.repeats = args.repeats or (2 if args.cpu else 3)
+    args.repeats = args.repeats or (1 if args.quick else 2 if args.cpu else 3)
+    args.excel_arch = args.excel_arch or ("tiny-excel" if args.quick else "ViT-B/16")
+    args.excel_crop = args.excel_crop or (96 if args.quick else 320)
+    args.excel_size = args.excel_size or (96 if args.quick else 320)
+    args.excel_images = args.excel_images or (1 if args.cpu else 8)
+    stages = args.only or (EXCEL_STAGES if args.quick else STAGES)
     args.crf_full_images = args.crf_full_images or (1 if args.cpu else 8)
     args.seed_images = args.seed_images or (2 if args.cpu else 16)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
@@ -408,10 +612,19 @@ def main() -> None:
     rows: list[Row] = []
     runners = {"seeds": seeds_rows, "train": train_rows, "masks": masks_rows,
                "crf64": lambda d, a: crf_rows("crf64", d, a),
-               "crffull": lambda d, a: crf_rows("crffull", d, a)}
-    for stage in args.only or STAGES:
-        rows += runners[stage](device, args)
+               "crffull": lambda d, a: crf_rows("crffull", d, a),
+               "excel-train": excel_train_rows, "excel-free": excel_free_rows, "excel-infer": excel_infer_rows}
+    with contextlib.ExitStack() as stack:
+        world = None
+        for stage in stages:
+            if stage in EXCEL_STAGES:
+                world = world or _ExcelWorld(device, args, stack)
+                rows += runners[stage](world, device, args)
+            else:
+                rows += runners[stage](device, args)
     print_table(rows, device)
+    for note in world.notes if world is not None else []:
+        print(note)
     print(f"1-min load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
           f"({os.cpu_count()} CPUs; other processes slow the wall-clock figures)")
 
