@@ -118,6 +118,7 @@ class ReleaseStep:
         self.args = self.module.parser.parse_args(["--crop_size", str(crop), "--spg", str(batch)])
         self.model, self.device = model, device
         self.par = release_par(ref, device)
+        self.pseudo_labels: torch.Tensor | None = None  # the last step's (its aff_pseudos)
         self.optim = ref.module("engine.optimizer_engine").build_optimizer(self.args, model.get_param_groups())
 
     def __call__(self, images: torch.Tensor, cls_labels: torch.Tensor, n_iter: int) -> float:
@@ -130,6 +131,7 @@ class ReleaseStep:
                   model=self.model, par=self.par, args=self.args, optim=self.optim,
                   avg_meter=self.module.AverageMeter(), time0=None, tb_logger=None)
         exec(self.code, ns)  # noqa: S102 - the release's own loop body
+        self.pseudo_labels = ns["aff_pseudos"].detach().long().cpu()
         return float(ns["loss"].item())
 
 

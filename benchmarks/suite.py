@@ -464,6 +464,7 @@ def excel_train_rows(world: _ExcelWorld, device: torch.device, args) -> list[Row
         rows.append(measure("excel-train", "release", f"train_voc.py loop body, {what}", device, batch,
                             seeded("release", lambda: release_step(images.clone(), cls.clone(), it)),
                             args.repeats))
+        theirs = release_step.pseudo_labels
         del release_step, reference
     else:
         world.skipped("excel-train")
@@ -477,8 +478,10 @@ def excel_train_rows(world: _ExcelWorld, device: torch.device, args) -> list[Row
                         seeded("ours", lambda: float(train_step(ours, optimizer, step, batch_dict, it)["loss"])),
                         args.repeats))
     if "release" in losses:
-        world.notes.append(f"excel-train: loss of the last step, release {losses['release']:.6f}, ours "
-                           f"{losses['ours']:.6f} (same weights, batch and dropout seeds on both sides)")
+        same = _equal_share([theirs.numpy()], [step.last.pseudo_labels.cpu().numpy()])
+        world.notes.append(f"excel-train: last step (same weights, batch and dropout seeds on both sides): "
+                           f"loss release {losses['release']:.6f}, ours {losses['ours']:.6f}; online pseudo "
+                           f"labels equal on {same:.2f}% of the pixels")
     return rows
 
 

@@ -401,6 +401,8 @@ def _compare_forward(reference, ours, images):
     assert _max_diff(out.attn, ref_out[3]) <= EXACT
     assert _max_diff(out.affinity, ref_out[4]) <= 1e-5
     assert not out.features.requires_grad
+    # the test scripts' logits alone (a CLIP pass without image features or attention weights): the same
+    assert torch.equal(ours.segment(images), out.seg)
     # the second pass, with the fused features as the release feeds them back
     second = ours.attr_maps_from_features(images, out.features)
     assert _max_diff(second, reference(images, ex_feats=ref_out[1])) <= EXACT

@@ -81,10 +81,11 @@ class ClipPassOutput:
         summed in the replaced ones).
     tokens: L x B x (1 + N) x width, every block's stored tokens, aliasing quirk included (module docstring).
     grid: the patch grid (h, w); N = h * w, CLS first.
+    (``image_features`` and ``attn`` are None from a ``tokens_only`` pass.)
     """
 
-    image_features: Tensor
-    attn: Tensor
+    image_features: Tensor | None
+    attn: Tensor | None
     tokens: Tensor
     grid: tuple[int, int]
 
@@ -235,12 +236,16 @@ class ExcelClipPass(nn.Module):
 
     @staticmethod
     def _two_path_attention(
-        block: nn.Module, normed: Tensor, calibration: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        block: nn.Module, normed: Tensor, calibration: Tensor | None, weights: bool = True
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """A replaced block's attention on tokens-first ``normed`` (``ln_1`` of the original path).
 
         Returns the surgery path's and the original path's attention outputs (tokens first) and the original
-        path's weights summed over the heads (B x N x N)."""
+        path's weights summed over the heads (B x N x N; None without ``weights``).
+
+        The release's operations in its order, on fewer buffers: the scaling, the sum of the three softmaxes,
+        its division and the calibration run in place, and on the CPU each softmax too (``out=`` its input:
+        the same numbers there, each element read before it is written); the N x N buffers are the cost."""
         attn = block.attn
         heads = attn.num_heads
         tokens_bf = normed.transpose(0, 1)
@@ -250,14 +255,18 @@ class ExcelClipPass(nn.Module):
         q, k, v = qkv[0], qkv[1], qkv[2]
         scale = (width // heads) ** -0.5
 
-        original = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)
-        surgery = (
-            ((q @ q.transpose(-2, -1)) * scale).softmax(dim=-1)
-            + ((k @ k.transpose(-2, -1)) * scale).softmax(dim=-1)
-            + ((v @ v.transpose(-2, -1)) * scale).softmax(dim=-1)
-        ) / 3
+        def attention(a: Tensor, b: Tensor) -> Tensor:  # ((a @ b^T) * scale).softmax(-1)
+            scores = torch.matmul(a, b.transpose(-2, -1)).mul_(scale)
+            if scores.device.type == "cpu":
+                return torch.softmax(scores, dim=-1, out=scores)
+            return scores.softmax(dim=-1)
+
+        original = attention(q, k)
+        # (softmax(qq) + softmax(kk) + softmax(vv)) / 3, summed left to right as the release does
+        surgery = attention(q, q)
+        surgery.add_(attention(k, k)).add_(attention(v, v)).div_(3)
         if calibration is not None:
-            surgery[:, :, 1:, 1:] = surgery[:, :, 1:, 1:] + calibration
+            surgery[:, :, 1:, 1:].add_(calibration)
         # quirk: the heads' attentions are summed, then applied to every head's v
         surgery = torch.sum(surgery, dim=1, keepdim=True)
 
@@ -265,10 +274,14 @@ class ExcelClipPass(nn.Module):
         original_out = (original @ v).transpose(1, 2).reshape(batch, length, width)
         surgery_out = F.linear(surgery_out, attn.out_proj.weight, attn.out_proj.bias)
         original_out = F.linear(original_out, attn.out_proj.weight, attn.out_proj.bias)
-        return surgery_out.transpose(0, 1), original_out.transpose(0, 1), torch.sum(original, dim=1)
+        summed = torch.sum(original, dim=1) if weights else None
+        return surgery_out.transpose(0, 1), original_out.transpose(0, 1), summed
 
-    def forward(self, images: Tensor, ex_feats: Tensor | None = None) -> ClipPassOutput:
-        """The release's image pass; with ``ex_feats`` (B x D x h x w on the token grid) its second pass."""
+    def forward(self, images: Tensor, ex_feats: Tensor | None = None, *, tokens_only: bool = False
+                ) -> ClipPassOutput:
+        """The release's image pass; with ``ex_feats`` (B x D x h x w on the token grid) its second pass.
+        ``tokens_only``: the stored tokens alone (what the decoder reads), the same numbers; the image features
+        and the replaced blocks' attention weights are not computed (``image_features`` and ``attn`` None)."""
         grid = self._grid_of(images)
         calibration = None
         if ex_feats is not None and (
@@ -296,7 +309,7 @@ class ExcelClipPass(nn.Module):
             for step, index in enumerate(range(plain, len(blocks))):
                 block = blocks[index]
                 surgery_res, original_res, w = self._two_path_attention(
-                    block, block.ln_1(original), calibration
+                    block, block.ln_1(original), calibration, weights=not tokens_only
                 )
                 original = original + original_res
                 if step > 0:
@@ -315,9 +328,11 @@ class ExcelClipPass(nn.Module):
                 # the tokens stored for that block are the final surgery-path tokens (CLS replaced included)
                 stored[plain - 1] = surgery
 
+            tokens = torch.stack([t.permute(1, 0, 2) for t in stored], dim=0)
+            if tokens_only:
+                return ClipPassOutput(None, None, tokens, grid)
             visual = self.tower.visual
             features = visual.ln_post(surgery.permute(1, 0, 2)) @ visual.proj
             features = features / features.norm(dim=1, keepdim=True)  # quirk: over the token axis
-            tokens = torch.stack([t.permute(1, 0, 2) for t in stored], dim=0)
             attn = torch.stack(weights, dim=0)
         return ClipPassOutput(features, attn, tokens, grid)

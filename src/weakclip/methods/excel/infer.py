@@ -120,8 +120,10 @@ TRAINING_VALIDATION = InferenceSettings(scales=(1.0,), flip=False)
 
 
 def _logits(net: SegNet, batch: torch.Tensor) -> torch.Tensor:
-    """The network's segmentation logits for ``batch`` (``model(batch)[0]`` when it returns a tuple)."""
-    out = net(batch)
+    """The network's segmentation logits for ``batch`` (``model(batch)[0]`` when it returns a tuple; an
+    ``ExcelNet``'s ``segment``, which computes those logits alone)."""
+    segment = getattr(net, "segment", None)
+    out = segment(batch) if callable(segment) else net(batch)
     if isinstance(out, (tuple, list)):
         out = out[0]
     if not isinstance(out, torch.Tensor) or out.dim() != 4 or out.shape[0] != batch.shape[0]:

@@ -231,6 +231,14 @@ class ExcelNet(nn.Module):
         affinity = predicted_affinity(features)
         return ExcelOutput(seg, features.clone().detach(), attr_maps, clip.attn, affinity)
 
+    def segment(self, images: Tensor) -> Tensor:
+        """The segmentation logits alone (``forward(images).seg``, the same numbers), as the release's test
+        scripts use the network (``model(x)[0]``): the CLIP pass keeps only the tokens the decoder reads; the
+        patch-text maps, the attention weights and the affinity prediction are not computed."""
+        self.clip_pass.eval()
+        clip = self.clip_pass(images, tokens_only=True)
+        return self.decoder(self.fusion(patch_token_maps(clip.tokens, clip.grid)))
+
     def attr_maps_from_features(self, images: Tensor, ex_feats: Tensor) -> Tensor:
         """The second pass (the release's forward with ``ex_feats``, ``cure_attr_map``): patch-text maps,
         B x N x foreground classes, with the decoder's features mixed into CLIP's surgery attention."""

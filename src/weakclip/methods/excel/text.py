@@ -445,8 +445,9 @@ def feature_surgery(image_features: Tensor, text_features: Tensor) -> Tensor:
     weight = prob / prob.mean(-1, keepdim=True)
     batch, tokens, width = image_features.shape
     products = image_features.reshape(batch, tokens, 1, width) * text_features.reshape(1, 1, -1, width)
-    products = products * weight.unsqueeze(-1)
-    products = products - products.mean(2, keepdim=True)
+    # the release's ``products * weight`` and ``products - mean``, in place on this B x (1 + N) x K x E buffer
+    products = products.mul_(weight.unsqueeze(-1))
+    products = products.sub_(products.mean(2, keepdim=True))
     similarity = products.sum(-1)
     low = similarity.min(1, keepdim=True)[0]
     high = similarity.max(1, keepdim=True)[0]
