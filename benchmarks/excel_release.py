@@ -82,7 +82,9 @@ def release_model(ref, state_dict: dict, texts: torch.Tensor, width: int, size: 
         in_channels=width, embedding_dim=256, num_classes=num_classes, index=12)
     model.decoder = ref.module("model.decoder.TransDecoder").DecoderTransformer(
         width=256, layers=3, heads=8, output_dim=num_classes)
-    model.text_attr = texts.t().contiguous()  # the release's layout: embed_dim x texts
+    # the release's layout: embed_dim x texts, a transposed view as model/load_attr.py attr_aggregate returns
+    # it (its patch-text maps permute it back: contiguous texts x embed_dim, which the matrix products see)
+    model.text_attr = texts.t()
     return model.to(device).eval()
 
 
@@ -97,7 +99,8 @@ def _loop_body(ref, general_reshape: bool):
     path = Path(module.__file__)
     tree = ast.parse(path.read_text(encoding="utf-8"))
     train = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "train")
-    loop = next(n for n in ast.walk(train) if isinstance(n, ast.For) and getattr(n.target, "id", "") == "n_iter")
+    loop = next(n for n in ast.walk(train)
+                if isinstance(n, ast.For) and getattr(n.target, "id", "") == "n_iter")
     body = ast.Module(body=copy.deepcopy(loop.body), type_ignores=[])
     if general_reshape:
         coco = ast.parse((path.parent / "train_coco.py").read_text(encoding="utf-8"))
@@ -119,7 +122,8 @@ class ReleaseStep:
         self.model, self.device = model, device
         self.par = release_par(ref, device)
         self.pseudo_labels: torch.Tensor | None = None  # the last step's (its aff_pseudos)
-        self.optim = ref.module("engine.optimizer_engine").build_optimizer(self.args, model.get_param_groups())
+        build_optimizer = ref.module("engine.optimizer_engine").build_optimizer
+        self.optim = build_optimizer(self.args, model.get_param_groups())
 
     def __call__(self, images: torch.Tensor, cls_labels: torch.Tensor, n_iter: int) -> float:
         self.model.train()

@@ -23,6 +23,26 @@ to the release's row (> 1: faster than the release). Stages (``--only`` picks so
   crffull   full-resolution CRF of the pseudo masks: 500x375, 21 classes, VOC parameters;
             release: pydensecrf2 per image; ours: the lattice batched on the device, and "auto"
 
+ExCEL (weakclip.methods.excel) against the authors' own code, run from its snapshot as the tests run it
+(benchmarks/excel_release.py, tests/excel_ref.py; without the snapshot the release's rows are skipped, saying
+why). Both sides get the same random CLIP (--excel-arch, ViT-B/16), the same random enriched text features
+(VOC: 20 classes and the background words), the same decoder weights and the same inputs; after the table
+a line per stage says how far the two sides' results agree (losses, pseudo labels, masks):
+
+  excel-train  one training step, batch 4 of 320x320 crops (--excel-batch, --excel-crop), at iteration
+               --excel-iter (0: the first phase; from 14000 the second CLIP pass with the decoder's features);
+               release: the body of scripts/train_voc.py's loop with its model, PAR and PolyWarmupAdamW;
+               ours: ExcelStep + the AdamW of build_excel_optimizer (train.train_step)
+  excel-free   training-free masks of 500x375 images resized to 320 (--excel-size), one at a time
+               (--excel-images: 1 on CPU, 8 on GPU); release: tools/infer_lam.py build_validation
+               (--training_free true); ours: training_free.training_free_mask
+  excel-infer  test-time inference of the same images: squares of 224, 320, 384 and 480 with flip, logits
+               averaged, argmax (no CRF, as tools/infer_seg_voc.py); release: its _validate; ours:
+               infer.infer_image (ExcelNet.segment: the logits alone)
+
+--quick runs only the ExCEL rows (unless --only names others) with the tiny-excel CLIP at 96 px and one timed
+run: a check that they run, in about a minute on a CPU, not a measurement.
+
 Models have RANDOM weights (speed does not depend on them) and are built from ``load_preset("voc")``
 with the overrides named above, so the rows follow the preset as it is.
 Inputs are real photos (scikit-image's sample images, resized) with photo-like probability maps
@@ -30,10 +50,13 @@ Inputs are real photos (scikit-image's sample images, resized) with photo-like p
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the row; on CPU the growth of the
 process's resident memory over the row, warm-up included (sampled every 2 ms), both in MiB.
 Each row runs once to warm up, then ``--repeats`` times; the figure is the best of those (the
-least disturbed by other processes on a shared machine).
+least disturbed by other processes on a shared machine). The ExCEL rows on CPU run once after the
+warm-up unless ``--repeats`` is given (a full-size training step takes 10 to 30 s there).
 
     python benchmarks/suite.py            # on the GPU (at most a few minutes on one GPU)
     python benchmarks/suite.py --cpu      # CPU only, smaller batches (machines without a GPU)
+    python benchmarks/suite.py --cpu --only excel-train excel-free excel-infer   # ExCEL, a few minutes
+    python benchmarks/suite.py --cpu --quick                                     # ExCEL rows, tiny CLIP
 """
 
 from __future__ import annotations
@@ -384,7 +407,7 @@ class _ExcelWorld:
         self.arch = get_arch(args.excel_arch)
         torch.manual_seed(0)
         clip = make_open_clip_model(self.arch).eval().requires_grad_(False)
-        self.state = {k: v.clone() for k, v in clip.state_dict().items()}
+        self.state = clip.state_dict()  # the release's CLIP copies it
         self.visual = clip.visual.to(device)
         self.texts = F.normalize(torch.randn(20 + len(BACKGROUND_VOC), self.arch.embed_dim), dim=1)
         self.why_not = excel_release.available()
@@ -402,21 +425,30 @@ class _ExcelWorld:
         torch.manual_seed(1)
         reference = None
         if self.ref is not None:
-            reference = self.release_mod.release_model(self.ref, self.state, self.texts, self.arch.width, size,
-                                                       mode, self.device)
+            reference = self.release_mod.release_model(self.ref, self.state, self.texts, self.arch.width,
+                                                       size, mode, self.device)
         bank = TextBank(class_names=list(VOC_CLASSES), names=list(VOC_NAMES), background=list(BACKGROUND_VOC),
                         template=PROMPT_TEMPLATE, text_features=self.texts, enriched=self.texts,
                         centres=torch.zeros(0, self.arch.embed_dim), flags=torch.zeros(20, 0))
         tower = CLIPImageTower(self.visual, self.arch).eval().requires_grad_(False)
-        settings = ExcelSettings(arch=self.arch.name, crop=size, position_mode="crop" if mode == "train" else "clip")
+        settings = ExcelSettings(arch=self.arch.name, crop=size,
+                                 position_mode="crop" if mode == "train" else "clip")
         ours = ExcelNet(tower, bank, settings).eval()
         if reference is not None:
             ours.load_trainable_state_dict(reference.state_dict(), release=True)
         return reference, ours
 
-    def skipped(self, stage: str) -> list[Row]:
-        print(f"  {stage:<11} release  skipped: {self.why_not}", flush=True)
-        return []
+    def usable(self, stage: str, script: str) -> bool:
+        """Whether the release's ``script`` module imports here; prints why its row is skipped if not."""
+        why = self.why_not
+        if why is None:
+            try:
+                self.ref.module(script)
+            except ImportError as exc:  # e.g. pydensecrf, which its inference scripts import
+                why = f"{script} does not import here ({exc})"
+        if why is not None:
+            print(f"  {stage:<11} release  skipped: {why}", flush=True)
+        return why is None
 
 
 def _excel_labels(n: int, classes: int = 20) -> list[np.ndarray]:
@@ -459,15 +491,13 @@ def excel_train_rows(world: _ExcelWorld, device: torch.device, args) -> list[Row
             losses[key] = step()
         return run
 
-    if reference is not None:
+    if world.usable("excel-train", "scripts.train_voc"):
         release_step = world.release_mod.ReleaseStep(world.ref, reference, crop, batch, device)
         rows.append(measure("excel-train", "release", f"train_voc.py loop body, {what}", device, batch,
                             seeded("release", lambda: release_step(images.clone(), cls.clone(), it)),
-                            args.repeats))
+                            args.excel_repeats))
         theirs = release_step.pseudo_labels
         del release_step, reference
-    else:
-        world.skipped("excel-train")
     cfg = apply_excel_overrides(load_excel_preset("excel-voc"), [
         f"model.clip_arch={world.arch.name}", f"data.crop_size={crop}", f"train.batch_size={batch}"])
     ours.train()
@@ -475,8 +505,9 @@ def excel_train_rows(world: _ExcelWorld, device: torch.device, args) -> list[Row
     step = ExcelStep(cfg, build_par(cfg, device), ours.clip_pass.patch_size)
     batch_dict = {"image": images, "cls_label": cls}
     rows.append(measure("excel-train", "ours", f"ExcelStep + AdamW, {what}", device, batch,
-                        seeded("ours", lambda: float(train_step(ours, optimizer, step, batch_dict, it)["loss"])),
-                        args.repeats))
+                        seeded("ours", lambda: train_step(ours, optimizer, step, batch_dict, it)["loss"]
+                               .item()),
+                        args.excel_repeats))
     if "release" in losses:
         same = _equal_share([theirs.numpy()], [step.last.pseudo_labels.cpu().numpy()])
         world.notes.append(f"excel-train: last step (same weights, batch and dropout seeds on both sides): "
@@ -495,23 +526,23 @@ def excel_free_rows(world: _ExcelWorld, device: torch.device, args) -> list[Row]
     labels = _excel_labels(n)
     what = f"{n} x 500x375 resized to {size}, {world.arch.name}, one image at a time"
     rows, masks = [], {}
-    if reference is not None:
+    if world.usable("excel-free", "tools.infer_lam"):
         par = world.release_mod.release_par(world.ref, device)
 
         def release() -> None:
-            masks["release"] = world.release_mod.release_training_free(world.ref, reference, par, images, labels,
-                                                                       size, device)
+            masks["release"] = world.release_mod.release_training_free(world.ref, reference, par, images,
+                                                                       labels, size, device)
         rows.append(measure("excel-free", "release", f"infer_lam.py --training_free true, {what}", device, n,
-                            release, args.repeats))
+                            release, args.excel_repeats))
         del reference
-    else:
-        world.skipped("excel-free")
     settings = FreeSettings(size=size)
     par = PAR(settings.par_dilations, settings.par_iters).to(device)
 
     def run() -> None:
-        masks["ours"] = [training_free_mask(ours, image, cls, settings, par=par) for image, cls in zip(images, labels)]
-    rows.append(measure("excel-free", "ours", f"training_free_mask, {what}", device, n, run, args.repeats))
+        masks["ours"] = [training_free_mask(ours, image, cls, settings, par=par)
+                         for image, cls in zip(images, labels)]
+    rows.append(measure("excel-free", "ours", f"training_free_mask, {what}", device, n, run,
+                        args.excel_repeats))
     if "release" in masks:
         world.notes.append(f"excel-free: masks equal to the release's on "
                            f"{_equal_share(masks['release'], masks['ours']):.2f}% of the pixels")
@@ -528,19 +559,17 @@ def excel_infer_rows(world: _ExcelWorld, device: torch.device, args) -> list[Row
     sides = ", ".join(str(int(size * s)) for s in settings.scales)
     what = f"{n} x 500x375, squares {sides} + flip, {world.arch.name}"
     rows, labels = [], {}
-    if reference is not None:
+    if world.usable("excel-infer", "tools.infer_seg_voc"):
         def release() -> None:
             labels["release"] = world.release_mod.release_inference(world.ref, reference, images, size)
         rows.append(measure("excel-infer", "release", f"infer_seg_voc.py _validate, {what}", device, n,
-                            release, args.repeats))
+                            release, args.excel_repeats))
         del reference
-    else:
-        world.skipped("excel-infer")
 
     def run() -> None:
         labels["ours"] = [infer_image(ours, image, settings, device=device).labels for image in images]
     rows.append(measure("excel-infer", "ours", f"infer_image (VOC settings), {what}", device, n, run,
-                        args.repeats))
+                        args.excel_repeats))
     if "release" in labels:
         world.notes.append(f"excel-infer: labels equal to the release's on "
                            f"{_equal_share(labels['release'], labels['ours']):.2f}% of the pixels")
@@ -567,7 +596,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu", action="store_true", help="run on the CPU with smaller sizes")
     ap.add_argument("--only", nargs="+", choices=STAGES, default=None, help="stages to run")
-    ap.add_argument("--repeats", type=int, default=None, help="timed runs per row (default 3 GPU, 2 CPU)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timed runs per row (default 3 GPU, 2 CPU; the ExCEL rows on CPU: 1)")
     ap.add_argument("--seed-images", type=int, default=None, help="images in the seeds rows (16 GPU, 2 CPU)")
     ap.add_argument("--seed-batch", type=int, default=None, help="our seeds batch (8 GPU, 1 CPU)")
     ap.add_argument("--train-batch", type=int, default=None, help="training batch (8 GPU, 1 CPU)")
@@ -584,7 +614,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true",
                     help="ExCEL rows only (unless --only says otherwise), with the tiny-excel CLIP, crop 96, "
                          "one timed run: a check that they run, not a measurement")
-    ap.add_argument("--excel-arch", default=None, help="CLIP of the ExCEL rows (ViT-B/16; --quick: tiny-excel)")
+    ap.add_argument("--excel-arch", default=None,
+                    help="CLIP of the ExCEL rows (ViT-B/16; --quick: tiny-excel)")
     ap.add_argument("--excel-batch", type=int, default=4, help="ExCEL training batch (the release's 4)")
     ap.add_argument("--excel-crop", type=int, default=None,
                     help="ExCEL training crop (the release's 320; --quick: 96)")
@@ -600,6 +631,7 @@ def main() -> None:
     if not args.cpu and not torch.cuda.is_available():
         ap.error("no CUDA device visible: pass --cpu")
     device = torch.device("cpu" if args.cpu else "cuda")
+    args.excel_repeats = args.repeats or (1 if args.cpu or args.quick else 3)
     args.repeats = args.repeats or (1 if args.quick else 2 if args.cpu else 3)
     args.excel_arch = args.excel_arch or ("tiny-excel" if args.quick else "ViT-B/16")
     args.excel_crop = args.excel_crop or (96 if args.quick else 320)
@@ -610,13 +642,15 @@ def main() -> None:
     args.seed_images = args.seed_images or (2 if args.cpu else 16)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores"
-    print(f"weakclip benchmark suite on {where}; torch {torch.__version__}; best of {args.repeats}")
+    excel = f" (ExCEL rows: {args.excel_repeats})" if any(st in EXCEL_STAGES for st in stages) else ""
+    print(f"weakclip benchmark suite on {where}; torch {torch.__version__}; best of {args.repeats}{excel}")
     load_before = os.getloadavg()[0]
     rows: list[Row] = []
     runners = {"seeds": seeds_rows, "train": train_rows, "masks": masks_rows,
                "crf64": lambda d, a: crf_rows("crf64", d, a),
                "crffull": lambda d, a: crf_rows("crffull", d, a),
-               "excel-train": excel_train_rows, "excel-free": excel_free_rows, "excel-infer": excel_infer_rows}
+               "excel-train": excel_train_rows, "excel-free": excel_free_rows,
+               "excel-infer": excel_infer_rows}
     with contextlib.ExitStack() as stack:
         world = None
         for stage in stages:

@@ -123,7 +123,9 @@ def test_par_equals_the_release_within_1e_5(ref, seed, img_size, map_size, c):
     assert len(PAR().state_dict()) == 0
 
 
-@pytest.mark.parametrize(("shape", "dilations"), [((2, 3, 37, 52), (1, 2, 4, 8, 12, 24)), ((1, 5, 9, 70), (3, 40))])
+@pytest.mark.parametrize(("shape", "dilations"), [
+    ((2, 3, 37, 52), (1, 2, 4, 8, 12, 24)), ((1, 5, 9, 70), (3, 40)),
+])
 def test_par_neighbours_copied_equal_the_releases_convolution(ref, shape, dilations):
     """On the CPU the neighbours are copied from shifted windows (faster) where the release convolves with
     one-hot kernels: bit for bit the same, dilations wider than the map included (replicated edges); and the

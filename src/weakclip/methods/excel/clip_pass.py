@@ -280,8 +280,9 @@ class ExcelClipPass(nn.Module):
     def forward(self, images: Tensor, ex_feats: Tensor | None = None, *, tokens_only: bool = False
                 ) -> ClipPassOutput:
         """The release's image pass; with ``ex_feats`` (B x D x h x w on the token grid) its second pass.
-        ``tokens_only``: the stored tokens alone (what the decoder reads), the same numbers; the image features
-        and the replaced blocks' attention weights are not computed (``image_features`` and ``attn`` None)."""
+        ``tokens_only``: the stored tokens alone (what the decoder reads), the same numbers; the image
+        features and the replaced blocks' attention weights are not computed (``image_features`` and
+        ``attn`` None)."""
         grid = self._grid_of(images)
         calibration = None
         if ex_feats is not None and (

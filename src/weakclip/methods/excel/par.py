@@ -116,5 +116,6 @@ class PAR(nn.Module):
         images = F.interpolate(images, size=maps.shape[-2:], mode="bilinear", align_corners=True)
         weights = self.affinity(images)
         for _ in range(self.num_iter):
-            maps = self.neighbours(maps).mul_(weights).sum(dim=2)  # the release's (neighbours * weights).sum(2)
+            # the release's (neighbours * weights).sum(2), the product in place
+            maps = self.neighbours(maps).mul_(weights).sum(dim=2)
         return maps
