@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The device checks of issues 13 and 15 as ONE prepared command for a lent GPU (NVIDIA H200 here):
-# environment, the CUDA-only tests, the benchmark suite (the release's path vs ours), window batches
-# and precision; every output is tee'd to $OUT (or ./gpu_checks_out), so what ran comes back even when
-# a step hits its time limit. At most about 9.5 minutes (one device command may take 10): the
-# pydensecrf2 build about 1, the steps' limits 8.5 together.
+# The device checks of issues 13, 15 and 29 as ONE prepared command for a lent GPU (NVIDIA H200 here):
+# environment, the CUDA-only tests, the benchmark suite (the release's path vs ours), its ExCEL rows
+# (against the authors' code), window batches and precision; every output is tee'd to $OUT (or
+# ./gpu_checks_out), so what ran comes back even when a step hits its time limit. At most about 9.5
+# minutes (one device command may take 10): the pydensecrf2 build about 1, the steps' limits 8.5 together.
 #
 #   here, once (network):  bash benchmarks/gpu_checks.sh --fetch     # wheels + pydensecrf2 sdist -> .whl/
 #   on the device:         bash benchmarks/gpu_checks.sh             # with .whl carried along
@@ -12,11 +12,17 @@
 # safetensors and pytest, but not open_clip_torch, ftfy, wcwidth, pycocotools or pydensecrf2: those
 # travel in .whl/ (pydensecrf2 as its sdist, built there with the image's cython and compiler). The
 # package itself runs from src/ (PYTHONPATH): the image's torch may be older than our declared range.
+# The authors' ExCEL snapshot (../shared/refs/ExCEL-2cd7f51, which does not travel: only the checkout does)
+# is copied by --fetch into .whl/refs/ (ignored by git, carried with .whl); the ExCEL rows' release side
+# runs it from there (WEAKCLIP_REFS) and is skipped, saying so, without it. OpenCV, scikit-learn, joblib,
+# imageio and tqdm, which it and our ExCEL code import, are in the device image.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WHL=.whl
 if [[ "${1:-}" == "--fetch" ]]; then
-    grep -qx "/$WHL/" .git/info/exclude 2>/dev/null || echo "/$WHL/" >> .git/info/exclude
+    exclude=$(git rev-parse --git-path info/exclude)  # a worktree's .git is a file: ask git where it is
+    mkdir -p "$(dirname "$exclude")"
+    grep -qx "/$WHL/" "$exclude" 2>/dev/null || echo "/$WHL/" >> "$exclude"
     mkdir -p "$WHL"
     for pkg in open_clip_torch ftfy wcwidth pycocotools; do
         python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -24,6 +30,18 @@ if [[ "${1:-}" == "--fetch" ]]; then
             -d "$WHL" "$pkg"
     done
     python3 -m pip download -q --no-deps --no-binary=:all: -d "$WHL" pydensecrf2
+    # the authors' ExCEL snapshot, found as tests/excel_ref.py finds it, copied to travel with .whl
+    ref=""
+    for candidate in "${WEAKCLIP_EXCEL_REF:-}" "${WEAKCLIP_REFS:+$WEAKCLIP_REFS/ExCEL-2cd7f51}" \
+            ../shared/refs/ExCEL-2cd7f51; do
+        [[ -n "$candidate" && -f "$candidate/model/model_excel.py" ]] && { ref=$candidate; break; }
+    done
+    rm -rf "$WHL/refs"
+    if [[ -n "$ref" ]]; then
+        mkdir -p "$WHL/refs" && cp -r "$ref" "$WHL/refs/ExCEL-2cd7f51" && echo "ExCEL snapshot: $ref"
+    else
+        echo "no ExCEL snapshot found: the ExCEL rows' release side will be skipped on the device"
+    fi
     ls -la "$WHL"
     exit 0
 fi
@@ -48,6 +66,7 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-d
     "$WHL"/pydensecrf2-*.tar.gz || echo "pydensecrf2 build failed: the release rows need it" \
     | tee -a "$OUT/summary.txt"
 export PYTHONPATH=/tmp/site:$PWD/src
+[[ -d "$WHL/refs/ExCEL-2cd7f51" ]] && export WEAKCLIP_REFS=$PWD/$WHL/refs
 
 step env 30 bash -c 'nvidia-smi; python3 -c "import torch, open_clip, weakclip, pydensecrf; \
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_device_name(0), \
@@ -55,7 +74,11 @@ print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.get
 # the tests that need CUDA (skipped on CPU machines) and the batching / CRF / inference tests on a GPU box
 step tests 60 python3 -m pytest -q -x -p no:cacheprovider tests/test_crf.py tests/test_batching.py
 # issue 13's table: seeds, training step, pseudo masks, CRF at 64x64 x 16 and at 500x375
-step suite 300 python3 benchmarks/suite.py --repeats 2
+step suite 240 python3 benchmarks/suite.py --repeats 2 --only seeds train masks crf64 crffull
+# issue 29, point 5: ExCEL's training step (batch 4 of 320), training-free masks and test-time inference
+# (4 images of 500x375), ViT-B/16, the authors' code vs ours (a minute: three CLIPs built, 3 runs a row)
+step excel 75 python3 benchmarks/suite.py --repeats 2 --excel-images 4 \
+    --only excel-train excel-free excel-infer
 # what pseudo.window_batch buys on the GPU, and what window_batch 0 chooses
 step window_batch 45 python3 benchmarks/window_batch.py --presets voc-plus --batches 1 8 32
 # issue 15, point 2: fp32 / bf16 / fp16 + scaler on the same batch
