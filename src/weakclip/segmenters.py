@@ -24,12 +24,21 @@ __all__ = ["RefinementSegmenter", "RetrainedSegmenter", "Segmenter", "as_rgb_arr
 # ============================================================================ images
 def as_rgb_array(image: Any) -> np.ndarray:
     """A PIL image or an ``H x W x 3`` uint8 array -> ``H x W x 3`` uint8 C-contiguous array (one-line
-    WeakclipError otherwise). A PIL image is turned upright by its EXIF orientation tag first (as viewers
-    show it, and as ``weakclip predict`` reads files); an array is taken as it is."""
-    from PIL import Image, ImageOps
+    WeakclipError otherwise). A PIL image is converted exactly as ``weakclip predict`` converts the files it
+    reads (:func:`weakclip.data.io.pil_to_rgb`, the one function of both: turned upright by its EXIF
+    orientation tag, 16-bit greyscale scaled to 8 bits, palettes and CMYK converted, alpha dropped); an
+    array is taken as it is."""
+    from PIL import Image
+
+    from weakclip.data.io import pil_to_rgb
 
     if isinstance(image, Image.Image):
-        return np.array(ImageOps.exif_transpose(image).convert("RGB"), dtype=np.uint8)  # a writeable copy
+        try:
+            return pil_to_rgb(image, "exif")  # a writeable copy
+        except Exception as exc:  # noqa: BLE001 - Pillow's many error types, one line for the user
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise WeakclipError(f"cannot convert a {image.width}x{image.height} PIL image of mode "
+                                f"{image.mode!r} to RGB: {reason}") from exc
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise WeakclipError(f"an image array must be H x W x 3 uint8 (RGB), got {image.dtype} "

@@ -50,6 +50,7 @@ __all__ = [
     "fit_label_to_image",
     "image_geometry",
     "orient_array",
+    "pil_to_rgb",
     "read_image",
     "resolve_orientation",
     "read_json",
@@ -148,10 +149,8 @@ def read_image(path: str | Path, reader: str = "pil", orientation: str = "ignore
         raise ValueError(f"image orientation must be one of {', '.join(ORIENTATIONS)}, got {orientation!r}")
     if reader == "opencv":
         arr = _read_opencv(path, orientation == "exif")
-    elif orientation == "exif":
-        arr = _decode(path, "image", lambda im: _to_rgb(ImageOps.exif_transpose(im)))
     else:
-        arr = _decode(path, "image", _to_rgb)
+        arr = _decode(path, "image", lambda im: pil_to_rgb(im, orientation))
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise DataError(f"cannot read image {path}: unexpected decoded shape {arr.shape}")
     return arr
@@ -295,6 +294,27 @@ def _owned(arr: np.ndarray) -> np.ndarray:
     if arr.flags.writeable and arr.flags.c_contiguous:
         return arr
     return np.array(arr, order="C", copy=True)
+
+
+def pil_to_rgb(im: Image.Image, orientation: str = "exif") -> np.ndarray:
+    """A PIL image as an ``H x W x 3`` ``uint8`` RGB array (C-contiguous, writeable, never a view of ``im``):
+    the ONE conversion of decoded pixels, shared by :func:`read_image` (every command, ``weakclip predict``)
+    and :meth:`weakclip.api.Segmenter.predict` (PIL images given in Python), so both see the same pixels.
+
+    ``orientation``: ``"exif"`` turns the image upright by its EXIF orientation tag first
+    (``ImageOps.exif_transpose``), ``"ignore"`` keeps the stored grid. Modes: RGB as it is; 16-bit and
+    32-bit greyscale (``I;16*``, ``I``) and float (``F``) scaled to 8 bits (not clipped at 255 as Pillow's
+    ``convert("RGB")`` does, which turns a 16-bit photo white); a palette with transparency through RGBA;
+    every other mode (1, L, LA, P, RGBA, CMYK, YCbCr ...) by Pillow's ``convert("RGB")``, alpha dropped.
+
+    Raises:
+        ValueError: a mode Pillow cannot convert to RGB (callers name the file or the image).
+    """
+    if orientation not in ORIENTATIONS:
+        raise ValueError(f"image orientation must be one of {', '.join(ORIENTATIONS)}, got {orientation!r}")
+    if orientation == "exif":
+        im = ImageOps.exif_transpose(im)
+    return _to_rgb(im)
 
 
 def _to_rgb(im: Image.Image) -> np.ndarray:
