@@ -18,6 +18,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from torch import nn
 
 import weakclip
 import weakclip.api
+import weakclip.segmenters
 from weakclip.cli import main
 from weakclip.data.io import read_image, read_label_png
 
@@ -127,13 +129,13 @@ def test_an_image_out_of_memory_is_listed_and_the_others_written(nets, photos, t
     err = _one_line(captured.err)
     large = photos / "b_large.png"
     assert err.startswith(f"weakclip predict: 1 failed (of 3 images): {large}: out of memory for a 128x96 "
-                          "image processed at its full size (max side 1024) on cpu: 29.3 GiB could not be "
+                          "image processed at its full size (max side 768) on cpu: 29.3 GiB could not be "
                           "allocated; set a smaller max side, e.g. --max-side 64")
     assert f"wrote 2 masks and overlays to {out}; 1 image(s) ran out of memory: {large}" in captured.out
     assert sorted(p.name for p in out.iterdir()) == ["a_small.png", "a_small_overlay.png", "c_small.png",
                                                      "c_small_overlay.png"]
     record = json.loads((tmp_path / "shares.json").read_text())
-    assert list(record["failures"]) == [str(large)] and record["settings"]["max_side"] == 1024
+    assert list(record["failures"]) == [str(large)] and record["settings"]["max_side"] == 768
     # as the message says: a smaller max side, and the large photo is written at its full size
     picky.seen.clear()
     assert main([*argv, "--max-side", "48"]) == 0
@@ -164,7 +166,31 @@ def test_a_batch_out_of_memory_is_run_one_image_at_a_time(nets, tmp_path, monkey
                                       seg.predict(read_image(folder / f"{name}.png")))
 
 
-def test_the_api_raises_one_line_memory_error(nets):
+def test_an_overlay_out_of_memory_fails_that_image_only(nets, photos, tmp_path, monkeypatch, capsys):
+    import weakclip.inference.predict as overlays
+
+    real = overlays.overlay_image
+
+    def picky_overlay(image, mask, *args):
+        if mask.shape[1] > 100:
+            raise MemoryError()  # what NumPy raises
+        return real(image, mask, *args)
+
+    monkeypatch.setattr(overlays, "overlay_image", picky_overlay)
+    out = tmp_path / "out"
+    argv = ["predict", str(photos), "--checkpoint", str(nets["retrained"]), "--out", str(out), "--quiet"]
+    assert main(argv) == 1
+    err = _one_line(capsys.readouterr().err)
+    assert (f"1 failed (of 3 images): {photos / 'b_large.png'}: out of memory for the mask and the 384x96 "
+            "overlay of a 128x96 image: MemoryError") in err
+    assert not (out / "b_large_overlay.png").exists() and (out / "c_small_overlay.png").is_file()
+    monkeypatch.undo()
+    assert main(argv) == 0  # a rerun writes what is missing
+    assert "wrote 1 masks and overlays" in capsys.readouterr().out
+    assert (out / "b_large_overlay.png").is_file()
+
+
+def test_the_api_raises_one_line_memory_error(nets, monkeypatch):
     from weakclip.errors import OutOfMemory, WeakclipError
 
     seg = weakclip.load(nets["retrained"], "cpu").configure(max_side=96)
@@ -179,6 +205,18 @@ def test_the_api_raises_one_line_memory_error(nets):
     with pytest.raises(OutOfMemory, match="2 images together .*--batch-size 1"):
         seg.predict_batch([_photo(96, 128)] * 2)
     seg.network = seg.network.net
+    # the probabilities at a large image's full size (predict_proba) may not fit where its mask does
+    def no_room(*args, **kwargs):
+        raise RuntimeError(CPU_OOM)
+
+    monkeypatch.setattr(weakclip.segmenters, "F", types.SimpleNamespace(interpolate=no_room))
+    assert seg.predict(_photo(96, 128)).shape == (96, 128)
+    with pytest.raises(OutOfMemory) as info:
+        seg.predict_proba(_photo(96, 128))
+    assert _one_line(str(info.value)) == (
+        "out of memory for the probabilities of a 128x96 image at its full size (21 classes, 1008.0 KiB): "
+        "29.3 GiB could not be allocated; predict() gives its mask without them")
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="boom"):  # other errors are not turned into memory errors
 
         class Broken(nn.Module):
@@ -404,7 +442,7 @@ def test_the_refinement_crf_out_of_memory_fails_that_image_only(nets, photos, tm
     captured = capsys.readouterr()
     assert _one_line(captured.err).startswith(
         f"weakclip predict: 1 failed (of 3 images): {photos / 'b_large.png'}: out of memory for a 128x96 "
-        "image processed at its full size (max side 1024) on cpu: the dense CRF (pydensecrf2) of 128x96 "
+        "image processed at its full size (max side 768) on cpu: the dense CRF (pydensecrf2) of 128x96 "
         "pixels and ")
     assert "set a smaller max side, e.g. --max-side 64" in captured.err
     assert sorted(p.name for p in out.glob("*.png")) == ["a_small.png", "a_small_overlay.png", "c_small.png",

@@ -25,7 +25,7 @@ __all__ = ["DEFAULT_MAX_SIDE", "OutOfMemory", "available_bytes", "human_bytes", 
 #: at its evaluation settings (5 scales up to 1.5, flip, CRF) then peaks at a few GB on a CPU, far below a
 #: 24 GB GPU (benchmarks/README.md, "Very large photos"); VOC and COCO images (500 and 640 px) are below it,
 #: so their predictions are unchanged.
-DEFAULT_MAX_SIDE = 1024
+DEFAULT_MAX_SIDE = 768
 
 _UNLIMITED = float("inf")
 

@@ -152,6 +152,7 @@ def predict_files(segmenter, inputs: Sequence[str | Path], out_dir: str | Path, 
 
     from weakclip.data.io import _atomic_write, read_label_png, write_json_atomic, write_label_png
     from weakclip.inference.predict import overlay_image
+    from weakclip.memory import is_out_of_memory, oom_reason
 
     if batch_size < 1:
         raise WeakclipError(f"batch size must be >= 1, got {batch_size}")
@@ -187,10 +188,19 @@ def predict_files(segmenter, inputs: Sequence[str | Path], out_dir: str | Path, 
             if readable:
                 done = _predict_group(segmenter, readable, labels, failures)
                 for (path, stem, image), mask in done:
-                    mask_path = write_label_png(out_dir / f"{stem}.png", mask)
-                    canvas = overlay_image(image, mask, classes, allowed, alpha)
-                    overlay_path = _atomic_write(out_dir / f"{stem}_overlay.png",
-                                                 lambda fh, im=canvas: im.save(fh, format="PNG"), fsync=False)
+                    try:
+                        mask_path = write_label_png(out_dir / f"{stem}.png", mask)
+                        canvas = overlay_image(image, mask, classes, allowed, alpha)
+                        overlay_path = _atomic_write(out_dir / f"{stem}_overlay.png",
+                                                     lambda fh, im=canvas: im.save(fh, format="PNG"),
+                                                     fsync=False)
+                    except Exception as exc:  # noqa: BLE001 - only out of memory is this image's alone
+                        if not is_out_of_memory(exc):
+                            raise
+                        h, w = mask.shape
+                        failures[str(path)] = (f"out of memory for the mask and the {3 * w}x{h} overlay of a "
+                                               f"{w}x{h} image: {oom_reason(exc)}")
+                        continue
                     written.append(str(path))
                     records[str(path)] = {"mask": str(mask_path), "overlay": str(overlay_path),
                                           "shares": _shares(mask, classes)}

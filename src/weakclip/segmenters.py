@@ -95,22 +95,34 @@ def enlarge_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def _enlarge_probs(probs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Probabilities ``K x h x w`` at ``size`` ``(H, W)``, bilinear (half-pixel centres)."""
+    """Probabilities ``K x h x w`` at ``size`` ``(H, W)``, bilinear (half-pixel centres); one-line
+    :class:`OutOfMemory` when they do not fit."""
+    from weakclip.memory import human_bytes, is_out_of_memory, oom_reason
+
     if tuple(probs.shape[1:]) == tuple(size):
         return probs
-    t = F.interpolate(torch.from_numpy(np.ascontiguousarray(probs))[None], size=tuple(int(v) for v in size),
-                      mode="bilinear", align_corners=False)
-    return t[0].numpy()
+    try:
+        t = F.interpolate(torch.from_numpy(np.ascontiguousarray(probs))[None],
+                          size=tuple(int(v) for v in size), mode="bilinear", align_corners=False)
+        return t[0].numpy()
+    except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are turned, the rest re-raised
+        if not is_out_of_memory(exc):
+            raise
+        message = (f"out of memory for the probabilities of a {size[1]}x{size[0]} image at its full size "
+                   f"({probs.shape[0]} classes, {human_bytes(4 * probs.shape[0] * size[0] * size[1])}): "
+                   f"{oom_reason(exc)}; predict() gives its mask without them")
+    raise OutOfMemory(message)
 
 
 def _check_max_side(value: Any) -> int | None:
     """``max_side`` as stored: a positive int, or None for no bound (``None`` or 0); one-line error else."""
-    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value == 0):
+    if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 32:
+    whole = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if not whole or int(value) < 0 or 0 < int(value) < 32:
         raise WeakclipError(f"max_side must be a whole number of pixels >= 32, or 0 / None for no bound "
                             f"(the image at its full size), got {value!r}")
-    return int(value)
+    return int(value) or None
 
 
 def _as_batch(image_or_list: Any) -> tuple[list[np.ndarray], bool]:
