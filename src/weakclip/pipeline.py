@@ -9,12 +9,15 @@ checkpoints, the seeds and pseudo masks from the images already written). The ru
 summary table, ``<workdir>/report.json`` and the page ``<workdir>/report.html`` (:mod:`weakclip.report`),
 with warnings when a stage made things worse or a class vanished; with ``stop_on_regression`` the run stops
 at the first such stage instead of going on. ``<workdir>/run.json`` records the data the run uses (the
-report reads it). Under ``torchrun`` every stage is shared by all processes.
+report reads it) and its class names and palette; every path recorded is absolute, and the networks'
+checkpoints store their classes too, so the run's networks load from any folder once the data is gone.
+Under ``torchrun`` every stage is shared by all processes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -107,6 +110,10 @@ class Pipeline:
         from weakclip.config import apply_overrides, load_preset
         from weakclip.retrain.config import apply_retrain_overrides, load_retrain_preset
 
+        # every path the stages record is absolute: the run's networks load from any folder
+        cfg = dataclasses.replace(cfg, **{name: Path(getattr(cfg, name)).absolute() for name in
+                                          ("workdir", "data_root", "clip_weights", "seeds")
+                                          if getattr(cfg, name) is not None})
         self.cfg = cfg
         self.workdir = Path(cfg.workdir)
         if not Path(cfg.data_root).exists():
@@ -410,13 +417,17 @@ class Pipeline:
         return report
 
     def _write_run_info(self) -> None:
+        from weakclip.data.classes import class_record
         from weakclip.data.io import write_json_atomic
         from weakclip.report.analysis import RUN_INFO
 
+        # the class names of the masks' ids (the dataset's; a refinement's prompts may spell them otherwise)
+        classes = self._dataset(self.pseudo_split, seed_dir=None).classes
         # the split whose images were seeded and pseudo-masked (each image once)
         info = {"data_root": str(Path(self.cfg.data_root).resolve()), "kind": self.kind,
                 "train_split": self.pseudo_split, "val_split": self.retrain_cfg.data.val_split,
-                "seed_dir": str(Path(self.seed_dir()).resolve()), "preset": str(self.cfg.preset)}
+                "seed_dir": str(Path(self.seed_dir()).resolve()), "preset": str(self.cfg.preset),
+                **class_record(classes)}
         write_json_atomic(self.workdir / RUN_INFO, info)
 
     def _analyse(self) -> dict[str, Any]:
