@@ -179,6 +179,15 @@ def test_old_refinement_checkpoint_needs_classes_and_works_with_them(run_copy, t
     assert main(["export", str(old), "--format", "torchscript", "--out", "e_old", "--classes",
                  str(tmp_path / "classes.txt")]) == 0
     assert json.loads(Path("e_old/weakclip-model.json").read_text())["classes"] == classes
+    # pseudo-masks of a dataset elsewhere: the same rule
+    from weakclip.data.synthetic import make_synthetic_dataset
+
+    data = make_synthetic_dataset(tmp_path / "data2", n_train=1, n_val=0, image_size=(32, 48))
+    pm = ["pseudo-masks", "--checkpoint", str(old), "--data-root", str(data), "--dataset", "folder",
+          "--out", "pm", "--crf", "none", "--quiet"]
+    _one_line(capsys, pm, "pass --classes FILE")
+    assert main([*pm, "--classes", str(tmp_path / "classes.txt")]) == 0
+    assert len(list(Path("pm").glob("*.png"))) == 1
     # a list of another length does not fit the network: one line
     (tmp_path / "short.txt").write_text("background\ndisk\n")
     _one_line(capsys, [*base[:-3], "--out", "o_short", "--classes", str(tmp_path / "short.txt")],

@@ -45,7 +45,8 @@ def add_device(p: argparse.ArgumentParser) -> None:
 
 
 def add_classes(p: argparse.ArgumentParser) -> None:
-    """``--classes``: the class names of a network whose checkpoint does not store them (predict, export)."""
+    """``--classes``: the class names of a network whose checkpoint does not store them (predict, export,
+    pseudo-masks)."""
     p.add_argument("--classes", default=None, metavar="FILE",
                    help="the class list the network was trained with (one name per line, background first; "
                         "or voc, coco, coco91), for checkpoints written before checkpoints stored their "
