@@ -256,6 +256,9 @@ def test_moved_dataset_gives_numbered_classes_of_the_network(made, tmp_path):
     state = torch.load(made["tv"] / "checkpoints" / "iter_0000002.pth", weights_only=True)
     state["config"]["data"]["root"] = str(tmp_path / "moved_away")
     torch.save(state, tmp_path / "moved.pth")
+    assert weakclip.load(tmp_path / "moved.pth", "cpu").classes == made["classes"]  # the names it stores
+    del state["classes"], state["palette"]  # a checkpoint written before checkpoints stored them
+    torch.save(state, tmp_path / "moved.pth")
     seg = weakclip.load(tmp_path / "moved.pth", "cpu")
     assert seg.classes == ["background", "class_1", "class_2", "class_3"]
     assert "class names not found, classes numbered" in seg.description

@@ -13,13 +13,16 @@ stage after it), while one that does not is a note. The run ends with one summar
 ``<workdir>/report.json`` and the page ``<workdir>/report.html`` (:mod:`weakclip.report`), with warnings when
 a stage made things worse or a class vanished; with ``stop_on_regression`` the run stops at the first such
 stage instead of going on. ``<workdir>/run.json`` records the data and presets of what the folder holds (the
-report reads it); it is written once the folder's stages are known to match the run. Under ``torchrun`` every
-stage is shared by all processes.
+report reads it) with its class names and palette; it is written once the folder's stages are known to match
+the run. Every path recorded is absolute, and the networks' checkpoints store their classes too, so the run's
+networks load from any folder once the data is gone. Under ``torchrun`` every stage is shared by all
+processes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 import sys
 import time
@@ -116,6 +119,10 @@ class Pipeline:
         from weakclip.config import apply_overrides, load_preset
         from weakclip.retrain.config import apply_retrain_overrides, load_retrain_preset
 
+        # every path the stages record is absolute: the run's networks load from any folder
+        cfg = dataclasses.replace(cfg, **{name: Path(getattr(cfg, name)).absolute() for name in
+                                          ("workdir", "data_root", "clip_weights", "seeds")
+                                          if getattr(cfg, name) is not None})
         self.cfg = cfg
         self.workdir = Path(cfg.workdir)
         if not Path(cfg.data_root).exists():
@@ -640,16 +647,20 @@ class Pipeline:
         return report
 
     def _write_run_info(self) -> None:
+        from weakclip.data.classes import class_record
         from weakclip.data.io import write_json_atomic
         from weakclip.report.analysis import RUN_INFO
 
         # Written once every stage the folder holds was found made with this run's settings (plan), so that
         # it tells what the folder holds, not only what the last command asked for. train_split: the split
-        # whose images were seeded and pseudo-masked (each image once).
+        # whose images were seeded and pseudo-masked (each image once); classes: the names of the masks' ids
+        # (the dataset's; a refinement's prompts may spell them otherwise).
+        classes = self._dataset(self.pseudo_split, seed_dir=None).classes
         info = {"data_root": str(Path(self.cfg.data_root).resolve()), "kind": self.kind,
                 "train_split": self.pseudo_split, "val_split": self.retrain_cfg.data.val_split,
                 "seed_dir": str(Path(self.seed_dir()).resolve()), "preset": str(self.cfg.preset),
-                "retrain_preset": self.retrain_name}
+                "retrain_preset": self.retrain_name,
+                **class_record(classes)}
         write_json_atomic(self.workdir / RUN_INFO, info)
 
     def _analyse(self) -> dict[str, Any]:
