@@ -242,5 +242,6 @@ def test_check_space_refuses_a_write_the_disk_cannot_hold(tmp_path, monkeypatch)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=3 * 2 ** 20))
     with pytest.raises(OutputError) as exc:
         check_space(tmp_path / "out", 5 * 2 ** 20, "nothing was written", what="the export folder")
-    assert str(exc.value) == (f"could not write the export folder {tmp_path / 'out'}: no space left on the device "
-                              "(3.0 MiB free on its disk, it needs about 5.0 MiB); nothing was written")
+    assert str(exc.value) == (f"could not write the export folder {tmp_path / 'out'}: no space left on the "
+                              "device (3.0 MiB free on its disk, it needs about 5.0 MiB); nothing was "
+                              "written")
