@@ -166,6 +166,8 @@ def test_ranks_of_one_torchrun_job_share_the_lock(tmp_path, holder, monkeypatch)
     monkeypatch.setenv("MASTER_PORT", "29600")  # rank 1 of another job
     with pytest.raises(FolderInUse, match=f"pid {proc.pid}"):
         WorkdirLock(work, "weakclip run").acquire()
+    with pytest.raises(FolderInUse, match=f"pid {proc.pid}"):  # --force-unlock: not from a live local job
+        WorkdirLock(work, "weakclip run", force=True).acquire()
     monkeypatch.setenv("RANK", "0")  # and rank 0 of another job
     with pytest.raises(FolderInUse, match="wait for it to end"):
         WorkdirLock(work, "weakclip run").acquire()

@@ -242,10 +242,12 @@ class WorkdirLock:
         if not self.path.is_file():
             return  # rank 0 takes it (or fails, and torchrun stops the job)
         record = _read(self.path) or {}
-        if record.get("job") == job or self.force:
+        if record.get("job") == job:
             return
-        if holder_alive(record) is not False:
-            raise FolderInUse(f"the work folder {self.folder} is in use by {describe_holder(record)}")
+        alive = holder_alive(record)
+        if alive is False or (self.force and alive is None):  # --force-unlock: another host's lock only
+            return
+        raise FolderInUse(f"the work folder {self.folder} is in use by {describe_holder(record)}")
 
     # ------------------------------------------------------------------ release
     def _remove_created(self) -> None:
