@@ -518,15 +518,16 @@ class Pipeline:
         report = check_seeds(seed_dir, dataset, progress=False)
         if not report.ok:
             problems = report.problems()
-            raise WeakclipError(f"seed folder {seed_dir}: {len(problems)} problems, e.g. {problems[:3]} "
-                                f"(see 'weakclip seeds check {seed_dir}')")
+            raise WeakclipError(f"seed folder {seed_dir} (checked with the dataset's images and masks): "
+                                f"{len(problems)} problems, e.g. {problems[:3]} (see 'weakclip seeds check "
+                                f"{seed_dir}')")
         metrics: dict[str, Any] = {"images": len(dataset), "coverage": report.coverage}
         if dataset.has_gt:
             as_bg = ConfusionMatrix(dataset.classes, unsure="background")
             confident = ConfusionMatrix(dataset.classes, unsure="ignore")
             for i in range(len(dataset)):
-                gt = dataset.read_gt(i)
-                seed = dataset.read_seed(i, expected_hw=gt.shape)
+                gt = dataset.read_gt(i)  # each checked against its image (check_seeds did so already)
+                seed = dataset.read_seed(i)
                 as_bg.update(seed, gt, name=str(dataset.seed_path(i)))
                 confident.update(seed, gt, name=str(dataset.seed_path(i)))
             metrics["seeds_miou"] = as_bg.scores().miou
