@@ -52,8 +52,13 @@ def collect_images(inputs: Sequence[str | Path], exclude: str | Path | None = No
         if not item.exists():
             raise WeakclipError(f"not found: {item}")
         if item.is_dir():
-            files = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                           and not _inside(p, exclude))
+            images = sorted(p for p in item.rglob("*")
+                            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            files = [p for p in images if not _inside(p, exclude)]
+            if images and not files:  # every one is the output folder's: say so, not "no images"
+                raise WeakclipError(f"no images in {item} to predict: its {len(images)} image files are in "
+                                    f"the output folder {exclude} (--out), which is never read as input "
+                                    f"(it receives the masks and overlays): give another --out folder")
             if not files:
                 raise WeakclipError(f"no images in {item} (looked for {', '.join(IMAGE_EXTENSIONS)}, "
                                     "in subfolders too)")

@@ -139,7 +139,8 @@ class Segmenter:
         kind: one of :data:`KINDS`.
         description: one line: what was loaded from where.
         classes: class names, index 0 background.
-        palette: ``N x 3`` uint8 colours (N >= number of classes; the VOC palette).
+        palette: ``N x 3`` uint8 colours (N >= number of classes): the checkpoint's stored colours for its
+            classes (the VOC palette), the VOC palette beyond.
         mean, std: the input normalisation, 0..255 scale, RGB order.
         settings: the test-time settings (JSON-able; change them with :meth:`configure`), ``max_side``
             among them (the longest side an image is processed at, :data:`DEFAULT_MAX_SIDE`; None: the
@@ -160,13 +161,16 @@ class Segmenter:
     device: torch.device
 
     def __init__(self, *, kind: str, description: str, classes: Sequence[str], mean: Sequence[float],
-                 std: Sequence[float], network: nn.Module, device: torch.device) -> None:
+                 std: Sequence[float], network: nn.Module, device: torch.device,
+                 palette: np.ndarray | None = None) -> None:
         from weakclip.data.classes import voc_palette
 
         self.kind = kind
         self.description = description
         self.classes = list(classes)
         self.palette = voc_palette(max(256, len(self.classes)))
+        if palette is not None:  # the colours the checkpoint stores for its classes
+            self.palette[:len(palette)] = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
         self.network = network.eval()

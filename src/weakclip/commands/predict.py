@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 
 from weakclip.commands import lock_folder, output_files
-from weakclip.commands.flags import add_crf, add_device
+from weakclip.commands.flags import add_classes, add_crf, add_device
 from weakclip.commands.tta_flags import add_tta_flags, tta_overrides
 
 #: The flags that only the refinement model's sliding-window inference has.
@@ -63,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise WeakclipError("--device cuda asked for, but no CUDA device is visible to PyTorch")
     images = collect_images(args.images, exclude=args.out)  # a missing path or empty folder fails first
-    seg = load(args.checkpoint, args.device, stage=args.stage, best=args.best, clip_weights=args.clip_weights)
+    seg = load(args.checkpoint, args.device, stage=args.stage, best=args.best, clip_weights=args.clip_weights,
+               classes=args.classes)
     seg.label_ids(args.labels)  # an unknown name fails before any image is read
     seg.configure(**settings_changes(args, seg.kind))
     if not args.quiet:
@@ -105,6 +106,7 @@ def register(sub) -> None:
                    help="the CLIP weights file a refinement checkpoint was trained with (default: the file "
                         "it records; not used for networks that hold their towers or have none, which "
                         "says so)")
+    add_classes(p)
     p.add_argument("--labels", default=None,
                    help="comma-separated class names in the images (e.g. cat,dog); default: all classes")
     p.add_argument("--out", required=True, type=Path, help="output folder")

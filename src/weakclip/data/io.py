@@ -242,6 +242,7 @@ def fit_label_to_image(
     *,
     expected_hw: tuple[int, int] | None = None,
     what: str = "mask",
+    reference: str | None = None,
 ) -> np.ndarray:
     """A label map of ``image_path`` on the image's grid as it is read with ``orientation``.
 
@@ -251,6 +252,9 @@ def fit_label_to_image(
     when ``expected_hw`` is given, a label map of another size is the usual error. Label maps of an image
     whose orientation keeps the size (2-4; 5-8 on a square image) cannot be told apart: they are taken as
     drawn on the upright image.
+
+    ``reference`` names what ``expected_hw`` is the size of, in the error (default: ``its image
+    <image_path>``): the message names the label map that differs and the file it was compared with.
 
     Raises:
         DataError: the label map's size is not ``expected_hw`` (with a hint when it fits the image
@@ -285,7 +289,9 @@ def fit_label_to_image(
                 and shape == geometry.upright_hw):
             hint = (f" (it fits the image turned by its EXIF orientation {geometry.orientation}, but this "
                     f"stage reads the stored pixels)")
-        raise DataError(f"{what} {label_path} is {w}x{h} but its image is {ew}x{eh} (width x height){hint}")
+        if reference is None:
+            reference = f"its image {image_path}" if image_path is not None else "its image"
+        raise DataError(f"{what} {label_path} is {w}x{h} but {reference} is {ew}x{eh} (width x height){hint}")
     return label
 
 
@@ -384,6 +390,7 @@ def read_label_png(
     expected_hw: tuple[int, int] | None = None,
     num_classes: int | None = None,
     what: str = "mask",
+    reference: str | None = None,
 ) -> np.ndarray:
     """Read a label map (class ids, 255 = ignore) as an ``H x W`` ``uint8`` array.
 
@@ -396,6 +403,8 @@ def read_label_png(
         expected_hw: ``(height, width)`` of the image the map belongs to; a different size raises.
         num_classes: when given, values must be ``< num_classes`` or equal to 255.
         what: the word used for the file in messages ("mask", "seed", "pseudo mask" ...).
+        reference: what ``expected_hw`` is the size of, named in the error (e.g. ``"its ground-truth mask
+            <path>"``; default ``"its image"``).
 
     Raises:
         DataError: missing or unreadable file, colour-coded mask, size mismatch, values out of range.
@@ -406,7 +415,8 @@ def read_label_png(
         eh, ew = int(expected_hw[0]), int(expected_hw[1])
         h, w = arr.shape
         if (h, w) != (eh, ew):
-            raise DataError(f"{what} {path} is {w}x{h} but its image is {ew}x{eh} (width x height)")
+            raise DataError(f"{what} {path} is {w}x{h} but {reference or 'its image'} is {ew}x{eh} "
+                            f"(width x height)")
     if num_classes is not None:
         present = np.unique(arr)
         bad = [int(v) for v in present if v >= num_classes and v != IGNORE_INDEX]

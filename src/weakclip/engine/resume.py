@@ -10,6 +10,7 @@ from typing import Any
 
 from weakclip.engine.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from weakclip.errors import WeakclipError
+from weakclip.methods import check_same, of_checkpoint, of_record
 
 __all__ = ["check_resume_network", "config_differences", "resume_checkpoint"]
 
@@ -66,6 +67,8 @@ def check_resume_network(ckpt: Mapping[str, Any] | None, config: Mapping[str, An
     are not compared."""
     if ckpt is None:
         return
+    # another method's work folder (WeakCLIP's given to ExCEL or the reverse): one line, before the settings
+    check_same(of_checkpoint(ckpt), of_record(config), str(workdir), "start in another work folder")
     old = (ckpt.get("config") or {}).get("model")
     new = config.get("model")
     if not isinstance(old, Mapping) or not isinstance(new, Mapping):

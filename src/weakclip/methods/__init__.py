@@ -70,14 +70,24 @@ def of_record(record: Mapping[str, Any] | None) -> MethodInfo:
     return get(name) if name else _REGISTRY[DEFAULT_METHOD]
 
 
+def of_checkpoint(state: Mapping[str, Any] | None) -> MethodInfo:
+    """The method a training checkpoint belongs to: its own ``"method"`` entry, else its config's, else
+    WeakCLIP (checkpoints written before there was a second method)."""
+    if isinstance(state, Mapping) and state.get(METHOD_KEY):
+        return of_record(state)
+    config = state.get("config") if isinstance(state, Mapping) else None
+    return of_record(config if isinstance(config, Mapping) else None)
+
+
 def check_same(found: MethodInfo | str, wanted: MethodInfo | str, where: str, hint: str = "") -> None:
     """One-line error when ``where`` (a work folder, a checkpoint) belongs to another method than asked."""
     found_info = found if isinstance(found, MethodInfo) else get(found)
     wanted_info = wanted if isinstance(wanted, MethodInfo) else get(wanted)
     if found_info.name != wanted_info.name:
         tail = f"; {hint}" if hint else ""
+        article = "an" if found_info.title[:1].upper() in "AEIOU" else "a"
         raise WeakclipError(
-            f"{where} holds a {found_info.title} result, but this asks for {wanted_info.title}{tail}"
+            f"{where} holds {article} {found_info.title} result, but this asks for {wanted_info.title}{tail}"
         )
 
 
