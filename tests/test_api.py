@@ -256,6 +256,9 @@ def test_moved_dataset_gives_numbered_classes_of_the_network(made, tmp_path):
     state = torch.load(made["tv"] / "checkpoints" / "iter_0000002.pth", weights_only=True)
     state["config"]["data"]["root"] = str(tmp_path / "moved_away")
     torch.save(state, tmp_path / "moved.pth")
+    assert weakclip.load(tmp_path / "moved.pth", "cpu").classes == made["classes"]  # the names it stores
+    del state["classes"], state["palette"]  # a checkpoint written before checkpoints stored them
+    torch.save(state, tmp_path / "moved.pth")
     seg = weakclip.load(tmp_path / "moved.pth", "cpu")
     assert seg.classes == ["background", "class_1", "class_2", "class_3"]
     assert "class names not found, classes numbered" in seg.description
@@ -421,3 +424,24 @@ def test_predict_turns_photos_upright_by_their_exif_tag(made, tmp_path, capsys):
         upright = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
         np.testing.assert_array_equal(seg.predict(im), mask)
     np.testing.assert_array_equal(seg.predict(upright), mask)
+
+
+def test_predict_into_its_own_input_folder_says_why_it_found_nothing(tmp_path, capsys):
+    # issue 27 (also): `weakclip predict DIR --out DIR` said "no images in DIR" of a folder full of photos
+    photos = tmp_path / "p"
+    _photos(photos, sizes=((40, 56), (40, 56)))
+    _photos(photos / "sub", sizes=((40, 56),))
+    checkpoint = str(tmp_path / "never-loaded.pth")  # the images are looked for first
+    for given, out in ((photos, photos), (photos / "sub", photos)):
+        assert main(["predict", str(given), "--checkpoint", checkpoint, "--out", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        n = 3 if given == photos else 1
+        assert err == (f"weakclip predict: error: no images in {given} to predict: its {n} image files are "
+                       f"in the output folder {out} (--out), which is never read as input (it receives "
+                       f"the masks and overlays): give another --out folder")
+    # an empty folder is still just that
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(tmp_path / "empty"), "--checkpoint", checkpoint, "--out",
+                 str(tmp_path / "empty"), "--quiet"]) == 2
+    assert "no images in" in capsys.readouterr().err

@@ -223,7 +223,8 @@ def test_voc_item_errors_raise(voc):
     with pytest.raises(DataError, match=r"^cannot read image .*2007_000002\.jpg"):
         ds[1]
     _mask(voc / "SegmentationClassAug" / "2008_000003.png", np.zeros((H, W + 1), np.uint8))
-    with pytest.raises(DataError, match=rf"is {W + 1}x{H} but its image is {W}x{H}"):
+    with pytest.raises(DataError, match=rf"2008_000003.png is {W + 1}x{H} but its image \S+/JPEGImages/"
+                                        rf"2008_000003.jpg is {W}x{H}"):
         ds[2]
 
 
@@ -442,3 +443,30 @@ def test_build_dataset(voc, tmp_path):
         build_dataset(tmp_path / "empty")
     with pytest.raises(DataError, match="dataset folder not found"):
         build_dataset(tmp_path / "nope")
+
+
+def test_a_wrong_size_names_the_file_that_differs_and_what_it_was_compared_with(tmp_path):
+    # issue 27.6: a ground-truth mask of the wrong size was blamed on the seed ("seed .../a.png is 10x8 but
+    # its image is 5x4") because the seed was compared with the mask, and the mask with nothing
+    root = _folder(tmp_path / "ds", seeds=True)
+    gt = root / "masks" / "a.png"
+    _mask(gt, np.zeros((4, 5), np.uint8))  # image a and its seed are 10x8
+    ds = FolderDataset(root, split="train")
+    assert ds.has_gt and ds.has_seeds
+    i = ds.ids.index("a")
+    expected = f"mask {gt} is 5x4 but its image {root / 'images' / 'a.jpg'} is 10x8 (width x height)"
+    with pytest.raises(DataError) as exc:
+        ds.read_gt(i)  # today: read without a check
+    assert str(exc.value) == expected
+    with pytest.raises(DataError) as exc:
+        ds[i]  # today: "... but its image is 10x8", the image not named
+    assert str(exc.value) == expected
+    assert ds.read_seed(i).shape == (8, 10)  # the seed is right
+    assert ds.validate() == [expected]
+    # compared with another file than the image, that file is named
+    _mask(gt, np.zeros((8, 10), np.uint8))
+    seed = root / "seeds" / "a.png"
+    _mask(seed, np.zeros((8, 9), np.uint8))
+    with pytest.raises(DataError) as exc:
+        ds.read_seed(i, expected_hw=(8, 10), reference=f"its ground-truth mask {gt}")
+    assert str(exc.value) == f"seed {seed} is 9x8 but its ground-truth mask {gt} is 10x8 (width x height)"

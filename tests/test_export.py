@@ -26,6 +26,7 @@ import weakclip
 from weakclip.cli import main
 from weakclip.config import Config, PseudoMaskConfig, load_preset
 from weakclip.data.classes import voc_palette
+from weakclip.errors import OutputError
 from weakclip.export import ExportError, export_segmenter
 from weakclip.export.bundle import TOLERANCE
 
@@ -425,3 +426,153 @@ def test_networks_that_cannot_be_exported_fail_in_one_line_writing_nothing(tmp_p
     monkeypatch.undo()
     result = export_segmenter(_segmenter(nn.Conv2d(3, 2, 1)), tmp_path / "late", "torchscript")
     assert result["model"].is_file() and result["check"]["max_abs_diff"] == 0.0
+
+
+# ====================================================================== full or read-only disks (issue 27.5)
+def _big_segmenter() -> SimpleNamespace:
+    """A network of ~2.4 MB (weights): more than the small disks below hold."""
+    torch.manual_seed(0)
+    return _segmenter(nn.Sequential(nn.Conv2d(3, 256, 3, padding=1), nn.Conv2d(256, 256, 3, padding=1),
+                                    nn.Conv2d(256, 2, 1)))
+
+
+def _assert_full_disk_line(message: str, out: Path) -> None:
+    assert "\n" not in message and "Traceback" not in message
+    assert f"could not write the export folder {out}: no space left on the device (" in message, message
+    assert "free on its disk" in message and message.endswith("nothing was written")
+    assert ".export-" not in message and "run the same command again" not in message
+
+
+def test_export_into_a_read_only_folder_names_the_out_folder_and_leaves_nothing(made, tmp_path, capsys,
+                                                                               monkeypatch):
+    from test_write_errors import _read_only
+
+    # today: "could not write <parent>/.out.export-<pid>-...: the file system is read-only (...); what was
+    # written before is kept; ... run the same command again: finished outputs are skipped"
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    _read_only(monkeypatch, ro)
+    for fmt, out in (("torchscript", ro / "ts"), ("onnx", ro / "new" / "ox")):
+        err = _one_line_error(capsys, ["export", str(made["tv"]), "--format", fmt, "--out", str(out)])
+        assert err.startswith(f"weakclip export: error: could not write the export folder {out}: the file "
+                              "system is read-only ("), err
+        assert err.endswith("; nothing was written") and ".export-" not in err and "run the same" not in err
+    assert list(ro.iterdir()) == []
+
+
+def test_export_on_a_full_disk_checks_the_space_first(made, tmp_path, capsys, monkeypatch):
+    # today nothing checks: torch.jit.save then aborts the process (C++ abort, exit 134) on a full disk
+    import shutil as shutil_module
+
+    real_usage = shutil_module.disk_usage
+    small = tmp_path / "small"
+    small.mkdir()
+
+    def usage(path):
+        got = real_usage(path)
+        if str(Path(path).resolve()).startswith(str(small)):
+            return got._replace(free=100 * 1024)
+        return got
+
+    monkeypatch.setattr(shutil_module, "disk_usage", usage)
+    out = small / "a" / "ts"
+    err = _one_line_error(capsys, ["export", str(made["tv"]), "--format", "torchscript", "--out", str(out)])
+    _assert_full_disk_line(err.removeprefix("weakclip export: error: "), out)
+    assert "needs about" in err and "(100.0 KiB free on its disk" in err
+    assert list(small.iterdir()) == []  # the folders made for it went again
+    for fmt in ("onnx", "torchscript"):
+        with pytest.raises(OutputError) as exc:
+            export_segmenter(_big_segmenter(), small / fmt, fmt)
+        _assert_full_disk_line(str(exc.value), small / fmt)
+        # the network's ~2.4 MB file and a MiB of room
+        assert re.search(r"\(100\.0 KiB free on its disk, it needs about 3\.[34] MiB\)", str(exc.value))
+    assert list(small.iterdir()) == []
+
+
+def test_export_running_out_of_space_while_writing_is_one_line_leaving_nothing(tmp_path, monkeypatch,
+                                                                               capsys):
+    # the disk fills up after the check (another writer): the file's own write fails
+    import errno
+    import os
+
+    from torch.onnx._internal.exporter._onnx_program import ONNXProgram
+
+    def full_save(self, destination, **kwargs):  # what onnx's writer raises: no file name in it
+        Path(destination).write_bytes(b"\0" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ONNXProgram, "save", full_save)
+    with pytest.raises(OutputError) as exc:  # today: the bare OSError, a traceback from the command
+        export_segmenter(_big_segmenter(), tmp_path / "ox", "onnx")
+    _assert_full_disk_line(str(exc.value), tmp_path / "ox")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    real_open = os.open
+
+    def full_open(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT and Path(path).name == "model.pt":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", full_open)
+    with pytest.raises(OutputError) as exc:
+        export_segmenter(_big_segmenter(), tmp_path / "ts", "torchscript")
+    _assert_full_disk_line(str(exc.value), tmp_path / "ts")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_a_crash_or_interrupt_inside_the_exporter_leaves_nothing(tmp_path, monkeypatch, fmt):
+    import weakclip.export.onnx as onnx_export
+
+    target = (onnx_export.torch.onnx, "export") if fmt == "onnx" else (torch.jit, "save")
+    for error in (MemoryError, KeyboardInterrupt):
+        def crash(*args, error=error, **kwargs):
+            for name in ("model.onnx", "model.pt"):  # as if something were written already
+                for tmp in tmp_path.glob(".out.export-*"):
+                    (tmp / name).write_bytes(b"partial")
+            raise error
+
+        monkeypatch.setattr(*target, crash)
+        with pytest.raises((error, ExportError)):
+            export_segmenter(_segmenter(nn.Conv2d(3, 2, 1)), tmp_path / "new" / "out", fmt)
+        assert list(tmp_path.iterdir()) == []
+
+
+def _mount_small_disk(folder: Path, size: str) -> bool:
+    """A tmpfs of ``size`` at ``folder`` (root on Linux only); False where it cannot be mounted."""
+    import subprocess
+
+    folder.mkdir()
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_onto_a_really_full_disk(made, tmp_path, fmt):
+    # today: torchscript ends in a C++ abort (exit 134) leaving .out.export-<pid>-.../model.pt, onnx in an
+    # ENOSPC traceback
+    import subprocess
+    import sys
+
+    disk = tmp_path / "disk"
+    if not _mount_small_disk(disk, "1m"):
+        pytest.skip("a small tmpfs cannot be mounted here (needs root)")
+    try:
+        (disk / "filler").write_bytes(b"\0" * 200_000)  # a disk with a little room, not enough
+        env = {**__import__("os").environ,
+               "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+        done = subprocess.run([sys.executable, "-m", "weakclip", "export", str(made["tv"]), "--format", fmt,
+                               "--out", str(disk / "out")], capture_output=True, text=True, timeout=300,
+                              env=env)
+        err = done.stderr.strip()
+        assert done.returncode == 2, err[-2000:]
+        assert len(err.splitlines()) == 1 and err.startswith("weakclip export: error: "), err[-2000:]
+        _assert_full_disk_line(err.removeprefix("weakclip export: error: "), disk / "out")
+        assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True, timeout=30)

@@ -184,7 +184,7 @@ def test_folder_masks_follow_the_upright_photo(tmp_path):
         warnings.simplefilter("error")  # an upright mask is taken as it is, silently
         other = ds[1]
     assert np.array_equal(other["gt"], upright_mask)
-    with pytest.raises(DataError, match=r"is 300x300 but its image is 300x451"):
+    with pytest.raises(DataError, match=r"odd.png is 300x300 but its image \S+odd.jpg is 300x451"):
         ds[2]
     assert ds.label_fits(0, stored_mask.shape) and ds.label_fits(0, upright_mask.shape)
     assert not ds.label_fits(2, (300, 300)) and ds.image_hw(0) == (451, 300)

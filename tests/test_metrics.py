@@ -129,8 +129,10 @@ def test_evaluate_folders_errors(tmp_path):
     with pytest.raises(DataError, match="1 of 3 images have no prediction"):
         evaluate_folders(pred, gt, classes, progress=False)
     _write(pred, "img3", np.zeros((4, 3), np.uint8))
-    with pytest.raises(DataError, match="img3"):
+    with pytest.raises(DataError) as exc:  # the prediction named, and the ground truth it was compared with
         evaluate_folders(pred, gt, classes, progress=False)
+    assert str(exc.value) == (f"prediction {pred / 'img3.png'} is 3x4 but its ground truth {gt / 'img3.png'} "
+                              "is 3x3 (width x height)")
     with pytest.raises(DataError, match="not found"):
         evaluate_folders(tmp_path / "nope", gt, classes, progress=False)
 

@@ -342,3 +342,63 @@ def test_step_by_step_tower_equals_forward():
     assert torch.allclose(tower.project(last)[:, 0], ref.global_embed, atol=1e-5)
     assert torch.allclose(weights, ref.attn, atol=1e-6)
     assert torch.allclose(again, last, atol=1e-6)
+
+
+def _masks_and_seeds(root: Path, seeds: Path) -> Path:
+    masks = root / "masks"
+    for ident in "abcdef":
+        write_label_png(seeds / f"{ident}.png", np.zeros((16, 20), np.uint8))
+        write_label_png(masks / f"{ident}.png", np.zeros((16, 20), np.uint8))
+    return masks
+
+
+def test_check_also_checks_the_ground_truth_masks_it_can_see(tmp_path, capsys):
+    # issue 27.6: `weakclip seeds check` passed a dataset whose masks were of the wrong size, out of range or
+    # colour-coded
+    root, seeds = tmp_path / "data", tmp_path / "seeds"
+    _folder_dataset(root)
+    masks = _masks_and_seeds(root, seeds)
+    write_label_png(masks / "c.png", np.zeros((8, 10), np.uint8))  # half the image's size
+    write_label_png(masks / "d.png", np.full((16, 20), 9, np.uint8))  # 9 is no class id (K = 4)
+    Image.fromarray(np.dstack([np.full((16, 20), v, np.uint8) for v in (128, 0, 0)])).save(masks / "e.png")
+    write_label_png(seeds / "b.png", np.zeros((20, 16), np.uint8))  # and one seed of the wrong size
+    report = check_seeds(seeds, build_dataset("folder", root))
+    assert not report.ok
+    images = root / "images"
+    assert report.wrong_size == [("b", f"seed {seeds / 'b.png'} is 16x20 but its image {images / 'b.png'} is "
+                                       "20x16 (width x height)")]
+    problems = dict(report.gt_problems)
+    assert sorted(problems) == ["c", "d", "e"]
+    assert problems["c"] == (f"mask {masks / 'c.png'} is 10x8 but its image {images / 'c.png'} is 20x16 "
+                             "(width x height)")
+    assert problems["d"].startswith(f"mask {masks / 'd.png'} has values [9] outside the 4 class ids")
+    assert problems["e"].startswith(f"mask {masks / 'e.png'} is an RGB colour image")
+    assert report.checked == 6 and len(report.problems()) == 4
+    assert report.to_dict()["gt_problems"] == problems
+    assert main(["seeds", "check", str(seeds), "--data-root", str(root), "--dataset", "folder",
+                 "--quiet"]) == 1
+    out, err = capsys.readouterr()
+    assert "  ground-truth masks: 3" in out and f"c: mask {masks / 'c.png'} is 10x8" in out
+    assert "4 problems" in err
+    # --no-gt: the masks are not looked at
+    assert main(["seeds", "check", str(seeds), "--data-root", str(root), "--dataset", "folder", "--quiet",
+                 "--no-gt"]) == 1
+    assert "ground-truth masks" not in capsys.readouterr().out
+
+
+def test_run_with_external_seeds_names_the_mask_of_the_wrong_size_not_the_seed(tmp_path):
+    # issue 27.6: "seed .../a.png is 20x16 but its image is 10x8" although image and seed are 20x16 and the
+    # ground-truth mask is 10x8
+    from weakclip.pipeline import Pipeline, PipelineConfig
+
+    root, seeds = tmp_path / "data", tmp_path / "seeds"
+    _folder_dataset(root)
+    masks = _masks_and_seeds(root, seeds)
+    write_label_png(masks / "a.png", np.zeros((8, 10), np.uint8))
+    pipe = Pipeline(PipelineConfig(workdir=tmp_path / "w", data_root=root, dataset="folder", seeds=seeds,
+                                   val_split="none", progress=False), log=lambda line: None)
+    with pytest.raises(WeakclipError) as exc:
+        pipe.run_seeds()
+    message = str(exc.value)
+    assert f"mask {masks / 'a.png'} is 10x8 but its image {root / 'images' / 'a.png'} is 20x16" in message
+    assert f"seed {seeds / 'a.png'} is" not in message and "\n" not in message

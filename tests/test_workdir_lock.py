@@ -166,6 +166,8 @@ def test_ranks_of_one_torchrun_job_share_the_lock(tmp_path, holder, monkeypatch)
     monkeypatch.setenv("MASTER_PORT", "29600")  # rank 1 of another job
     with pytest.raises(FolderInUse, match=f"pid {proc.pid}"):
         WorkdirLock(work, "weakclip run").acquire()
+    with pytest.raises(FolderInUse, match=f"pid {proc.pid}"):  # --force-unlock: not from a live local job
+        WorkdirLock(work, "weakclip run", force=True).acquire()
     monkeypatch.setenv("RANK", "0")  # and rank 0 of another job
     with pytest.raises(FolderInUse, match="wait for it to end"):
         WorkdirLock(work, "weakclip run").acquire()
@@ -192,3 +194,57 @@ def test_folders_made_for_the_lock_go_again_when_the_command_fails(tmp_path, cap
                  "--workdir", str(work)]) == 2
     assert "dataset folder not found" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+
+
+def test_force_unlock_never_takes_the_lock_of_a_live_process_on_this_host(tmp_path, holder, capsys):
+    # issue 27.1: `weakclip report w --force-unlock` while a demo runs in w took its lock and exited 0
+    work = tmp_path / "w"
+    proc = holder(work)
+    rec = _record(work)
+    for _ in range(2):  # and a second time: the lock is still the holder's
+        assert main(["report", str(work), "--force-unlock"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "note: taking over" not in err
+        assert f"is in use by 'weakclip run' (pid {proc.pid} on host {socket.gethostname()}" in err
+        assert "still running on this host" in err and "--force-unlock" in err
+        assert _record(work) == rec and proc.poll() is None
+    with pytest.raises(FolderInUse, match="still running on this host"):
+        WorkdirLock(work, "weakclip run", force=True).acquire()
+    assert _record(work) == rec
+
+
+@pytest.mark.parametrize("content", ["", "{\"host\": \"x", "[1, 2]", "unreadable"])
+def test_an_empty_or_unreadable_lock_file_is_stale(tmp_path, capsys, monkeypatch, content):
+    # issue 27.1: a 0-byte lock read as "in use on another host" (and an unreadable one as a traceback)
+    work = tmp_path / "w"
+    work.mkdir()
+    lock = work / LOCK_NAME
+    lock.write_text("" if content == "unreadable" else content)
+    if content == "unreadable":
+        lock.chmod(0)
+        if os.access(lock, os.R_OK):  # root reads a mode-0 file: make its reading fail as it would
+            read_text = Path.read_text
+
+            def refused(self, *args, **kwargs):
+                if self.name.startswith(LOCK_NAME) and self.stat().st_mode & 0o777 == 0:
+                    raise PermissionError(13, "Permission denied", str(self))
+                return read_text(self, *args, **kwargs)
+
+            monkeypatch.setattr(Path, "read_text", refused)
+    main(["report", str(work), "--quiet"])  # an empty folder: the report itself fails, after the lock
+    err = capsys.readouterr().err
+    assert "on another host" not in err and "Traceback" not in err
+    note = [line for line in err.splitlines() if line.startswith("note: taking over")]
+    assert len(note) == 1 and "no holder could be read from it" in note[0], err
+    assert not lock.exists()
+
+
+def test_a_rank_ignores_an_empty_lock_file(tmp_path, monkeypatch):
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / LOCK_NAME).write_text("")
+    for key, value in {"WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "abc", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29511", "RANK": "1"}.items():
+        monkeypatch.setenv(key, value)
+    with workdir_lock(work, "weakclip run") as lock:
+        assert not lock.held

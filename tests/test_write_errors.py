@@ -229,3 +229,19 @@ def test_the_writability_check_leaves_nothing_behind(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(OutputError, match=r"could not write into the output folder .*f/out: .*f is a file"):
         check_writable(tmp_path / "f" / "out")
+
+
+def test_check_space_refuses_a_write_the_disk_cannot_hold(tmp_path, monkeypatch):
+    import shutil
+
+    from weakclip.write_errors import check_space
+
+    check_space(tmp_path / "new" / "f", 1024)  # plenty here: nothing happens, nothing is made
+    assert list(tmp_path.iterdir()) == []
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=3 * 2 ** 20))
+    with pytest.raises(OutputError) as exc:
+        check_space(tmp_path / "out", 5 * 2 ** 20, "nothing was written", what="the export folder")
+    assert str(exc.value) == (f"could not write the export folder {tmp_path / 'out'}: no space left on the "
+                              "device (3.0 MiB free on its disk, it needs about 5.0 MiB); nothing was "
+                              "written")

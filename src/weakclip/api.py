@@ -27,7 +27,7 @@ its ``pseudo`` section (multi-scale sliding windows,
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +103,8 @@ def _checkpoint_file(path: Path, best: bool, stage: str | None) -> tuple[Path, s
 
 
 def load(path: str | Path, device: str | torch.device | None = None, *, stage: str | None = None,
-         best: bool = False, clip_weights: str | Path | None = None) -> Segmenter:
+         best: bool = False, clip_weights: str | Path | None = None,
+         classes: str | Path | Sequence[str] | None = None) -> Segmenter:
     """Load any trained network of this package or of the authors as a :class:`Segmenter`.
 
     Args:
@@ -115,34 +116,40 @@ def load(path: str | Path, device: str | torch.device | None = None, *, stage: s
         best: the work folder's ``checkpoints/best.pth`` (kept by periodic evaluation) instead of the latest.
         clip_weights: the CLIP weights file, for refinement checkpoints that do not hold the frozen towers
             (default: the file the checkpoint records).
+        classes: the class names, for checkpoints written before checkpoints stored them whose dataset is
+            not where it was (``--classes``): a class-list file (one name per line, ``background`` first),
+            ``"voc"`` / ``"coco"`` / ``"coco91"``, or a list of names; as many as the network predicts.
+            Default: the names the checkpoint stores (then its dataset's, where still readable).
 
     Raises:
         WeakclipError: one line: a missing path, a file of another kind (what it holds, what was expected),
             weights that do not fit.
     """
+    from weakclip.data.classes import given_classes
     from weakclip.models.release_checkpoint import RELEASE_ALLOWED_GLOBALS, is_release_checkpoint
     from weakclip.safe_load import safe_torch_load
 
     path = Path(path)
+    given = given_classes(classes)
     device = _resolve_device(device)
     file, where = _checkpoint_file(path, best, stage)
     obj = safe_torch_load(file, allow=RELEASE_ALLOWED_GLOBALS, what="checkpoint")
     if is_release_checkpoint(obj):
         found = "refine"
-        seg = _load_refinement(file, where, obj, device, clip_weights)
+        seg = _load_refinement(file, where, obj, device, clip_weights, given)
     elif isinstance(obj, Mapping) and "iteration" in obj and "model" in obj:
         config = obj.get("config")
         if not isinstance(config, Mapping):
             raise WeakclipError(f"{file} is a training checkpoint without a config; expected {_EXPECTED}")
         if "eval" in config:
             found = "retrain"
-            seg = _load_retrained(file, where, obj, device)
+            seg = _load_retrained(file, where, obj, device, given)
         else:
             found = "refine"
-            seg = _load_refinement(file, where, obj, device, clip_weights)
+            seg = _load_refinement(file, where, obj, device, clip_weights, given)
     elif _is_deeplabv1_state(obj):
         found = "retrain"
-        seg = _load_release_deeplabv1(file, obj, device)
+        seg = _load_release_deeplabv1(file, obj, device, given)
     else:
         raise _wrong_kind(file, obj)
     if found == "retrain" and clip_weights is not None:
@@ -189,10 +196,12 @@ def _class_count(state: Mapping[str, torch.Tensor], cfg) -> int:
 
 
 def _retrained_network(cfg, state: dict[str, torch.Tensor], classes: list[str] | None, source: Path, *,
-                       names_may_be_stale: bool = False):
+                       names_may_be_stale: bool = False, given: bool = False):
     """``(network in eval mode, classes, note)``; ``classes`` None (or, with ``names_may_be_stale``, a list
-    whose length does not fit the state) -> numbered names for the state's class count."""
+    whose length does not fit the state) -> numbered names for the state's class count. ``given``: the names
+    came from the user (``--classes``): a count that does not fit is a one-line error saying so."""
     from weakclip.errors import WeightsError
+    from weakclip.inference.loading import CLASSES_HINT
     from weakclip.retrain.deeplabv1 import fit_state_dict
     from weakclip.retrain.train import build_model
 
@@ -201,50 +210,64 @@ def _retrained_network(cfg, state: dict[str, torch.Tensor], classes: list[str] |
         model = build_model(cfg, len(classes), pretrained=False)
         try:
             fit_state_dict(model, state, source)
-            return model.eval(), classes, note
+            return model.eval(), classes, "; class names given" if given else note
         except WeightsError:
+            k = _class_count(state, cfg)
+            if given and k != len(classes):
+                raise WeakclipError(f"the class list given (--classes) has {len(classes)} names, but the "
+                                    f"network of {source} predicts {k} classes: give the list it was trained "
+                                    "with") from None
             if not names_may_be_stale:
                 raise
             note = f"; its dataset's classes.txt now lists {len(classes)}"
     k = _class_count(state, cfg)
     classes = ["background", *(f"class_{i}" for i in range(1, k))]
-    note = (note or "; class names not found") + ", classes numbered"
+    hint = CLASSES_HINT.split(" (")[0]
+    note = (note or "; class names not found") + f", classes numbered ({hint} for names)"
     model = build_model(cfg, k, pretrained=False)
     fit_state_dict(model, state, source)
     return model.eval(), classes, note
 
 
-def _load_retrained(file: Path, where: str, obj: Mapping[str, Any], device: torch.device) -> Segmenter:
+def _load_retrained(file: Path, where: str, obj: Mapping[str, Any], device: torch.device,
+                    given: list[str] | None = None) -> Segmenter:
+    from weakclip.data.classes import stored_classes, stored_palette
     from weakclip.retrain.deeplabv1 import MODEL_NAME, state_dict_of
     from weakclip.retrain.train import RetrainConfig, norm_stats
 
     cfg = RetrainConfig.from_dict(dict(obj["config"]), source=f"config of {file}")
     state = state_dict_of(obj["model"], file)
-    classes = _dataset_classes(cfg.data.kind, cfg.data.root)
-    # a folder dataset's classes.txt may have changed since training: the network's class count wins
-    model, classes, note = _retrained_network(cfg, state, classes, file,
-                                              names_may_be_stale=cfg.data.kind == "folder")
+    stored = stored_classes(obj, f"checkpoint {file}")
+    if given is not None or stored is not None:  # given by the user, or stored with the network
+        model, classes, note = _retrained_network(cfg, state, given or stored, file, given=given is not None)
+    else:  # a checkpoint written before they were stored: its dataset's, where still readable
+        classes = _dataset_classes(cfg.data.kind, cfg.data.root)
+        # a folder dataset's classes.txt may have changed since training: the network's class count wins
+        model, classes, note = _retrained_network(cfg, state, classes, file,
+                                                  names_may_be_stale=cfg.data.kind == "folder")
     mean, std = norm_stats(cfg.data.normalize)
     release = cfg.model.name.strip().lower() == MODEL_NAME
     kind = "deeplabv1-resnet38" if release else "torchvision"
     name = "DeepLab-v1 ResNet-38" if release else f"torchvision {cfg.model.name}"
     description = (f"{name} (weakclip retrain checkpoint, iteration {obj.get('iteration')}, {len(classes)} "
                    f"classes{note}) from {file}{where}")
+    palette = None if given is not None else stored_palette(obj, len(classes))
     return RetrainedSegmenter(kind=kind, description=description, classes=classes, mean=mean, std=std,
-                               network=model.to(device), device=device, eval_cfg=cfg.eval)
+                               network=model.to(device), device=device, eval_cfg=cfg.eval, palette=palette)
 
 
-def _load_release_deeplabv1(file: Path, obj: Any, device: torch.device) -> Segmenter:
+def _load_release_deeplabv1(file: Path, obj: Any, device: torch.device,
+                            given: list[str] | None = None) -> Segmenter:
     from weakclip.retrain.deeplabv1 import state_dict_of
     from weakclip.retrain.train import apply_retrain_overrides, load_retrain_preset, norm_stats
 
     state = state_dict_of(obj, file)
     k = int(state["cls_conv.weight"].shape[0])
     preset = "voc" if k == 21 else "coco"
-    classes = _dataset_classes({21: "voc", 81: "coco", 91: "coco91"}.get(k, "folder"), None)
+    classes = given or _dataset_classes({21: "voc", 81: "coco", 91: "coco91"}.get(k, "folder"), None)
     width = 64 // max(1, int(state["backbone.conv1a.weight"].shape[0]))
     cfg = apply_retrain_overrides(load_retrain_preset(preset), [f"model.width_divisor={width}"])
-    model, classes, note = _retrained_network(cfg, state, classes, file)
+    model, classes, note = _retrained_network(cfg, state, classes, file, given=given is not None)
     mean, std = norm_stats(cfg.data.normalize)
     description = (f"DeepLab-v1 ResNet-38 (the authors' released checkpoint, {len(classes)} classes{note}; "
                    f"the {preset} preset's evaluation) from {file}")
@@ -253,16 +276,20 @@ def _load_release_deeplabv1(file: Path, obj: Any, device: torch.device) -> Segme
 
 
 # ---------------------------------------------------------------------------- refinement models
-def _load_refinement(file: Path, where: str, raw, device: torch.device, clip_weights) -> Segmenter:
+def _load_refinement(file: Path, where: str, raw, device: torch.device, clip_weights,
+                     given: list[str] | None = None) -> Segmenter:
+    from weakclip.data.classes import stored_palette
     from weakclip.inference.loading import load_trained_model, normalization_of
 
-    model, cfg = load_trained_model(file, clip_weights, device=device, raw=raw)
+    model, cfg = load_trained_model(file, clip_weights, device=device, raw=raw, classes=given)
     mean, std = normalization_of(cfg)
     if "iteration" not in raw:
         kind, what = "release-refinement", "the authors' release checkpoint"
     else:
         kind, what = "refinement", f"weakclip train checkpoint, iteration {raw.get('iteration')}"
+    note = "; class names given" if given is not None else ""
     description = (f"WeakCLIP refinement model ({what}, CLIP {cfg.model.clip_arch}, {len(cfg.classes)} "
-                   f"classes) from {file}{where}")
+                   f"classes{note}) from {file}{where}")
+    palette = None if given is not None else stored_palette(raw, len(cfg.classes))
     return RefinementSegmenter(kind=kind, description=description, classes=cfg.classes, mean=mean, std=std,
-                                device=device, model=model, cfg=cfg)
+                                device=device, model=model, cfg=cfg, palette=palette)

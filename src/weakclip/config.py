@@ -44,11 +44,14 @@ __all__ = [
     "ModelConfig",
     "PseudoMaskConfig",
     "TrainConfig",
+    "PATH_KEYS",
     "apply_overrides",
     "load_preset",
 ]
 
 PRESETS: tuple[str, ...] = ("voc", "coco", "voc-plus", "coco-plus")
+#: The keys that name files or folders: training records them absolute (a checkpoint reads the same anywhere).
+PATH_KEYS: tuple[str, ...] = ("data.root", "data.seeds")
 
 DATASET_KINDS = ("voc", "coco", "coco91", "folder")
 NORMALIZE_CHOICES = ("clip", "imagenet")

@@ -122,7 +122,8 @@ def write_overlays(data_root: Path, pseudo_dir: Path, out_dir: Path, count: int 
         image = dataset.read_image(i)
         seed = dataset.read_seed(i)
         gt = dataset.read_gt(i)
-        pseudo = read_label_png(pseudo_dir / f"{ident}.png", expected_hw=gt.shape)
+        pseudo = read_label_png(pseudo_dir / f"{ident}.png", expected_hw=gt.shape, what="pseudo mask",
+                                reference=f"its ground-truth mask {dataset.gt_path(i)}")
         row = panel_row(image, [seed, pseudo, gt], ["seed", "pseudo mask", "ground truth"])
         written.append(write_bytes_atomic(out_dir / f"{ident}.png", _png_bytes(row)))
     return written

@@ -33,6 +33,11 @@ class OutputError(WeakclipError):
     the free space, and what was kept."""
 
 
+class OutOfMemory(WeakclipError, MemoryError):
+    """Memory ran out (or would have: checked before a library that aborts the process on it) for one item,
+    e.g. a very large photo; the message says its size and what to set. Also a :class:`MemoryError`."""
+
+
 class ItemsFailed(WeakclipError):
     """The work finished, but some items (images) failed and have no output: exit status 1."""
 

@@ -79,7 +79,8 @@ def evaluate_folders(
 
     def load(i: str):
         gt = read_label_png(gts[i], num_classes=len(names), what="ground truth")
-        pred = read_label_png(preds[i], expected_hw=gt.shape, num_classes=len(names), what="prediction")
+        pred = read_label_png(preds[i], expected_hw=gt.shape, num_classes=len(names), what="prediction",
+                              reference=f"its ground truth {gts[i]}")
         return i, pred, gt
 
     with ThreadPoolExecutor(max(1, workers)) as pool:

@@ -1,22 +1,32 @@
 """From image-level labels to a trained segmenter in one call: seeds -> refinement -> pseudo masks ->
 retraining -> val evaluation.
 
-Each stage works in its own folder of the work directory and, when it has finished, writes
-``<workdir>/<stage>/stage.json`` with its settings and metrics; what it prints is kept in
-``<workdir>/<stage>/log.txt``. A stage whose ``stage.json`` exists is
-skipped; a stage that was interrupted is resumed (the refinement and retraining from their latest
-checkpoints, the seeds and pseudo masks from the images already written). The run ends with one
-summary table, ``<workdir>/report.json`` and the page ``<workdir>/report.html`` (:mod:`weakclip.report`),
-with warnings when a stage made things worse or a class vanished; with ``stop_on_regression`` the run stops
-at the first such stage instead of going on. ``<workdir>/run.json`` records the data the run uses (the
-report reads it). Under ``torchrun`` every stage is shared by all processes.
+Each stage works in its own folder of the work directory: when it starts it records the settings it is
+made with in ``<workdir>/<stage>/made_with.json`` (:mod:`weakclip.stage_settings`), and when it has finished
+it writes ``<workdir>/<stage>/stage.json`` with those, its report settings and its metrics; what it prints is
+kept in ``<workdir>/<stage>/log.txt``. A stage whose ``stage.json`` exists is reused; a stage that was
+interrupted is resumed (the refinement and retraining from their latest checkpoints, the seeds and pseudo
+masks from the images already written) -- both only when the run asks for the settings that made them: before
+any work, every stage the folder holds is compared with what the run asks for, and another setting that
+changes its results stops the run in one line (``redo`` / ``--redo STAGE`` recomputes that stage and every
+stage after it), while one that does not is a note. The run ends with one summary table,
+``<workdir>/report.json`` and the page ``<workdir>/report.html`` (:mod:`weakclip.report`), with warnings when
+a stage made things worse or a class vanished; with ``stop_on_regression`` the run stops at the first such
+stage instead of going on. ``<workdir>/run.json`` records the data and presets of what the folder holds (the
+report reads it) with its class names and palette; it is written once the folder's stages are known to match
+the run. Every path recorded is absolute, and the networks' checkpoints store their classes too, so the run's
+networks load from any folder once the data is gone. Under ``torchrun`` every stage is shared by all
+processes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import shutil
 import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +34,7 @@ from typing import Any
 
 from weakclip.errors import EXIT_REGRESSION, ItemsFailed, WeakclipError, failed_items_message
 from weakclip.sections import override_keys
+from weakclip.stage_settings import MADE_WITH, check_reuse, made_with
 
 STAGES = ("seeds", "refine", "pseudo_masks", "retrain")
 
@@ -49,6 +60,7 @@ class PipelineConfig:
     progress: bool = True
     stop_on_regression: bool = False  # stop after a stage that made things worse (see weakclip.report.checks)
     write_html: bool = True  # report.html at the end (and on a stop)
+    redo: str | None = None  # a stage to recompute with every stage after it (their folders emptied first)
 
 
 class RegressionStop(WeakclipError):
@@ -107,6 +119,10 @@ class Pipeline:
         from weakclip.config import apply_overrides, load_preset
         from weakclip.retrain.config import apply_retrain_overrides, load_retrain_preset
 
+        # every path the stages record is absolute: the run's networks load from any folder
+        cfg = dataclasses.replace(cfg, **{name: Path(getattr(cfg, name)).absolute() for name in
+                                          ("workdir", "data_root", "clip_weights", "seeds")
+                                          if getattr(cfg, name) is not None})
         self.cfg = cfg
         self.workdir = Path(cfg.workdir)
         if not Path(cfg.data_root).exists():
@@ -115,8 +131,13 @@ class Pipeline:
             raise WeakclipError(f"CLIP weights file not found: {cfg.clip_weights}")
         if cfg.seeds is not None and not Path(cfg.seeds).is_dir():
             raise WeakclipError(f"seed folder not found: {cfg.seeds}")
+        if cfg.redo is not None and cfg.redo not in STAGES:
+            raise WeakclipError(f"--redo takes a stage: {', '.join(STAGES)}; got {cfg.redo!r}")
         self._log = log
         self._stage_t0: float | None = None
+        self._made_with: dict[str, Any] | None = None  # what the stage now running is made with
+        self._data_ids: dict[str, tuple[str, list[str]]] = {}  # split -> (its images' fingerprint, classes)
+        self._fingerprints: dict[str, str | None] = {}  # weights file -> file_fingerprint
 
         refine = load_preset(cfg.preset)
         kind = cfg.dataset or refine.data.kind
@@ -130,6 +151,7 @@ class Pipeline:
         self.kind = self.refine_cfg.data.kind
         self.train_split = self.refine_cfg.data.split
         retrain_name = cfg.retrain_preset or _retrain_preset_for(cfg.preset)
+        self.retrain_name = str(retrain_name)
         retrain = load_retrain_preset(retrain_name)
         r_data = [f"data.kind={self.kind}", f"data.root={cfg.data_root}"]
         if cfg.val_split:
@@ -182,12 +204,17 @@ class Pipeline:
     def stage_record(self, stage: str) -> dict[str, Any] | None:
         """The stage's ``stage.json`` when it finished; None when it has not, or when the record says it
         went over no image (written by an older version for an empty split: the stage is run again)."""
+        record = self._read_record(stage)
+        if record is None and (self.stage_dir(stage) / "stage.json").is_file():
+            self.log(f"== {stage}: recorded complete over 0 images, so not done: run again")
+        return record
+
+    def _read_record(self, stage: str) -> dict[str, Any] | None:
         from weakclip.data.io import read_json
 
         path = self.stage_dir(stage) / "stage.json"
         record = read_json(path, what="stage record") if path.is_file() else None
         if record is not None and (record.get("metrics") or {}).get("images") == 0:
-            self.log(f"== {stage}: recorded complete over 0 images, so not done: run again")
             return None
         return record
 
@@ -200,6 +227,11 @@ class Pipeline:
         record = {"stage": stage, "status": "complete", "settings": settings, "metrics": metrics}
         if self._stage_t0 is not None:  # wall time of this session of the stage
             record["seconds"] = round(time.perf_counter() - self._stage_t0, 2)
+        if self._made_with is not None:  # what it was made with, and which making of it this is (the
+            # later stages record it as what they were made from)
+            record["made_with"] = self._made_with
+            record["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+            record["token"] = uuid.uuid4().hex[:12]
         if env_world()[0] == 0:
             write_json_atomic(self.stage_dir(stage) / "stage.json", jsonable(record))
         barrier()
@@ -251,6 +283,201 @@ class Pipeline:
 
         return build_dataset(self.kind, self.cfg.data_root, split=split, **kwargs)
 
+    # ------------------------------------------------------------------ what made a stage
+    def stage_settings(self, stage: str) -> dict[str, Any]:
+        """The settings this run makes ``stage`` with, as one flat dict (dotted keys; split by
+        :func:`weakclip.stage_settings.made_with` into those that change its results and those that do
+        not). Each stage adds what it was made from: ``from.<stage>`` names the making of the stage before."""
+        from weakclip.distributed import init_distributed
+        from weakclip.methods import of_preset
+
+        builders = {"seeds": self._seeds_settings, "refine": self._refine_settings,
+                    "pseudo_masks": self._pseudo_settings, "retrain": self._retrain_settings}
+        info = init_distributed(self.cfg.device)
+        preset = self.retrain_name if stage == "retrain" else str(self.cfg.preset)
+        return {"method": of_preset(str(self.cfg.preset)).name, **builders[stage](),
+                "device": info.device.type, "processes": info.world_size, "preset": preset}
+
+    def _data_settings(self, split: str | None, prefix: str = "data.") -> dict[str, Any]:
+        """Which images and classes a split holds (not where: ``data.root`` may move)."""
+        from weakclip.stage_settings import ids_fingerprint
+
+        if split is None and prefix != "data.":  # no val split
+            return {f"{prefix}images": None}
+        key = split or ""
+        if key not in self._data_ids:
+            dataset = self._dataset(split, seed_dir=None, with_gt=False)
+            self._data_ids[key] = (ids_fingerprint(dataset.ids), list(dataset.classes))
+        images, classes = self._data_ids[key]
+        return {f"{prefix}images": images, f"{prefix}classes": classes}
+
+    def _fingerprint(self, path: str | Path | None) -> str | None:
+        from weakclip.stage_settings import file_fingerprint
+
+        if path is None:
+            return None
+        key = str(Path(path).resolve())
+        if key not in self._fingerprints:
+            self._fingerprints[key] = file_fingerprint(path)
+        return self._fingerprints[key]
+
+    def _clip_settings(self) -> dict[str, Any]:
+        weights = self.cfg.clip_weights
+        return {"clip.weights": self._fingerprint(weights),
+                "clip.weights_file": None if weights is None else str(Path(weights).resolve())}
+
+    def _made_from(self, stage: str) -> dict[str, Any]:
+        """``from.<stage>``: when the stage this one comes after was made, and which making it was."""
+        record = self._read_record(stage)
+        token = record.get("token") if record else None
+        return {f"from.{stage}": f"{record.get('finished')} #{token}" if token else None}
+
+    def _seed_config(self):
+        """CLIP-ES's settings; a -plus preset also switches on the seed departures, as
+        `weakclip seeds --preset voc-plus` does."""
+        from weakclip.seeds.settings import PLUS_SWITCHES, ClipEsConfig
+
+        plus = PLUS_SWITCHES if str(self.cfg.preset).lower().endswith("-plus") else {}
+        return ClipEsConfig(**{**plus, **self.cfg.seed_overrides})
+
+    def _seeds_settings(self) -> dict[str, Any]:
+        from weakclip.stage_settings import folder_fingerprint
+
+        out: dict[str, Any] = {"data.kind": self.kind, "data.split": self.pseudo_split,
+                               **self._data_settings(self.pseudo_split),
+                               "data.root": str(Path(self.cfg.data_root).resolve())}
+        if self.cfg.seeds is not None:
+            return {**out, "seeds.source": "external", "seeds.files": folder_fingerprint(self.cfg.seeds),
+                    "seeds.dir": str(Path(self.cfg.seeds).resolve())}
+        # as resolved for the class list (background words, box threshold), as the seeder records them
+        resolved = asdict(self._seed_config().for_classes(out["data.classes"]))
+        return {**out, "seeds.source": "built-in CLIP-ES", "model.clip_arch": self.refine_cfg.model.clip_arch,
+                **self._clip_settings(), **{f"seeds.{k}": v for k, v in resolved.items()},
+                "seeds.batch_size": self.cfg.seeds_batch}
+
+    def _refine_settings(self) -> dict[str, Any]:
+        from weakclip.stage_settings import flatten
+
+        # the pseudo section is the next stage's
+        return {**flatten(self.refine_cfg.to_dict(), skip=("pseudo",)), "data.seeds": str(self.seed_dir()),
+                **self._data_settings(self.train_split), **self._clip_settings(), **self._made_from("seeds")}
+
+    def _pseudo_settings(self) -> dict[str, Any]:
+        p = self.refine_cfg.pseudo
+        return {**{f"pseudo.{k}": v for k, v in asdict(p).items()}, "pseudo.crf": p.crf_name(self.kind),
+                "data.kind": self.kind, "data.split": self.pseudo_split,
+                **self._data_settings(self.pseudo_split), **self._made_from("refine")}
+
+    def _retrain_settings(self) -> dict[str, Any]:
+        from weakclip.stage_settings import flatten
+
+        m = self.retrain_cfg.model
+        backbone = m.backbone_weights if m.pretrained_backbone else None
+        return {**flatten(self.retrain_cfg.to_dict()), "data.masks": str(self.stage_dir("pseudo_masks")),
+                **self._data_settings(self.pseudo_split),
+                **self._data_settings(self.retrain_cfg.data.val_split, "data.val_"),
+                "backbone.weights": self._fingerprint(backbone), **self._made_from("pseudo_masks")}
+
+    def _held(self, stage: str, record: dict[str, Any] | None) -> dict[str, Any] | None:
+        """What the folder's ``stage`` was made with (finished) or started with (interrupted); None when
+        it holds nothing of it. Records of older versions tell what they can (:meth:`_legacy_made_with`)."""
+        from weakclip.data.io import read_json
+
+        if record is not None:
+            return record.get("made_with") or self._legacy_made_with(stage, record)
+        path = self.stage_dir(stage) / MADE_WITH
+        if path.is_file():
+            return (read_json(path, what="stage settings") or {}).get("made_with")
+        return self._legacy_made_with(stage, None)
+
+    def _legacy_made_with(self, stage: str, record: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The settings a stage made by a version without ``made_with`` records: the refinement's and the
+        retraining's ``config.yaml``, the pseudo masks' and the built-in seeds' ``stage.json`` settings
+        (the seeds' background words there are the ones prompted, so they are left out)."""
+        from dataclasses import fields
+
+        from weakclip.sections import read_yaml
+        from weakclip.seeds.settings import ClipEsConfig
+        from weakclip.stage_settings import flatten, normalised
+
+        settings = (record or {}).get("settings") or {}
+        flat: dict[str, Any] | None = None
+        if stage in ("refine", "retrain") and (self.stage_dir(stage) / "config.yaml").is_file():
+            flat = flatten(read_yaml(self.stage_dir(stage) / "config.yaml") or {}, skip=("pseudo",))
+        elif stage == "pseudo_masks" and settings:
+            flat = {f"pseudo.{k}": v for k, v in settings.items() if k != "dir"}
+        elif stage == "seeds" and settings.get("source"):
+            flat = {"seeds.source": settings["source"]}
+            flat.update({f"seeds.{f.name}": settings[f.name] for f in fields(ClipEsConfig)
+                         if f.name in settings and f.name != "background"})
+        return None if flat is None else {"output": normalised(flat), "incidental": {}}
+
+    def plan(self, stages: Sequence[str] = STAGES) -> tuple[dict[str, str], dict[str, Any], list[str]]:
+        """Before any work, without writing: which of ``stages`` this run reuses (``"skip"``: complete and
+        made with this run's settings) and which it makes or resumes (``"run"``), the records of those
+        reused, and the notes (settings that differ but do not change results). Every stage the folder
+        holds is checked, asked for or not. WeakclipError (one line) for a stage made or started with
+        another setting that changes its results (:func:`weakclip.stage_settings.check_reuse`), or held
+        while a stage before it is to be made again; ``redo`` stages are made again, unchecked."""
+        redo = set(STAGES[STAGES.index(self.cfg.redo):]) if self.cfg.redo else set()
+        plan: dict[str, str] = {}
+        records: dict[str, Any] = {}
+        notes: list[str] = []
+        upstream: str | None = None  # the first stage this run makes (again) or resumes
+        for stage in STAGES:
+            record = held = None
+            if stage in redo:
+                self._check_redo_removes_no_input(stage)
+            else:
+                record = self.stage_record(stage)
+                held = self._held(stage, record)
+            if record is not None or held is not None:  # the folder holds (some of) it
+                if upstream is not None:
+                    state = "is complete" if record is not None else "was started"
+                    raise WeakclipError(
+                        f"{stage} in {self.workdir} {state}, but the {upstream} stage before it is not, and "
+                        f"this run makes it: its results would no longer come from the {upstream} stage's; "
+                        f"pass --redo {upstream} to recompute {upstream} and every stage after it, or use a "
+                        "new --workdir")
+                note = check_reuse(stage, self.workdir, held, made_with(self.stage_settings(stage)),
+                                   complete=record is not None)
+                notes += [note] if note else []
+            if record is not None:
+                records[stage] = record
+            elif upstream is None and (stage in stages or held is not None or stage in redo):
+                upstream = stage
+            if stage in stages:
+                plan[stage] = "skip" if record is not None else "run"
+        return plan, records, notes
+
+    def _check_redo_removes_no_input(self, stage: str) -> None:
+        """``redo`` empties the stage's folder: refused when it holds something the run reads."""
+        folder = self.stage_dir(stage).resolve()
+        m = self.retrain_cfg.model
+        inputs = [self.cfg.data_root, self.cfg.seeds, self.cfg.clip_weights, m.backbone_weights]
+        for item in inputs:
+            if item is None:
+                continue
+            path = Path(item).resolve()
+            if path == folder or folder in path.parents:
+                raise WeakclipError(f"--redo {self.cfg.redo} would empty {folder}, which holds {path} that "
+                                    "this run reads: move it out of the work folder first")
+
+    def _clear_for_redo(self) -> None:
+        """Empty the folders of the ``redo`` stage and of every stage after it (first process)."""
+        removed = []
+        for stage in STAGES[STAGES.index(self.cfg.redo):]:
+            folder = self.stage_dir(stage)
+            if folder.exists():
+                try:
+                    shutil.rmtree(folder)
+                except OSError as exc:
+                    raise WeakclipError(f"--redo {self.cfg.redo}: cannot remove {folder}: "
+                                        f"{exc.strerror or exc}") from exc
+                removed.append(stage)
+        if removed:
+            self.log(f"== --redo {self.cfg.redo}: removed {', '.join(removed)} of {self.workdir}")
+
     # ------------------------------------------------------------------ stages
     def run_seeds(self) -> dict[str, Any]:
         if self.cfg.seeds is not None:
@@ -259,15 +486,12 @@ class Pipeline:
         from weakclip.models.clip import build_clip
         from weakclip.seeds.clip_es import ClipEsSeeder
         from weakclip.seeds.run import format_names, generate_seeds
-        from weakclip.seeds.settings import PLUS_SWITCHES, ClipEsConfig
 
         info = init_distributed(self.cfg.device)
         out = self.stage_dir("seeds")
         dataset = self._dataset(self.pseudo_split, seed_dir=None)
-        # CLIP-ES's settings (background words and box threshold follow the class list); a -plus preset also
-        # switches on the seed departures, as `weakclip seeds --preset voc-plus` does
-        plus = PLUS_SWITCHES if str(self.cfg.preset).lower().endswith("-plus") else {}
-        es_cfg = ClipEsConfig(**{**plus, **self.cfg.seed_overrides})
+        # CLIP-ES's settings (background words and box threshold follow the class list)
+        es_cfg = self._seed_config()
         image_tower, text_tower = build_clip(self.refine_cfg.model.clip_arch, self.cfg.clip_weights,
                                              device=info.device)
         seeder = ClipEsSeeder(image_tower, dataset.classes, text_tower=text_tower, config=es_cfg)
@@ -294,15 +518,16 @@ class Pipeline:
         report = check_seeds(seed_dir, dataset, progress=False)
         if not report.ok:
             problems = report.problems()
-            raise WeakclipError(f"seed folder {seed_dir}: {len(problems)} problems, e.g. {problems[:3]} "
-                                f"(see 'weakclip seeds check {seed_dir}')")
+            raise WeakclipError(f"seed folder {seed_dir} (checked with the dataset's images and masks): "
+                                f"{len(problems)} problems, e.g. {problems[:3]} (see 'weakclip seeds check "
+                                f"{seed_dir}')")
         metrics: dict[str, Any] = {"images": len(dataset), "coverage": report.coverage}
         if dataset.has_gt:
             as_bg = ConfusionMatrix(dataset.classes, unsure="background")
             confident = ConfusionMatrix(dataset.classes, unsure="ignore")
             for i in range(len(dataset)):
-                gt = dataset.read_gt(i)
-                seed = dataset.read_seed(i, expected_hw=gt.shape)
+                gt = dataset.read_gt(i)  # each checked against its image (check_seeds did so already)
+                seed = dataset.read_seed(i)
                 as_bg.update(seed, gt, name=str(dataset.seed_path(i)))
                 confident.update(seed, gt, name=str(dataset.seed_path(i)))
             metrics["seeds_miou"] = as_bg.scores().miou
@@ -370,6 +595,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------ driver
     def run(self, stages: Sequence[str] = STAGES) -> dict[str, Any]:
+        from weakclip.data.io import jsonable, write_json_atomic
         from weakclip.distributed import barrier, env_world, init_distributed
         from weakclip.retrain.train import check_backbone_weights
 
@@ -377,24 +603,36 @@ class Pipeline:
             check_backbone_weights(self.retrain_cfg)
         # One process group for the whole run (under torchrun): the stages find it and leave it up.
         init_distributed(self.cfg.device)
+        # what the folder holds against what this run asks for, before anything is written
+        plan, held, notes = self.plan(stages)
+        # Every process has looked before any can write: all take the same branches.
+        barrier()
+        for note in notes:
+            self.log(note)
+        first = env_world()[0] == 0
+        if self.cfg.redo is not None and first:
+            self._clear_for_redo()
         self.workdir.mkdir(parents=True, exist_ok=True)
         runners = {"seeds": self.run_seeds, "refine": self.run_refine, "pseudo_masks": self.run_pseudo_masks,
                    "retrain": self.run_retrain}
-        if env_world()[0] == 0:
+        if first:
             self._write_run_info()
+        barrier()
         records: dict[str, Any] = {}
         for stage in stages:
-            record = self.stage_record(stage)
-            # Every process has looked before any can write this stage's record: all take the same branch.
-            barrier()
-            if record is not None:
-                self.log(f"== {stage}: complete, skipped (delete {self.stage_dir(stage)} to redo it)")
+            if plan[stage] == "skip":
+                record = held[stage]
+                self.log(f"== {stage}: complete, skipped (--redo {stage} recomputes it and the later stages)")
             else:
                 self.log(f"== {stage}")
+                self._made_with = made_with(self.stage_settings(stage))
+                if first:
+                    write_json_atomic(self.stage_dir(stage) / MADE_WITH,
+                                      jsonable({"stage": stage, "made_with": self._made_with}))
                 self._stage_t0 = time.perf_counter()
                 with self._stage_log(stage):
                     record = runners[stage]()
-                self._stage_t0 = None
+                self._stage_t0 = self._made_with = None
             records[stage] = record
             if self.cfg.stop_on_regression and stage in ("pseudo_masks", "retrain"):
                 analysis = self._analyse() if env_world()[0] == 0 else None
@@ -410,13 +648,20 @@ class Pipeline:
         return report
 
     def _write_run_info(self) -> None:
+        from weakclip.data.classes import class_record
         from weakclip.data.io import write_json_atomic
         from weakclip.report.analysis import RUN_INFO
 
-        # the split whose images were seeded and pseudo-masked (each image once)
+        # Written once every stage the folder holds was found made with this run's settings (plan), so that
+        # it tells what the folder holds, not only what the last command asked for. train_split: the split
+        # whose images were seeded and pseudo-masked (each image once); classes: the names of the masks' ids
+        # (the dataset's; a refinement's prompts may spell them otherwise).
+        classes = self._dataset(self.pseudo_split, seed_dir=None).classes
         info = {"data_root": str(Path(self.cfg.data_root).resolve()), "kind": self.kind,
                 "train_split": self.pseudo_split, "val_split": self.retrain_cfg.data.val_split,
-                "seed_dir": str(Path(self.seed_dir()).resolve()), "preset": str(self.cfg.preset)}
+                "seed_dir": str(Path(self.seed_dir()).resolve()), "preset": str(self.cfg.preset),
+                "retrain_preset": self.retrain_name,
+                **class_record(classes)}
         write_json_atomic(self.workdir / RUN_INFO, info)
 
     def _analyse(self) -> dict[str, Any]:

@@ -5,7 +5,10 @@ size) and ``<stem>_overlay.png`` (image | colour overlay | legend,
 :func:`weakclip.inference.predict.overlay_image`), each written atomically, the mask first. Folders given as
 inputs are walked (sorted, recursively) for files with an image extension; the output folder itself is never
 read as input. A rerun skips an image whose mask and overlay both exist. An unreadable image is listed and the
-rest are written. Images of one size are handed to :meth:`Segmenter.predict_batch` together, up to
+rest are written; so is an image the memory does not suffice for (:class:`~weakclip.errors.OutOfMemory`: its
+size and the ``--max-side`` to set; a batch that runs out of memory is run again one image at a time). Large
+images are processed at the segmenter's ``max_side`` and their masks and overlays written at full size.
+Images of one size are handed to :meth:`Segmenter.predict_batch` together, up to
 ``batch_size`` at a time: the refinement model's windows of all of them share forward passes; a retrained
 network takes them in one batch per scale (with ``batch_size`` 1, one image at a time: exactly ``retrain``
 evaluation's masks). With ``json_path`` a JSON file records each image's class pixel shares (also for skipped
@@ -49,8 +52,13 @@ def collect_images(inputs: Sequence[str | Path], exclude: str | Path | None = No
         if not item.exists():
             raise WeakclipError(f"not found: {item}")
         if item.is_dir():
-            files = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                           and not _inside(p, exclude))
+            images = sorted(p for p in item.rglob("*")
+                            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            files = [p for p in images if not _inside(p, exclude)]
+            if images and not files:  # every one is the output folder's: say so, not "no images"
+                raise WeakclipError(f"no images in {item} to predict: its {len(images)} image files are in "
+                                    f"the output folder {exclude} (--out), which is never read as input "
+                                    f"(it receives the masks and overlays): give another --out folder")
             if not files:
                 raise WeakclipError(f"no images in {item} (looked for {', '.join(IMAGE_EXTENSIONS)}, "
                                     "in subfolders too)")
@@ -116,6 +124,25 @@ def _groups(items: list[tuple[Path, str]], batch_size: int) -> Iterator[list[tup
     yield from pending.values()
 
 
+def _predict_group(segmenter, group: list[tuple[Path, str, np.ndarray]], labels, failures: dict[str, str]
+                   ) -> list[tuple[tuple[Path, str, np.ndarray], np.ndarray]]:
+    """``((path, stem, image), mask)`` of the images of ``group`` (one size) predicted together; when memory
+    runs out, each alone, and an image that runs out alone goes to ``failures`` (its one line)."""
+    from weakclip.errors import OutOfMemory
+
+    try:
+        results = segmenter.predict_batch([im for _, _, im in group], labels, probabilities=False)
+        return [(item, mask) for item, (_, mask) in zip(group, results)]
+    except OutOfMemory as exc:
+        if len(group) == 1:
+            failures[str(group[0][0])] = str(exc)
+            return []
+    done = []
+    for item in group:
+        done += _predict_group(segmenter, [item], labels, failures)
+    return done
+
+
 def predict_files(segmenter, inputs: Sequence[str | Path], out_dir: str | Path, *,
                   labels: str | Sequence[str] | None = None, batch_size: int = 1,
                   json_path: str | Path | None = None, progress: bool = True, alpha: float = 0.5
@@ -130,6 +157,7 @@ def predict_files(segmenter, inputs: Sequence[str | Path], out_dir: str | Path, 
 
     from weakclip.data.io import _atomic_write, read_label_png, write_json_atomic, write_label_png
     from weakclip.inference.predict import overlay_image
+    from weakclip.memory import is_out_of_memory, oom_reason
 
     if batch_size < 1:
         raise WeakclipError(f"batch size must be >= 1, got {batch_size}")
@@ -163,12 +191,21 @@ def predict_files(segmenter, inputs: Sequence[str | Path], out_dir: str | Path, 
                 if isinstance(exc, DataError):
                     failures[str(path)] = str(exc)
             if readable:
-                results = segmenter.predict_batch([im for _, _, im in readable], labels)
-                for (path, stem, image), (_, mask) in zip(readable, results):
-                    mask_path = write_label_png(out_dir / f"{stem}.png", mask)
-                    canvas = overlay_image(image, mask, classes, allowed, alpha)
-                    overlay_path = _atomic_write(out_dir / f"{stem}_overlay.png",
-                                                 lambda fh, im=canvas: im.save(fh, format="PNG"), fsync=False)
+                done = _predict_group(segmenter, readable, labels, failures)
+                for (path, stem, image), mask in done:
+                    try:
+                        mask_path = write_label_png(out_dir / f"{stem}.png", mask)
+                        canvas = overlay_image(image, mask, classes, allowed, alpha)
+                        overlay_path = _atomic_write(out_dir / f"{stem}_overlay.png",
+                                                     lambda fh, im=canvas: im.save(fh, format="PNG"),
+                                                     fsync=False)
+                    except Exception as exc:  # noqa: BLE001 - only out of memory is this image's alone
+                        if not is_out_of_memory(exc):
+                            raise
+                        h, w = mask.shape
+                        failures[str(path)] = (f"out of memory for the mask and the {3 * w}x{h} overlay of a "
+                                               f"{w}x{h} image: {oom_reason(exc)}")
+                        continue
                     written.append(str(path))
                     records[str(path)] = {"mask": str(mask_path), "overlay": str(overlay_path),
                                           "shares": _shares(mask, classes)}

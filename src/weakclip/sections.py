@@ -16,6 +16,7 @@ import yaml
 from weakclip.errors import WeakclipError
 
 __all__ = [
+    "absolute_paths",
     "coerce",
     "dump_yaml",
     "field_types",
@@ -107,6 +108,20 @@ def override_keys(overrides) -> set[str]:
     """The config keys that ``key=value`` overrides name (an item without ``=`` counts as its key; it is
     refused where it is applied)."""
     return {item.split("=", 1)[0].strip() for item in overrides or ()}
+
+
+def absolute_paths(cfg: Any, keys: tuple[str, ...]) -> None:
+    """Make the ``section.field`` paths ``keys`` of ``cfg`` absolute, in place (``os.path.abspath``: against
+    the working folder, symbolic links kept), so that what records them reads the same from any folder."""
+    import os
+
+    for key in keys:
+        section, _, name = key.partition(".")
+        obj = getattr(cfg, section)
+        value = getattr(obj, name)
+        if value:
+            absolute = os.path.abspath(os.path.expanduser(str(value)))
+            setattr(cfg, section, dataclasses.replace(obj, **{name: absolute}))
 
 
 def set_section_value(cfg: Any, sections: dict[str, type], key: str, value: Any, *,

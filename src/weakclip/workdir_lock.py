@@ -10,6 +10,9 @@ under ``torchrun`` the job (its run id and rendezvous address), which the job's 
 - A lock whose holder is gone (same host, pid not running) is taken over with a one-line note: a
   ``kill -9`` leaves the file behind, and the next run of the same command resumes as before.
 - A lock of another host cannot be checked from here: the message names the host and ``--force-unlock``.
+  ``--force-unlock`` never takes the lock of a process that is alive on this host (refused in one line).
+- An empty, unreadable or garbled lock file names no holder that could be alive: it is stale (taken over
+  with the one-line note), not "in use on another host".
 - Under ``torchrun`` rank 0 takes the lock; the other ranks only check that no other job holds it.
 - Taking the lock again in the process that holds it is a no-op (the pipeline stages of ``run``).
 """
@@ -61,7 +64,10 @@ def _rank() -> int:
 
 
 def holder_alive(record: dict[str, Any]) -> bool | None:
-    """Whether the process that wrote ``record`` still runs: True, False, or None for another host."""
+    """Whether the process that wrote ``record`` still runs: True, False, or None for another host.
+    A record naming no host (an empty, unreadable or garbled lock file) has no holder: False."""
+    if not record.get("host"):
+        return False
     if record.get("host") != socket.gethostname():
         return None
     pid = record.get("pid")
@@ -90,12 +96,15 @@ def describe_holder(record: dict[str, Any]) -> str:
 
 def _read(path: Path) -> dict[str, Any] | None:
     """The lock's record; None when the file is gone. A file being written (empty) is waited for briefly;
-    one that never becomes JSON reads as an empty record (no holder that could be alive)."""
+    one that never becomes JSON, or cannot be read, reads as an empty record (no holder that could be
+    alive)."""
     for _ in range(40):
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return None
+        except (OSError, UnicodeDecodeError):
+            return {}
         try:
             record = json.loads(text)
             return record if isinstance(record, dict) else {}
@@ -204,13 +213,23 @@ class WorkdirLock:
                 return self  # already held by this process: the outer holder releases it
             alive = holder_alive(record)
             where = f"the work folder {self.folder}"
-            if self.force or alive is False or (job is not None and record.get("job") == job):
-                why = ("as --force-unlock asks" if self.force else "its torchrun job restarted" if alive else
-                       "that process is no longer running")
+            same_job = job is not None and record.get("job") == job
+            if not record.get("host"):
+                self.note(f"note: taking over the lock of {where}: its lock file {self.path} is empty or "
+                          f"unreadable, no holder could be read from it")
+                self._take_over(record)
+                continue
+            if alive is False or same_job or (self.force and alive is None):
+                why = ("its torchrun job restarted" if same_job and alive else "as --force-unlock asks"
+                       if alive is None else "that process is no longer running")
                 self.note(f"note: taking over the lock of {where} from {describe_holder(record)}: {why}")
                 self._take_over(record)
                 continue
             self._remove_created()
+            if self.force:
+                raise FolderInUse(f"{where} is in use by {describe_holder(record)}, still running on this "
+                                  f"host: --force-unlock only takes a lock whose holder cannot be checked "
+                                  f"from here (another host's); wait for that process to end or stop it")
             if alive is None:
                 raise FolderInUse(f"{where} is in use by {describe_holder(record)}, on another host: if that "
                                   f"process is gone, run again with --force-unlock")
@@ -223,10 +242,12 @@ class WorkdirLock:
         if not self.path.is_file():
             return  # rank 0 takes it (or fails, and torchrun stops the job)
         record = _read(self.path) or {}
-        if record.get("job") == job or self.force:
+        if record.get("job") == job:
             return
-        if holder_alive(record) is not False:
-            raise FolderInUse(f"the work folder {self.folder} is in use by {describe_holder(record)}")
+        alive = holder_alive(record)
+        if alive is False or (self.force and alive is None):  # --force-unlock: another host's lock only
+            return
+        raise FolderInUse(f"the work folder {self.folder} is in use by {describe_holder(record)}")
 
     # ------------------------------------------------------------------ release
     def _remove_created(self) -> None:

@@ -4,7 +4,9 @@ Every writer of outputs and checkpoints writes a temporary file next to its targ
 target when complete, so a failed write leaves the previous files whole. :func:`writing` turns the
 ``OSError`` (``ENOSPC``, ``EROFS``, ``EACCES`` ...) or PyTorch's ``RuntimeError`` from inside ``torch.save``
 into an :class:`~weakclip.errors.OutputError`: one line with the file, the reason, the space left on
-its disk and what was kept. :func:`check_writable` finds a read-only output folder before the work.
+its disk and what was kept. :func:`check_writable` finds a read-only output folder before the work;
+:func:`check_space` a disk too full for a write of known size, before a library writes it (PyTorch's C++
+file writer, ``torch.jit.save`` to a path, aborts the whole process on a full disk: no ``except`` catches it).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from weakclip.errors import OutputError
 
-__all__ = ["check_writable", "free_space", "is_write_failure", "output_error", "writing"]
+__all__ = ["check_space", "check_writable", "free_space", "is_write_failure", "output_error", "writing"]
 
 _REASONS = {
     errno.ENOSPC: "no space left on the device",
@@ -123,3 +125,18 @@ def check_writable(folder: str | Path, what: str = "into the output folder") -> 
         raise output_error(folder, exc, "nothing was written", what=what) from exc
     os.close(fd)
     probe.unlink(missing_ok=True)
+
+
+def check_space(path: str | Path, needed: int, kept: str | None = None, *, what: str = "") -> None:
+    """Fail now, in the one line of :func:`output_error`, when the disk of ``path`` (its nearest existing
+    folder) has less than ``needed`` bytes free; nothing is written. Where the free space cannot be read the
+    write goes ahead (its own failure is then the error)."""
+    try:
+        free = shutil.disk_usage(_nearest_existing(path)).free
+    except OSError:
+        return
+    if free < needed:
+        name = f"{what} {path}" if what else str(path)
+        reason = _REASONS[errno.ENOSPC]
+        raise OutputError(f"could not write {name}: {reason} ({_size(free)} free on its disk, it needs about "
+                          f"{_size(needed)}); {kept or KEPT_DEFAULT}")

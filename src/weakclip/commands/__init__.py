@@ -27,7 +27,8 @@ def lock_folder(parser, attr: str, existing: bool = False) -> None:
     parser.set_defaults(lock_folder=attr, lock_existing=existing)
     parser.add_argument("--force-unlock", action="store_true",
                         help="take the folder's lock from its holder (for a lock left on a shared file "
-                             "system by a job on another host that is gone)")
+                             "system by a job on another host that is gone; never a process alive on this "
+                             "host)")
 
 
 def output_files(parser, *attrs: str) -> None:

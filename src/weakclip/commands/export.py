@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from weakclip.commands.flags import add_classes
+
 FORMATS = ("onnx", "torchscript")
 
 
@@ -25,7 +27,8 @@ def run(args: argparse.Namespace) -> int:
                               f"{OPSETS.start}-{OPSETS.stop - 1}")
     elif args.opset is not None:
         raise ExportError("--opset applies to --format onnx only")
-    seg = load(args.checkpoint, "cpu", stage=args.stage, best=args.best, clip_weights=args.clip_weights)
+    seg = load(args.checkpoint, "cpu", stage=args.stage, best=args.best, clip_weights=args.clip_weights,
+               classes=args.classes)
     result = export_segmenter(seg, args.out, args.format, opset=args.opset, source=str(args.checkpoint))
     print(f"{summary_line(result)} ({seg.description})")
     rule = result["rule"]
@@ -59,6 +62,7 @@ def register(sub) -> None:
     p.add_argument("--clip-weights", type=Path, default=None,
                    help="the CLIP weights file a refinement checkpoint was trained with (default: the file "
                         "it records; not needed when the checkpoint holds the towers)")
+    add_classes(p)
     p.add_argument("--opset", type=int, default=None,
                    help="ONNX opset, 18-23 (default 20, which onnxruntime >= 1.17 runs)")
     p.set_defaults(func=run)

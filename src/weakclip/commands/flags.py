@@ -44,6 +44,16 @@ def add_device(p: argparse.ArgumentParser) -> None:
                         "process takes the GPU of its local rank)")
 
 
+def add_classes(p: argparse.ArgumentParser) -> None:
+    """``--classes``: the class names of a network whose checkpoint does not store them (predict, export,
+    pseudo-masks)."""
+    p.add_argument("--classes", default=None, metavar="FILE",
+                   help="the class list the network was trained with (one name per line, background first; "
+                        "or voc, coco, coco91), for checkpoints written before checkpoints stored their "
+                        "class names, whose dataset is not where it was; replaces the stored names "
+                        "(default: the names the checkpoint stores)")
+
+
 def add_dataset(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--dataset", choices=DATASET_KINDS, default=None,
                    help=f"{DATASET_HELP} (default: {default})")

@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 
 from weakclip.commands import lock_folder, output_files
-from weakclip.commands.flags import add_crf, add_device
+from weakclip.commands.flags import add_classes, add_crf, add_device
 from weakclip.commands.tta_flags import add_tta_flags, tta_overrides
 
 #: The flags that only the refinement model's sliding-window inference has.
@@ -22,6 +22,8 @@ def settings_changes(args: argparse.Namespace, kind: str) -> dict:
     from weakclip.errors import WeakclipError
 
     changes: dict = {}
+    if args.max_side is not None:
+        changes["max_side"] = args.max_side
     if args.scales is not None:
         changes["scales"] = list(args.scales)
     if args.no_flip:
@@ -61,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise WeakclipError("--device cuda asked for, but no CUDA device is visible to PyTorch")
     images = collect_images(args.images, exclude=args.out)  # a missing path or empty folder fails first
-    seg = load(args.checkpoint, args.device, stage=args.stage, best=args.best, clip_weights=args.clip_weights)
+    seg = load(args.checkpoint, args.device, stage=args.stage, best=args.best, clip_weights=args.clip_weights,
+               classes=args.classes)
     seg.label_ids(args.labels)  # an unknown name fails before any image is read
     seg.configure(**settings_changes(args, seg.kind))
     if not args.quiet:
@@ -70,12 +73,17 @@ def run(args: argparse.Namespace) -> int:
                            json_path=args.json, progress=not args.quiet)
     failures = result["failures"]
     skipped = f" ({len(result['skipped'])} already there, skipped)" if result["skipped"] else ""
+    memory = [p for p, why in failures.items() if why.startswith("out of memory")]
+    unread = [p for p in failures if p not in memory]
     print(f"wrote {len(result['written'])} masks and overlays to {args.out}{skipped}"
-          + (f"; {len(failures)} image(s) could not be read: {', '.join(failures)}" if failures else ""))
+          + (f"; {len(unread)} image(s) could not be read: {', '.join(unread)}" if unread else "")
+          + (f"; {len(memory)} image(s) ran out of memory: {', '.join(memory)}" if memory else ""))
     return report_failed_items("predict", failures, len(images))
 
 
 def register(sub) -> None:
+    from weakclip.memory import DEFAULT_MAX_SIDE
+
     p = sub.add_parser(
         "predict", help="masks and overlay images of a trained network's predictions",
         description="Predict a mask for each IMAGE (folders are walked for images) with any trained "
@@ -98,6 +106,7 @@ def register(sub) -> None:
                    help="the CLIP weights file a refinement checkpoint was trained with (default: the file "
                         "it records; not used for networks that hold their towers or have none, which "
                         "says so)")
+    add_classes(p)
     p.add_argument("--labels", default=None,
                    help="comma-separated class names in the images (e.g. cat,dog); default: all classes")
     p.add_argument("--out", required=True, type=Path, help="output folder")
@@ -107,6 +116,14 @@ def register(sub) -> None:
                    help="images of one size through the network together (default 1: one at a time, a "
                         "retrained network's masks then exactly its evaluation's; larger batches change "
                         "probabilities by float rounding only)")
+    p.add_argument("--max-side", type=int, default=None, metavar="PIXELS",
+                   help=f"the longest side an image is processed at (default {DEFAULT_MAX_SIDE}; 0: the full "
+                        "size). A larger image is shrunk for a retrained network (then its scales, flip and "
+                        "CRF); the refinement model resizes each scale from the full image by its base scale "
+                        "and bounds its probabilities and CRF to this size. Masks and overlays are written "
+                        "at the full size. Memory grows with its square: a photo of 48 MP at the default "
+                        "peaks at a few GB on a CPU (benchmarks/README.md); an image that runs out of memory "
+                        "is listed as failed with the value to set, and the others are written")
     add_tta_flags(p)  # each defaults to the network's own settings
     add_crf(p, "dense-CRF post-processing: auto (on, the network's own parameters), voc or coco (on, those "
                "parameters) or none (default: the network's own)")

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from weakclip.commands import lock_folder
-from weakclip.commands.flags import add_crf, add_dataset, add_device, add_renamed
+from weakclip.commands.flags import add_classes, add_crf, add_dataset, add_device, add_renamed
 from weakclip.commands.tta_flags import add_tta_flags, tta_overrides
 
 
@@ -31,6 +31,7 @@ def _pseudo_overrides(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from weakclip.commands import folder_default_split, report_failed_items
     from weakclip.config import Config, apply_overrides
+    from weakclip.data.classes import given_classes
     from weakclip.data.datasets import build_dataset
     from weakclip.distributed import cleanup, init_distributed
     from weakclip.errors import WeakclipError
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     info = init_distributed(args.device)
     try:
         model, cfg = load_trained_model(args.checkpoint, args.clip_weights, device=info.device,
-                                        best=args.best)
+                                        best=args.best, classes=given_classes(args.classes))
         settings = apply_overrides(cfg, overrides).pseudo  # typed and checked: one-line errors
         kind = args.dataset or cfg.data.kind
         root = args.data_root
@@ -82,6 +83,7 @@ def register(sub) -> None:
     p.add_argument("--clip-weights", type=Path, default=None,
                    help="the CLIP weights file the model was trained with (default: the file it records; "
                         "not used for checkpoints that hold the towers, which says so)")
+    add_classes(p)
     p.add_argument("--data-root", required=True, type=Path,
                    help="dataset root (VOC2012, prepared COCO, folder)")
     add_dataset(p, "the one the model was trained on")

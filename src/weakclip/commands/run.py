@@ -14,6 +14,7 @@ from weakclip.commands.flags import (
     add_renamed,
     add_training_data,
 )
+from weakclip.pipeline import STAGES
 
 
 def run_pipeline(args: argparse.Namespace) -> int:
@@ -42,7 +43,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
                          refine_overrides=[*pseudo, *args.set],
                          retrain_overrides=[*retrain, *args.retrain_set],
                          device=args.device, progress=not args.quiet, seeds_batch=args.batch_size,
-                         stop_on_regression=args.stop_on_regression)
+                         stop_on_regression=args.stop_on_regression, redo=args.redo)
     try:
         Pipeline(cfg).run()
     except RegressionStop as stop:
@@ -65,8 +66,11 @@ def register(sub) -> None:
     p = sub.add_parser(
         "run", help="the whole pipeline: seeds -> refinement -> pseudo masks -> retraining -> val mIoU",
         description="Runs every stage in --workdir (one folder each, with its config, log and metrics); "
-                    "finished stages are skipped, interrupted ones resumed. Ends with a summary table, "
-                    "report.json and report.html (see 'weakclip report'). Works the same under torchrun.")
+                    "finished stages are reused, interrupted ones resumed, when made with the settings this "
+                    "run asks for: another setting that changes a stage's results stops the run before any "
+                    "work (--redo STAGE, or a new --workdir), one that does not (--batch-size, --device, "
+                    "worker counts) is a note. Ends with a summary table, report.json and report.html (see "
+                    "'weakclip report'). Works the same under torchrun.")
     p.add_argument("--preset", default="voc",
                    help=f"refinement and pseudo-mask preset: {PRESET_HELP} (voc / coco: the release; "
                         f"-plus: our unmeasured departures) or a .yaml (default voc)")
@@ -111,6 +115,10 @@ def register(sub) -> None:
                         "rounding only). The training batches are the presets' (--set train.batch_size=N, "
                         "--retrain-set train.batch_size=N)")
     add_renamed(p, "--seeds-batch", "--batch-size", "batch_size", type=int)
+    p.add_argument("--redo", choices=STAGES, default=None, metavar="STAGE",
+                   help=f"recompute STAGE ({', '.join(STAGES)}) and every stage after it, with this run's "
+                        "settings: their folders in --workdir are emptied first (the way to change a setting "
+                        "of a finished stage; the earlier stages are reused)")
     p.add_argument("--stop-on-regression", action="store_true",
                    help="stop after a stage that made things worse (pseudo masks below the seeds, final "
                         "network below the pseudo masks, a class vanished) instead of going on (exit "

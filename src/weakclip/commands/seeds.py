@@ -226,8 +226,10 @@ def register(sub) -> None:
 
     c = actions.add_parser("check", help="validate a seed folder against a dataset",
                            description="Every image has a seed of its size, values are class ids or 255, "
-                                       "classes agree with the image labels; prints coverage statistics. "
-                                       "Exit status 1 when a problem is found.")
+                                       "classes agree with the image labels; the dataset's ground-truth "
+                                       "masks found (not with --no-gt) are of their image's size, hold "
+                                       "class ids or 255 and are not colour-coded; prints coverage "
+                                       "statistics. Exit status 1 when a problem is found.")
     c.add_argument("dir", type=Path, help="seed folder (<id>.png)")
     _data_args(c)
     c.set_defaults(func=run_check, lock_folder=None)

@@ -14,7 +14,15 @@ from weakclip.crf.params import UNARY_CLIP, VOC_CRF, CRFUnavailableError, DenseC
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["dense_crf_numpy", "dense_crf_pydensecrf", "pydensecrf_available"]
+__all__ = ["check_pydensecrf_memory", "dense_crf_numpy", "dense_crf_pydensecrf", "pydensecrf_available",
+           "pydensecrf_bytes"]
+
+#: pydensecrf2's peak memory, bytes a pixel: a fixed part and a part per class. Measured (peak RSS over the
+#: inputs, VOC_CRF, benchmarks/README.md "The dense CRF's memory"): 578, 842 and 1,852 bytes a pixel with 2, 5
+#: and 21 classes on noise images (the worst case: the bilateral lattice has the most points), 204 and 631 on
+#: a photo; these constants lie above every measurement.
+CRF_BYTES_PER_PIXEL = 600
+CRF_BYTES_PER_PIXEL_CLASS = 80
 
 
 def _import_pydensecrf():
@@ -44,6 +52,25 @@ def _writable_contiguous(array: np.ndarray, dtype) -> np.ndarray:
     return array if array.flags.writeable else array.copy()
 
 
+def pydensecrf_bytes(height: int, width: int, num_classes: int) -> int:
+    """An upper bound of pydensecrf2's peak memory for an image of ``height x width`` with ``num_classes``."""
+    return int(height) * int(width) * (CRF_BYTES_PER_PIXEL + CRF_BYTES_PER_PIXEL_CLASS * int(num_classes))
+
+
+def check_pydensecrf_memory(height: int, width: int, num_classes: int) -> None:
+    """Raise :class:`~weakclip.errors.OutOfMemory` when pydensecrf2 may need more memory than this process
+    can still take (:func:`weakclip.memory.available_bytes`): its C++ would throw ``std::bad_alloc``,
+    which aborts the whole process (exit 134) instead of raising."""
+    from weakclip import memory
+
+    need = pydensecrf_bytes(height, width, num_classes)
+    room = memory.available_bytes()
+    if room is not None and need > room:
+        raise memory.OutOfMemory(
+            f"the dense CRF (pydensecrf2) of {width}x{height} pixels and {num_classes} classes may need "
+            f"{memory.human_bytes(need)}, {memory.human_bytes(room)} is free")
+
+
 def dense_crf_numpy(image, probs, params: DenseCRFParams = VOC_CRF):
     """Full-resolution dense CRF with pydensecrf2; returns marginals K x H x W (float32 ndarray).
 
@@ -52,6 +79,10 @@ def dense_crf_numpy(image, probs, params: DenseCRFParams = VOC_CRF):
             read-only arrays (``np.asarray(PIL image)``) are accepted.
         probs: class probabilities K x H x W (float); clipped at 1e-5 for the unary.
         params: kernel parameters (``VOC_CRF`` / ``COCO_CRF`` for post-processing).
+
+    Raises:
+        OutOfMemory: the image is too large for the memory left (:func:`check_pydensecrf_memory`), checked
+            before pydensecrf2 runs (it would abort the process).
     """
     dcrf, unary_from_softmax = _import_pydensecrf()
     image = np.asarray(image)
@@ -63,6 +94,7 @@ def dense_crf_numpy(image, probs, params: DenseCRFParams = VOC_CRF):
     if image.dtype != np.uint8:
         image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
     k, h, w = probs.shape
+    check_pydensecrf_memory(h, w, k)
     crf = dcrf.DenseCRF2D(w, h, k)
     crf.setUnaryEnergy(_writable_contiguous(unary_from_softmax(probs, clip=UNARY_CLIP), np.float32))
     crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)

@@ -228,29 +228,42 @@ class SegDataset(Dataset):
         return hw == g.stored_hw
 
     def fit_label(self, i: int, label: np.ndarray, path: Path, what: str = "mask",
-                  expected_hw: tuple[int, int] | None = None) -> np.ndarray:
+                  expected_hw: tuple[int, int] | None = None, reference: str | None = None) -> np.ndarray:
         """A label map of item ``i`` on its image's grid as read here (turned with an upright image when
         it has the stored size; see :func:`weakclip.data.io.fit_label_to_image`), checked against
-        ``expected_hw``."""
+        ``expected_hw``: by default the size of its image as read here (from the file's header; no check
+        when the image cannot be read: its own error is reported where it is read). ``reference`` names
+        what ``expected_hw`` is the size of when it is not the image (e.g. ``"its ground-truth mask
+        PATH"``): a size error names the label map that differs and the file it was compared with."""
         try:
             image_path = self.image_path(self._index(i))
         except DataError:  # a missing image is reported where it is read
             image_path = None
+        if expected_hw is None and image_path is not None and reference is None:
+            try:
+                geometry = image_geometry(image_path)
+            except DataError:
+                geometry = None
+            if geometry is not None:
+                expected_hw = geometry.upright_hw if self.orientation == "exif" else geometry.stored_hw
         return fit_label_to_image(label, path, image_path, self.orientation, expected_hw=expected_hw,
-                                  what=what)
+                                  what=what, reference=reference)
 
-    def read_gt(self, i: int, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
-        """The ground-truth mask of item ``i`` (checked against ``num_classes`` and ``expected_hw``, on the
-        image's grid as read: :meth:`fit_label`)."""
+    def read_gt(self, i: int, expected_hw: tuple[int, int] | None = None,
+                reference: str | None = None) -> np.ndarray:
+        """The ground-truth mask of item ``i`` (checked against ``num_classes`` and ``expected_hw``, by
+        default its image's size, on the image's grid as read: :meth:`fit_label`)."""
         i = self._index(i)
         path = self.gt_path(i)
         if path is None:
             raise DataError(f"{type(self).__name__} has no ground-truth masks (image {self.ids[i]!r})")
         mask = read_label_png(path, num_classes=self.num_classes, what="mask")
-        return self.fit_label(i, mask, path, "mask", expected_hw)
+        return self.fit_label(i, mask, path, "mask", expected_hw, reference)
 
-    def read_seed(self, i: int, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
-        """The seed of item ``i``; DataError naming the id when the seed folder lacks it."""
+    def read_seed(self, i: int, expected_hw: tuple[int, int] | None = None,
+                  reference: str | None = None) -> np.ndarray:
+        """The seed of item ``i`` (checked as :meth:`read_gt`); DataError naming the id when the seed folder
+        lacks it."""
         i = self._index(i)
         path = self.seed_path(i)
         if path is None:
@@ -258,7 +271,7 @@ class SegDataset(Dataset):
         if not path.is_file():
             raise DataError(f"seed for image {self.ids[i]!r} not found: {path}")
         seed = read_label_png(path, num_classes=self.num_classes, what="seed")
-        return self.fit_label(i, seed, path, "seed", expected_hw)
+        return self.fit_label(i, seed, path, "seed", expected_hw, reference)
 
     def _labels_vector(self, i: int, gt: np.ndarray | None = None) -> np.ndarray:
         vec = self._label_cache.get(i)

@@ -137,3 +137,67 @@ def prompt_names(classes: list[str] | tuple[str, ...]) -> list[str]:
     """Readable prompt names for a class list (VOC's run-together names are split)."""
     readable = dict(zip(VOC_CLASSES, VOC_PROMPT_NAMES))
     return [readable.get(c, c.replace("_", " ")) for c in classes]
+
+
+# ---------------------------------------------------------------------- classes stored with a network
+def check_class_names(names, source: str) -> list[str]:
+    """``names`` (a sequence of strings) as a class list, checked as :func:`read_class_file` checks a file:
+    not empty, ``background`` first, no duplicate, at most 255; one-line DataError naming ``source``."""
+    if isinstance(names, (str, bytes)) or not all(isinstance(n, str) for n in names):
+        raise DataError(f"{source}: expected a list of class names (strings)")
+    names = [n.strip() for n in names]
+    if not names or not all(names):
+        raise DataError(f"{source}: empty class list or empty class name")
+    if names[0].lower() != "background":
+        raise DataError(f"{source}: the first class must be 'background', found {names[0]!r}")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise DataError(f"{source}: duplicate class names {dupes}")
+    if len(names) > 255:
+        raise DataError(f"{source}: {len(names)} classes; at most 255 fit in a PNG label map")
+    return names
+
+
+def class_record(classes) -> dict:
+    """What a checkpoint (and a work folder's record) stores about the classes a network was trained with,
+    so that it loads anywhere without its dataset: ``{"classes": K names, "palette": K [r, g, b] lists}``
+    (the VOC colours every mask of this package is written in)."""
+    names = [str(c) for c in classes]
+    return {"classes": names, "palette": voc_palette(max(256, len(names)))[:len(names)].astype(int).tolist()}
+
+
+def stored_classes(record, source: str) -> list[str] | None:
+    """The class names a checkpoint or record stores (:func:`class_record`); None when it stores none
+    (written before checkpoints stored them); one-line DataError when they are not a class list."""
+    names = record.get("classes") if hasattr(record, "get") else None
+    if names is None:
+        return None
+    return check_class_names(list(names) if isinstance(names, (list, tuple)) else names,
+                             f"the class names stored in {source}")
+
+
+def stored_palette(record, count: int) -> np.ndarray | None:
+    """The ``count x 3`` uint8 palette a checkpoint or record stores, or None when it stores none that
+    fits ``count`` classes."""
+    rows = record.get("palette") if hasattr(record, "get") else None
+    try:
+        palette = np.asarray(rows, dtype=np.int64)
+    except (TypeError, ValueError):
+        return None
+    if palette.ndim != 2 or palette.shape[1] != 3 or len(palette) < count or palette.min(initial=0) < 0 \
+            or palette.max(initial=0) > 255:
+        return None
+    return palette[:count].astype(np.uint8)
+
+
+def given_classes(spec) -> list[str] | None:
+    """Class names a user gives for a network (``--classes`` / ``weakclip.load(classes=...)``): None passes
+    through; a path (str or Path) is a class-list file (one name per line, ``background`` first) or ``voc`` /
+    ``coco`` / ``coco91``; a list or tuple of names is taken as it is. Checked in one line."""
+    if spec is None:
+        return None
+    if isinstance(spec, (str, Path)):
+        return resolve_classes(spec)
+    if isinstance(spec, (list, tuple)):
+        return check_class_names(list(spec), "classes")
+    raise DataError(f"classes: expected a class-list file or a list of names, got {type(spec).__name__}")

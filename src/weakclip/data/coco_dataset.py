@@ -124,13 +124,14 @@ class COCO91Dataset(COCODataset):
         super().__init__(root, split, **kwargs)
         self.classes = list(COCO91_CLASSES)
 
-    def read_gt(self, i: int, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
+    def read_gt(self, i: int, expected_hw: tuple[int, int] | None = None,
+                reference: str | None = None) -> np.ndarray:
         i = self._index(i)
         path = self.gt_path(i)
         if path is None:
             raise DataError(f"{type(self).__name__} has no ground-truth masks (image {self.ids[i]!r})")
         mask = read_label_png(path, num_classes=len(COCO_CLASSES), what="mask")
-        return coco_to_91(self.fit_label(i, mask, path, "mask", expected_hw))
+        return coco_to_91(self.fit_label(i, mask, path, "mask", expected_hw, reference))
 
     def _label_ids(self, i: int) -> Iterable[int]:
         return [int(COCO81_TO_91[c]) for c in self._fg[self.ids[i]]]

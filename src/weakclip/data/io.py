@@ -50,6 +50,7 @@ __all__ = [
     "fit_label_to_image",
     "image_geometry",
     "orient_array",
+    "pil_to_rgb",
     "read_image",
     "resolve_orientation",
     "read_json",
@@ -148,10 +149,8 @@ def read_image(path: str | Path, reader: str = "pil", orientation: str = "ignore
         raise ValueError(f"image orientation must be one of {', '.join(ORIENTATIONS)}, got {orientation!r}")
     if reader == "opencv":
         arr = _read_opencv(path, orientation == "exif")
-    elif orientation == "exif":
-        arr = _decode(path, "image", lambda im: _to_rgb(ImageOps.exif_transpose(im)))
     else:
-        arr = _decode(path, "image", _to_rgb)
+        arr = _decode(path, "image", lambda im: pil_to_rgb(im, orientation))
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise DataError(f"cannot read image {path}: unexpected decoded shape {arr.shape}")
     return arr
@@ -243,6 +242,7 @@ def fit_label_to_image(
     *,
     expected_hw: tuple[int, int] | None = None,
     what: str = "mask",
+    reference: str | None = None,
 ) -> np.ndarray:
     """A label map of ``image_path`` on the image's grid as it is read with ``orientation``.
 
@@ -252,6 +252,9 @@ def fit_label_to_image(
     when ``expected_hw`` is given, a label map of another size is the usual error. Label maps of an image
     whose orientation keeps the size (2-4; 5-8 on a square image) cannot be told apart: they are taken as
     drawn on the upright image.
+
+    ``reference`` names what ``expected_hw`` is the size of, in the error (default: ``its image
+    <image_path>``): the message names the label map that differs and the file it was compared with.
 
     Raises:
         DataError: the label map's size is not ``expected_hw`` (with a hint when it fits the image
@@ -286,7 +289,9 @@ def fit_label_to_image(
                 and shape == geometry.upright_hw):
             hint = (f" (it fits the image turned by its EXIF orientation {geometry.orientation}, but this "
                     f"stage reads the stored pixels)")
-        raise DataError(f"{what} {label_path} is {w}x{h} but its image is {ew}x{eh} (width x height){hint}")
+        if reference is None:
+            reference = f"its image {image_path}" if image_path is not None else "its image"
+        raise DataError(f"{what} {label_path} is {w}x{h} but {reference} is {ew}x{eh} (width x height){hint}")
     return label
 
 
@@ -295,6 +300,27 @@ def _owned(arr: np.ndarray) -> np.ndarray:
     if arr.flags.writeable and arr.flags.c_contiguous:
         return arr
     return np.array(arr, order="C", copy=True)
+
+
+def pil_to_rgb(im: Image.Image, orientation: str = "exif") -> np.ndarray:
+    """A PIL image as an ``H x W x 3`` ``uint8`` RGB array (C-contiguous, writeable, never a view of ``im``):
+    the ONE conversion of decoded pixels, shared by :func:`read_image` (every command, ``weakclip predict``)
+    and :meth:`weakclip.api.Segmenter.predict` (PIL images given in Python), so both see the same pixels.
+
+    ``orientation``: ``"exif"`` turns the image upright by its EXIF orientation tag first
+    (``ImageOps.exif_transpose``), ``"ignore"`` keeps the stored grid. Modes: RGB as it is; 16-bit and
+    32-bit greyscale (``I;16*``, ``I``) and float (``F``) scaled to 8 bits (not clipped at 255 as Pillow's
+    ``convert("RGB")`` does, which turns a 16-bit photo white); a palette with transparency through RGBA;
+    every other mode (1, L, LA, P, RGBA, CMYK, YCbCr ...) by Pillow's ``convert("RGB")``, alpha dropped.
+
+    Raises:
+        ValueError: a mode Pillow cannot convert to RGB (callers name the file or the image).
+    """
+    if orientation not in ORIENTATIONS:
+        raise ValueError(f"image orientation must be one of {', '.join(ORIENTATIONS)}, got {orientation!r}")
+    if orientation == "exif":
+        im = ImageOps.exif_transpose(im)
+    return _to_rgb(im)
 
 
 def _to_rgb(im: Image.Image) -> np.ndarray:
@@ -364,6 +390,7 @@ def read_label_png(
     expected_hw: tuple[int, int] | None = None,
     num_classes: int | None = None,
     what: str = "mask",
+    reference: str | None = None,
 ) -> np.ndarray:
     """Read a label map (class ids, 255 = ignore) as an ``H x W`` ``uint8`` array.
 
@@ -376,6 +403,8 @@ def read_label_png(
         expected_hw: ``(height, width)`` of the image the map belongs to; a different size raises.
         num_classes: when given, values must be ``< num_classes`` or equal to 255.
         what: the word used for the file in messages ("mask", "seed", "pseudo mask" ...).
+        reference: what ``expected_hw`` is the size of, named in the error (e.g. ``"its ground-truth mask
+            <path>"``; default ``"its image"``).
 
     Raises:
         DataError: missing or unreadable file, colour-coded mask, size mismatch, values out of range.
@@ -386,7 +415,8 @@ def read_label_png(
         eh, ew = int(expected_hw[0]), int(expected_hw[1])
         h, w = arr.shape
         if (h, w) != (eh, ew):
-            raise DataError(f"{what} {path} is {w}x{h} but its image is {ew}x{eh} (width x height)")
+            raise DataError(f"{what} {path} is {w}x{h} but {reference or 'its image'} is {ew}x{eh} "
+                            f"(width x height)")
     if num_classes is not None:
         present = np.unique(arr)
         bad = [int(v) for v in present if v >= num_classes and v != IGNORE_INDEX]

@@ -17,9 +17,13 @@ that it loads with ``torch.load(weights_only=True)``: opening a checkpoint never
     "model"         trainable parameters and all buffers of the model (frozen CLIP weights are left
                     out: they come from the CLIP weights file; without one the towers are random,
                     tests only, and are stored too)
-    "clip_weights"  the CLIP weights file the towers were built from (None: random towers)
+    "clip_weights"  the CLIP weights file the towers were built from, an absolute path (None: random towers)
+    "classes"       the class names the network was trained with (index 0 background), and
+    "palette"       their K RGB colours (0..255, the VOC colours of every mask written): the checkpoint loads
+                    without its dataset, wherever it is copied (checkpoints written before these were
+                    stored need ``--classes FILE``)
     "optimizer", "scaler", "schedule"   state dicts (scaler None without fp16)
-    "config"        the Config as a dict
+    "config"        the Config as a dict (its file and folder paths absolute)
     "rng"           per-rank RNG states (list indexed by rank): python (``random.getstate()``, a tuple of
                     ints), numpy (the legacy MT19937 state as a dict: key as an int64 tensor, pos,
                     has_gauss, cached_gaussian), torch CPU and CUDA (uint8 tensors)

@@ -5,8 +5,10 @@ towers), the :class:`~weakclip.losses.WeakCLIPLoss` (terms :data:`LOSS_TERMS`), 
 parameters and the warm-up + cosine schedule, then runs them on :func:`weakclip.engine.loop.run_training`:
 one process or many (``torchrun``, DDP), exactly resumable, with the data order, reseeding, checkpoints and
 logs described there. Its checkpoints hold the trainable parameters only when a CLIP weights file is given
-(recorded as ``clip_weights``: a resumed run takes it from there); with random towers they hold the towers
-too. :func:`train_step` is one optimisation step outside the loop (benchmarks).
+(recorded as ``clip_weights``, an absolute path: a resumed run takes it from there); with random towers they
+hold the towers too. Every checkpoint stores the class names and palette it was trained with (``classes``,
+``palette``) and its config's paths absolute, so that it loads from any folder without its dataset.
+:func:`train_step` is one optimisation step outside the loop (benchmarks).
 """
 
 from __future__ import annotations
@@ -170,9 +172,14 @@ def train(cfg: Config, workdir: str | Path, *, clip_weights: str | Path | None =
     with a time limit; a later ``resume=True`` run continues the same schedule.
     Works alone and under ``torchrun`` (DDP; NCCL on GPU, gloo on CPU); ``train.batch_size`` is global.
     """
+    from weakclip.config import PATH_KEYS
+    from weakclip.data.classes import class_record
     from weakclip.losses import WeakCLIPLoss
     from weakclip.models.weakclip import build_model
+    from weakclip.sections import absolute_paths
 
+    cfg = Config.from_dict(cfg.to_dict())  # a copy whose paths are recorded absolute: readable from anywhere
+    absolute_paths(cfg, PATH_KEYS)
     t_cfg = cfg.train
     if t_cfg.eval_every > 0 and evaluator is None:
         raise WeakclipError("train.eval_every > 0 needs an evaluator: pass "
@@ -256,7 +263,9 @@ def train(cfg: Config, workdir: str | Path, *, clip_weights: str | Path | None =
         transform=transform, loss_terms=LOSS_TERMS, find_unused_parameters=_has_unused(model),
         state_dict_fn=lambda m: trainable_state_dict(m, include_frozen=include_frozen),
         load_state_fn=lambda m, state: load_trainable_state_dict(m, state, "the checkpoint"),
-        extra_state={"clip_weights": None if clip_weights is None else str(clip_weights)},
+        # the classes and palette travel with the network: it loads without its dataset, from any folder
+        extra_state={"clip_weights": None if clip_weights is None else os.path.abspath(clip_weights),
+                     **class_record(classes)},
         intro=intro, prepare_workdir=lambda w: cfg.to_yaml(w / "config.yaml"), nonfinite_hint=NONFINITE_HINT,
         desc="train", evaluate_fn=(evaluator(cfg, info, *norm_constants(cfg.data.normalize))
                                    if t_cfg.eval_every > 0 else None))

@@ -3,6 +3,11 @@ against PyTorch, all or nothing.
 
 The folder is built as a hidden temporary sibling and renamed into place at the end, so an interrupted or
 failed export leaves no half-written folder; an existing non-empty folder is refused before anything runs.
+On every failure (a refused export, a crash or Ctrl-C inside the exporter, a full or read-only disk) the
+temporary folder and the parent folders made for ``out`` are removed again. A disk's refusal is one
+:class:`~weakclip.errors.OutputError` line naming ``out`` (never the temporary folder), the reason and the
+free space, as every writer's (:mod:`weakclip.write_errors`); the free space is checked against the file's
+size before it is written (a full disk under PyTorch's own file writer would abort the process).
 After writing, the exported file is loaded back (onnxruntime on the CPU, or ``torch.jit.load``) and run on
 one random normalised input of another size and batch than the one traced; its logits must be within
 ``1e-3`` of the logits' scale (max |logit|) of PyTorch's and give the same argmax on >= 99.9% of the pixels,
@@ -11,6 +16,7 @@ or the export fails.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import secrets
@@ -24,6 +30,7 @@ import torch
 from weakclip.export.errors import ExportError
 from weakclip.export.metadata import METADATA_NAME, build_metadata
 from weakclip.export.network import SizeRule, prepared_for_export, size_rule_of
+from weakclip.write_errors import check_space, is_write_failure, output_error
 
 __all__ = ["FILES", "FORMATS", "TOLERANCE", "compare_logits", "export_segmenter", "summary_line"]
 
@@ -32,6 +39,11 @@ FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
 #: max |exported - PyTorch| allowed, as a fraction of max |PyTorch logit|; and the argmax agreement needed.
 TOLERANCE = 1e-3
 MIN_AGREEMENT = 0.999
+#: room asked for on the disk beyond the network's file (the metadata file, the file system's own records)
+ROOM_BYTES = 1 << 20
+#: what a failed export keeps
+_NOTHING = "nothing was written"
+_WHAT = "the export folder"
 
 
 def compare_logits(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
@@ -66,6 +78,45 @@ def _cpu_network(segmenter: Any) -> torch.nn.Module:
     return network
 
 
+def _make_folders(folder: Path, out: Path) -> list[Path]:
+    """Make ``folder`` and its missing parents; the folders made, outermost first (OutputError naming
+    ``out`` when one cannot be made, after removing those made)."""
+    missing = []
+    path = folder.absolute()
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    made: list[Path] = []
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            error = output_error(out, exc, _NOTHING, what=_WHAT)
+            _remove_folders(made)
+            raise error from exc
+        made.append(path)
+    return made
+
+
+def _remove_folders(made: list[Path]) -> None:
+    for path in reversed(made):
+        with contextlib.suppress(OSError):
+            path.rmdir()  # only when empty
+
+
+def _write_failure(exc: BaseException, out: Path, tmp: Path):
+    """The one-line OutputError for a disk's refusal inside the export (naming ``out``, or the file outside
+    the temporary folder that failed), or None for any other error."""
+    if not isinstance(exc, (OSError, RuntimeError)) or not is_write_failure(exc):
+        return None
+    name = getattr(exc, "filename", None)
+    if name and not Path(name).absolute().is_relative_to(tmp.absolute()):
+        return output_error(name, exc, _NOTHING)
+    return output_error(out, exc, _NOTHING, what=_WHAT)
+
+
 def _check_input(rule: SizeRule) -> torch.Tensor:
     _, (h, w) = rule.example_sizes()
     return torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
@@ -95,9 +146,18 @@ def export_segmenter(segmenter: Any, out: str | Path, fmt: str = "onnx", *, opse
     network = _cpu_network(segmenter)
     rule = size_rule_of(network)
     file = FILES[fmt]
-    out.parent.mkdir(parents=True, exist_ok=True)
+    made = _make_folders(out.parent, out)
     tmp = out.parent / f".{out.name}.export-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as exc:
+        error = output_error(out, exc, _NOTHING, what=_WHAT)
+        _remove_folders(made)
+        raise error from exc
+
+    def reserve(nbytes: int) -> None:  # before the network's file is written
+        check_space(out, nbytes + ROOM_BYTES, _NOTHING, what=_WHAT)
+
     was_training = network.training
     network.eval()
     try:
@@ -112,12 +172,12 @@ def export_segmenter(segmenter: Any, out: str | Path, fmt: str = "onnx", *, opse
             if fmt == "onnx":
                 from weakclip.export.onnx import export_onnx, onnx_logits
 
-                info = export_onnx(network, tmp / file, rule, opset=opset)
+                info = export_onnx(network, tmp / file, rule, opset=opset, reserve=reserve)
                 got = onnx_logits(tmp / file, x.numpy(), threads=torch.get_num_threads())
             else:
                 from weakclip.export.torchscript import export_torchscript, torchscript_logits
 
-                info = export_torchscript(network, tmp / file, rule)
+                info = export_torchscript(network, tmp / file, rule, reserve=reserve)
                 got = torchscript_logits(tmp / file, x).numpy()
         stats = compare_logits(got, ref.numpy())
         check = {"input_shape": list(x.shape), **stats,
@@ -138,8 +198,12 @@ def export_segmenter(segmenter: Any, out: str | Path, fmt: str = "onnx", *, opse
         if out.is_dir():
             out.rmdir()  # empty (checked above); a folder made meanwhile makes rmdir or the rename fail
         os.rename(tmp, out)
-    except BaseException:
+    except BaseException as exc:
+        error = _write_failure(exc, out, tmp)  # before removing the partial files: the disk at the failure
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_folders(made)
+        if error is not None:
+            raise error from exc
         raise
     finally:
         network.train(was_training)

@@ -5,7 +5,8 @@ The graph is captured with :func:`torch.export.export`, non-strict first and, wh
 refinement model's positional-embedding cache reads tensor addresses), strict; then translated to ONNX
 (``torch.onnx.export``, opset 18-23, default 20: onnxruntime >= 1.17 runs it). Batch and image sides are
 dynamic: sides follow the :class:`~weakclip.export.network.SizeRule` (``32 * h32`` for the refinement model).
-The file is one ``.onnx`` (weights inside) up to 2 GB, beside a ``.onnx.data`` file above that.
+The file is one ``.onnx`` (weights inside) up to 2 GB, beside a ``.onnx.data`` file above that. The
+initialisers' size is known before the file is written: ``reserve`` checks the free space for it first.
 
 The exporter needs ``onnx`` and ``onnxscript``, running the file ``onnxruntime``: ``pip install
 'weakclip[export]'``.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -90,8 +92,11 @@ def _one_line(exc: BaseException) -> str:
     return text[:200] + (" ..." if len(text) > 200 else "")
 
 
-def export_onnx(network: nn.Module, path: str | Path, rule: SizeRule, *, opset: int = DEFAULT_OPSET) -> dict:
+def export_onnx(network: nn.Module, path: str | Path, rule: SizeRule, *, opset: int = DEFAULT_OPSET,
+                reserve: Callable[[int], None] | None = None) -> dict:
     """Write ``network`` (eval mode, logits at the input size) to ``path`` with dynamic batch and sides.
+    ``reserve(nbytes)`` is called with the weights' size in the file before it is written (a check of the
+    free space; the graph itself is small beside them).
 
     Returns ``{"opset", "external_data", "input_shape", "output_shape"}`` (the symbolic shapes as written).
     Raises ExportError (one line) when the network cannot be captured or translated.
@@ -130,8 +135,10 @@ def export_onnx(network: nn.Module, path: str | Path, rule: SizeRule, *, opset: 
     size = sum(p.numel() * p.element_size() for p in network.parameters())
     size += sum(b.numel() * b.element_size() for b in network.buffers())
     external = size > _EXTERNAL_BYTES
-    onnx_program.save(str(path), external_data=external)
     graph = onnx_program.model.graph
+    if reserve is not None:
+        reserve(sum(v.const_value.nbytes for v in graph.initializers.values() if v.const_value is not None))
+    onnx_program.save(str(path), external_data=external)
 
     def shape(value) -> list:
         return [d if isinstance(d, int) else str(d) for d in value.shape]

@@ -19,7 +19,8 @@ import torch
 from weakclip.errors import WeakclipError
 
 __all__ = [
-    "load_trained_model", "normalization_of", "release_config", "resolve_checkpoint", "trained_classes",
+    "CLASSES_HINT", "load_trained_model", "normalization_of", "refinement_class_count", "release_config",
+    "resolve_checkpoint", "trained_classes",
 ]
 
 
@@ -73,10 +74,48 @@ def _load_everything(model, model_state: Mapping[str, Any], path: Path) -> None:
         raise WeakclipError(f"checkpoint {path} does not fit the model (missing or unexpected: {shown})")
 
 
-def trained_classes(cfg) -> list[str]:
-    """The class list the model was trained on: ``cfg.classes``, else the dataset's."""
-    from weakclip.data.classes import COCO91_CLASSES, COCO_CLASSES, VOC_CLASSES, read_class_file
+#: What every message about missing class names tells the user to do.
+CLASSES_HINT = ("pass --classes FILE (the class list it was trained with, one name per line, background "
+                "first; weakclip.load(..., classes=FILE))")
 
+
+def _dataset_class_file(root) -> list[str] | None:
+    from weakclip.data.classes import read_class_file
+
+    if root and (Path(root) / "classes.txt").is_file():
+        return read_class_file(Path(root) / "classes.txt")
+    return None
+
+
+def _check_given_count(given: list[str], count: int | None, what: str) -> None:
+    if count is not None and len(given) != count:
+        shown = ", ".join(given[:3]) + (", ..." if len(given) > 3 else "")
+        raise WeakclipError(f"the class list given (--classes) has {len(given)} names ({shown}), but {what} "
+                            f"predicts {count} classes: give the list it was trained with")
+
+
+def refinement_class_count(model_state: Mapping[str, Any]) -> int | None:
+    """The number of classes a refinement state dict predicts (its classifier's output channels)."""
+    weight = model_state.get("head.classifier.weight")
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else None
+
+
+def trained_classes(cfg, state: Mapping[str, Any] | None = None, given: list[str] | None = None,
+                    source: str = "the checkpoint") -> list[str]:
+    """The class list the model was trained on: ``given`` (``--classes``) first, then the names the
+    checkpoint ``state`` stores, ``cfg.classes``, the dataset kind's list, a folder dataset's
+    ``classes.txt`` where it is still readable; else one line saying to pass ``--classes``."""
+    from weakclip.data.classes import COCO91_CLASSES, COCO_CLASSES, VOC_CLASSES, stored_classes
+
+    stored = stored_classes(state, source) if state is not None else None
+    if given is not None:
+        count = len(stored) if stored is not None else None
+        if count is None and state is not None and isinstance(state.get("model"), Mapping):
+            count = refinement_class_count(state["model"])
+        _check_given_count(given, count, f"the network of {source}")
+        return list(given)
+    if stored is not None:
+        return stored
     if cfg.classes:
         return list(cfg.classes)
     kind = cfg.data.kind
@@ -86,12 +125,11 @@ def trained_classes(cfg) -> list[str]:
         return list(COCO_CLASSES)
     if kind == "coco91":
         return list(COCO91_CLASSES)
-    if cfg.data.root and (Path(cfg.data.root) / "classes.txt").is_file():
-        return read_class_file(Path(cfg.data.root) / "classes.txt")
-    raise WeakclipError(
-        f"the checkpoint's config names no classes and its folder dataset {cfg.data.root} is not "
-        "readable here (classes.txt)"
-    )
+    found = _dataset_class_file(cfg.data.root)
+    if found is not None:
+        return found
+    raise WeakclipError(f"{source} stores no class names (written before checkpoints kept them) and its "
+                        f"folder dataset's {cfg.data.root}/classes.txt is not readable here: {CLASSES_HINT}")
 
 
 def normalization_of(cfg) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -121,7 +159,7 @@ def _unused_clip_weights(clip_weights, why: str) -> None:
 
 def load_trained_model(checkpoint: str | Path, clip_weights: str | Path | None = None,
                        device: str | torch.device = "cpu", *, best: bool = False, raw: Any = None,
-                       note_unused: bool = True):
+                       note_unused: bool = True, classes: list[str] | None = None):
     """Rebuild the trained model in eval mode -> ``(model, config)``.
 
     Args:
@@ -138,6 +176,8 @@ def load_trained_model(checkpoint: str | Path, clip_weights: str | Path | None =
             on from a run that used it for other stages).
         raw: what the checkpoint file holds, when the caller has read it already (``checkpoint`` is then
             that file): it is not read again.
+        classes: class names that replace the ones the checkpoint stores (``--classes``: for checkpoints
+            written before they were stored, whose dataset is gone); their count must be the network's.
 
     Raises:
         WeakclipError: unreadable checkpoint, missing CLIP weights (one line: pass --clip-weights),
@@ -157,7 +197,7 @@ def load_trained_model(checkpoint: str | Path, clip_weights: str | Path | None =
     if raw is None:
         raw = read_checkpoint_file(path)
     if is_release_checkpoint(raw):
-        model, model_cfg, classes, _ = load_release_checkpoint(path, raw)
+        model, model_cfg, classes, _ = load_release_checkpoint(path, raw, classes=classes)
         unused = clip_weights if note_unused else None
         _unused_clip_weights(unused, f"{path} is the authors' release checkpoint, which holds the towers")
         return model.to(device), release_config(model_cfg, classes)
@@ -166,7 +206,7 @@ def load_trained_model(checkpoint: str | Path, clip_weights: str | Path | None =
     if not isinstance(state.get("config"), Mapping):
         raise WeakclipError(f"checkpoint {path} holds no config")
     cfg = Config.from_dict(dict(state["config"]), source=f"config of {path}")
-    classes = trained_classes(cfg)
+    classes = trained_classes(cfg, state, classes, source=f"checkpoint {path}")
     cfg.classes = classes
     if _holds_towers(state["model"]):
         # trained without a weights file: the checkpoint carries the towers it was trained with

@@ -63,14 +63,18 @@ def overlay_image(image: np.ndarray, mask: np.ndarray, class_names: Sequence[str
     """``image | colour overlay of mask | legend`` as one RGB image of ``3 * W`` x ``H``."""
     h, w = mask.shape
     palette = voc_palette(256)
-    colours = palette[mask].astype(np.float32)
-    blend = image.astype(np.float32) * (1.0 - alpha) + colours * alpha
-    plain = (mask == 0) | (mask == 255)  # background and unsure keep the image's own colours
-    blend = np.where(plain[..., None], image, np.clip(np.rint(blend), 0, 255)).astype(np.uint8)
+    blend = np.empty_like(image, dtype=np.uint8)
+    rows = max(1, (1 << 21) // max(1, w))  # a few MB at a time: a 48 MP photo needs no GB of float copies
+    for y in range(0, h, rows):
+        part, img = mask[y:y + rows], image[y:y + rows]
+        mixed = img.astype(np.float32) * (1.0 - alpha) + palette[part].astype(np.float32) * alpha
+        plain = (part == 0) | (part == 255)  # background and unsure keep the image's own colours
+        blend[y:y + rows] = np.where(plain[..., None], img, np.clip(np.rint(mixed), 0, 255))
     canvas = Image.new("RGB", (3 * w, h), (255, 255, 255))
     canvas.paste(Image.fromarray(image), (0, 0))
     canvas.paste(Image.fromarray(blend), (w, 0))
-    ids = sorted(set(int(c) for c in np.unique(mask) if c != 255) | set(legend_ids or []))
+    present = set(int(c) for c in np.flatnonzero(np.bincount(mask.reshape(-1), minlength=256)))
+    ids = sorted((present - {255}) | set(legend_ids or []))
     draw = ImageDraw.Draw(canvas)
     row = max(8, min(24, (h - 8) // max(1, len(ids))))
     font = _font(max(6, row - 4))
@@ -83,7 +87,7 @@ def overlay_image(image: np.ndarray, mask: np.ndarray, class_names: Sequence[str
         swatch = tuple(int(v) for v in palette[c])
         draw.rectangle([x0, y + 1, x0 + row - 3, y + row - 3], fill=swatch, outline=(0, 0, 0))
         shown = class_names[c] if c < len(class_names) else str(c)
-        if c not in np.unique(mask):
+        if c not in present:
             shown += " (absent)"
         draw.text((x0 + row + 2, y), shown, fill=(0, 0, 0), font=font)
         y += row

@@ -407,9 +407,11 @@ def _score_existing(dataset, i: int, final: Path, before: Path, cm_before: Confu
     k = len(dataset.classes)
     try:
         gt = dataset.read_gt(i)
-        after = read_label_png(final, expected_hw=gt.shape, num_classes=k, what="pseudo mask")
+        against = f"its ground-truth mask {dataset.gt_path(i)}"
+        after = read_label_png(final, expected_hw=gt.shape, num_classes=k, what="pseudo mask",
+                               reference=against)
         prior = after if before == final else read_label_png(before, expected_hw=gt.shape, num_classes=k,
-                                                             what="pseudo mask")
+                                                             what="pseudo mask", reference=against)
     except DataError as exc:
         unscored.append((ident, str(exc)))
         warn(f"pseudo-masks: existing mask of {ident!r} not scored: {exc}", ledger.bar)

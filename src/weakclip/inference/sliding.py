@@ -198,6 +198,16 @@ def _host_uint8(image: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(image, dtype=np.uint8)
 
 
+def _image_hw(image: np.ndarray | torch.Tensor) -> tuple[int, int]:
+    """``(H, W)`` of an ``H x W x 3`` array or a ``3 x H x W`` / ``H x W x 3`` tensor."""
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"expected an H x W x 3 image, got shape {image.shape}")
+        return int(image.shape[0]), int(image.shape[1])
+    shape = image.shape[1:] if image.dim() == 3 and image.shape[0] == 3 else image.shape[:2]
+    return int(shape[0]), int(shape[1])
+
+
 def _to_device_image(image: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
@@ -253,11 +263,17 @@ def multiscale_inference_batch(model: nn.Module, images: Sequence[np.ndarray],
                                *, num_classes: int | None = None, device: str | torch.device | None = None,
                                window_batch: int | WindowRunner = 1,
                                autocast_dtype: torch.dtype | None = None, average: str = "logits",
-                               size_divisor: int = 1, resize: str = "opencv") -> list[torch.Tensor]:
+                               size_divisor: int = 1, resize: str = "opencv",
+                               out_sizes: Sequence[tuple[int, int]] | None = None) -> list[torch.Tensor]:
     """:func:`multiscale_inference` of several images at once: the windows of all their scales and flips
     share forward passes (windows of one size go together), so a GPU gets full batches even from small
     scales and small images. Returns one ``K x H_i x W_i`` tensor per image, each the same (to float
     rounding) as :func:`multiscale_inference` of that image alone.
+
+    ``out_sizes``: the ``(h, w)`` of each image's probabilities (default: the image's size): each pass's
+    result is resized to it instead of the image's size, so a very large photo's probabilities are held at a
+    bounded size (:class:`weakclip.segmenters.RefinementSegmenter`, ``max_side``); what the network sees does
+    not change (each scale is resized from the full image).
 
     ``window_batch`` may also be a :class:`~weakclip.inference.batching.WindowRunner` to keep its batch
     size (chosen by free memory, or lowered after an out-of-memory error) from one call to the next.
@@ -291,25 +307,31 @@ def multiscale_inference_batch(model: nn.Module, images: Sequence[np.ndarray],
             accs[i].add_((out.flip(-1) if flipped else out)[0])
         return done
 
+    if out_sizes is not None and len(out_sizes) != len(images):
+        raise ValueError(f"out_sizes has {len(out_sizes)} sizes for {len(images)} images")
     for i, image in enumerate(images):
-        src = _to_device_image(image, device)
-        h, w = src.shape[-2:]
-        accs.append(torch.zeros(k, h, w, device=device, dtype=torch.float32))
+        h, w = _image_hw(image)
+        size = (h, w) if out_sizes is None else (int(out_sizes[i][0]), int(out_sizes[i][1]))
+        accs.append(torch.zeros(k, *size, device=device, dtype=torch.float32))
+        src = None  # the full image as float on the device: made only when a scale needs it
         for ratio in scales:
             sh, sw = scaled_size(h, w, float(ratio), base_scale)
-            if (sh, sw) == (h, w):
-                scaled = src
-            elif resize == "opencv":
+            if resize == "opencv" and (sh, sw) != (h, w):
                 resized = cv2.resize(_host_uint8(image), (sw, sh), interpolation=cv2.INTER_LINEAR)
                 scaled = _to_device_image(resized, device)
             else:
-                scaled = F.interpolate(src, size=(sh, sw), mode="bilinear", align_corners=False)
-                scaled = scaled.round_().clamp_(0, 255)
+                if src is None:
+                    src = _to_device_image(image, device)
+                scaled = src
+                if (sh, sw) != (h, w):
+                    scaled = F.interpolate(src, size=(sh, sw), mode="bilinear", align_corners=False)
+                    scaled = scaled.round_().clamp_(0, 255)
             scaled = (scaled - mean_t) / std_t
             windows = window_grid(sh, sw, crop, stride)
-            passes.append(_Pass(scaled, windows, finish(i, (h, w), False)))
+            passes.append(_Pass(scaled, windows, finish(i, size, False)))
             if flip:
-                passes.append(_Pass(scaled.flip(-1), windows, finish(i, (h, w), True)))
+                passes.append(_Pass(scaled.flip(-1), windows, finish(i, size, True)))
+        del src
     _run_passes(passes, runner, k, size_divisor, average)
     n_passes = len(scales) * (2 if flip else 1)
     return [acc.div_(n_passes) for acc in accs]

@@ -345,8 +345,11 @@ def build_release_model(
     return model.eval()
 
 
-def load_release_checkpoint(path: str | Path, obj: Mapping[str, Any] | None = None):
-    """Read a release ``.pth`` (safely) -> ``(model, model_config, classes, meta)``."""
+def load_release_checkpoint(path: str | Path, obj: Mapping[str, Any] | None = None,
+                            classes: Sequence[str] | None = None):
+    """Read a release ``.pth`` (safely) -> ``(model, model_config, classes, meta)``. ``classes``: names that
+    replace the checkpoint's (its ``meta["CLASSES"]`` or the release's VOC/COCO set), as many as it
+    predicts."""
     path = Path(path)
     if obj is None:
         obj = safe_torch_load(path, allow=RELEASE_ALLOWED_GLOBALS, what="release checkpoint")
@@ -359,6 +362,12 @@ def load_release_checkpoint(path: str | Path, obj: Mapping[str, Any] | None = No
     source = f"release checkpoint {path}"
     num_classes = state["decode_head.conv_seg.weight"].shape[0]
     meta = obj.get("meta") if isinstance(obj.get("meta"), Mapping) else {}
-    classes = release_classes(meta, num_classes, source)
+    if classes is not None:
+        if len(classes) != num_classes:
+            raise WeakclipError(f"the class list given (--classes) has {len(classes)} names, but {source} "
+                                f"predicts {num_classes} classes: give the list it was trained with")
+        classes = list(classes)
+    else:
+        classes = release_classes(meta, num_classes, source)
     model = build_release_model(state, classes, source)
     return model, model.cfg, classes, dict(meta)

@@ -242,7 +242,8 @@ def score_mask_sets(info: RunInfo, dataset, log: Callable[[str], None] = print) 
                 try:
                     mask = read_label_png(path, num_classes=len(classes), what="mask")
                     if gt is not None:  # on the upright image's grid, as gt (the dataset reads upright)
-                        mask = dataset.fit_label(i, mask, path, "mask", expected_hw=gt.shape)
+                        mask = dataset.fit_label(i, mask, path, "mask", expected_hw=gt.shape,
+                                                 reference=f"its ground-truth mask {dataset.gt_path(i)}")
                     todo[n].add(ident, mask, gt)
                 except DataError as exc:
                     todo[n].problems.append(str(exc))

@@ -22,6 +22,7 @@ from weakclip.sections import (
 )
 
 __all__ = [
+    "RETRAIN_PATH_KEYS",
     "RETRAIN_PRESETS",
     "RetrainConfig",
     "RetrainDataConfig",
@@ -34,6 +35,9 @@ __all__ = [
 ]
 
 RETRAIN_PRESETS: tuple[str, ...] = ("voc", "coco", "voc-plus", "coco-plus")
+#: The keys that name files or folders: retraining records them absolute (its checkpoint reads the same
+#: anywhere).
+RETRAIN_PATH_KEYS: tuple[str, ...] = ("data.root", "data.masks", "model.backbone_weights")
 
 
 @dataclass

@@ -27,10 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from weakclip.data.classes import IGNORE_INDEX
+from weakclip.data.classes import IGNORE_INDEX, class_record
 from weakclip.data.transforms import _Transform
 from weakclip.errors import DataError, WeakclipError
 from weakclip.retrain.config import (
+    RETRAIN_PATH_KEYS,
     RETRAIN_PRESETS,
     RetrainConfig,
     RetrainDataConfig,
@@ -285,8 +286,10 @@ def retrain(cfg: RetrainConfig, masks_dir: str | Path | None = None,
     (e.g. ``image_root`` for COCO). The mask folder is checked first (:func:`preflight_masks`: one DataError
     listing missing files, wrong sizes and out-of-range values). Writes ``config.yaml``, ``log.csv``,
     ``checkpoints/`` and (with ``evaluate`` and a ``data.val_split``) ``eval.json`` in ``workdir``; prints the
-    per-class table. ``resume=True`` continues from the latest checkpoint (on a finished workdir it only
-    evaluates, e.g. with other eval settings). Returns the training summary plus ``"eval"`` (percent).
+    per-class table. The checkpoints store the class names and palette (``classes``, ``palette``) and the
+    config with absolute paths: they load from any folder without the dataset. ``resume=True`` continues
+    from the latest checkpoint (on a finished workdir it only evaluates, e.g. with other eval settings).
+    Returns the training summary plus ``"eval"`` (percent).
     """
     import torch.distributed as dist
 
@@ -295,6 +298,7 @@ def retrain(cfg: RetrainConfig, masks_dir: str | Path | None = None,
     from weakclip.engine.resume import check_resume_network, resume_checkpoint
     from weakclip.engine.sampling import mix_seed
     from weakclip.retrain.check import preflight_masks
+    from weakclip.sections import absolute_paths
 
     masks = Path(masks_dir) if masks_dir is not None else (Path(cfg.data.masks) if cfg.data.masks else None)
     if masks is None:
@@ -302,6 +306,8 @@ def retrain(cfg: RetrainConfig, masks_dir: str | Path | None = None,
     if not masks.is_dir():
         raise DataError(f"pseudo-mask folder not found: {masks}")
     cfg = apply_retrain_overrides(cfg, [f"data.masks={masks}"])
+    absolute_paths(cfg, RETRAIN_PATH_KEYS)  # recorded absolute: the checkpoint reads the same from anywhere
+    masks = Path(cfg.data.masks)
     check_backbone_weights(cfg)
     workdir = Path(workdir)
     started_group = not (dist.is_available() and dist.is_initialized())
@@ -341,8 +347,10 @@ def retrain(cfg: RetrainConfig, masks_dir: str | Path | None = None,
                       f"process(es)), {t.optimizer} lr {t.lr:g} (head x{t.head_lr_mult:g}), poly "
                       f"{t.poly_power:g}; device {info.device}",
                       flush=True)
+        # the classes and palette travel with the network: it loads without its dataset, from any folder
         task = TrainingTask(model=model, optimizer=optimizer, schedule=schedule, step_fn=cross_entropy_step,
-                            dataset=dataset, transform=build_retrain_transform(cfg.data))
+                            dataset=dataset, transform=build_retrain_transform(cfg.data),
+                            extra_state=class_record(dataset.classes))
         summary = run_training(task, LoopSettings.from_section(t, num_workers=cfg.data.num_workers),
                                workdir=workdir, info=info, config=cfg.to_dict(), checkpoint=ckpt,
                                max_iters_this_run=max_iters_this_run, progress=progress, quiet=quiet)

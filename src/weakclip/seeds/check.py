@@ -2,7 +2,9 @@
 
 Checks per image id of the dataset: the image decodes (whole: a truncated JPEG is found), the seed
 ``<id>.png`` exists and decodes as a label map, has the image's size, holds only class ids (< K) or 255,
-and shows no class outside the image's labels.
+and shows no class outside the image's labels. The ground-truth masks the dataset has (the files that exist;
+none with ``with_gt=False``) are read as every stage reads them: of the image's size, class ids or 255, not
+colour-coded. A size error names the file that differs and the image it was compared with.
 Labelled classes that a seed does not show are counted too (a note, not an error: CAMs often miss
 small objects). Coverage statistics: the share of labelled (non-255) pixels overall, of background,
 of each class, and per class the share of its images in which the seed shows it.
@@ -40,6 +42,7 @@ class SeedReport:
     bad_values: list[tuple[str, str]] = field(default_factory=list)
     extra_classes: list[tuple[str, str]] = field(default_factory=list)
     image_problems: list[tuple[str, str]] = field(default_factory=list)
+    gt_problems: list[tuple[str, str]] = field(default_factory=list)
     missed_labels: int = 0
     images_missing_a_label: int = 0
     extra_files: int = 0
@@ -51,9 +54,10 @@ class SeedReport:
 
     @property
     def ok(self) -> bool:
-        """True when no seed is missing, unreadable, of the wrong size, out of range or off-label."""
+        """True when no seed is missing, unreadable, of the wrong size, out of range or off-label, and no
+        image or ground-truth mask has a problem."""
         return not (self.missing or self.unreadable or self.wrong_size or self.bad_values
-                    or self.extra_classes or self.image_problems)
+                    or self.extra_classes or self.image_problems or self.gt_problems)
 
     @property
     def coverage(self) -> float:
@@ -67,7 +71,8 @@ class SeedReport:
 
     def problems(self) -> list[str]:
         out = [f"{i}: seed missing" for i in self.missing]
-        kinds = (self.unreadable, self.wrong_size, self.bad_values, self.extra_classes, self.image_problems)
+        kinds = (self.unreadable, self.wrong_size, self.bad_values, self.extra_classes, self.image_problems,
+                 self.gt_problems)
         for kind in kinds:
             out.extend(f"{i}: {m}" for i, m in kind)
         return out
@@ -77,7 +82,8 @@ class SeedReport:
             "seed_dir": self.seed_dir, "ok": self.ok, "images": self.images, "checked": self.checked,
             "missing": self.missing, "unreadable": dict(self.unreadable), "wrong_size": dict(self.wrong_size),
             "bad_values": dict(self.bad_values), "extra_classes": dict(self.extra_classes),
-            "image_problems": dict(self.image_problems), "missed_labels": self.missed_labels,
+            "image_problems": dict(self.image_problems), "gt_problems": dict(self.gt_problems),
+            "missed_labels": self.missed_labels,
             "images_missing_a_label": self.images_missing_a_label, "extra_files": self.extra_files,
             "coverage": self.coverage, "class_coverage": self.class_coverage(),
             "class_images": dict(zip(self.classes, self.class_images)),
@@ -89,7 +95,8 @@ class SeedReport:
         for name, items in (("missing", self.missing), ("unreadable", self.unreadable),
                             ("wrong size", self.wrong_size), ("values out of range", self.bad_values),
                             ("classes not among the image labels", self.extra_classes),
-                            ("image problems", self.image_problems)):
+                            ("image problems", self.image_problems),
+                            ("ground-truth masks", self.gt_problems)):
             if items:
                 lines.append(f"  {name}: {len(items)}")
                 for item in items[:_SHOW]:
@@ -111,6 +118,23 @@ class SeedReport:
         return "\n".join(lines)
 
 
+def _check_gt(dataset, i: int, rep: SeedReport) -> None:
+    """Read item ``i``'s ground-truth mask, when the dataset has one on disk, as the stages read it (its
+    image's size, class ids, no colour PNG); a problem goes to ``rep.gt_problems``."""
+    if not getattr(dataset, "has_gt", False):
+        return
+    try:
+        path = dataset.gt_path(i)
+    except DataError:
+        return
+    if path is None or not Path(path).is_file():
+        return  # a mask it does not have: nothing to check
+    try:
+        dataset.read_gt(i)
+    except DataError as exc:
+        rep.gt_problems.append((dataset.ids[i], str(exc)))
+
+
 def check_seeds(seed_dir: str | Path, dataset, *, progress: bool = False) -> SeedReport:
     """Check the seed folder ``seed_dir`` against every image of ``dataset`` (module docstring)."""
     seed_dir = Path(seed_dir)
@@ -124,6 +148,7 @@ def check_seeds(seed_dir: str | Path, dataset, *, progress: bool = False) -> See
     ids = set(dataset.ids)
     rep.extra_files = sum(1 for p in seed_dir.glob("*.png") if p.stem not in ids)
     for i, ident in enumerate(tqdm(dataset.ids, desc="check seeds", disable=not progress, unit="img")):
+        _check_gt(dataset, i, rep)
         path = seed_dir / f"{ident}.png"
         if not path.is_file():
             rep.missing.append(ident)
@@ -139,11 +164,13 @@ def check_seeds(seed_dir: str | Path, dataset, *, progress: bool = False) -> See
             fits = dataset.label_fits(i, seed.shape)
             labels = dataset.get_labels(i)
         except DataError as exc:
-            rep.image_problems.append((ident, str(exc)))
+            if (ident, str(exc)) not in rep.gt_problems:  # labels read from that mask: listed once
+                rep.image_problems.append((ident, str(exc)))
             continue
         if not fits:
             hw = dataset.image_hw(i)
-            size = f"seed is {seed.shape[1]}x{seed.shape[0]}, image is {hw[1]}x{hw[0]} (width x height)"
+            size = (f"seed {path} is {seed.shape[1]}x{seed.shape[0]} but its image {dataset.image_path(i)} "
+                    f"is {hw[1]}x{hw[0]} (width x height)")
             rep.wrong_size.append((ident, size))
             continue
         counts = np.bincount(seed.ravel(), minlength=256)

@@ -163,10 +163,18 @@ def generate_seeds(
     unscored: list[tuple[str, str]] = []
     compute_s = 0.0
 
+    def read_gt(i: int, shape: tuple[int, ...], path: Path) -> np.ndarray:
+        """The ground truth of item ``i``, checked against its image, then against the map at ``path``
+        (of ``shape``; itself checked against the image, unless the image cannot be read)."""
+        gt = dataset.read_gt(i)
+        if gt.shape != tuple(shape[:2]):
+            gt = dataset.read_gt(i, tuple(shape[:2]), reference=str(path))
+        return gt
+
     def score(i: int, ident: str, seed: np.ndarray, png: Path) -> None:
         nonlocal confident, total
         try:
-            gt = dataset.read_gt(i, seed.shape)
+            gt = read_gt(i, seed.shape, png)
         except DataError as exc:
             unscored.append((ident, str(exc)))
             _warn(f"seeds: seed of {ident!r} not scored: {exc}", progress and rank == 0)
@@ -185,7 +193,8 @@ def generate_seeds(
 
     def score_masks(i: int, ident: str, masks: dict[str, np.ndarray]) -> None:
         try:
-            gt = dataset.read_gt(i, next(iter(masks.values())).shape)
+            kind, mask = next(iter(masks.items()))
+            gt = read_gt(i, mask.shape, mask_path(kind.removesuffix("_confident"), ident))
         except DataError:
             return  # reported by score() already
         for kind, mask in masks.items():
@@ -201,15 +210,18 @@ def generate_seeds(
             continue
         skipped += 1
         if with_gt:  # existing seeds count in the scores too
-            try:
-                seed = read_label_png(png, num_classes=len(classes), what="seed")
+            try:  # on its image's grid, checked against it
+                seed = dataset.fit_label(i, read_label_png(png, num_classes=len(classes), what="seed"), png,
+                                         "seed")
             except DataError as exc:
                 unscored.append((ident, str(exc)))
                 continue
             score(i, ident, seed, png)
             if cm_masks:
                 try:
-                    masks = {kind: read_label_png(mask_path(kind, ident), num_classes=len(classes))
+                    masks = {kind: dataset.fit_label(i, read_label_png(mask_path(kind, ident),
+                                                                       num_classes=len(classes)),
+                                                     mask_path(kind, ident), "mask")
                              for kind in mask_kinds}
                 except DataError:
                     continue

@@ -36,6 +36,8 @@ network without the descriptors file or the data folder.
 
 from __future__ import annotations
 
+import copy
+import os
 import random
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -46,9 +48,11 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
+from weakclip.data.classes import class_record
 from weakclip.errors import DataError, WeakclipError
 from weakclip.methods import METHOD_KEY, check_same, of_checkpoint
 from weakclip.methods.excel.config import EXCEL_PRESETS, METHOD, ExcelConfig, load_excel_preset
+from weakclip.sections import absolute_paths
 
 __all__ = [
     "LOSS_TERMS",
@@ -246,12 +250,6 @@ def _train_dataset(cfg: ExcelConfig, dataset_kwargs: Mapping[str, Any]):
 
 
 # ====================================================================== checkpoints
-def _palette(n: int) -> list[list[int]]:
-    from weakclip.data.classes import voc_palette
-
-    return np.asarray(voc_palette(max(256, n)), dtype=np.uint8)[:n].astype(int).tolist()
-
-
 def check_excel_record(record: Any, where: str) -> None:
     """One line when ``record`` (a checkpoint, a config dict) belongs to another method than ExCEL."""
     check_same(of_checkpoint(record if isinstance(record, Mapping) else None), METHOD, where,
@@ -354,6 +352,8 @@ def train_excel(cfg: ExcelConfig, workdir: str | Path, *, clip_weights: str | Pa
     if clip_weights is not None and not Path(clip_weights).is_file():
         raise WeakclipError(f"CLIP weights file not found: {clip_weights}")
     workdir = Path(workdir)
+    cfg = copy.deepcopy(cfg)
+    absolute_paths(cfg, ("data.root", "text.descriptors"))  # config.yaml reads the same from any folder
     started_group = not (dist.is_available() and dist.is_initialized())
     info = init_distributed(device)
     try:
@@ -409,8 +409,8 @@ def train_excel(cfg: ExcelConfig, workdir: str | Path, *, clip_weights: str | Pa
         ]
         excel_record = {k: v for k, v in net.payload().items() if k != "decoder"}
         extra = {METHOD_KEY: METHOD, "excel": excel_record,
-                 "clip_weights": None if clip_weights is None else str(clip_weights),
-                 "classes": list(classes), "palette": _palette(len(classes))}
+                 "clip_weights": None if clip_weights is None else os.path.abspath(clip_weights),
+                 **class_record(classes)}
         task = TrainingTask(
             model=net, optimizer=optimizer, schedule=schedule, step_fn=step, dataset=_GuidedSamples(dataset),
             transform=ExcelSampleTransform(cfg), loss_terms=LOSS_TERMS,
