@@ -133,22 +133,14 @@ class WorkdirLock:
                 "command": self.command, "started": time.time(), "job": _job_id(), "token": self.token}
 
     def _make_folder(self) -> None:
-        missing = []
-        folder = self.folder
-        while not folder.exists() and folder != folder.parent:
-            missing.append(folder)
-            folder = folder.parent
-        for path in reversed(missing):
-            try:
-                path.mkdir()
-            except FileExistsError:
-                continue
-            except OSError as exc:
-                from weakclip.write_errors import output_error
+        from weakclip.write_errors import make_missing_folders, output_error
 
-                self._remove_created()
-                raise output_error(path, exc, "nothing was written", what="the folder") from exc
-            self._created.append(path)
+        try:
+            make_missing_folders(self.folder, self._created)
+        except OSError as exc:
+            self._remove_created()
+            failed = Path(exc.filename) if exc.filename else self.folder
+            raise output_error(failed, exc, "nothing was written", what="the folder") from exc
 
     def _try_create(self) -> bool:
         """Create the lock file; False when one exists."""

@@ -67,6 +67,23 @@ def _nearest_existing(path: str | Path) -> Path:
     return path
 
 
+def make_missing_folders(folder: str | Path, made: list[Path]) -> None:
+    """Make ``folder`` and its missing parents, outermost first, appending each folder made to ``made`` as it
+    is made (so that a caller can remove them again on a failure, this one's included); the ``OSError`` of a
+    folder that cannot be made is raised as it is (its ``filename`` names that folder)."""
+    missing = []
+    path = Path(folder)
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        made.append(path)
+
+
 def free_space(path: str | Path) -> str:
     """``'1.2 GiB free'`` on the file system of ``path`` (its nearest existing folder)."""
     folder = _nearest_existing(path)

@@ -30,7 +30,7 @@ import torch
 from weakclip.export.errors import ExportError
 from weakclip.export.metadata import METADATA_NAME, build_metadata
 from weakclip.export.network import SizeRule, prepared_for_export, size_rule_of
-from weakclip.write_errors import check_space, is_write_failure, output_error
+from weakclip.write_errors import check_space, is_write_failure, make_missing_folders, output_error
 
 __all__ = ["FILES", "FORMATS", "TOLERANCE", "compare_logits", "export_segmenter", "summary_line"]
 
@@ -81,22 +81,13 @@ def _cpu_network(segmenter: Any) -> torch.nn.Module:
 def _make_folders(folder: Path, out: Path) -> list[Path]:
     """Make ``folder`` and its missing parents; the folders made, outermost first (OutputError naming
     ``out`` when one cannot be made, after removing those made)."""
-    missing = []
-    path = folder.absolute()
-    while not path.exists() and path != path.parent:
-        missing.append(path)
-        path = path.parent
     made: list[Path] = []
-    for path in reversed(missing):
-        try:
-            path.mkdir()
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            error = output_error(out, exc, _NOTHING, what=_WHAT)
-            _remove_folders(made)
-            raise error from exc
-        made.append(path)
+    try:
+        make_missing_folders(folder.absolute(), made)
+    except OSError as exc:
+        error = output_error(out, exc, _NOTHING, what=_WHAT)
+        _remove_folders(made)
+        raise error from exc
     return made
 
 
