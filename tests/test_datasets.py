@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -470,3 +471,22 @@ def test_a_wrong_size_names_the_file_that_differs_and_what_it_was_compared_with(
     with pytest.raises(DataError) as exc:
         ds.read_seed(i, expected_hw=(8, 10), reference=f"its ground-truth mask {gt}")
     assert str(exc.value) == f"seed {seed} is 9x8 but its ground-truth mask {gt} is 10x8 (width x height)"
+
+
+def test_a_class_file_is_checked_as_a_stored_class_list(tmp_path):
+    """read_class_file and check_class_names apply one rule: background first, no duplicate, at most 255, each
+    error one line naming the file."""
+    from weakclip.data.classes import read_class_file
+
+    cases = {"cat\nbackground\n": "the first class must be 'background', found 'cat'",
+             "background\ncat\ncat\n": "duplicate class names ['cat']",
+             "background\n" + "".join(f"c{i}\n" for i in range(255)): "256 classes; at most 255",
+             "# only a comment\n": "class list is empty"}
+    for i, (text, message) in enumerate(cases.items()):
+        path = tmp_path / f"classes{i}.txt"
+        path.write_text(text)
+        with pytest.raises(DataError, match=re.escape(message)) as info:
+            read_class_file(path)
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
+    (tmp_path / "ok.txt").write_text("background\n# a comment\ncat\n\ndog\n")
+    assert read_class_file(tmp_path / "ok.txt") == ["background", "cat", "dog"]

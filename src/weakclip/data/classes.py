@@ -112,14 +112,7 @@ def read_class_file(path: str | Path) -> list[str]:
     names = [n for n in names if n and not n.startswith("#")]
     if not names:
         raise DataError(f"class list is empty: {path}")
-    if names[0].lower() != "background":
-        raise DataError(f"class list {path}: the first class must be 'background', found {names[0]!r}")
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise DataError(f"class list {path}: duplicate class names {dupes}")
-    if len(names) > 255:
-        raise DataError(f"class list {path}: {len(names)} classes; at most 255 fit in a PNG label map")
-    return names
+    return check_class_names(names, f"class list {path}")
 
 
 def resolve_classes(spec: str | Path) -> list[str]:
