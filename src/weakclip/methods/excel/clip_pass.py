@@ -71,6 +71,22 @@ def base_grid_for_mode(mode: str, crop: int, patch_size: int = 16) -> tuple[int,
     return None
 
 
+
+def block_self_attention(block: nn.Module, x: Tensor,
+                         attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """A CLIP block's self-attention on its ``ln_1`` of tokens-first ``x`` through
+    ``torch.nn.functional.multi_head_attention_forward``, as the release's ``nn.MultiheadAttention`` runs it
+    (so the numbers are the library's): the output and the attention weights averaged over the heads. Used by
+    the image pass's unchanged blocks and the text encoding (with the causal mask)."""
+    attn = block.attn
+    normed = block.ln_1(x)
+    return F.multi_head_attention_forward(
+        normed, normed, normed, attn.embed_dim, attn.num_heads,
+        attn.in_proj_weight, attn.in_proj_bias, None, None, False, 0.0,
+        attn.out_proj.weight, attn.out_proj.bias,
+        training=False, need_weights=True, attn_mask=attn_mask, average_attn_weights=True,
+    )
+
 @dataclass
 class ClipPassOutput:
     """What the release's ``generate_clip_fts`` returns, batch first.
@@ -222,14 +238,7 @@ class ExcelClipPass(nn.Module):
     @staticmethod
     def _plain_block(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
         """An unchanged CLIP block on tokens-first x; attention weights averaged over the heads."""
-        attn = block.attn
-        normed = block.ln_1(x)
-        out, weights = F.multi_head_attention_forward(
-            normed, normed, normed, attn.embed_dim, attn.num_heads,
-            attn.in_proj_weight, attn.in_proj_bias, None, None, False, 0.0,
-            attn.out_proj.weight, attn.out_proj.bias,
-            training=False, need_weights=True, attn_mask=None, average_attn_weights=True,
-        )
+        out, weights = block_self_attention(block, x)
         x = x + out
         x = x + block.mlp(block.ln_2(x))
         return x, weights

@@ -60,6 +60,7 @@ from torch import Tensor
 
 from weakclip.data.classes import COCO_CLASSES, VOC_CLASSES, VOC_PROMPT_NAMES, prompt_names
 from weakclip.errors import DataError, WeakclipError
+from weakclip.methods.excel.clip_pass import block_self_attention
 from weakclip.models.clip import CLIPTextTower
 from weakclip.seeds.names import (
     BACKGROUND_COCO,
@@ -221,14 +222,7 @@ def encode_texts(text_tower: CLIPTextTower, token_ids: Tensor) -> Tensor:
         x = x.permute(1, 0, 2)
         mask = torch.full((length, length), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
         for block in text_tower.transformer.resblocks:
-            attn = block.attn
-            normed = block.ln_1(x)
-            out, _ = F.multi_head_attention_forward(
-                normed, normed, normed, attn.embed_dim, attn.num_heads,
-                attn.in_proj_weight, attn.in_proj_bias, None, None, False, 0.0,
-                attn.out_proj.weight, attn.out_proj.bias,
-                training=False, need_weights=True, attn_mask=mask, average_attn_weights=True,
-            )
+            out, _ = block_self_attention(block, x, mask)
             x = x + block.ls_1(out)
             x = x + block.ls_2(block.mlp(block.ln_2(x)))
         x = text_tower.ln_final(x.permute(1, 0, 2))
