@@ -12,6 +12,7 @@ WeakCLIP's.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,14 +24,45 @@ METHOD_KEY = "method"
 
 
 @dataclass(frozen=True)
+class StageInfo:
+    """One stage of a method's ``weakclip run``: its folder name in the work folder, its title on the report,
+    and whether it trains a network (its ``log.csv`` gives the report's training curves)."""
+
+    name: str
+    title: str
+    trains: bool = False
+
+
+@dataclass(frozen=True)
 class MethodInfo:
-    """A method's name (as written in records), its title, the presets that select it, and the dotted
-    name of the module that implements it."""
+    """A method's name (as written in records), its title, the presets that select it, the dotted name of the
+    module that implements it, the stages of its ``weakclip run`` (in order), the stages of a run folder that
+    hold a network (the final one last: ``weakclip.load(RUN)`` takes the last one present), and its entry
+    points (``key -> "module:attribute"``, imported only when asked for, see :func:`entry`):
+
+    - ``"pipeline"``: the class ``weakclip run`` runs (``cls(PipelineConfig, log=print)``, ``.run()``);
+    - ``"load"``: ``load_segmenter(file, raw, *, where, device, clip_weights, classes) -> Segmenter`` for
+      a checkpoint of the method (``raw``: what the file holds, already read);
+    - ``"demo"``: ``run_demo(workdir, small, *, device, progress) -> report dict``.
+    """
 
     name: str
     title: str
     presets: tuple[str, ...]
     package: str
+    stages: tuple[StageInfo, ...] = ()
+    network_stages: tuple[str, ...] = ()
+    entries: tuple[tuple[str, str], ...] = ()
+
+    def stage_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.stages)
+
+    def stage(self, name: str) -> StageInfo:
+        for info in self.stages:
+            if info.name == name:
+                return info
+        raise WeakclipError(f"{self.title} runs have no stage {name!r}; its stages: "
+                            f"{', '.join(self.stage_names())}")
 
 
 _REGISTRY: dict[str, MethodInfo] = {}
@@ -79,6 +111,17 @@ def of_checkpoint(state: Mapping[str, Any] | None) -> MethodInfo:
     return of_record(config if isinstance(config, Mapping) else None)
 
 
+def entry(info: MethodInfo | str, key: str) -> Any:
+    """The method's entry point ``key`` (see :class:`MethodInfo`), imported now; one line when the method has
+    none (e.g. a method without a demo)."""
+    info = info if isinstance(info, MethodInfo) else get(info)
+    target = dict(info.entries).get(key)
+    if target is None:
+        raise WeakclipError(f"{info.title} has no {key!r} entry point")
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 def check_same(found: MethodInfo | str, wanted: MethodInfo | str, where: str, hint: str = "") -> None:
     """One-line error when ``where`` (a work folder, a checkpoint) belongs to another method than asked."""
     found_info = found if isinstance(found, MethodInfo) else get(found)
@@ -91,5 +134,19 @@ def check_same(found: MethodInfo | str, wanted: MethodInfo | str, where: str, hi
         )
 
 
-register(MethodInfo("weakclip", "WeakCLIP", ("voc", "coco", "voc-plus", "coco-plus"), "weakclip.pipeline"))
-register(MethodInfo("excel", "ExCEL", ("excel-voc", "excel-coco"), "weakclip.methods.excel"))
+register(MethodInfo(
+    "weakclip", "WeakCLIP", ("voc", "coco", "voc-plus", "coco-plus"), "weakclip.pipeline",
+    stages=(StageInfo("seeds", "seeds"), StageInfo("refine", "refinement (training)", trains=True),
+            StageInfo("pseudo_masks", "pseudo masks"), StageInfo("retrain", "retraining", trains=True)),
+    network_stages=("refine", "retrain"),
+    entries=(("pipeline", "weakclip.pipeline:Pipeline"), ("demo", "weakclip.demo:run_method_demo"))))
+register(MethodInfo(
+    "excel", "ExCEL", ("excel-voc", "excel-coco"), "weakclip.methods.excel",
+    stages=(StageInfo("seeds", "training-free masks"), StageInfo("train", "ExCEL training", trains=True),
+            StageInfo("pseudo_masks", "pseudo masks (trained network)"),
+            StageInfo("evaluate", "ExCEL network (val)"),
+            StageInfo("retrain", "retraining (optional)", trains=True)),
+    network_stages=("train", "retrain"),
+    entries=(("pipeline", "weakclip.methods.excel.pipeline:ExcelPipeline"),
+             ("load", "weakclip.methods.excel.segmenter:load_segmenter"),
+             ("demo", "weakclip.methods.excel.demo:run_demo"))))
