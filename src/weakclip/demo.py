@@ -171,3 +171,9 @@ def run_demo(workdir: str | Path, size: DemoSize | None = None, *, device: str |
             f"({report['seeds_miou']:.2f}% -> {report['pseudo_miou']:.2f}%)")
     log(f"overlays: {workdir / 'overlays'}; loss plot: {plot}; page: {workdir / 'report.html'}")
     return report
+
+
+def run_method_demo(workdir: str | Path, small: bool = False, *, device: str | None = None,
+                    progress: bool = True) -> dict[str, Any]:
+    """WeakCLIP's ``"demo"`` entry point (:mod:`weakclip.methods`): ``weakclip demo [--small]``."""
+    return run_demo(workdir, DemoSize.small() if small else DemoSize(), device=device, progress=progress)

@@ -1,42 +1,30 @@
-"""From image-level labels to a trained segmenter in one call: seeds -> refinement -> pseudo masks ->
-retraining -> val evaluation.
+"""WeakCLIP's ``weakclip run``: seeds -> refinement -> pseudo masks -> retraining -> val evaluation, over one
+work folder (the shared machinery, records, reuse, resume and the report: :mod:`weakclip.staged_run`).
 
-Each stage works in its own folder of the work directory: when it starts it records the settings it is
-made with in ``<workdir>/<stage>/made_with.json`` (:mod:`weakclip.stage_settings`), and when it has finished
-it writes ``<workdir>/<stage>/stage.json`` with those, its report settings and its metrics; what it prints is
-kept in ``<workdir>/<stage>/log.txt``. A stage whose ``stage.json`` exists is reused; a stage that was
-interrupted is resumed (the refinement and retraining from their latest checkpoints, the seeds and pseudo
-masks from the images already written) -- both only when the run asks for the settings that made them: before
-any work, every stage the folder holds is compared with what the run asks for, and another setting that
-changes its results stops the run in one line (``redo`` / ``--redo STAGE`` recomputes that stage and every
-stage after it), while one that does not is a note. The run ends with one summary table,
-``<workdir>/report.json`` and the page ``<workdir>/report.html`` (:mod:`weakclip.report`), with warnings when
-a stage made things worse or a class vanished; with ``stop_on_regression`` the run stops at the first such
-stage instead of going on. ``<workdir>/run.json`` records the data and presets of what the folder holds (the
-report reads it) with its class names and palette; it is written once the folder's stages are known to match
-the run. Every path recorded is absolute, and the networks' checkpoints store their classes too, so the run's
-networks load from any folder once the data is gone. Under ``torchrun`` every stage is shared by all
-processes.
+The refinement and retraining resume from their latest checkpoints, the seeds and pseudo masks from the images
+already written. Every path recorded is absolute, and the networks' checkpoints store their classes too, so
+the run's networks load from any folder once the data is gone. :func:`build_pipeline` gives the run of the
+method a preset belongs to (:mod:`weakclip.methods`: ``voc``, ``coco`` -> :class:`Pipeline`; ``excel-voc``,
+``excel-coco`` -> :class:`weakclip.methods.excel.pipeline.ExcelPipeline`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import shutil
-import sys
-import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from weakclip.errors import EXIT_REGRESSION, ItemsFailed, WeakclipError, failed_items_message
+from weakclip.errors import ItemsFailed, WeakclipError, failed_items_message
+from weakclip.methods import get as get_method
 from weakclip.sections import override_keys
-from weakclip.stage_settings import MADE_WITH, check_reuse, made_with
+from weakclip.staged_run import RegressionStop, StagedRun, format_report, percent
+
+__all__ = ["STAGES", "Pipeline", "PipelineConfig", "RegressionStop", "build_pipeline", "format_report"]
 
 STAGES = ("seeds", "refine", "pseudo_masks", "retrain")
+SEED_METHODS = ("clip-es", "excel")
 
 
 @dataclass
@@ -61,46 +49,12 @@ class PipelineConfig:
     stop_on_regression: bool = False  # stop after a stage that made things worse (see weakclip.report.checks)
     write_html: bool = True  # report.html at the end (and on a stop)
     redo: str | None = None  # a stage to recompute with every stage after it (their folders emptied first)
+    descriptors: Path | None = None  # ExCEL's class descriptors JSON (ExCEL runs; WeakCLIP's excel seeds)
+    retrain: Literal["deeplabv1", "none"] | None = None  # ExCEL: a DeepLab on its masks (default none)
+    seed_method: Literal["clip-es", "excel"] = "clip-es"  # WeakCLIP's built-in seeds (excel: unmeasured)
+    seed_band: bool = True  # excel seeds: the ignore band (255) of weakclip.methods.excel.seed_band
 
 
-class RegressionStop(WeakclipError):
-    """``stop_on_regression``: a stage made things worse; the report has been written (exit status 3)."""
-
-    exit_status = EXIT_REGRESSION
-
-
-def _broadcast(obj: Any) -> Any:
-    """``obj`` of the first process on every process (itself when alone)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
-
-
-class _Tee:
-    """A text stream writing to two others (the console and a stage's log file)."""
-
-    def __init__(self, *streams) -> None:
-        self.streams = streams
-
-    def write(self, text: str) -> int:
-        for stream in self.streams:
-            stream.write(text)
-        return len(text)
-
-    def flush(self) -> None:
-        for stream in self.streams:
-            stream.flush()
-
-    def isatty(self) -> bool:
-        return False
-
-
-def _percent(value: float | None) -> float | None:
-    return None if value is None or value != value else round(100.0 * float(value), 2)
 
 
 def _retrain_preset_for(preset: str | Path) -> str:
@@ -112,8 +66,11 @@ def _retrain_preset_for(preset: str | Path) -> str:
     return name if name in PRESETS else "voc"
 
 
-class Pipeline:
-    """The four stages over one work directory. ``run()`` does what is left and returns the report."""
+
+class Pipeline(StagedRun):
+    """WeakCLIP's four stages over one work directory. ``run()`` does what is left and returns the report."""
+
+    method = get_method("weakclip")
 
     def __init__(self, cfg: PipelineConfig, log: Callable[[str], None] = print):
         from weakclip.config import apply_overrides, load_preset
@@ -121,10 +78,9 @@ class Pipeline:
 
         # every path the stages record is absolute: the run's networks load from any folder
         cfg = dataclasses.replace(cfg, **{name: Path(getattr(cfg, name)).absolute() for name in
-                                          ("workdir", "data_root", "clip_weights", "seeds")
+                                          ("workdir", "data_root", "clip_weights", "seeds", "descriptors")
                                           if getattr(cfg, name) is not None})
-        self.cfg = cfg
-        self.workdir = Path(cfg.workdir)
+        super().__init__(cfg, log)
         if not Path(cfg.data_root).exists():
             raise WeakclipError(f"dataset folder not found: {cfg.data_root}")
         if cfg.clip_weights is not None and not Path(cfg.clip_weights).exists():
@@ -133,12 +89,18 @@ class Pipeline:
             raise WeakclipError(f"seed folder not found: {cfg.seeds}")
         if cfg.redo is not None and cfg.redo not in STAGES:
             raise WeakclipError(f"--redo takes a stage: {', '.join(STAGES)}; got {cfg.redo!r}")
-        self._log = log
-        self._stage_t0: float | None = None
-        self._made_with: dict[str, Any] | None = None  # what the stage now running is made with
-        self._data_ids: dict[str, tuple[str, list[str]]] = {}  # split -> (its images' fingerprint, classes)
-        self._fingerprints: dict[str, str | None] = {}  # weights file -> file_fingerprint
-
+        if cfg.retrain not in (None, "deeplabv1"):
+            raise WeakclipError(f"--retrain {cfg.retrain}: a WeakCLIP run always retrains its DeepLab (the "
+                                "retrain stage); --retrain none is for ExCEL runs")
+        if cfg.seed_method not in SEED_METHODS:
+            raise WeakclipError(f"--seed-method takes {' or '.join(SEED_METHODS)}; got {cfg.seed_method!r}")
+        if cfg.seed_method == "excel" and cfg.seeds is not None:
+            raise WeakclipError("--seed-method excel makes the seeds, --seeds brings them: give one of them")
+        if cfg.descriptors is not None and cfg.seed_method != "excel":
+            raise WeakclipError("--descriptors is read by ExCEL (an excel-* preset, or --seed-method excel); "
+                                "CLIP-ES seeds take none")
+        if cfg.descriptors is not None and not Path(cfg.descriptors).is_file():
+            raise WeakclipError(f"descriptors file not found: {cfg.descriptors}")
         refine = load_preset(cfg.preset)
         kind = cfg.dataset or refine.data.kind
         data = [f"data.kind={kind}", f"data.root={cfg.data_root}"]
@@ -176,9 +138,14 @@ class Pipeline:
         from weakclip.errors import DataError
 
         try:
-            require_images(self._dataset(self.train_split, seed_dir=None), "training split")
+            train = self._dataset(self.train_split, seed_dir=None)
+            require_images(train, "training split")
         except DataError as exc:
             raise DataError(f"training split {self.train_split!r}: {exc}") from exc
+        if self.cfg.descriptors is not None:  # --seed-method excel's: every class described, or one line
+            from weakclip.methods.excel.text import check_descriptors
+
+            check_descriptors(self.cfg.descriptors, list(train.classes))
         val_split = self.retrain_cfg.data.val_split
         if val_split:
             try:
@@ -191,146 +158,39 @@ class Pipeline:
                 raise DataError(f"val split {val_split!r} has no ground-truth masks to evaluate against "
                                 "(--val-split none skips the final evaluation)")
 
-    # ------------------------------------------------------------------ bookkeeping
-    def log(self, message: str) -> None:
-        from weakclip.distributed import env_world
+    # ------------------------------------------------------------------ hooks
+    def runners(self) -> dict[str, Callable[[], dict[str, Any]]]:
+        return {"seeds": self.run_seeds, "refine": self.run_refine, "pseudo_masks": self.run_pseudo_masks,
+                "retrain": self.run_retrain}
 
-        if env_world()[0] == 0:
-            self._log(message)
+    def settings_builders(self) -> dict[str, Callable[[], dict[str, Any]]]:
+        return {"seeds": self._seeds_settings, "refine": self._refine_settings,
+                "pseudo_masks": self._pseudo_settings, "retrain": self._retrain_settings}
 
-    def stage_dir(self, stage: str) -> Path:
-        return self.workdir / stage
+    def stage_preset(self, stage: str) -> str:
+        return self.retrain_name if stage == "retrain" else str(self.cfg.preset)
 
-    def stage_record(self, stage: str) -> dict[str, Any] | None:
-        """The stage's ``stage.json`` when it finished; None when it has not, or when the record says it
-        went over no image (written by an older version for an empty split: the stage is run again)."""
-        record = self._read_record(stage)
-        if record is None and (self.stage_dir(stage) / "stage.json").is_file():
-            self.log(f"== {stage}: recorded complete over 0 images, so not done: run again")
-        return record
+    def inputs(self) -> list[Any]:
+        m = self.retrain_cfg.model
+        return [self.cfg.data_root, self.cfg.seeds, self.cfg.clip_weights, m.backbone_weights,
+                self.cfg.descriptors]
 
-    def _read_record(self, stage: str) -> dict[str, Any] | None:
-        from weakclip.data.io import read_json
+    def before_run(self, stages: Sequence[str]) -> None:
+        from weakclip.retrain.train import check_backbone_weights
 
-        path = self.stage_dir(stage) / "stage.json"
-        record = read_json(path, what="stage record") if path.is_file() else None
-        if record is not None and (record.get("metrics") or {}).get("images") == 0:
-            return None
-        return record
+        if "retrain" in stages:  # ResNet-38 has no download: fail now, not after hours of refinement
+            check_backbone_weights(self.retrain_cfg)
 
-    def _finish(self, stage: str, settings: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
-        from weakclip.data.io import jsonable, write_json_atomic
-        from weakclip.distributed import barrier, env_world
+    def run_info(self) -> dict[str, Any]:
+        from weakclip.data.classes import class_record
 
-        if metrics.get("images") == 0:  # never "complete" over nothing (require_images stops this before)
-            raise WeakclipError(f"{stage}: no image was processed; the stage is not recorded complete")
-        record = {"stage": stage, "status": "complete", "settings": settings, "metrics": metrics}
-        if self._stage_t0 is not None:  # wall time of this session of the stage
-            record["seconds"] = round(time.perf_counter() - self._stage_t0, 2)
-        if self._made_with is not None:  # what it was made with, and which making of it this is (the
-            # later stages record it as what they were made from)
-            record["made_with"] = self._made_with
-            record["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-            record["token"] = uuid.uuid4().hex[:12]
-        if env_world()[0] == 0:
-            write_json_atomic(self.stage_dir(stage) / "stage.json", jsonable(record))
-        barrier()
-        return record
-
-    @contextlib.contextmanager
-    def _stage_log(self, stage: str):
-        """Copy what the stage prints (first process) to ``<stage>/log.txt``, appended on a resumed run."""
-        from weakclip.distributed import env_world
-
-        if env_world()[0] != 0:
-            yield
-            return
-        path = self.stage_dir(stage) / "log.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8", buffering=1) as fh:  # line-buffered: kept on a crash
-            fh.write(f"== {stage} {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-            with contextlib.redirect_stdout(_Tee(sys.stdout, fh)):
-                yield
-
-    def _folder_split(self, purpose: str, what: str) -> str | None:
-        """A folder dataset's own split for ``purpose`` (the presets' are VOC's and COCO's), said in one line:
-        for training ``"none"`` is every labelled image; a missing val list gives None (the data check then
-        refuses the run, which ``--val-split none`` runs without a final evaluation)."""
-        from weakclip.data.folder import default_split, split_choice_line
-
-        split = default_split(self.cfg.data_root, purpose)
-        if split is None and purpose == "val":
-            return None
-        self.log(split_choice_line(what, split, purpose))
-        return split or "none"
-
-    def _image_split(self, split: str | None) -> str | None:
-        """The split whose images a concatenated training split ``"a+b"`` repeats: the part that holds every
-        image of the others (VOC ``train+train_aug`` -> ``train_aug``); a plain split is its own."""
-        if not split or "+" not in split:
-            return split
-        parts = [p.strip() for p in split.split("+")]
-        ids = {p: set(self._dataset(p, seed_dir=None, with_gt=False).ids) for p in parts}
-        union = set().union(*ids.values())
-        for part in sorted(parts, key=lambda p: -len(ids[p])):
-            if ids[part] >= union:
-                return part
-        raise WeakclipError(f"training split {split!r}: no part holds the images of all the others, so the "
-                            "seeds and pseudo masks cannot be made once per image; pass --split")
-
-    def _dataset(self, split: str | None, **kwargs):
-        from weakclip.data.datasets import build_dataset
-
-        return build_dataset(self.kind, self.cfg.data_root, split=split, **kwargs)
-
-    # ------------------------------------------------------------------ what made a stage
-    def stage_settings(self, stage: str) -> dict[str, Any]:
-        """The settings this run makes ``stage`` with, as one flat dict (dotted keys; split by
-        :func:`weakclip.stage_settings.made_with` into those that change its results and those that do
-        not). Each stage adds what it was made from: ``from.<stage>`` names the making of the stage before."""
-        from weakclip.distributed import init_distributed
-        from weakclip.methods import of_preset
-
-        builders = {"seeds": self._seeds_settings, "refine": self._refine_settings,
-                    "pseudo_masks": self._pseudo_settings, "retrain": self._retrain_settings}
-        info = init_distributed(self.cfg.device)
-        preset = self.retrain_name if stage == "retrain" else str(self.cfg.preset)
-        return {"method": of_preset(str(self.cfg.preset)).name, **builders[stage](),
-                "device": info.device.type, "processes": info.world_size, "preset": preset}
-
-    def _data_settings(self, split: str | None, prefix: str = "data.") -> dict[str, Any]:
-        """Which images and classes a split holds (not where: ``data.root`` may move)."""
-        from weakclip.stage_settings import ids_fingerprint
-
-        if split is None and prefix != "data.":  # no val split
-            return {f"{prefix}images": None}
-        key = split or ""
-        if key not in self._data_ids:
-            dataset = self._dataset(split, seed_dir=None, with_gt=False)
-            self._data_ids[key] = (ids_fingerprint(dataset.ids), list(dataset.classes))
-        images, classes = self._data_ids[key]
-        return {f"{prefix}images": images, f"{prefix}classes": classes}
-
-    def _fingerprint(self, path: str | Path | None) -> str | None:
-        from weakclip.stage_settings import file_fingerprint
-
-        if path is None:
-            return None
-        key = str(Path(path).resolve())
-        if key not in self._fingerprints:
-            self._fingerprints[key] = file_fingerprint(path)
-        return self._fingerprints[key]
-
-    def _clip_settings(self) -> dict[str, Any]:
-        weights = self.cfg.clip_weights
-        return {"clip.weights": self._fingerprint(weights),
-                "clip.weights_file": None if weights is None else str(Path(weights).resolve())}
-
-    def _made_from(self, stage: str) -> dict[str, Any]:
-        """``from.<stage>``: when the stage this one comes after was made, and which making it was."""
-        record = self._read_record(stage)
-        token = record.get("token") if record else None
-        return {f"from.{stage}": f"{record.get('finished')} #{token}" if token else None}
+        # train_split: the split whose images were seeded and pseudo-masked (each image once); classes: the
+        # names of the masks' ids (the dataset's; a refinement's prompts may spell them otherwise).
+        classes = self._dataset(self.pseudo_split, seed_dir=None).classes
+        return {"data_root": str(Path(self.cfg.data_root).resolve()), "kind": self.kind,
+                "train_split": self.pseudo_split, "val_split": self.retrain_cfg.data.val_split,
+                "seed_dir": str(Path(self.seed_dir()).resolve()), "preset": str(self.cfg.preset),
+                "retrain_preset": self.retrain_name, **class_record(classes)}
 
     def _seed_config(self):
         """CLIP-ES's settings; a -plus preset also switches on the seed departures, as
@@ -349,6 +209,8 @@ class Pipeline:
         if self.cfg.seeds is not None:
             return {**out, "seeds.source": "external", "seeds.files": folder_fingerprint(self.cfg.seeds),
                     "seeds.dir": str(Path(self.cfg.seeds).resolve())}
+        if self.cfg.seed_method == "excel":
+            return {**out, **self._excel_seeds_settings()}
         # as resolved for the class list (background words, box threshold), as the seeder records them
         resolved = asdict(self._seed_config().for_classes(out["data.classes"]))
         return {**out, "seeds.source": "built-in CLIP-ES", "model.clip_arch": self.refine_cfg.model.clip_arch,
@@ -378,18 +240,6 @@ class Pipeline:
                 **self._data_settings(self.retrain_cfg.data.val_split, "data.val_"),
                 "backbone.weights": self._fingerprint(backbone), **self._made_from("pseudo_masks")}
 
-    def _held(self, stage: str, record: dict[str, Any] | None) -> dict[str, Any] | None:
-        """What the folder's ``stage`` was made with (finished) or started with (interrupted); None when
-        it holds nothing of it. Records of older versions tell what they can (:meth:`_legacy_made_with`)."""
-        from weakclip.data.io import read_json
-
-        if record is not None:
-            return record.get("made_with") or self._legacy_made_with(stage, record)
-        path = self.stage_dir(stage) / MADE_WITH
-        if path.is_file():
-            return (read_json(path, what="stage settings") or {}).get("made_with")
-        return self._legacy_made_with(stage, None)
-
     def _legacy_made_with(self, stage: str, record: dict[str, Any] | None) -> dict[str, Any] | None:
         """The settings a stage made by a version without ``made_with`` records: the refinement's and the
         retraining's ``config.yaml``, the pseudo masks' and the built-in seeds' ``stage.json`` settings
@@ -412,76 +262,12 @@ class Pipeline:
                          if f.name in settings and f.name != "background"})
         return None if flat is None else {"output": normalised(flat), "incidental": {}}
 
-    def plan(self, stages: Sequence[str] = STAGES) -> tuple[dict[str, str], dict[str, Any], list[str]]:
-        """Before any work, without writing: which of ``stages`` this run reuses (``"skip"``: complete and
-        made with this run's settings) and which it makes or resumes (``"run"``), the records of those
-        reused, and the notes (settings that differ but do not change results). Every stage the folder
-        holds is checked, asked for or not. WeakclipError (one line) for a stage made or started with
-        another setting that changes its results (:func:`weakclip.stage_settings.check_reuse`), or held
-        while a stage before it is to be made again; ``redo`` stages are made again, unchecked."""
-        redo = set(STAGES[STAGES.index(self.cfg.redo):]) if self.cfg.redo else set()
-        plan: dict[str, str] = {}
-        records: dict[str, Any] = {}
-        notes: list[str] = []
-        upstream: str | None = None  # the first stage this run makes (again) or resumes
-        for stage in STAGES:
-            record = held = None
-            if stage in redo:
-                self._check_redo_removes_no_input(stage)
-            else:
-                record = self.stage_record(stage)
-                held = self._held(stage, record)
-            if record is not None or held is not None:  # the folder holds (some of) it
-                if upstream is not None:
-                    state = "is complete" if record is not None else "was started"
-                    raise WeakclipError(
-                        f"{stage} in {self.workdir} {state}, but the {upstream} stage before it is not, and "
-                        f"this run makes it: its results would no longer come from the {upstream} stage's; "
-                        f"pass --redo {upstream} to recompute {upstream} and every stage after it, or use a "
-                        "new --workdir")
-                note = check_reuse(stage, self.workdir, held, made_with(self.stage_settings(stage)),
-                                   complete=record is not None)
-                notes += [note] if note else []
-            if record is not None:
-                records[stage] = record
-            elif upstream is None and (stage in stages or held is not None or stage in redo):
-                upstream = stage
-            if stage in stages:
-                plan[stage] = "skip" if record is not None else "run"
-        return plan, records, notes
-
-    def _check_redo_removes_no_input(self, stage: str) -> None:
-        """``redo`` empties the stage's folder: refused when it holds something the run reads."""
-        folder = self.stage_dir(stage).resolve()
-        m = self.retrain_cfg.model
-        inputs = [self.cfg.data_root, self.cfg.seeds, self.cfg.clip_weights, m.backbone_weights]
-        for item in inputs:
-            if item is None:
-                continue
-            path = Path(item).resolve()
-            if path == folder or folder in path.parents:
-                raise WeakclipError(f"--redo {self.cfg.redo} would empty {folder}, which holds {path} that "
-                                    "this run reads: move it out of the work folder first")
-
-    def _clear_for_redo(self) -> None:
-        """Empty the folders of the ``redo`` stage and of every stage after it (first process)."""
-        removed = []
-        for stage in STAGES[STAGES.index(self.cfg.redo):]:
-            folder = self.stage_dir(stage)
-            if folder.exists():
-                try:
-                    shutil.rmtree(folder)
-                except OSError as exc:
-                    raise WeakclipError(f"--redo {self.cfg.redo}: cannot remove {folder}: "
-                                        f"{exc.strerror or exc}") from exc
-                removed.append(stage)
-        if removed:
-            self.log(f"== --redo {self.cfg.redo}: removed {', '.join(removed)} of {self.workdir}")
-
     # ------------------------------------------------------------------ stages
     def run_seeds(self) -> dict[str, Any]:
         if self.cfg.seeds is not None:
             return self._external_seeds(Path(self.cfg.seeds))
+        if self.cfg.seed_method == "excel":
+            return self._excel_seeds()
         from weakclip.distributed import init_distributed
         from weakclip.models.clip import build_clip
         from weakclip.seeds.clip_es import ClipEsSeeder
@@ -508,6 +294,59 @@ class Pipeline:
         # the settings as resolved for the class list, then the prompts used (its "background" replaces the
         # configured list by the words actually prompted)
         settings = {"source": "built-in CLIP-ES", "dir": str(out), **asdict(seeder.config), **names}
+        return self._finish("seeds", settings, metrics)
+
+    # ExCEL's training-free masks as seeds (--seed-method excel: in no paper, unmeasured)
+    def _excel_seed_config(self):
+        """ExCEL's settings for the training-free masks: the ExCEL preset of the data (excel-coco for COCO,
+        else excel-voc) on the refinement's CLIP."""
+        from weakclip.methods.excel.config import apply_excel_overrides, load_excel_preset
+
+        preset = "excel-coco" if self.kind.startswith("coco") else "excel-voc"
+        return apply_excel_overrides(load_excel_preset(preset), [
+            f"model.clip_arch={self.refine_cfg.model.clip_arch}", f"data.kind={self.kind}"])
+
+    def _excel_band(self):
+        from weakclip.methods.excel.seed_band import SeedBand
+
+        return SeedBand.of_config(self._excel_seed_config()) if self.cfg.seed_band else None
+
+    def _excel_seeds_settings(self) -> dict[str, Any]:
+        from weakclip.methods.excel.training_free import free_settings
+
+        cfg = self._excel_seed_config()
+        band = self._excel_band()
+        path = self.cfg.descriptors
+        return {"seeds.source": "ExCEL training-free masks", "model.clip_arch": cfg.model.clip_arch,
+                **self._clip_settings(), "text.descriptors": self._fingerprint(path),
+                "text.descriptors_file": None if path is None else str(Path(path).resolve()),
+                **{f"seeds.excel.{k}": v for k, v in asdict(free_settings(cfg)).items()},
+                "seeds.excel.band": None if band is None else asdict(band)}
+
+    def _excel_seeds(self) -> dict[str, Any]:
+        from weakclip.distributed import init_distributed
+        from weakclip.methods.excel.jobs import free_mask_job
+        from weakclip.methods.excel.train import build_network
+        from weakclip.methods.excel.training_free import free_settings
+
+        info = init_distributed(self.cfg.device)
+        out = self.stage_dir("seeds")
+        dataset = self._dataset(self.pseudo_split, seed_dir=None)
+        cfg = self._excel_seed_config()
+        net = build_network(cfg, list(dataset.classes), clip_weights=self.cfg.clip_weights,
+                            descriptors=self.cfg.descriptors, device=info.device, note=self.log).eval()
+        band = self._excel_band()
+        self.log("seeds: ExCEL's training-free masks" + (f" with the ignore band {band}" if band else
+                                                        " without an ignore band") + " (unmeasured)")
+        summary = free_mask_job(net, dataset, out, free_settings(cfg), band=band, rank=info.rank,
+                                world_size=info.world_size, progress=self.cfg.progress)
+        if summary.get("failed"):
+            raise ItemsFailed(f"seeds: {failed_items_message(summary['failures'], summary['images'])}; fix "
+                              "or remove them and run again (the stage is not recorded complete)")
+        metrics = {"seeds_miou": summary.get("miou"), "seeds_miou_confident": summary.get("miou_confident"),
+                   "coverage": summary.get("coverage"), "images": summary.get("images")}
+        settings = {"source": "ExCEL training-free masks", "dir": str(out),
+                    "band": None if band is None else asdict(band)}
         return self._finish("seeds", settings, metrics)
 
     def _external_seeds(self, seed_dir: Path) -> dict[str, Any]:
@@ -593,116 +432,9 @@ class Pipeline:
                    "val_images": ev.get("images")}
         return self._finish("retrain", {"config": str(out / "config.yaml")}, metrics)
 
-    # ------------------------------------------------------------------ driver
-    def run(self, stages: Sequence[str] = STAGES) -> dict[str, Any]:
-        from weakclip.data.io import jsonable, write_json_atomic
-        from weakclip.distributed import barrier, env_world, init_distributed
-        from weakclip.retrain.train import check_backbone_weights
-
-        if "retrain" in stages:  # ResNet-38 has no download: fail now, not after hours of refinement
-            check_backbone_weights(self.retrain_cfg)
-        # One process group for the whole run (under torchrun): the stages find it and leave it up.
-        init_distributed(self.cfg.device)
-        # what the folder holds against what this run asks for, before anything is written
-        plan, held, notes = self.plan(stages)
-        # Every process has looked before any can write: all take the same branches.
-        barrier()
-        for note in notes:
-            self.log(note)
-        first = env_world()[0] == 0
-        if self.cfg.redo is not None and first:
-            self._clear_for_redo()
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        runners = {"seeds": self.run_seeds, "refine": self.run_refine, "pseudo_masks": self.run_pseudo_masks,
-                   "retrain": self.run_retrain}
-        if first:
-            self._write_run_info()
-        barrier()
-        records: dict[str, Any] = {}
-        for stage in stages:
-            if plan[stage] == "skip":
-                record = held[stage]
-                self.log(f"== {stage}: complete, skipped (--redo {stage} recomputes it and the later stages)")
-            else:
-                self.log(f"== {stage}")
-                self._made_with = made_with(self.stage_settings(stage))
-                if first:
-                    write_json_atomic(self.stage_dir(stage) / MADE_WITH,
-                                      jsonable({"stage": stage, "made_with": self._made_with}))
-                self._stage_t0 = time.perf_counter()
-                with self._stage_log(stage):
-                    record = runners[stage]()
-                self._stage_t0 = self._made_with = None
-            records[stage] = record
-            if self.cfg.stop_on_regression and stage in ("pseudo_masks", "retrain"):
-                analysis = self._analyse() if env_world()[0] == 0 else None
-                found = _broadcast(None if analysis is None else
-                                   [str(r) for r in analysis["regressions"] if r.stage == stage])
-                if found:
-                    self._write_report(records, analysis)
-                    barrier()
-                    raise RegressionStop(f"stopped after the {stage} stage (--stop-on-regression): "
-                                         + "; ".join(found))
-        report = self._write_report(records, None)
-        barrier()
-        return report
-
-    def _write_run_info(self) -> None:
-        from weakclip.data.classes import class_record
-        from weakclip.data.io import write_json_atomic
-        from weakclip.report.analysis import RUN_INFO
-
-        # Written once every stage the folder holds was found made with this run's settings (plan), so that
-        # it tells what the folder holds, not only what the last command asked for. train_split: the split
-        # whose images were seeded and pseudo-masked (each image once); classes: the names of the masks' ids
-        # (the dataset's; a refinement's prompts may spell them otherwise).
-        classes = self._dataset(self.pseudo_split, seed_dir=None).classes
-        info = {"data_root": str(Path(self.cfg.data_root).resolve()), "kind": self.kind,
-                "train_split": self.pseudo_split, "val_split": self.retrain_cfg.data.val_split,
-                "seed_dir": str(Path(self.seed_dir()).resolve()), "preset": str(self.cfg.preset),
-                "retrain_preset": self.retrain_name,
-                **class_record(classes)}
-        write_json_atomic(self.workdir / RUN_INFO, info)
-
-    def _analyse(self) -> dict[str, Any]:
-        """The report's analysis of the work folder plus its ``regressions`` (first process only)."""
-        from weakclip.report.analysis import analyse
-        from weakclip.report.checks import find_regressions
-
-        try:
-            analysis = analyse(self.workdir, log=self.log)
-        except Exception as exc:  # the report must not stop a run whose stages succeeded
-            self.log(f"report page: could not analyse {self.workdir}: {type(exc).__name__}: {exc}")
-            return {"regressions": [], "failed": True}
-        analysis["regressions"] = find_regressions(analysis)
-        return analysis
-
-    def _write_report(self, records: dict[str, Any], analysis: dict[str, Any] | None) -> dict[str, Any]:
-        """report.json, report.html and the summary table with the warnings (first process)."""
-        from weakclip.data.io import write_json_atomic
-        from weakclip.distributed import env_world
-
-        report = self.report(records)
-        if env_world()[0] != 0:
-            return report
-        if analysis is None:
-            analysis = self._analyse()
-        report["warnings"] = [str(r) for r in analysis["regressions"]]
-        if self.cfg.write_html and not analysis.get("failed"):
-            from weakclip.report.page import build_report
-
-            try:
-                report["html"] = str(build_report(self.workdir, log=self.log, analysis=analysis))
-            except Exception as exc:  # the run's results stand without their page
-                self.log(f"report page: could not write report.html: {type(exc).__name__}: {exc} "
-                         f"('weakclip report {self.workdir}' tries again)")
-        write_json_atomic(self.workdir / "report.json", report)
-        self.log(format_report(report))
-        return report
-
     def report(self, records: dict[str, Any]) -> dict[str, Any]:
         def metric(stage: str, key: str):
-            return _percent((records.get(stage) or {}).get("metrics", {}).get(key))
+            return percent((records.get(stage) or {}).get("metrics", {}).get(key))
 
         return {
             "seeds_miou": metric("seeds", "seeds_miou"),
@@ -710,27 +442,24 @@ class Pipeline:
             "pseudo_miou_no_crf": metric("pseudo_masks", "pseudo_miou_no_crf"),
             "pseudo_miou": metric("pseudo_masks", "pseudo_miou"),
             "final_miou": metric("retrain", "final_miou"),
+            "method": self.method.name,
             "units": "percent mIoU; seeds, pseudo masks on the training split, final on val",
+            "rows": self.report_rows(),
             "stages": {k: {**v.get("settings", {}), "metrics": v.get("metrics", {})}
                        for k, v in records.items()},
             "workdir": str(self.workdir),
         }
 
+    def report_rows(self) -> list[tuple[str, str]]:
+        return [("seeds (unsure = background)", "seeds_miou"),
+                ("refined pseudo masks, before CRF", "pseudo_miou_no_crf"),
+                ("refined pseudo masks", "pseudo_miou"),
+                ("final network, val", "final_miou")]
 
-def format_report(report: dict[str, Any]) -> str:
-    def cell(v):
-        return "-" if v is None else f"{v:6.2f}"
 
-    rows = [("seeds (unsure = background)", report["seeds_miou"]),
-            ("refined pseudo masks, before CRF", report["pseudo_miou_no_crf"]),
-            ("refined pseudo masks", report["pseudo_miou"]),
-            ("final network, val", report["final_miou"])]
-    width = max(len(r[0]) for r in rows)
-    lines = [f"{'stage':<{width}}  mIoU %", "-" * (width + 8)]
-    lines += [f"{name:<{width}}  {cell(v)}" for name, v in rows]
-    for warning in report.get("warnings") or []:
-        lines.append(f"WARNING: {warning}")
-    lines.append(f"report: {Path(report['workdir']) / 'report.json'}")
-    if report.get("html"):
-        lines.append(f"page: {report['html']}")
-    return "\n".join(lines)
+
+def build_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> StagedRun:
+    """The run of the method ``cfg.preset`` belongs to (its ``"pipeline"`` entry point)."""
+    from weakclip.methods import entry, of_preset
+
+    return entry(of_preset(str(cfg.preset)), "pipeline")(cfg, log=log)

@@ -37,8 +37,9 @@ MADE_WITH = "made_with.json"
 #:   ``eval.csv`` and ``best.pth``; every iteration re-seeds the random state, and the pseudo masks use the
 #:   last checkpoint);
 #: - where the inputs lie: ``data.root``, ``data.seeds``, ``data.masks``, ``seeds.dir``,
-#:   ``clip.weights_file``, ``model.backbone_weights`` (what they hold is compared: ``data.images``,
-#:   ``data.classes``, ``seeds.files``, ``clip.weights``, ``backbone.weights``);
+#:   ``clip.weights_file``, ``model.backbone_weights``, ``text.descriptors_file`` (what they hold is compared:
+#:   ``data.images``, ``data.classes``, ``seeds.files``, ``clip.weights``, ``backbone.weights``,
+#:   ``text.descriptors``);
 #: - ``preset``: the name; the settings it stands for are compared one by one.
 INCIDENTAL: frozenset[str] = frozenset({
     "device", "processes", "preset",
@@ -47,6 +48,7 @@ INCIDENTAL: frozenset[str] = frozenset({
     "train.checkpoint_every", "train.log_every", "train.keep_checkpoints", "train.eval_every",
     "train.eval_split", "train.eval_max_images",
     "data.root", "data.seeds", "data.masks", "seeds.dir", "clip.weights_file", "model.backbone_weights",
+    "text.descriptors_file",
 })
 
 #: Incidental settings named in a refusal when they differ too (they tell where the difference comes from).

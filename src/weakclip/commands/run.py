@@ -1,4 +1,6 @@
-"""``weakclip run``: the whole pipeline; ``weakclip demo``: the same on the embedded synthetic data."""
+"""``weakclip run``: the whole pipeline of the method the preset belongs to (WeakCLIP: ``voc``, ``coco``,
+``-plus``; ExCEL: ``excel-voc``, ``excel-coco``); ``weakclip demo``: the same on the embedded synthetic
+data."""
 
 from __future__ import annotations
 
@@ -14,16 +16,42 @@ from weakclip.commands.flags import (
     add_renamed,
     add_training_data,
 )
-from weakclip.pipeline import STAGES
+from weakclip.methods import get as get_method
+from weakclip.methods import names as method_names
+
+#: Every stage name of every method's run (each run checks that --redo names one of its own).
+ALL_STAGES: tuple[str, ...] = tuple(dict.fromkeys(stage for name in method_names()
+                                                  for stage in get_method(name).stage_names()))
+#: The WeakCLIP-only flags of the pseudo-mask and seed stages, and what an ExCEL run takes instead.
+_WEAKCLIP_FLAGS = (("scales", "--scales", "--set infer.scales=..."), ("crf", "--crf", "--set infer.crf=true"),
+                   ("restrict", "--restrict", None), ("crf_workers", "--crf-workers", None),
+                   ("batch_size", "--batch-size", None))
+
+
+def _check_method_flags(args: argparse.Namespace) -> None:
+    """WeakCLIP's stage flags given to an ExCEL run: one line naming the ExCEL setting to use instead."""
+    from weakclip.errors import WeakclipError
+    from weakclip.methods import DEFAULT_METHOD, of_preset
+
+    method = of_preset(str(args.preset))
+    if method.name == DEFAULT_METHOD:
+        return
+    for attr, flag, instead in _WEAKCLIP_FLAGS:
+        value = getattr(args, attr)
+        if value not in (None, False, [], 1 if attr == "batch_size" else None):
+            tail = f"; use {instead}" if instead else ""
+            raise WeakclipError(f"{flag} sets a WeakCLIP stage; the {method.title} run (--preset "
+                                f"{args.preset}) does not take it{tail}")
 
 
 def run_pipeline(args: argparse.Namespace) -> int:
     from weakclip.distributed import cleanup
     from weakclip.errors import WeakclipError
-    from weakclip.pipeline import Pipeline, PipelineConfig, RegressionStop
+    from weakclip.pipeline import PipelineConfig, RegressionStop, build_pipeline
 
     if args.batch_size < 1:
         raise WeakclipError(f"--batch-size must be >= 1, got {args.batch_size}")
+    _check_method_flags(args)
     # the pseudo-mask flags are overrides of the preset's pseudo section (given ones only)
     pseudo = [f"pseudo.crf={args.crf}"] if args.crf is not None else []
     if args.restrict:
@@ -43,9 +71,11 @@ def run_pipeline(args: argparse.Namespace) -> int:
                          refine_overrides=[*pseudo, *args.set],
                          retrain_overrides=[*retrain, *args.retrain_set],
                          device=args.device, progress=not args.quiet, seeds_batch=args.batch_size,
-                         stop_on_regression=args.stop_on_regression, redo=args.redo)
+                         stop_on_regression=args.stop_on_regression, redo=args.redo,
+                         descriptors=args.descriptors, retrain=args.retrain, seed_method=args.seed_method,
+                         seed_band=not args.no_seed_band)
     try:
-        Pipeline(cfg).run()
+        build_pipeline(cfg).run()
     except RegressionStop as stop:
         print(f"weakclip run: {stop}", file=sys.stderr)
         return 3
@@ -55,25 +85,29 @@ def run_pipeline(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from weakclip.demo import DemoSize, run_demo
+    from weakclip.methods import entry
 
-    run_demo(args.workdir, DemoSize.small() if args.small else DemoSize(), device=args.device,
-             progress=not args.quiet)
+    entry(args.method, "demo")(args.workdir, args.small, device=args.device, progress=not args.quiet)
     return 0
 
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "run", help="the whole pipeline: seeds -> refinement -> pseudo masks -> retraining -> val mIoU",
-        description="Runs every stage in --workdir (one folder each, with its config, log and metrics); "
+        "run", help="the whole pipeline: seeds -> refinement -> pseudo masks -> retraining -> val mIoU "
+                    "(ExCEL: training-free masks -> training -> pseudo masks -> val mIoU)",
+        description="Runs every stage of the preset's method (WeakCLIP: seeds, refine, pseudo_masks, "
+                    "retrain; ExCEL, --preset excel-voc / excel-coco: seeds (its training-free masks), "
+                    "train, pseudo_masks, evaluate, and retrain with --retrain deeplabv1) in --workdir (one "
+                    "folder each, with its config, log and metrics); "
                     "finished stages are reused, interrupted ones resumed, when made with the settings this "
                     "run asks for: another setting that changes a stage's results stops the run before any "
                     "work (--redo STAGE, or a new --workdir), one that does not (--batch-size, --device, "
                     "worker counts) is a note. Ends with a summary table, report.json and report.html (see "
                     "'weakclip report'). Works the same under torchrun.")
     p.add_argument("--preset", default="voc",
-                   help=f"refinement and pseudo-mask preset: {PRESET_HELP} (voc / coco: the release; "
-                        f"-plus: our unmeasured departures) or a .yaml (default voc)")
+                   help=f"the method and its settings: WeakCLIP's refinement and pseudo-mask preset "
+                        f"{PRESET_HELP} (voc / coco: the release; -plus: our unmeasured departures), ExCEL's "
+                        f"excel-voc, excel-coco (the release), or a .yaml (default voc)")
     p.add_argument("--retrain-preset", default=None,
                    help=f"retraining preset: {PRESET_HELP} or a .yaml (default: the same name as "
                         f"--preset; voc for a .yaml)")
@@ -84,6 +118,17 @@ def register(sub) -> None:
                         "splits/val.txt when present, else none)")
     p.add_argument("--clip-weights", type=Path, default=None, help="CLIP ViT-B/16 weights (see README)")
     p.add_argument("--seeds", type=Path, default=None, help="external seed PNGs (default: built-in CLIP-ES)")
+    p.add_argument("--seed-method", choices=("clip-es", "excel"), default="clip-es",
+                   help="WeakCLIP's built-in seeds: clip-es (the release) or excel (ExCEL's training-free "
+                        "masks with an ignore band; in no paper, unmeasured; see docs/method.md)")
+    p.add_argument("--no-seed-band", action="store_true",
+                   help="--seed-method excel: the plain training-free masks, without the ignore band")
+    p.add_argument("--descriptors", type=Path, default=None,
+                   help="ExCEL's class descriptors JSON ({class: [sentences]}; see README); without it ExCEL "
+                        "uses plain class prompts (said in one line)")
+    p.add_argument("--retrain", choices=("deeplabv1", "none"), default=None,
+                   help="ExCEL runs: retrain the DeepLab-v1 ResNet-38 on ExCEL's pseudo masks (deeplabv1) "
+                        "or not (none, the default, as the release)")
     p.add_argument("--workdir", required=True, type=Path,
                    help="work folder: one sub-folder per stage, report.json, report.html")
     weights = p.add_mutually_exclusive_group()
@@ -115,8 +160,10 @@ def register(sub) -> None:
                         "rounding only). The training batches are the presets' (--set train.batch_size=N, "
                         "--retrain-set train.batch_size=N)")
     add_renamed(p, "--seeds-batch", "--batch-size", "batch_size", type=int)
-    p.add_argument("--redo", choices=STAGES, default=None, metavar="STAGE",
-                   help=f"recompute STAGE ({', '.join(STAGES)}) and every stage after it, with this run's "
+    p.add_argument("--redo", choices=ALL_STAGES, default=None, metavar="STAGE",
+                   help=f"recompute STAGE (WeakCLIP: {', '.join(get_method('weakclip').stage_names())}; "
+                        f"ExCEL: {', '.join(get_method('excel').stage_names())}) and every stage after it, "
+                        "with this run's "
                         "settings: their folders in --workdir are emptied first (the way to change a setting "
                         "of a finished stage; the earlier stages are reused)")
     p.add_argument("--stop-on-regression", action="store_true",
@@ -135,6 +182,8 @@ def register(sub) -> None:
     d.add_argument("--workdir", type=Path, default=Path("weakclip_demo"),
                    help="work folder (default weakclip_demo; resumable: finished stages are skipped)")
     d.add_argument("--small", action="store_true", help="a reduced size (what the test suite runs)")
+    d.add_argument("--method", choices=tuple(method_names()), default="weakclip",
+                   help="the method whose whole chain the demo runs (default weakclip)")
     add_device(d)
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=run_demo)

@@ -32,7 +32,7 @@ import numpy as np
 from weakclip.errors import DataError, WeakclipError
 from weakclip.report import REPORT_DIR
 
-STAGES = ("seeds", "refine", "pseudo_masks", "retrain")  # the pipeline's, in order
+STAGES = ("seeds", "refine", "pseudo_masks", "retrain")  # WeakCLIP's, in order (runs without a run.json)
 MASK_SETS = ("seeds", "pseudo_no_crf", "pseudo")
 SET_STAGE = {"seeds": "seeds", "pseudo_no_crf": "pseudo_masks", "pseudo": "pseudo_masks"}
 SET_TITLES = {"seeds": "seeds", "pseudo_no_crf": "pseudo masks before CRF", "pseudo": "pseudo masks",
@@ -51,10 +51,20 @@ class RunInfo:
     train_split: str | None = None
     val_split: str | None = None
     seed_dir: Path | None = None
+    method: str = "weakclip"  # weakclip.methods: which method's run (its stages, titles, final stage)
+    stages: tuple[str, ...] | None = None  # the stages the run makes (None: every stage of its method)
 
     def to_dict(self) -> dict[str, Any]:
         return {"data_root": _str(self.data_root), "kind": self.kind, "train_split": self.train_split,
-                "val_split": self.val_split, "seed_dir": _str(self.seed_dir)}
+                "val_split": self.val_split, "seed_dir": _str(self.seed_dir), "method": self.method,
+                "stages": None if self.stages is None else list(self.stages)}
+
+    def run_stages(self) -> tuple[str, ...]:
+        """The run's stages, in order: those ``run.json`` lists, else every stage of its method."""
+        from weakclip.methods import get
+
+        names = get(self.method).stage_names()
+        return names if self.stages is None else tuple(s for s in names if s in self.stages)
 
 
 def _str(path: Path | None) -> str | None:
@@ -83,9 +93,13 @@ def read_run_info(workdir: str | Path) -> RunInfo:
         def path_of(key: str) -> Path | None:
             return Path(raw[key]) if raw.get(key) else None
 
+        from weakclip.methods import of_record
+
+        stages = raw.get("stages")
         return RunInfo(workdir, data_root=path_of("data_root"), kind=raw.get("kind"),
                        train_split=raw.get("train_split"), val_split=raw.get("val_split"),
-                       seed_dir=path_of("seed_dir"))
+                       seed_dir=path_of("seed_dir"), method=of_record(raw).name,
+                       stages=tuple(stages) if isinstance(stages, list) else None)
     if not any((workdir / s).is_dir() for s in STAGES):
         raise WeakclipError(f"{workdir} holds no pipeline run (no {RUN_INFO}, no stage folder)")
     info = RunInfo(workdir)
@@ -259,11 +273,24 @@ def score_mask_sets(info: RunInfo, dataset, log: Callable[[str], None] = print) 
     return results
 
 
-def final_scores(workdir: Path, classes: list[str]) -> dict[str, Any] | None:
-    """The final network's val scores from ``retrain/eval.json`` (percent there; fractions here)."""
+#: The stages whose ``eval.json`` scores a network on val, the final one first (WeakCLIP: the retraining;
+#: ExCEL: the retraining when the run makes one, else its own network's evaluation).
+EVAL_STAGES = ("retrain", "evaluate")
+
+
+def final_stage(info: RunInfo) -> str | None:
+    """The stage of the run whose network is the final one scored on val."""
+    stages = info.run_stages()
+    return next((s for s in EVAL_STAGES if s in stages), None)
+
+
+def final_scores(workdir: Path, classes: list[str], stage: str | None = "retrain") -> dict[str, Any] | None:
+    """A network's val scores from ``<stage>/eval.json`` (percent there; fractions here)."""
     from weakclip.data.io import read_json
 
-    path = workdir / "retrain" / "eval.json"
+    if stage is None:
+        return None
+    path = workdir / stage / "eval.json"
     if not path.is_file():
         return None
     raw = read_json(path, what="evaluation record")
@@ -282,14 +309,20 @@ def final_scores(workdir: Path, classes: list[str]) -> dict[str, Any] | None:
 def analyse(workdir: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Everything the report shows about ``workdir`` (see the module docstring), JSON-ready."""
     from weakclip.data.datasets import build_dataset
+    from weakclip.methods import get
 
     info = read_run_info(workdir)
     workdir = info.workdir
-    stages = {s: {"status": stage_status(workdir, s), "record": stage_record(workdir, s)} for s in STAGES}
+    method = get(info.method)
+    run_stages = info.run_stages()
+    stages = {s: {"status": stage_status(workdir, s), "record": stage_record(workdir, s),
+                  "title": method.stage(s).title} for s in run_stages}
     out: dict[str, Any] = {"workdir": str(workdir), "run": info.to_dict(), "stages": stages,
+                           "method": {"name": method.name, "title": method.title},
+                           "final_stage": final_stage(info),
                            "classes": None, "has_gt": False, "sets": {}, "final": None, "notes": [],
                            "curves": {s: read_log_csv(workdir / s / "log.csv")
-                                      for s in ("refine", "retrain")}}
+                                      for s in run_stages if method.stage(s).trains}}
     dataset = None
     if info.data_root is None or info.kind is None:
         out["notes"].append("the dataset of this run is not recorded: masks not scored")
@@ -310,7 +343,7 @@ def analyse(workdir: str | Path, log: Callable[[str], None] = print) -> dict[str
             if scored.get("problems"):
                 count, first = scored.get("problem_count"), scored["problems"][0]
                 out["notes"].append(f"{SET_TITLES[name]}: {count} masks not scored, e.g. {first}")
-        out["final"] = final_scores(workdir, out["classes"])
+        out["final"] = final_scores(workdir, out["classes"], out["final_stage"])
         out["dataset_images"] = len(dataset)
     return out
 

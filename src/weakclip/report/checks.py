@@ -22,7 +22,8 @@ FINAL_TOLERANCE = 0.05
 
 @dataclass
 class Regression:
-    """One warning: ``stage`` is the stage that made things worse (pseudo_masks or retrain)."""
+    """One warning: ``stage`` is the stage that made things worse (pseudo_masks, or the final network's:
+    retrain, or ExCEL's evaluate)."""
 
     stage: str
     message: str
@@ -41,6 +42,9 @@ def find_regressions(analysis: dict[str, Any]) -> list[Regression]:
     sets = analysis.get("sets") or {}
     classes = analysis.get("classes") or []
     seeds, pseudo, final = sets.get("seeds"), sets.get("pseudo"), analysis.get("final")
+    final_stage = analysis.get("final_stage") or "retrain"
+    # what the final network learnt from: the pseudo masks (a retraining) or nothing of them (ExCEL's own)
+    trained_on = " it was trained on" if final_stage == "retrain" else ""
     pseudo_done = (analysis.get("stages", {}).get("pseudo_masks", {}).get("status") == "complete")
     if seeds and pseudo and pseudo_done:
         s, p = seeds.get("miou"), pseudo.get("miou")
@@ -54,12 +58,12 @@ def find_regressions(analysis: dict[str, Any]) -> list[Regression]:
     if final and pseudo:
         p, f = pseudo.get("miou"), final.get("miou")
         if p is not None and f is not None and round(p - f, 4) > FINAL_TOLERANCE:
-            out.append(Regression("retrain", f"the final network ({_pct(f)} mIoU on val) is more than "
-                                             f"{100 * FINAL_TOLERANCE:.0f} points below the pseudo masks it "
-                                             f"was trained on ({_pct(p)} on the training split)"))
+            out.append(Regression(final_stage, f"the final network ({_pct(f)} mIoU on val) is more than "
+                                               f"{100 * FINAL_TOLERANCE:.0f} points below the pseudo "
+                                               f"masks{trained_on} ({_pct(p)} on the training split)"))
         for c, name in enumerate(classes):
             iou, fp = final["iou"][c], final["fp"][c]
             if iou is not None and iou == 0 and not fp and pseudo["pixels"][c] > 0:
-                out.append(Regression("retrain", f"class {name!r} vanished: in the val ground truth and the "
-                                                 "pseudo masks, never predicted by the final network"))
+                out.append(Regression(final_stage, f"class {name!r} vanished: in the val ground truth and "
+                                                   "the pseudo masks, never predicted by the final network"))
     return out

@@ -74,8 +74,10 @@ def _seconds(value: Any) -> str:
 
 # ---------------------------------------------------------------------- sections
 def _stage_rows(a: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per line of the stage table (the pseudo-mask stage gives two: before and after CRF)."""
+    """One row per line of the stage table, for the stages of the run's method in order (the pseudo-mask stage
+    gives two: before and after CRF, when it holds both)."""
     stages, sets, final = a["stages"], a["sets"], a["final"]
+    skip = ("iter", "lr", "seconds", "images_per_s")
 
     def rec(stage: str) -> dict[str, Any]:
         return stages[stage]["record"] or {}
@@ -85,32 +87,42 @@ def _stage_rows(a: dict[str, Any]) -> list[dict[str, Any]]:
             return sets[name]["miou"]
         return rec(stage).get("metrics", {}).get(key)
 
-    seeds = rec("seeds").get("metrics", {})
-    refine = rec("refine").get("metrics", {})
-    losses = refine.get("final_losses") or {}
-    skip = ("iter", "lr", "seconds", "images_per_s")
-    loss_text = ", ".join(f"{k} {v:.3f}" for k, v in losses.items()
-                          if k not in skip and isinstance(v, (int, float)))
-    return [
-        {"name": "seeds", "stage": "seeds", "miou": miou("seeds", "seeds", "seeds_miou"),
-         "images": sets.get("seeds", {}).get("images", seeds.get("images")),
-         "notes": (f"confident pixels only: {_pct(seeds.get('seeds_miou_confident'))}%; "
-                   f"coverage {_pct(seeds.get('coverage'))}%") if seeds.get("coverage") is not None else "",
-         "seconds": rec("seeds").get("seconds")},
-        {"name": "refinement (training)", "stage": "refine", "miou": None, "images": None,
-         "notes": f"final losses: {loss_text}" if loss_text else "",
-         "seconds": rec("refine").get("seconds", refine.get("seconds"))},
-        {"name": "pseudo masks before CRF", "stage": "pseudo_masks",
-         "miou": miou("pseudo_no_crf", "pseudo_masks", "pseudo_miou_no_crf"),
-         "images": sets.get("pseudo_no_crf", {}).get("images"), "notes": "", "seconds": None},
-        {"name": "pseudo masks", "stage": "pseudo_masks",
-         "miou": miou("pseudo", "pseudo_masks", "pseudo_miou"),
-         "images": sets.get("pseudo", {}).get("images"), "notes": "",
-         "seconds": rec("pseudo_masks").get("seconds")},
-        {"name": "final network (val)", "stage": "retrain",
-         "miou": (final or {}).get("miou", rec("retrain").get("metrics", {}).get("final_miou")),
-         "images": (final or {}).get("images"), "notes": "", "seconds": rec("retrain").get("seconds")},
-    ]
+    rows: list[dict[str, Any]] = []
+    for stage, facts in stages.items():
+        title = facts.get("title") or stage
+        metrics = rec(stage).get("metrics", {})
+        seconds = rec(stage).get("seconds", metrics.get("seconds"))
+        if stage == "seeds":
+            notes = (f"confident pixels only: {_pct(metrics.get('seeds_miou_confident'))}%; coverage "
+                     f"{_pct(metrics.get('coverage'))}%") if metrics.get("coverage") is not None else ""
+            rows.append({"name": title, "stage": stage, "miou": miou("seeds", stage, "seeds_miou"),
+                         "images": sets.get("seeds", {}).get("images", metrics.get("images")), "notes": notes,
+                         "seconds": seconds})
+        elif stage == "pseudo_masks":
+            before = miou("pseudo_no_crf", stage, "pseudo_miou_no_crf")
+            settings = rec(stage).get("settings") or {}
+            no_crf = settings.get("infer.crf") is False or settings.get("crf") == "none"
+            if "pseudo_no_crf" in sets or not no_crf:  # a row before the CRF where the stage has a CRF
+                rows.append({"name": f"{title} before CRF", "stage": stage, "miou": before,
+                             "images": sets.get("pseudo_no_crf", {}).get("images"), "notes": "",
+                             "seconds": None})
+            rows.append({"name": title, "stage": stage, "miou": miou("pseudo", stage, "pseudo_miou"),
+                         "images": sets.get("pseudo", {}).get("images"), "notes": "", "seconds": seconds})
+        elif stage == a.get("final_stage") or stage in ("retrain", "evaluate"):
+            scored = final if stage == a.get("final_stage") else None
+            key = "final_miou" if stage == "retrain" else "network_val_miou"
+            is_final = stage == a.get("final_stage")
+            rows.append({"name": "final network (val)" if is_final else title, "stage": stage,
+                         "miou": (scored or {}).get("miou", metrics.get(key)),
+                         "images": (scored or {}).get("images", metrics.get("val_images")),
+                         "notes": title if is_final else "", "seconds": seconds})
+        else:  # a training stage: its last losses
+            losses = metrics.get("final_losses") or {}
+            loss_text = ", ".join(f"{k} {v:.3f}" for k, v in losses.items()
+                                  if k not in skip and isinstance(v, (int, float)))
+            rows.append({"name": title, "stage": stage, "miou": None, "images": None,
+                         "notes": f"final losses: {loss_text}" if loss_text else "", "seconds": seconds})
+    return rows
 
 
 def _settings_html(a: dict[str, Any], stage: str) -> str:
@@ -278,7 +290,9 @@ def build_report(workdir: str | Path, log: Callable[[str], None] = print,
     body: list[str] = []
     run = a["run"]
     complete = all(s["status"] == "complete" for s in a["stages"].values())
-    body.append(f"<h1>weakclip run report</h1><p class='meta'>work folder {_e(workdir)} · dataset: "
+    title = (a.get("method") or {}).get("title", "WeakCLIP")
+    body.append(f"<h1>weakclip run report: {_e(title)}</h1><p class='meta'>method {_e(title)} · work folder "
+                f"{_e(workdir)} · dataset: "
                 f"{_e(run.get('kind') or '?')} at {_e(run.get('data_root') or '?')}, training split "
                 f"{_e(run.get('train_split') or '?')}, val split {_e(run.get('val_split') or '-')} · "
                 f"{'finished' if complete else 'partial run'} · "
@@ -319,11 +333,11 @@ def build_report(workdir: str | Path, log: Callable[[str], None] = print,
 
     body.append("<h2>Training curves</h2>")
     curves = []
-    for stage, title in (("refine", "refinement"), ("retrain", "retraining")):
-        columns = a["curves"].get(stage)
+    for stage, columns in a["curves"].items():
+        stage_title = a["stages"].get(stage, {}).get("title") or stage
         if columns and columns.get("iter"):
-            path = plots.plot_training(columns, title, figures / f"training_{stage}.png")
-            curves.append(_fig(path, f"{title} training curves"))
+            path = plots.plot_training(columns, stage_title, figures / f"training_{stage}.png")
+            curves.append(_fig(path, f"{stage_title} training curves"))
     body.append("".join(curves) if curves else "<p>No training log yet.</p>")
     logs = " · ".join(f"<a href='{s}/log.txt'>{s}</a>" for s in a["stages"]
                       if (workdir / s / "log.txt").is_file())
