@@ -45,7 +45,8 @@ import torch.nn.functional as F
 
 from weakclip.errors import DataError, WeakclipError
 
-__all__ = ["FreeSettings", "free_settings", "training_free_mask", "write_training_free_masks"]
+__all__ = ["FreeMaps", "FreeSettings", "free_settings", "training_free_maps", "training_free_mask",
+           "write_training_free_masks"]
 
 
 @dataclass(frozen=True)
@@ -90,14 +91,24 @@ def _calibrated_maps(net, x: torch.Tensor) -> torch.Tensor:
     return merge_flipped_attr_maps(maps, batch, grid)
 
 
-def training_free_mask(net, image: np.ndarray | torch.Tensor, cls_label: Sequence[float] | torch.Tensor,
+@dataclass
+class FreeMaps:
+    """One image's training-free result: ``mask`` H x W uint8 class ids (what :func:`training_free_mask`
+    returns); ``maps`` C x H x W float32 (CPU): the labelled classes' attention-refined maps, each min-max
+    normalised and resized to the image (the maps the background step and PAR start from,
+    :func:`~weakclip.methods.excel.labels.resize_refined_maps`); ``classes`` their foreground indices
+    (0-based, int64; class id ``index + 1``)."""
+
+    mask: np.ndarray
+    maps: torch.Tensor
+    classes: torch.Tensor
+
+
+def training_free_maps(net, image: np.ndarray | torch.Tensor, cls_label: Sequence[float] | torch.Tensor,
                        settings: FreeSettings = FreeSettings(), *, par=None, calibrated: bool = False,
-                       ) -> np.ndarray:
-    """One image's pseudo mask (module docstring): ``image`` H x W x 3 uint8 RGB (normalised here as the
-    release's dataset does) or a normalised 1 x 3 x H x W / 3 x H x W float tensor; ``cls_label`` the
-    foreground classes' multi-hot (the release's 20 numbers for VOC; the background entry left out).
-    Returns H x W uint8 class ids (0 background). ``par``: a :class:`~weakclip.methods.excel.par.PAR` to reuse
-    (built from ``settings`` when None)."""
+                       ) -> FreeMaps:
+    """:func:`training_free_mask` with the class maps it was made from (:class:`FreeMaps`); the mask is the
+    same array, computed the same way."""
     from weakclip.methods.excel.augment import normalize_image
     from weakclip.methods.excel.labels import denormalize_image, refine_with_attention, refine_with_background
     from weakclip.methods.excel.par import PAR
@@ -134,10 +145,21 @@ def training_free_mask(net, image: np.ndarray | torch.Tensor, cls_label: Sequenc
             refined, classes = refine_with_attention(maps[0], out.attn[:, 0], labels, grid, settings.caa_thre,
                                                      settings.attn_layers, predicted)
             par_input = x[0] if settings.par_image == "normalized" else denormalize_image(x)[0]
-            mask, _ = refine_with_background(refined, par_input, classes, par, (int(height), int(width)))
+            mask, cams = refine_with_background(refined, par_input, classes, par, (int(height), int(width)))
     finally:
         net.train(was_training)
-    return mask[0].to(torch.uint8).cpu().numpy()
+    return FreeMaps(mask[0].to(torch.uint8).cpu().numpy(), cams[1:].float().cpu(), classes)
+
+
+def training_free_mask(net, image: np.ndarray | torch.Tensor, cls_label: Sequence[float] | torch.Tensor,
+                       settings: FreeSettings = FreeSettings(), *, par=None, calibrated: bool = False,
+                       ) -> np.ndarray:
+    """One image's pseudo mask (module docstring): ``image`` H x W x 3 uint8 RGB (normalised here as the
+    release's dataset does) or a normalised 1 x 3 x H x W / 3 x H x W float tensor; ``cls_label`` the
+    foreground classes' multi-hot (the release's 20 numbers for VOC; the background entry left out).
+    Returns H x W uint8 class ids (0 background). ``par``: a :class:`~weakclip.methods.excel.par.PAR` to reuse
+    (built from ``settings`` when None). :func:`training_free_maps` also gives the class maps."""
+    return training_free_maps(net, image, cls_label, settings, par=par, calibrated=calibrated).mask
 
 
 def write_training_free_masks(net, dataset, out_dir: str | Path, settings: FreeSettings = FreeSettings(), *,
