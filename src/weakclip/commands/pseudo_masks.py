@@ -1,4 +1,6 @@
-"""``weakclip pseudo-masks``: pseudo masks of a dataset split from a trained refinement model."""
+"""``weakclip pseudo-masks``: pseudo masks of a dataset split from a trained refinement model (WeakCLIP's,
+here), or from another method's network through its ``"pseudo_masks"`` entry point (:mod:`weakclip.methods`;
+ExCEL: a checkpoint, training work folder or ``weakclip run`` work folder of ExCEL)."""
 
 from __future__ import annotations
 
@@ -28,6 +30,43 @@ def _pseudo_overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def _network_method(path: Path):
+    """``(method, raw)``: the method of the network at ``path`` (:mod:`weakclip.methods`) and, when ``path``
+    is a file, what it holds (read once, handed on). A ``weakclip run`` work folder and a training work
+    folder name their method in ``run.json`` / ``config.yaml``; a folder without either, WeakCLIP's (whose
+    loader then says what is missing)."""
+    from weakclip.engine.checkpoint import read_checkpoint_file
+    from weakclip.methods import DEFAULT_METHOD, get, of_checkpoint, of_record
+
+    if path.is_file():
+        raw = read_checkpoint_file(path)
+        return of_checkpoint(raw), raw
+    if path.is_dir():
+        from weakclip.data.io import read_json
+        from weakclip.sections import read_yaml
+
+        if (path / "run.json").is_file():
+            return of_record(read_json(path / "run.json", "run record")), None
+        if (path / "config.yaml").is_file():
+            return of_record(read_yaml(path / "config.yaml")), None
+    return get(DEFAULT_METHOD), None
+
+
+def _run_method(method, args: argparse.Namespace) -> int:
+    """Another method's network: its ``"pseudo_masks"`` entry point."""
+    from weakclip.commands import report_failed_items
+    from weakclip.distributed import cleanup, init_distributed
+    from weakclip.methods import entry
+
+    job = entry(method, "pseudo_masks")
+    info = init_distributed(args.device)
+    try:
+        summary = job(args, info)
+    finally:
+        cleanup()
+    return report_failed_items("pseudo-masks", summary["failures"], summary["images"], info.is_main)
+
+
 def run(args: argparse.Namespace) -> int:
     from weakclip.commands import folder_default_split, report_failed_items
     from weakclip.config import Config, apply_overrides
@@ -37,13 +76,17 @@ def run(args: argparse.Namespace) -> int:
     from weakclip.errors import WeakclipError
     from weakclip.inference.loading import load_trained_model, normalization_of
     from weakclip.inference.pseudo_masks import format_summary, generate_pseudo_masks
+    from weakclip.methods import DEFAULT_METHOD
 
     overrides = _pseudo_overrides(args)
     apply_overrides(Config(), overrides)  # bad values fail now, before the checkpoint is read
+    method, raw = _network_method(args.checkpoint)
+    if method.name != DEFAULT_METHOD:
+        return _run_method(method, args)
     info = init_distributed(args.device)
     try:
         model, cfg = load_trained_model(args.checkpoint, args.clip_weights, device=info.device,
-                                        best=args.best, classes=given_classes(args.classes))
+                                        best=args.best, raw=raw, classes=given_classes(args.classes))
         settings = apply_overrides(cfg, overrides).pseudo  # typed and checked: one-line errors
         kind = args.dataset or cfg.data.kind
         root = args.data_root
@@ -76,10 +119,15 @@ def register(sub) -> None:
                     "coco), then the full-resolution dense CRF in worker processes. Writes OUT/<id>.png (VOC "
                     "palette), OUT/no_crf/<id>.png and, with --save-probs, OUT/probs/<id>.npz. Resumable "
                     "(existing masks are skipped); runs sharded under torchrun; with ground truth it prints "
-                    "the mIoU before and after CRF.")
+                    "the mIoU before and after CRF. An ExCEL network (checkpoint, training work folder or "
+                    "weakclip run folder of ExCEL) gives its masks with the release's test-time settings of "
+                    "its preset (tools/infer_seg_voc.py / infer_seg_coco.py: square 320, scales 0.7-1.5 with "
+                    "flips, CRF as the preset: VOC off, COCO on); of the flags below it takes --scales (its "
+                    "own scale ratios), --no-flip, --crf none|auto (voc, coco: on), --best, --max-images.")
     p.add_argument("--checkpoint", required=True, type=Path,
                    help="training checkpoint (.pth), the training work folder (its latest checkpoint) "
-                        "or an authors' release checkpoint (mmseg .pth; needs no --clip-weights)")
+                        "or an authors' release checkpoint (mmseg .pth; needs no --clip-weights); ExCEL: "
+                        "its checkpoint, training work folder or weakclip run work folder")
     p.add_argument("--clip-weights", type=Path, default=None,
                    help="the CLIP weights file the model was trained with (default: the file it records; "
                         "not used for checkpoints that hold the towers, which says so)")

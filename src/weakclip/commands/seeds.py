@@ -1,5 +1,6 @@
-"""``weakclip seeds [generate]``: training-free CLIP-ES seeds and masks; ``weakclip seeds check DIR``:
-validate seeds."""
+"""``weakclip seeds [generate]``: training-free CLIP-ES seeds and masks (``--method excel``: ExCEL's
+training-free masks as seeds, the method's ``"seeds"`` entry point); ``weakclip seeds check DIR``: validate
+seeds."""
 
 from __future__ import annotations
 
@@ -11,11 +12,17 @@ from pathlib import Path
 from weakclip.commands import lock_folder, output_files
 from weakclip.commands.flags import DATASET_HELP, DATASET_KINDS, add_device
 
+#: ``--method``: CLIP-ES (the command's own) or a method of :mod:`weakclip.methods` with a ``"seeds"`` entry.
+SEED_METHODS = ("clip-es", "excel")
+#: ``weakclip seeds`` flags of the methods with an entry point, unset for CLIP-ES (attribute, flag, unset).
+_METHOD_FLAGS = (("descriptors", "--descriptors", None), ("band", "--band", None), ("set", "--set", None))
 
-def _dataset(args: argparse.Namespace, command: str):
+
+def _dataset(args: argparse.Namespace, command: str, coco_kind: str | None = None):
     """The dataset of ``--data-root``: its layout ``--dataset`` or detected (a COCO folder in the label space
-    of the refinement preset of the seed preset's name: the release's 91 ids, 81 classes for coco-plus); a
-    folder dataset in its training split unless ``--split`` names one. Says on stderr what it picked."""
+    of the refinement preset of the seed preset's name: the release's 91 ids, 81 classes for coco-plus;
+    ``coco_kind`` when given); a folder dataset in its training split unless ``--split`` names one. Says on
+    stderr what it picked."""
     from weakclip.commands import folder_default_split
     from weakclip.data.datasets import build_dataset, detect_kind
     from weakclip.errors import DataError
@@ -24,7 +31,7 @@ def _dataset(args: argparse.Namespace, command: str):
         raise DataError(f"dataset folder not found: {args.data_root}")
     kind = args.dataset or detect_kind(args.data_root)
     if kind == "coco" and not args.dataset:
-        kind = "coco" if getattr(args, "preset", None) == "coco-plus" else "coco91"
+        kind = coco_kind or ("coco" if getattr(args, "preset", None) == "coco-plus" else "coco91")
         what = "81 classes (as train --preset coco-plus)" if kind == "coco" else \
             "COCO's 91 category ids (as train --preset coco, the release)"
         if os.environ.get("RANK", "0") == "0":
@@ -80,9 +87,34 @@ def preset_mismatch(preset: str, class_list: str | None) -> str | None:
             f"{dataset} names, the {script} script's background words and box threshold")
 
 
+def _run_method_seeds(args: argparse.Namespace) -> int:
+    """``--method NAME``: the seeds of the method's ``"seeds"`` entry point (:mod:`weakclip.methods`)."""
+    from weakclip.commands import report_failed_items
+    from weakclip.distributed import cleanup, init_distributed
+    from weakclip.methods import entry
+
+    job = entry(args.method, "seeds")
+    info = init_distributed(args.device)
+    try:
+        summary = job(args, lambda coco_kind: _dataset(args, "weakclip seeds", coco_kind), info)
+    finally:
+        cleanup()
+    return report_failed_items("seeds", summary["failures"], summary["images"], info.is_main)
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from weakclip.errors import WeakclipError
+    from weakclip.methods import DEFAULT_METHOD, of_preset
 
+    if args.method != "clip-es":
+        return _run_method_seeds(args)
+    given = [flag for attr, flag, unset in _METHOD_FLAGS if getattr(args, attr) != unset]
+    if given:
+        raise WeakclipError(f"{', '.join(given)}: for --method excel (CLIP-ES seeds do not take "
+                            f"{'it' if len(given) == 1 else 'them'})")
+    if args.preset is not None and of_preset(args.preset).name != DEFAULT_METHOD:
+        raise WeakclipError(f"--preset {args.preset} is {of_preset(args.preset).title}'s: add --method "
+                            f"{of_preset(args.preset).name}")
     if args.batch_size is not None and args.batch_size < 1:
         raise WeakclipError(f"--batch-size must be >= 1, got {args.batch_size}")
     from weakclip.commands import report_failed_items
@@ -96,7 +128,7 @@ def run_generate(args: argparse.Namespace) -> int:
     try:
         dataset = _dataset(args, "weakclip seeds")
         preset, config = seed_config(args, getattr(dataset, "kind", ""), dataset.classes)
-        image_tower, text_tower = build_clip(args.arch, args.clip_weights, device=info.device)
+        image_tower, text_tower = build_clip(args.arch or "ViT-B/16", args.clip_weights, device=info.device)
         seeder = ClipEsSeeder(image_tower, dataset.classes, text_tower=text_tower, config=config)
         del text_tower
         if info.is_main and not args.quiet:
@@ -158,7 +190,8 @@ def register(sub) -> None:
         "seeds", help="training-free CLIP-ES seeds and masks (generate, the default), or check a seed folder",
         default_action="generate",
         description="weakclip seeds generate ... (or 'weakclip seeds ...': generate is the default action) "
-                    "makes CLIP-ES seeds; 'weakclip seeds check DIR --data-root ...' validates a seed folder "
+                    "makes CLIP-ES seeds (--method excel: ExCEL's training-free masks as seeds); "
+                    "'weakclip seeds check DIR --data-root ...' validates a seed folder "
                     "made by any method. 'weakclip seeds ACTION --help' lists each one's options.")
     actions = s.add_subparsers(dest="seeds_action", metavar="ACTION", required=True)
     p = actions.add_parser(
@@ -167,26 +200,48 @@ def register(sub) -> None:
                     "affinity, for the labelled classes of each image; defaults = CLIP-ES's VOC or COCO "
                     "script). Writes <out>/<id>.png seeds (class id, 0 = background, 255 = unsure; what "
                     "refinement trains on) and CLIP-ES's own masks: argmax/<id>.png (background score "
-                    "argmax) and crf/<id>.png (dense CRF, 255 under 0.95 confidence). Resumable; run under "
-                    "torchrun to shard. Ends with the mIoUs when ground truth exists.")
+                    "argmax) and crf/<id>.png (dense CRF, 255 under 0.95 confidence). --method excel: "
+                    "ExCEL's training-free masks (tools/infer_lam.py) with an ignore band (ExCEL's 0.7 / "
+                    "0.25 band of its online labels; --band none: without) as <out>/<id>.png, an option "
+                    "in no paper, unmeasured (docs/method.md). Resumable; run under torchrun to shard. Ends "
+                    "with the mIoUs when ground truth exists.")
     _data_args(p)
+    p.add_argument("--method", choices=SEED_METHODS, default="clip-es",
+                   help="clip-es (the release's seeds of WeakCLIP) or excel (ExCEL's training-free masks "
+                        "with an ignore band: in no paper, unmeasured)")
     p.add_argument("--clip-weights", type=Path, required=True,
                    help="CLIP weights file (OpenAI ViT-B-16.pt, open_clip state dict or HF folder)")
-    p.add_argument("--arch", default="ViT-B/16", help="CLIP architecture ('auto': from the file)")
+    p.add_argument("--arch", default=None,
+                   help="CLIP architecture ('auto': from the file; default ViT-B/16, --method excel: the "
+                        "preset's)")
     p.add_argument("--out", type=Path, required=True, help="output seed folder")
-    p.add_argument("--preset", choices=["voc", "coco", "voc-plus", "coco-plus"], default=None,
+    p.add_argument("--preset", choices=["voc", "coco", "voc-plus", "coco-plus", "excel-voc", "excel-coco"],
+                   default=None,
                    help="seed settings: voc / coco = CLIP-ES's VOC / COCO script exactly (default: by the "
                         "dataset, coco for COCO or a COCO class list in any spelling, else voc); "
-                        "-plus = our departures switched on (unmeasured)")
+                        "-plus = our departures switched on (unmeasured); --method excel: excel-voc or "
+                        "excel-coco (default: excel-coco for COCO, else excel-voc)")
+    p.add_argument("--descriptors", type=Path, default=None,
+                   help="--method excel: ExCEL's class descriptors JSON ({class: [sentences]}, every class "
+                        "of the data); without it ExCEL uses plain class prompts (said in one line)")
+    p.add_argument("--band", choices=["release", "none"], default=None,
+                   help="--method excel: the ignore band (release, the default: ExCEL's online-label band, "
+                        "class above --hi 0.7, background at or below --lo 0.25, 255 between or where it "
+                        "disagrees with the mask) or none (the plain training-free masks)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=None,
+                   help="--method excel: an ExCEL setting of the preset (e.g. free.size=320, "
+                        "free.par_image=denormalized); repeatable")
     p.add_argument("--scales", type=float, nargs="+", default=None,
                    help="image scales, CAMs averaged (default 1.0, as CLIP-ES)")
     p.add_argument("--flip", action="store_true", help="also use horizontally flipped images")
     p.add_argument("--input-size", type=int, default=None,
                    help="resize the short side to this before scaling (default: the image's own size)")
     p.add_argument("--lo", type=float, default=None,
-                   help="seeds: background where every label CAM is below this (default 0.25)")
+                   help="seeds: background where every label CAM is below this (default 0.25; --method "
+                        "excel: at or below, 0.25)")
     p.add_argument("--hi", type=float, default=None,
-                   help="seeds: a class where its CAM is the largest and >= this (default 0.5)")
+                   help="seeds: a class where its CAM is the largest and >= this (default 0.5; --method "
+                        "excel: above, 0.7)")
     p.add_argument("--box-threshold", type=float, default=None,
                    help="fraction of the CAM maximum outlining the affinity boxes "
                         "(CLIP-ES: 0.4 VOC, 0.7 COCO)")

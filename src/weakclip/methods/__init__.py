@@ -43,7 +43,15 @@ class MethodInfo:
     - ``"pipeline"``: the class ``weakclip run`` runs (``cls(PipelineConfig, log=print)``, ``.run()``);
     - ``"load"``: ``load_segmenter(file, raw, *, where, device, clip_weights, classes) -> Segmenter`` for
       a checkpoint of the method (``raw``: what the file holds, already read);
-    - ``"demo"``: ``run_demo(workdir, small, *, device, progress) -> report dict``.
+    - ``"demo"``: ``run_demo(workdir, small, *, device, progress) -> report dict``;
+    - ``"seeds"``: ``run_seeds(args, dataset_of, info) -> summary`` for ``weakclip seeds --method NAME``
+      (``dataset_of(coco_kind)``: the command's dataset; ``info``: the process group); WeakCLIP's CLIP-ES
+      seeds are the command's own;
+    - ``"pseudo_masks"``: ``run_pseudo_masks(args, info) -> summary`` for ``weakclip pseudo-masks`` given a
+      network of the method (WeakCLIP's is the command's own).
+
+    The commands' entries print their summary on the first process and return it (``failures``,
+    ``images``: the command's exit status).
     """
 
     name: str
@@ -149,4 +157,6 @@ register(MethodInfo(
     network_stages=("train", "retrain"),
     entries=(("pipeline", "weakclip.methods.excel.pipeline:ExcelPipeline"),
              ("load", "weakclip.methods.excel.segmenter:load_segmenter"),
-             ("demo", "weakclip.methods.excel.demo:run_demo"))))
+             ("demo", "weakclip.methods.excel.demo:run_demo"),
+             ("seeds", "weakclip.methods.excel.commands:run_seeds"),
+             ("pseudo_masks", "weakclip.methods.excel.commands:run_pseudo_masks"))))

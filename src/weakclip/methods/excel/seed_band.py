@@ -28,7 +28,7 @@ import torch
 from weakclip.data.classes import IGNORE_INDEX
 from weakclip.errors import DataError, WeakclipError
 
-__all__ = ["SeedBand", "apply_seed_band", "band_labels", "seed_band"]
+__all__ = ["SeedBand", "apply_seed_band", "band_labels"]
 
 
 @dataclass(frozen=True)
@@ -44,13 +44,14 @@ class SeedBand:
             raise WeakclipError(f"the seed band needs 0 <= low <= high <= 1, got low {self.low}, "
                                 f"high {self.high}")
 
-
-def seed_band(cfg, *, high: float | None = None, low: float | None = None) -> SeedBand:
-    """The band of an :class:`~weakclip.methods.excel.config.ExcelConfig` (its ``labels`` section's
-    ``high_thre`` and ``low_thre``), ``high`` / ``low`` replacing those when given."""
-    lb = cfg.labels
-    return SeedBand(high=float(lb.high_thre if high is None else high),
-                    low=float(lb.low_thre if low is None else low))
+    @classmethod
+    def of_config(cls, cfg, *, high: float | None = None, low: float | None = None) -> SeedBand:
+        """The band of an :class:`~weakclip.methods.excel.config.ExcelConfig` (its ``labels`` section's
+        ``high_thre`` and ``low_thre``: the release's 0.7 and 0.25 in both presets), ``high`` / ``low``
+        replacing those when given."""
+        lb = cfg.labels
+        return cls(high=float(lb.high_thre if high is None else high),
+                   low=float(lb.low_thre if low is None else low))
 
 
 def band_labels(maps: torch.Tensor, classes: Sequence[int] | torch.Tensor, band: SeedBand) -> np.ndarray:

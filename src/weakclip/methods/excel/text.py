@@ -81,6 +81,7 @@ __all__ = [
     "TextBank",
     "attr_aggregate",
     "build_text_bank",
+    "check_descriptors",
     "cluster_descriptors",
     "cluster_flags",
     "encode_class_prompts",
@@ -307,6 +308,20 @@ def match_descriptors(
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise DataError(f"descriptors file {path} has no descriptors for class {missing[0]!r}{more}")
     return owners
+
+
+def check_descriptors(
+    path: str | PathLike, class_names: Sequence[str], dataset: str | None = None,
+    background: Sequence[str] | None = None,
+) -> dict[str, list[str]]:
+    """The checks :func:`build_text_bank` makes of a descriptors file, before any work: it exists, is JSON of
+    the right shape (:func:`read_descriptors`) and describes every foreground class of ``class_names`` and
+    no other (:func:`match_descriptors`, with the prompts of ``dataset`` / ``background`` as
+    :func:`excel_prompts`). One-line DataError naming the file and the class; returns the table."""
+    prompts = excel_prompts(class_names, dataset, background)
+    table = read_descriptors(path)
+    match_descriptors(table, prompts, path)
+    return table
 
 
 def encode_descriptors(
