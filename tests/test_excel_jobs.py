@@ -308,8 +308,20 @@ def test_seeds_command_writes_a_seed_folder(world, dataset, tmp_path, capsys):
     assert any((m != seeds[k]).any() for k, m in masks.items())
 
 
+def test_training_free_config_by_dataset_kind():
+    """The preset by the data, the text side's kind, a folder dataset's cluster count by VOC's ratio; given
+    overrides win."""
+    from weakclip.methods.excel.config import training_free_config
+
+    assert training_free_config("voc")[0] == "excel-voc" and training_free_config("coco91")[0] == "excel-coco"
+    voc, coco, folder = (training_free_config(k)[1] for k in ("voc", "coco91", "folder"))
+    assert (voc.data.kind, coco.data.kind, folder.data.kind) == ("voc", "coco", "folder")
+    assert voc.text.num_clusters == 112 and coco.text.num_clusters == 224 and folder.text.num_clusters is None
+    assert training_free_config("folder", "excel-coco", ["text.num_clusters=9"])[1].text.num_clusters == 9
+
+
 @pytest.mark.parametrize("case", ["not_json", "missing_class", "no_weights", "clip_es_flag", "band_flags",
-                                  "clip_es_with_descriptors", "excel_preset_for_clip_es"])
+                                  "clip_es_with_descriptors", "excel_preset_for_clip_es", "clusters"])
 def test_seeds_command_bad_input_is_one_line(world, tmp_path, capsys, case):
     out = tmp_path / "out"
     bad = tmp_path / "descriptors.json"
@@ -330,6 +342,10 @@ def test_seeds_command_bad_input_is_one_line(world, tmp_path, capsys, case):
         words = "--scales, --flip are settings of CLIP-ES"
     elif case == "band_flags":
         argv, words = _seeds_argv(world, out, "--band", "none", "--hi", "0.8"), "--band none leaves out"
+    elif case == "clusters":
+        argv = _seeds_argv(world, out, "--descriptors", str(world["descriptors"]), "--set",
+                           "text.num_clusters=40")
+        words = "text.num_clusters 40 (preset excel-voc) needs as many descriptor sentences"
     elif case == "clip_es_with_descriptors":
         argv = ["seeds", "--data-root", str(world["root"]), "--clip-weights", weights, "--out", str(out),
                 "--descriptors", str(world["descriptors"])]

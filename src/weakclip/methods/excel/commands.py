@@ -105,25 +105,12 @@ def format_free_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _seed_config(args: argparse.Namespace, kind: str):
-    """The ExCEL preset (``--preset``, default by the data: excel-coco for COCO, else excel-voc), the data's
-    kind for its prompts (a folder dataset: the k-means clusters of another class list, VOC's ratio, not the
-    preset's VOC / COCO count), ``--arch``, then ``--set``."""
-    from weakclip.methods.excel.config import apply_excel_overrides, load_excel_preset
-
-    preset = args.preset or ("excel-coco" if kind.startswith("coco") else "excel-voc")
-    text_kind = "coco" if kind.startswith("coco") else kind
-    own = ["text.num_clusters=none"] if text_kind == "folder" else []
-    given = [f"model.clip_arch={args.arch}"] if args.arch else []
-    return preset, apply_excel_overrides(load_excel_preset(preset),
-                                         [f"data.kind={text_kind}", *own, *given, *(args.set or [])])
-
-
 def run_seeds(args: argparse.Namespace, dataset_of: Callable[[str], Any], info) -> dict[str, Any]:
     """``weakclip seeds --method excel``: ExCEL's training-free masks of ``dataset_of(coco_kind)`` (the
     command's dataset; ``coco_kind`` the kind a detected COCO folder is read as) with the ignore band of
     :mod:`weakclip.methods.excel.seed_band` (``--band none``: without), as a seed folder. ``info``: the
     process group (:func:`weakclip.distributed.init_distributed`). Returns the job's summary."""
+    from weakclip.methods.excel.config import training_free_config
     from weakclip.methods.excel.jobs import free_mask_job
     from weakclip.methods.excel.seed_band import SeedBand
     from weakclip.methods.excel.text import check_descriptors
@@ -141,7 +128,9 @@ def run_seeds(args: argparse.Namespace, dataset_of: Callable[[str], Any], info) 
     if args.band == "none" and (args.lo is not None or args.hi is not None):
         raise WeakclipError("--lo and --hi set the ignore band, which --band none leaves out")
     dataset = dataset_of("coco")
-    preset, cfg = _seed_config(args, getattr(dataset, "kind", "folder"))
+    arch = [f"model.clip_arch={args.arch}"] if args.arch else []
+    preset, cfg = training_free_config(getattr(dataset, "kind", "folder"), args.preset,
+                                       [*arch, *(args.set or [])])
     if args.descriptors is not None:
         table = check_descriptors(args.descriptors, list(dataset.classes), cfg.data.kind, cfg.text.background)
         sentences = sum(len(v) for v in table.values())

@@ -54,6 +54,7 @@ __all__ = [
     "all_keys",
     "apply_excel_overrides",
     "load_excel_preset",
+    "training_free_config",
 ]
 
 METHOD = "excel"
@@ -270,6 +271,20 @@ def apply_excel_overrides(cfg: ExcelConfig, overrides: list[str] | tuple[str, ..
                               example="train.iters, labels.radius")
     validate(cfg, "override")
     return cfg
+
+
+def training_free_config(kind: str, preset: str | None = None, overrides: list[str] | tuple[str, ...] = (),
+                         ) -> tuple[str, ExcelConfig]:
+    """``(preset, config)`` for the training-free masks of a dataset of ``kind`` (voc, coco, coco91,
+    folder): ``preset`` (default: excel-coco for COCO, else excel-voc); ``data.kind`` the kind the text side
+    takes (coco91 read as coco's classes); for a folder dataset the k-means cluster count of another class
+    list (``text.num_clusters: none``, VOC's ratio of the descriptor sentences; the presets' 112 / 224 are
+    VOC's and COCO's); then ``overrides`` (``section.key=value``, which win)."""
+    key = str(kind)
+    name = preset or ("excel-coco" if key.startswith("coco") else "excel-voc")
+    text_kind = "coco" if key.startswith("coco") else key
+    own = ["text.num_clusters=none"] if text_kind == "folder" else []
+    return name, apply_excel_overrides(load_excel_preset(name), [f"data.kind={text_kind}", *own, *overrides])
 
 
 # ====================================================================== validation
