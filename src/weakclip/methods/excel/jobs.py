@@ -41,6 +41,7 @@ from weakclip.data.io import read_label_png, write_label_png
 from weakclip.errors import DataError, WeakclipError
 from weakclip.inference.jobs import JobLedger, gather_objects, sum_counts, warn
 from weakclip.methods.excel.infer import InferenceSettings, infer_image, release_miou
+from weakclip.methods.excel.par import PAR
 from weakclip.methods.excel.seed_band import SeedBand, apply_seed_band
 from weakclip.methods.excel.training_free import FreeSettings, training_free_maps
 from weakclip.metrics import ConfusionMatrix
@@ -122,8 +123,6 @@ def free_mask_job(net, dataset, out_dir, settings: FreeSettings, *, band: SeedBa
     name = "training-free masks" if band is None else "training-free seeds"
     require_images(dataset, name)
     _check_classes(net, dataset, name)
-    from weakclip.methods.excel.par import PAR
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     classes = list(dataset.classes)
