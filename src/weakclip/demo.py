@@ -69,8 +69,8 @@ def retrain_overrides(size: DemoSize) -> list[str]:
     ]
 
 
-def make_tiny_clip(path: Path, seed: int = 0) -> Path:
-    """A tiny CLIP (patch 8) with random weights, saved as an open_clip state dict."""
+def make_tiny_clip(path: Path, seed: int = 0, arch: str = DEMO_ARCH) -> Path:
+    """A tiny CLIP (``arch``; the demo's: patch 8) with random weights, saved as an open_clip state dict."""
     import torch
 
     from weakclip.models.clip import get_arch, make_open_clip_model
@@ -79,7 +79,7 @@ def make_tiny_clip(path: Path, seed: int = 0) -> Path:
         return path
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = make_open_clip_model(get_arch(DEMO_ARCH))
+        model = make_open_clip_model(get_arch(arch))
     from weakclip.write_errors import writing
 
     tmp = path.with_name(f".{path.name}.tmp")
@@ -94,12 +94,12 @@ def make_tiny_clip(path: Path, seed: int = 0) -> Path:
 
 
 # ---------------------------------------------------------------------- pictures
-def plot_losses(log_csv: Path, out_png: Path) -> Path:
-    """The refinement's training curves (loss terms and learning rate against the iteration), matplotlib."""
+def plot_losses(log_csv: Path, out_png: Path, title: str = "refinement training losses") -> Path:
+    """A training's curves (loss terms and learning rate against the iteration), matplotlib."""
     from weakclip.report.analysis import read_log_csv
     from weakclip.report.plots import plot_training
 
-    return plot_training(read_log_csv(log_csv), "refinement training losses", out_png)
+    return plot_training(read_log_csv(log_csv), title, out_png)
 
 
 def _png_bytes(image) -> bytes:

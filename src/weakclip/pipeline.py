@@ -143,9 +143,9 @@ class Pipeline(StagedRun):
         except DataError as exc:
             raise DataError(f"training split {self.train_split!r}: {exc}") from exc
         if self.cfg.descriptors is not None:  # --seed-method excel's: every class described, or one line
-            from weakclip.methods.excel.text import check_descriptors
+            from weakclip.methods.excel.config import check_text_inputs
 
-            check_descriptors(self.cfg.descriptors, list(train.classes))
+            check_text_inputs(self._excel_seed_config(), self.cfg.descriptors, list(train.classes))
         val_split = self.retrain_cfg.data.val_split
         if val_split:
             try:
@@ -298,13 +298,13 @@ class Pipeline(StagedRun):
 
     # ExCEL's training-free masks as seeds (--seed-method excel: in no paper, unmeasured)
     def _excel_seed_config(self):
-        """ExCEL's settings for the training-free masks: the ExCEL preset of the data (excel-coco for COCO,
-        else excel-voc) on the refinement's CLIP."""
-        from weakclip.methods.excel.config import apply_excel_overrides, load_excel_preset
+        """ExCEL's settings for the training-free masks of this data (excel-coco for COCO, else excel-voc; a
+        folder dataset's cluster count by VOC's ratio:
+        :func:`weakclip.methods.excel.config.training_free_config`) on the refinement's CLIP."""
+        from weakclip.methods.excel.config import training_free_config
 
-        preset = "excel-coco" if self.kind.startswith("coco") else "excel-voc"
-        return apply_excel_overrides(load_excel_preset(preset), [
-            f"model.clip_arch={self.refine_cfg.model.clip_arch}", f"data.kind={self.kind}"])
+        arch = self.refine_cfg.model.clip_arch
+        return training_free_config(self.kind, overrides=[f"model.clip_arch={arch}"])[1]
 
     def _excel_band(self):
         from weakclip.methods.excel.seed_band import SeedBand

@@ -337,7 +337,7 @@ def build_report(workdir: str | Path, log: Callable[[str], None] = print,
         stage_title = a["stages"].get(stage, {}).get("title") or stage
         if columns and columns.get("iter"):
             path = plots.plot_training(columns, stage_title, figures / f"training_{stage}.png")
-            curves.append(_fig(path, f"{stage_title} training curves"))
+            curves.append(_fig(path, f"{stage_title}: loss terms and learning rate"))
     body.append("".join(curves) if curves else "<p>No training log yet.</p>")
     logs = " · ".join(f"<a href='{s}/log.txt'>{s}</a>" for s in a["stages"]
                       if (workdir / s / "log.txt").is_file())

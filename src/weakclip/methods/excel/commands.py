@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from weakclip.errors import DataError, WeakclipError
+from weakclip.errors import WeakclipError
 from weakclip.methods import check_same, of_preset, of_record
 
 __all__ = ["PSEUDO_SUMMARY", "SEEDS_SUMMARY", "excel_network_file", "format_free_summary",
@@ -110,10 +110,9 @@ def run_seeds(args: argparse.Namespace, dataset_of: Callable[[str], Any], info) 
     command's dataset; ``coco_kind`` the kind a detected COCO folder is read as) with the ignore band of
     :mod:`weakclip.methods.excel.seed_band` (``--band none``: without), as a seed folder. ``info``: the
     process group (:func:`weakclip.distributed.init_distributed`). Returns the job's summary."""
-    from weakclip.methods.excel.config import training_free_config
+    from weakclip.methods.excel.config import check_text_inputs, training_free_config
     from weakclip.methods.excel.jobs import free_mask_job
     from weakclip.methods.excel.seed_band import SeedBand
-    from weakclip.methods.excel.text import check_descriptors
     from weakclip.methods.excel.train import build_network
     from weakclip.methods.excel.training_free import free_settings
 
@@ -131,13 +130,7 @@ def run_seeds(args: argparse.Namespace, dataset_of: Callable[[str], Any], info) 
     arch = [f"model.clip_arch={args.arch}"] if args.arch else []
     preset, cfg = training_free_config(getattr(dataset, "kind", "folder"), args.preset,
                                        [*arch, *(args.set or [])])
-    if args.descriptors is not None:
-        table = check_descriptors(args.descriptors, list(dataset.classes), cfg.data.kind, cfg.text.background)
-        sentences = sum(len(v) for v in table.values())
-        if cfg.text.num_clusters is not None and cfg.text.num_clusters > sentences:
-            raise DataError(f"text.num_clusters {cfg.text.num_clusters} (preset {preset}) needs as many "
-                            f"descriptor sentences; {args.descriptors} has {sentences}: --set "
-                            "text.num_clusters=N")
+    check_text_inputs(cfg, args.descriptors, list(dataset.classes), preset)
     band = None if args.band == "none" else SeedBand.of_config(cfg, high=args.hi, low=args.lo)
     settings = free_settings(cfg)
     _say(f"ExCEL training-free {'seeds' if band else 'masks'} (preset {preset}): the frozen CLIP "

@@ -287,6 +287,26 @@ def training_free_config(kind: str, preset: str | None = None, overrides: list[s
     return name, apply_excel_overrides(load_excel_preset(name), [f"data.kind={text_kind}", *own, *overrides])
 
 
+def check_text_inputs(cfg: ExcelConfig, descriptors: str | Path | None, classes: list[str],
+                      preset: str | None = None) -> dict[str, list[str]] | None:
+    """Before any work, what the text bank of ``cfg`` for ``classes`` will read: the descriptors file is JSON
+    of the right shape describing every foreground class and no other
+    (:func:`~weakclip.methods.excel.text.check_descriptors`), with at least as many sentences as
+    ``text.num_clusters``. One-line DataError naming the file; returns its table (None without a file)."""
+    from weakclip.errors import DataError
+    from weakclip.methods.excel.text import check_descriptors
+
+    if descriptors is None:
+        return None
+    table = check_descriptors(descriptors, list(classes), cfg.data.kind, cfg.text.background)
+    sentences = sum(len(v) for v in table.values())
+    if cfg.text.num_clusters is not None and cfg.text.num_clusters > sentences:
+        named = f" (preset {preset})" if preset else ""
+        raise DataError(f"text.num_clusters {cfg.text.num_clusters}{named} needs as many descriptor "
+                        f"sentences; {descriptors} has {sentences}: --set text.num_clusters=N")
+    return table
+
+
 # ====================================================================== validation
 def validate(cfg: ExcelConfig, source: str = "config") -> None:
     """Range checks the types alone do not express (one-line errors)."""

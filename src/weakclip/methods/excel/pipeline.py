@@ -80,6 +80,11 @@ class ExcelPipeline(StagedRun):
             data.append(f"data.split={self._folder_split('training', 'training split')}")
         if cfg.descriptors is not None:
             data.append(f"text.descriptors={cfg.descriptors}")
+        if folder:  # the presets' 112 / 224 clusters are VOC's / COCO's: another class list's by VOC's ratio
+            data.append("text.num_clusters=none")
+        if kind == "coco91":
+            raise WeakclipError("ExCEL's release trains on COCO's 80 classes (81 with background): --dataset "
+                                "coco, not coco91")
         self.excel_cfg = apply_excel_overrides(excel, [*data, *cfg.refine_overrides])
         self.kind = self.excel_cfg.data.kind
         self.train_split = self.excel_cfg.data.split
@@ -131,10 +136,9 @@ class ExcelPipeline(StagedRun):
             require_images(train, "training split")
         except DataError as exc:
             raise DataError(f"training split {self.train_split!r}: {exc}") from exc
-        if self.descriptors is not None:
-            from weakclip.methods.excel.text import check_descriptors
+        from weakclip.methods.excel.config import check_text_inputs
 
-            check_descriptors(self.descriptors, list(train.classes))
+        check_text_inputs(self.excel_cfg, self.descriptors, list(train.classes), str(self.cfg.preset))
         if self.val_split:
             try:
                 val = self._dataset(self.val_split, seed_dir=None, with_gt=True)
