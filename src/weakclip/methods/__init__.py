@@ -86,6 +86,15 @@ def get(name: str) -> MethodInfo:
     return info
 
 
+def all_network_stages() -> tuple[str, ...]:
+    """Every stage name that holds a network in some method's ``weakclip run`` folder, in registry order
+    (``--stage`` of predict and export)."""
+    out: list[str] = []
+    for info in _REGISTRY.values():
+        out += [s for s in info.network_stages if s not in out]
+    return tuple(out)
+
+
 def of_preset(preset: str) -> MethodInfo:
     """The method a packaged preset name belongs to (a YAML file of one's own: the method it names, see
     ``of_record``); unknown names are WeakCLIP's, whose config loader then says what is wrong."""

@@ -257,11 +257,13 @@ def check_excel_record(record: Any, where: str) -> None:
 
 
 def load_excel_checkpoint(path: str | Path, clip_weights: str | Path | None = None,
-                          device: str | torch.device = "cpu", *, pretrained_download: bool = True):
+                          device: str | torch.device = "cpu", *, pretrained_download: bool = True,
+                          raw: Any = None):
     """``(network in eval mode, checkpoint dict)`` from an ExCEL training checkpoint or work folder (its
     latest checkpoint): the trained decoder, text bank and settings of the checkpoint on the CLIP of
     ``clip_weights`` (default: the file the checkpoint records). Another method's checkpoint, or a file
-    that is no checkpoint, is a one-line WeakclipError."""
+    that is no checkpoint, is a one-line WeakclipError. ``raw``: what the checkpoint file ``path`` holds,
+    when the caller has read it already (it is not read again)."""
     from weakclip.engine.checkpoint import latest_checkpoint, read_checkpoint_file
     from weakclip.methods.excel.model import rebuild_excel_net
 
@@ -273,7 +275,7 @@ def load_excel_checkpoint(path: str | Path, clip_weights: str | Path | None = No
         path = found
     elif not path.is_file():
         raise WeakclipError(f"checkpoint not found: {path}")
-    ckpt = read_checkpoint_file(path)
+    ckpt = read_checkpoint_file(path) if raw is None else raw
     if not isinstance(ckpt, Mapping) or "model" not in ckpt:
         raise WeakclipError(f"{path} is not an ExCEL training checkpoint (a dict with method, model, excel)")
     check_excel_record(ckpt, str(path))
