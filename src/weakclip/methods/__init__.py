@@ -43,7 +43,12 @@ class MethodInfo:
     - ``"pipeline"``: the class ``weakclip run`` runs (``cls(PipelineConfig, log=print)``, ``.run()``);
     - ``"load"``: ``load_segmenter(file, raw, *, where, device, clip_weights, classes) -> Segmenter`` for
       a checkpoint of the method (``raw``: what the file holds, already read);
-    - ``"demo"``: ``run_demo(workdir, small, *, device, progress) -> report dict``.
+    - ``"demo"``: ``run_demo(workdir, small, *, device, progress) -> report dict``;
+    - ``"train_config"``: ``config_with_overrides(preset, overrides) -> config`` (``weakclip train``: the
+      preset or YAML file with ``section.key=value`` overrides; ``.data.kind``/``.root``/``.split``,
+      ``.to_yaml()``);
+    - ``"train"``: ``train_command(cfg, workdir, *, clip_weights, descriptors, resume, device,
+      max_iters_this_run, progress) -> summary dict`` (``weakclip train``; WeakCLIP's is the command's own).
     """
 
     name: str
@@ -158,4 +163,6 @@ register(MethodInfo(
     network_stages=("train", "retrain"),
     entries=(("pipeline", "weakclip.methods.excel.pipeline:ExcelPipeline"),
              ("load", "weakclip.methods.excel.segmenter:load_segmenter"),
+             ("train_config", "weakclip.methods.excel.config:config_with_overrides"),
+             ("train", "weakclip.methods.excel.train:train_command"),
              ("demo", "weakclip.methods.excel.demo:run_demo"))))

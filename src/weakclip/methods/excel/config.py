@@ -53,6 +53,7 @@ __all__ = [
     "METHOD",
     "all_keys",
     "apply_excel_overrides",
+    "config_with_overrides",
     "load_excel_preset",
 ]
 
@@ -270,6 +271,12 @@ def apply_excel_overrides(cfg: ExcelConfig, overrides: list[str] | tuple[str, ..
                               example="train.iters, labels.radius")
     validate(cfg, "override")
     return cfg
+
+
+def config_with_overrides(preset: str | Path, overrides: list[str] | tuple[str, ...]) -> ExcelConfig:
+    """The registry's ``"train_config"`` entry point (``weakclip train``): the preset (or YAML file) with
+    ``section.key=value`` overrides applied in order."""
+    return apply_excel_overrides(load_excel_preset(preset), list(overrides))
 
 
 # ====================================================================== validation

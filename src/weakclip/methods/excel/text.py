@@ -81,6 +81,7 @@ __all__ = [
     "TextBank",
     "attr_aggregate",
     "build_text_bank",
+    "check_descriptors",
     "cluster_descriptors",
     "cluster_flags",
     "encode_class_prompts",
@@ -307,6 +308,19 @@ def match_descriptors(
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise DataError(f"descriptors file {path} has no descriptors for class {missing[0]!r}{more}")
     return owners
+
+
+def check_descriptors(
+    path: str | PathLike, classes: Sequence[str], dataset: str | None = None
+) -> dict[str, list[str]]:
+    """The descriptors file ``path`` checked against the data's ``classes`` (background first) before any
+    work: a JSON object of sentence lists (:func:`read_descriptors`) naming each foreground class once and no
+    other (:func:`match_descriptors`, with the class spellings of ``dataset`` as the text bank reads them).
+    Returns the file's table; one-line DataError naming the file and what is wrong (a missing class by its
+    name)."""
+    table = read_descriptors(path)
+    match_descriptors(table, excel_prompts(classes, dataset), path)
+    return table
 
 
 def encode_descriptors(
