@@ -229,8 +229,20 @@ def test_bad_paths_and_wrong_kinds_fail_in_one_line(made, tmp_path):
         weakclip.load(made["run"], stage="seeds")
     bare = tmp_path / "bare_run"
     shutil.copytree(made["run"] / "refine", bare / "refine")
-    with pytest.raises(WeakclipError, match="no retrain checkpoint yet.*stage refine") as info:
-        weakclip.load(bare)
+    # a run stopped before retraining: its last network stage present, the refinement model
+    assert "refine stage of the weakclip run" in weakclip.load(bare, "cpu").description
+    with pytest.raises(WeakclipError, match="no retrain checkpoint yet") as info:
+        weakclip.load(bare, stage="retrain")
+    _one_line(info)
+    with pytest.raises(WeakclipError, match="no network stage 'train'; its network stages: refine, "
+                                            "retrain") as info:
+        weakclip.load(bare, stage="train")  # ExCEL's stage name, not WeakCLIP's
+    _one_line(info)
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    (empty / "run.json").write_text(json.dumps({"kind": "folder"}))
+    with pytest.raises(WeakclipError, match="holds no trained network yet") as info:
+        weakclip.load(empty)
     _one_line(info)
     seg = weakclip.load(made["tv"], "cpu")
     with pytest.raises(WeakclipError, match="unknown test-time setting"):

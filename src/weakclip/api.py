@@ -6,12 +6,17 @@
   checkpoint; ``best=True``: ``checkpoints/best.pth`` where the stage kept one): the DeepLab-v1 ResNet-38 of
   the ``voc`` / ``coco`` presets (kind ``"deeplabv1-resnet38"``) or a torchvision DeepLab of the ``-plus``
   presets (kind ``"torchvision"``);
-* a ``weakclip run`` work folder: its final network (the ``retrain`` stage) by default, ``stage="refine"``
-  for the refinement model;
+* a ``weakclip run`` work folder: its final network (the last stage that holds a checkpoint, ``retrain``
+  once it has run) by default, ``stage="refine"`` for the refinement model;
 * a refinement checkpoint or work folder (``weakclip train``; kind ``"refinement"``) and the authors'
   released WeakCLIP ``.pth`` (mmseg; kind ``"release-refinement"``);
 * the authors' released DeepLab-v1 ResNet-38 state dict (the file ``retrain --eval-only`` evaluates; kind
-  ``"release-deeplabv1"``; 21 classes: VOC and the ``voc`` preset's evaluation, 81 / 91: COCO and ``coco``'s).
+  ``"release-deeplabv1"``; 21 classes: VOC and the ``voc`` preset's evaluation, 81 / 91: COCO and ``coco``'s);
+* a training checkpoint or work folder of another method (:mod:`weakclip.methods`: the method the
+  checkpoint names loads it through its ``"load"`` entry point), e.g. ExCEL's (``weakclip train --preset
+  excel-voc``; kind ``"excel"``, :mod:`weakclip.methods.excel.segmenter`), and a ``weakclip run`` folder of
+  that method (``run.json`` names it): the last of its network stages that holds a checkpoint (ExCEL:
+  ``retrain`` when it was run, else ``train``), ``stage=`` for another.
 
 Every file is read with ``torch.load(weights_only=True)``. A file that is none of these fails with one line
 saying what it holds and what was expected.
@@ -40,13 +45,18 @@ __all__ = ["KINDS", "Segmenter", "as_rgb_array", "load"]
 
 #: The kinds of network :func:`load` returns.
 KINDS: tuple[str, ...] = ("deeplabv1-resnet38", "torchvision", "refinement", "release-refinement",
-                          "release-deeplabv1")
-#: The stages of a ``weakclip run`` work folder that hold a network.
-RUN_STAGES: tuple[str, ...] = ("refine", "retrain")
+                          "release-deeplabv1", "excel")
 
-_EXPECTED = ("a weakclip retraining or refinement checkpoint (a dict with iteration, model and config), "
-             "a work folder of either (checkpoints/), a weakclip run work folder, the authors' released "
-             "DeepLab-v1 ResNet-38 state dict or their WeakCLIP mmseg checkpoint")
+_EXPECTED = ("a weakclip retraining, refinement or ExCEL checkpoint (a dict with iteration, model and "
+             "config), a work folder of one (checkpoints/), a weakclip run work folder, the authors' "
+             "released DeepLab-v1 ResNet-38 state dict or their WeakCLIP mmseg checkpoint")
+
+
+def network_stages() -> tuple[str, ...]:
+    """Every stage name of a ``weakclip run`` work folder that holds a network, over all methods."""
+    from weakclip.methods import all_network_stages
+
+    return all_network_stages()
 
 
 def _resolve_device(device) -> torch.device:
@@ -66,7 +76,37 @@ def _wrong_kind(path: Path, obj: Any) -> WeakclipError:
 
 
 def _is_run_folder(path: Path) -> bool:
-    return (path / "run.json").is_file() or any((path / s / "checkpoints").is_dir() for s in RUN_STAGES)
+    return (path / "run.json").is_file() or any((path / s / "checkpoints").is_dir() for s in network_stages())
+
+
+def _run_method(path: Path):
+    """The method a ``weakclip run`` folder belongs to: the one its ``run.json`` names (WeakCLIP without
+    one, or without the file)."""
+    from weakclip.data.io import read_json
+    from weakclip.methods import of_record
+
+    record = read_json(path / "run.json", "run record") if (path / "run.json").is_file() else None
+    return of_record(record if isinstance(record, dict) else None)
+
+
+def _run_stage(path: Path, stage: str | None) -> str:
+    """The stage of the run folder ``path`` to load: ``stage`` (one of its method's network stages), else
+    the last of them that holds a checkpoint; one line when there is none."""
+    from weakclip.engine.checkpoint import latest_checkpoint
+
+    info = _run_method(path)
+    stages = info.network_stages
+    if stage is not None and stage not in stages:
+        raise WeakclipError(f"the {info.title} run {path} has no network stage {stage!r}; its network "
+                            f"stages: {', '.join(stages)}")
+    if stage is not None:
+        return stage
+    present = [s for s in stages if latest_checkpoint(path / s) is not None]
+    if not present:
+        folders = " or ".join(f"{path / s}/checkpoints" for s in stages)
+        raise WeakclipError(f"the {info.title} run {path} holds no trained network yet (no checkpoint in "
+                            f"{folders}): let weakclip run train one first")
+    return present[-1]
 
 
 def _resolve(folder: Path, best: bool) -> Path:
@@ -85,15 +125,15 @@ def _checkpoint_file(path: Path, best: bool, stage: str | None) -> tuple[Path, s
 
     if not path.exists():
         raise WeakclipError(f"checkpoint not found: {path}")
-    if stage is not None and stage not in RUN_STAGES:
-        raise WeakclipError(f"stage {stage!r} holds no network; choose {' or '.join(RUN_STAGES)}")
+    stages = network_stages()
+    if stage is not None and stage not in stages:
+        raise WeakclipError(f"stage {stage!r} holds no network; choose {' or '.join(stages)}")
     if path.is_dir() and not (path / "checkpoints").is_dir() and _is_run_folder(path):
-        stage = stage or "retrain"
+        stage = _run_stage(path, stage)
         folder = path / stage
         if not (folder / "checkpoints").is_dir():
-            hint = "; its refinement model: stage refine (--stage refine)" if stage == "retrain" else ""
             raise WeakclipError(f"the weakclip run {path} has no {stage} checkpoint yet "
-                                f"({folder}/checkpoints){hint}")
+                                f"({folder}/checkpoints)")
         return _resolve(folder, best), f" ({stage} stage of the weakclip run {path})"
     if path.is_dir() and not (path / "checkpoints").is_dir():
         raise WeakclipError(f"{path} is a folder without checkpoints/ or run.json; expected {_EXPECTED}")
@@ -111,11 +151,12 @@ def load(path: str | Path, device: str | torch.device | None = None, *, stage: s
         path: a checkpoint file, a training or retraining work folder (its latest checkpoint), or a
             ``weakclip run`` work folder (see the module docstring).
         device: where to run (default: CUDA when available, else the CPU).
-        stage: for a ``weakclip run`` folder: ``"retrain"`` (the default, the final network) or ``"refine"``
-            (the refinement model). For a plain work folder or file it must match what the file holds.
+        stage: for a ``weakclip run`` folder: one of its method's network stages (WeakCLIP: ``"refine"``,
+            ``"retrain"``; ExCEL: ``"train"``, ``"retrain"``); default: the last that holds a checkpoint
+            (the final network). For a plain work folder or file it must match what the file holds.
         best: the work folder's ``checkpoints/best.pth`` (kept by periodic evaluation) instead of the latest.
-        clip_weights: the CLIP weights file, for refinement checkpoints that do not hold the frozen towers
-            (default: the file the checkpoint records).
+        clip_weights: the CLIP weights file, for refinement and ExCEL checkpoints that do not hold the
+            frozen towers (default: the file the checkpoint records).
         classes: the class names, for checkpoints written before checkpoints stored them whose dataset is
             not where it was (``--classes``): a class-list file (one name per line, ``background`` first),
             ``"voc"`` / ``"coco"`` / ``"coco91"``, or a list of names; as many as the network predicts.
@@ -126,6 +167,7 @@ def load(path: str | Path, device: str | torch.device | None = None, *, stage: s
             weights that do not fit.
     """
     from weakclip.data.classes import given_classes
+    from weakclip.methods import DEFAULT_METHOD, entry, of_checkpoint
     from weakclip.models.release_checkpoint import RELEASE_ALLOWED_GLOBALS, is_release_checkpoint
     from weakclip.safe_load import safe_torch_load
 
@@ -141,9 +183,14 @@ def load(path: str | Path, device: str | torch.device | None = None, *, stage: s
         config = obj.get("config")
         if not isinstance(config, Mapping):
             raise WeakclipError(f"{file} is a training checkpoint without a config; expected {_EXPECTED}")
+        method = of_checkpoint(obj)
         if "eval" in config:
             found = "retrain"
             seg = _load_retrained(file, where, obj, device, given)
+        elif method.name != DEFAULT_METHOD:  # another method's network: its own loader
+            found = method.network_stages[0]
+            seg = entry(method, "load")(file, obj, where=where, device=device, clip_weights=clip_weights,
+                                        classes=given)
         else:
             found = "refine"
             seg = _load_refinement(file, where, obj, device, clip_weights, given)

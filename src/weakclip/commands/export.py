@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from weakclip.commands.flags import add_classes
+from weakclip.commands.flags import add_classes, add_stage
 
 FORMATS = ("onnx", "torchscript")
 
@@ -33,9 +33,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"{summary_line(result)} ({seg.description})")
     rule = result["rule"]
     if rule.multiple_of > 1:
-        print(f"note: the exported {seg.kind} network takes {rule.describe()} only (its pyramid levels; odd "
-              f"patch grids need a resize a graph cannot follow): pad windows with zeros after normalisation "
-              f"and crop the logits; {result['metadata'].name} 'input' and README say how")
+        why = f" ({rule.reason})" if rule.reason else ""
+        print(f"note: the exported {seg.kind} network takes {rule.describe()} only{why}: pad windows with "
+              f"zeros after normalisation and crop the logits; {result['metadata'].name} 'input' and README "
+              f"say how")
     return 0
 
 
@@ -44,7 +45,8 @@ def register(sub) -> None:
         "export", help="export a trained network to ONNX or TorchScript, to run without weakclip",
         description="Export any trained network (the kinds `weakclip predict` takes: a retraining checkpoint "
                     "or work folder, a `weakclip run` work folder (--stage refine: its refinement model), a "
-                    "refinement checkpoint or work folder, the authors' released WeakCLIP or DeepLab-v1 "
+                    "refinement checkpoint or work folder, an ExCEL checkpoint, training or run folder "
+                    "(frozen CLIP + decoder, any image size), the authors' released WeakCLIP or DeepLab-v1 "
                     "ResNet-38 checkpoint) into the new folder OUT: model.onnx (dynamic batch and image "
                     "size; run it with onnxruntime) or model.pt (TorchScript; torch.jit.load), and "
                     "weakclip-model.json (classes, palette, normalisation, input size rule, the test-time "
@@ -55,8 +57,7 @@ def register(sub) -> None:
     p.add_argument("--format", required=True, choices=FORMATS,
                    help="onnx (needs pip install 'weakclip[export]') or torchscript")
     p.add_argument("--out", required=True, type=Path, help="new (or empty) output folder")
-    p.add_argument("--stage", choices=["refine", "retrain"], default=None,
-                   help="network of a `weakclip run` work folder (default: retrain, the final network)")
+    add_stage(p)
     p.add_argument("--best", action="store_true",
                    help="the work folder's checkpoints/best.pth instead of the latest checkpoint")
     p.add_argument("--clip-weights", type=Path, default=None,

@@ -54,6 +54,15 @@ def add_classes(p: argparse.ArgumentParser) -> None:
                         "(default: the names the checkpoint stores)")
 
 
+def add_stage(p: argparse.ArgumentParser) -> None:
+    """``--stage``: the network of a ``weakclip run`` work folder (predict, export)."""
+    from weakclip.methods import all_network_stages
+
+    p.add_argument("--stage", choices=list(all_network_stages()), default=None,
+                   help="network of a `weakclip run` work folder: WeakCLIP refine or retrain, ExCEL train or "
+                        "retrain (default: the last that holds a checkpoint, the final network)")
+
+
 def add_dataset(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--dataset", choices=DATASET_KINDS, default=None,
                    help=f"{DATASET_HELP} (default: {default})")

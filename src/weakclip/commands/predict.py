@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 
 from weakclip.commands import lock_folder, output_files
-from weakclip.commands.flags import add_classes, add_crf, add_device
+from weakclip.commands.flags import add_classes, add_crf, add_device, add_stage
 from weakclip.commands.tta_flags import add_tta_flags, tta_overrides
 
 #: The flags that only the refinement model's sliding-window inference has.
@@ -89,7 +89,8 @@ def register(sub) -> None:
         description="Predict a mask for each IMAGE (folders are walked for images) with any trained "
                     "network: a retraining checkpoint or work folder, a `weakclip run` work folder (its "
                     "final network; --stage refine: the refinement model), a refinement checkpoint or work "
-                    "folder, or the authors' released WeakCLIP or DeepLab-v1 ResNet-38 checkpoint. "
+                    "folder, an ExCEL checkpoint or training folder, or the authors' released WeakCLIP or "
+                    "DeepLab-v1 ResNet-38 checkpoint. "
                     "Test-time settings: the network's own evaluation settings (retrained: its eval section; "
                     "refinement model: its pseudo-mask section), each flag overriding one. Writes "
                     "OUT/<stem>.png (VOC palette) and OUT/<stem>_overlay.png (image | colour overlay | "
@@ -97,8 +98,7 @@ def register(sub) -> None:
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE|FOLDER", help="image files or folders")
     p.add_argument("--checkpoint", required=True, type=Path,
                    help="checkpoint file or work folder of any kind above (loaded with weights_only=True)")
-    p.add_argument("--stage", choices=["refine", "retrain"], default=None,
-                   help="network of a `weakclip run` work folder (default: retrain, the final network)")
+    add_stage(p)
     p.add_argument("--best", action="store_true",
                    help="the work folder's checkpoints/best.pth (kept by periodic evaluation) instead of the "
                         "latest checkpoint")
@@ -118,12 +118,13 @@ def register(sub) -> None:
                         "probabilities by float rounding only)")
     p.add_argument("--max-side", type=int, default=None, metavar="PIXELS",
                    help=f"the longest side an image is processed at (default {DEFAULT_MAX_SIDE}; 0: the full "
-                        "size). A larger image is shrunk for a retrained network (then its scales, flip and "
-                        "CRF); the refinement model resizes each scale from the full image by its base scale "
-                        "and bounds its probabilities and CRF to this size. Masks and overlays are written "
-                        "at the full size. Memory grows with its square: a photo of 48 MP at the default "
-                        "peaks at a few GB on a CPU (benchmarks/README.md); an image that runs out of memory "
-                        "is listed as failed with the value to set, and the others are written")
+                        "size). A larger image is shrunk for a retrained or ExCEL network (then its "
+                        "scales, flip and CRF); the refinement model resizes each scale from the full image "
+                        "by its base scale and bounds its probabilities and CRF to this size. Masks and "
+                        "overlays are written at the full size. Memory grows with its square: a photo of 48 "
+                        "MP at the default peaks at a few GB on a CPU (benchmarks/README.md); an image that "
+                        "runs out of memory is listed as failed with the value to set, and the others are "
+                        "written")
     add_tta_flags(p)  # each defaults to the network's own settings
     add_crf(p, "dense-CRF post-processing: auto (on, the network's own parameters), voc or coco (on, those "
                "parameters) or none (default: the network's own)")

@@ -9,6 +9,9 @@ the exported graph; the metadata file (:mod:`weakclip.export.metadata`) describe
 Input sizes (:func:`size_rule_of`):
 
 * CNNs (DeepLab-v1 ResNet-38, the torchvision DeepLab family): any ``H, W >= 32`` and any batch.
+* A network that states its own rule (``network.export_size_rule()``), e.g. ExCEL's
+  :class:`~weakclip.methods.excel.segmenter.ExcelLogits`: any ``H, W`` of at least two CLIP patches (32),
+  CLIP's stored grid side (224 for ViT-B/16) not traced.
 * The WeakCLIP refinement model: ``H`` and ``W`` multiples of twice the CLIP patch size (32 for ViT-B/16),
   at least 64, any batch. The pyramid levels are the patch grid x4, x2, x1 and /2 (a max-pool), and the
   Semantic-FPN head adds them after 2x upsamplings: on an odd grid PyTorch resizes the level that falls one
@@ -39,11 +42,13 @@ MIN_SIDE = 32
 class SizeRule:
     """Input sides the exported network takes: multiples of ``multiple_of``, at least ``min_side``.
     ``avoid``: sides the example traced must not have (the CLIP tower's stored positional grid: the network
-    skips its resize there, which would fix that side in the graph)."""
+    skips its resize there, which would fix that side in the graph). ``reason``: why sides must be
+    multiples (said by ``weakclip export``)."""
 
     multiple_of: int
     min_side: int
     avoid: tuple[int, ...] = ()
+    reason: str = ""
 
     def fits(self, height: int, width: int) -> bool:
         return all(s >= self.min_side and s % self.multiple_of == 0 for s in (height, width))
@@ -80,11 +85,17 @@ def _image_towers(network: nn.Module) -> list[nn.Module]:
 
 def size_rule_of(network: nn.Module) -> SizeRule:
     """The input sizes an export of ``network`` takes (module docstring)."""
+    own = getattr(network, "export_size_rule", None)
+    if callable(own):
+        rule = dict(own())
+        return SizeRule(int(rule["multiple_of"]), int(rule["min_side"]),
+                        tuple(sorted(int(s) for s in rule.get("avoid", ()))), str(rule.get("reason", "")))
     towers = _image_towers(network)
     if towers:
         unit = 2 * max(int(t.patch_size) for t in towers)
         stored = {int(side) * int(t.patch_size) for t in towers for side in t.native_grid}
-        return SizeRule(unit, 2 * unit, tuple(sorted(stored)))
+        return SizeRule(unit, 2 * unit, tuple(sorted(stored)),
+                        "its pyramid levels; odd patch grids need a resize a graph cannot follow")
     return SizeRule(1, MIN_SIDE)
 
 
@@ -100,13 +111,25 @@ def prepared_for_export(network: nn.Module) -> Iterator[None]:
       stored embedding requires grad here, and the tower does not run under ``torch.no_grad()``
       (``cfg.frozen_no_grad`` off); the export itself runs with gradients on (nothing is trained).
 
-    Everything restored after."""
+    A module of ``network`` with its own ``prepared_for_export()`` context (another method's network, e.g.
+    ExCEL's) is inside it too. Everything restored after."""
     from weakclip.models.weakclip import WeakCLIP
 
     models = [m for m in network.modules() if isinstance(m, WeakCLIP)]
     towers = _image_towers(network)
     saved_no_grad = [m.cfg.frozen_no_grad for m in models]
     saved_grad = [t.visual.positional_embedding.requires_grad for t in towers]
+    own = [m.prepared_for_export for m in network.modules() if callable(getattr(m, "prepared_for_export",
+                                                                                  None))]
+    with contextlib.ExitStack() as stack:
+        for prepare in own:
+            stack.enter_context(prepare())
+        with _weakclip_prepared(models, towers, saved_no_grad, saved_grad):
+            yield
+
+
+@contextlib.contextmanager
+def _weakclip_prepared(models, towers, saved_no_grad, saved_grad) -> Iterator[None]:
     try:
         for model in models:
             with torch.no_grad():

@@ -202,7 +202,12 @@ def load_trained_model(checkpoint: str | Path, clip_weights: str | Path | None =
         _unused_clip_weights(unused, f"{path} is the authors' release checkpoint, which holds the towers")
         return model.to(device), release_config(model_cfg, classes)
     state = check_training_checkpoint(raw, path)
-    check_same(of_checkpoint(state), DEFAULT_METHOD, str(path))  # e.g. an ExCEL checkpoint: one line
+    found = of_checkpoint(state)
+    if found.name != DEFAULT_METHOD:  # e.g. an ExCEL checkpoint: one line naming what takes it
+        check_same(found, DEFAULT_METHOD, str(path),
+                   f"this command needs the WeakCLIP refinement model; weakclip predict, weakclip export and "
+                   f"weakclip.load take the {found.title} network, weakclip train --preset "
+                   f"{found.presets[0]} --resume continues its training")
     if not isinstance(state.get("config"), Mapping):
         raise WeakclipError(f"checkpoint {path} holds no config")
     cfg = Config.from_dict(dict(state["config"]), source=f"config of {path}")

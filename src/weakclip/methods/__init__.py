@@ -52,6 +52,12 @@ class MethodInfo:
 
     The commands' entries print their summary on the first process and return it (``failures``,
     ``images``: the command's exit status).
+=======
+    - ``"train_config"``: ``config_with_overrides(preset, overrides) -> config`` (``weakclip train``: the
+      preset or YAML file with ``section.key=value`` overrides; ``.data.kind``/``.root``/``.split``,
+      ``.to_yaml()``);
+    - ``"train"``: ``train_command(cfg, workdir, *, clip_weights, descriptors, resume, device,
+      max_iters_this_run, progress) -> summary dict`` (``weakclip train``; WeakCLIP's is the command's own).
     """
 
     name: str
@@ -92,6 +98,15 @@ def get(name: str) -> MethodInfo:
     if info is None:
         raise WeakclipError(f"unknown method {name!r}; known: {', '.join(_REGISTRY)}")
     return info
+
+
+def all_network_stages() -> tuple[str, ...]:
+    """Every stage name that holds a network in some method's ``weakclip run`` folder, in registry order
+    (``--stage`` of predict and export)."""
+    out: list[str] = []
+    for info in _REGISTRY.values():
+        out += [s for s in info.network_stages if s not in out]
+    return tuple(out)
 
 
 def of_preset(preset: str) -> MethodInfo:
@@ -159,4 +174,6 @@ register(MethodInfo(
              ("load", "weakclip.methods.excel.segmenter:load_segmenter"),
              ("demo", "weakclip.methods.excel.demo:run_demo"),
              ("seeds", "weakclip.methods.excel.commands:run_seeds"),
-             ("pseudo_masks", "weakclip.methods.excel.commands:run_pseudo_masks"))))
+             ("pseudo_masks", "weakclip.methods.excel.commands:run_pseudo_masks"),
+             ("train_config", "weakclip.methods.excel.config:config_with_overrides"),
+             ("train", "weakclip.methods.excel.train:train_command"))))

@@ -168,6 +168,9 @@ class ExcelClipPass(nn.Module):
         self.num_replaced = replaced
         self.base_grid: tuple[int, int] | None = None
         self._pos_cache: dict[tuple[int, int], tuple[tuple, Tensor]] = {}
+        #: keep each grid's resized embedding (off while an export traces the pass: the cache is keyed on
+        #: the grid, which would fix the traced size in the graph; the numbers are the same either way)
+        self.cache_positions = True
         self.set_base_grid(base_grid)
 
     def _apply(self, fn, recurse: bool = True):  # moving or casting invalidates the cached embeddings
@@ -195,10 +198,11 @@ class ExcelClipPass(nn.Module):
         """(1 + h*w) x width positional embedding for an h x w grid: CLIP's stored embedding, resized once to
         ``base_grid`` when set (the release's load-time resize), then to ``grid`` when that differs."""
         pos = self.tower.visual.positional_embedding
-        stamp = (pos.data_ptr(), pos._version, pos.device, pos.dtype, self.base_grid)
-        hit = self._pos_cache.get(grid)
-        if hit is not None and hit[0] == stamp:
-            return hit[1]
+        if self.cache_positions:
+            stamp = (pos.data_ptr(), pos._version, pos.device, pos.dtype, self.base_grid)
+            hit = self._pos_cache.get(grid)
+            if hit is not None and hit[0] == stamp:
+                return hit[1]
         native = tuple(self.tower.native_grid)
         with torch.no_grad():
             source, current = native, pos.detach()
@@ -207,7 +211,8 @@ class ExcelClipPass(nn.Module):
                 source = self.base_grid
             if grid != source:
                 current = _resize_positions(current, source, grid)
-        self._pos_cache[grid] = (stamp, current)
+        if self.cache_positions:
+            self._pos_cache[grid] = (stamp, current)
         return current
 
     def _grid_of(self, images: Tensor) -> tuple[int, int]:

@@ -53,6 +53,7 @@ __all__ = [
     "METHOD",
     "all_keys",
     "apply_excel_overrides",
+    "config_with_overrides",
     "load_excel_preset",
     "training_free_config",
 ]
@@ -305,6 +306,12 @@ def check_text_inputs(cfg: ExcelConfig, descriptors: str | Path | None, classes:
         raise DataError(f"text.num_clusters {cfg.text.num_clusters}{named} needs as many descriptor "
                         f"sentences; {descriptors} has {sentences}: --set text.num_clusters=N")
     return table
+
+
+def config_with_overrides(preset: str | Path, overrides: list[str] | tuple[str, ...]) -> ExcelConfig:
+    """The registry's ``"train_config"`` entry point (``weakclip train``): the preset (or YAML file) with
+    ``section.key=value`` overrides applied in order."""
+    return apply_excel_overrides(load_excel_preset(preset), list(overrides))
 
 
 # ====================================================================== validation

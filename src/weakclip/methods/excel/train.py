@@ -64,8 +64,10 @@ __all__ = [
     "build_par",
     "label_settings",
     "load_excel_checkpoint",
+    "train_command",
     "train_excel",
     "train_step",
+    "training_classes",
 ]
 
 LOSS_TERMS: tuple[str, ...] = ("loss", "seg", "aff")
@@ -257,11 +259,13 @@ def check_excel_record(record: Any, where: str) -> None:
 
 
 def load_excel_checkpoint(path: str | Path, clip_weights: str | Path | None = None,
-                          device: str | torch.device = "cpu", *, pretrained_download: bool = True):
+                          device: str | torch.device = "cpu", *, pretrained_download: bool = True,
+                          raw: Any = None):
     """``(network in eval mode, checkpoint dict)`` from an ExCEL training checkpoint or work folder (its
     latest checkpoint): the trained decoder, text bank and settings of the checkpoint on the CLIP of
     ``clip_weights`` (default: the file the checkpoint records). Another method's checkpoint, or a file
-    that is no checkpoint, is a one-line WeakclipError."""
+    that is no checkpoint, is a one-line WeakclipError. ``raw``: what the checkpoint file ``path`` holds,
+    when the caller has read it already (it is not read again)."""
     from weakclip.engine.checkpoint import latest_checkpoint, read_checkpoint_file
     from weakclip.methods.excel.model import rebuild_excel_net
 
@@ -273,7 +277,7 @@ def load_excel_checkpoint(path: str | Path, clip_weights: str | Path | None = No
         path = found
     elif not path.is_file():
         raise WeakclipError(f"checkpoint not found: {path}")
-    ckpt = read_checkpoint_file(path)
+    ckpt = read_checkpoint_file(path) if raw is None else raw
     if not isinstance(ckpt, Mapping) or "model" not in ckpt:
         raise WeakclipError(f"{path} is not an ExCEL training checkpoint (a dict with method, model, excel)")
     check_excel_record(ckpt, str(path))
@@ -428,6 +432,41 @@ def train_excel(cfg: ExcelConfig, workdir: str | Path, *, clip_weights: str | Pa
     finally:
         if started_group and info.distributed:
             dist.destroy_process_group()
+
+
+def training_classes(cfg: ExcelConfig, dataset_kwargs: Mapping[str, Any] | None = None) -> list[str]:
+    """The class list training on ``cfg.data`` uses: ``cfg.classes``, else the dataset's (one-line errors for
+    a missing dataset, as training gives them)."""
+    if cfg.classes is not None:
+        return list(cfg.classes)
+    return list(_train_dataset(cfg, dataset_kwargs or {}).classes)
+
+
+def train_command(cfg: ExcelConfig, workdir: str | Path, *, clip_weights: str | Path | None = None,
+                  descriptors: str | Path | None = None, resume: bool = False, device: str | None = None,
+                  max_iters_this_run: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """The registry's ``"train"`` entry point (``weakclip train --preset excel-voc ...``): the checks a
+    command makes before any work (a dataset given and there, the CLIP weights file there, the descriptors
+    file readable as JSON, naming every class of the data and holding enough sentences for the clusters when
+    a fresh start will read it: :func:`~weakclip.methods.excel.config.check_text_inputs`), then :func:`train_excel`. Returns its summary
+    without the network."""
+    from weakclip.engine.checkpoint import latest_checkpoint
+    from weakclip.methods.excel.config import check_text_inputs
+
+    if not cfg.data.root:
+        raise WeakclipError("no dataset given: pass --data-root")
+    if not Path(cfg.data.root).exists():
+        raise DataError(f"dataset folder not found: {cfg.data.root}")
+    if clip_weights is not None and not Path(clip_weights).is_file():
+        raise WeakclipError(f"CLIP weights file not found: {clip_weights}")
+    descriptors = descriptors if descriptors is not None else cfg.text.descriptors
+    fresh = not (resume and latest_checkpoint(workdir) is not None)
+    if descriptors is not None and fresh:  # a resumed run takes its text bank from the checkpoint
+        check_text_inputs(cfg, descriptors, training_classes(cfg))
+    summary = train_excel(cfg, workdir, clip_weights=clip_weights, descriptors=descriptors, resume=resume,
+                          device=device, max_iters_this_run=max_iters_this_run, progress=progress)
+    summary.pop("model", None)
+    return summary
 
 
 def _loop_settings(cfg: ExcelConfig, settings_cls):
