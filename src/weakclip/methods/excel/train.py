@@ -448,8 +448,8 @@ def train_command(cfg: ExcelConfig, workdir: str | Path, *, clip_weights: str | 
     """The registry's ``"train"`` entry point (``weakclip train --preset excel-voc ...``): the checks a
     command makes before any work (a dataset given and there, the CLIP weights file there, the descriptors
     file readable as JSON, naming every class of the data and holding enough sentences for the clusters when
-    a fresh start will read it: :func:`~weakclip.methods.excel.config.check_text_inputs`), then :func:`train_excel`. Returns its summary
-    without the network."""
+    a fresh start will read it: :func:`~weakclip.methods.excel.config.check_text_inputs`), then
+    :func:`train_excel`. Returns its summary without the network."""
     from weakclip.engine.checkpoint import latest_checkpoint
     from weakclip.methods.excel.config import check_text_inputs
 
