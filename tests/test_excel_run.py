@@ -271,3 +271,57 @@ def test_weakclip_run_takes_excel_training_free_masks_as_seeds(tmp_path):
         assert not (plain == 255).any()
         sure = banded != 255
         assert sure.any() and np.array_equal(banded[sure], plain[sure])  # every sure pixel is the mask's
+
+
+@pytest.mark.slow
+def test_predict_on_the_run_folder_equals_the_evaluation_masks(excel_demo, tmp_path):
+    """``weakclip predict RUN`` takes the run's trained ExCEL network with the release's test-time settings:
+    its masks of the val images are the evaluate stage's, pixel for pixel; ``weakclip.load`` says the same."""
+    import weakclip
+
+    images = sorted((excel_demo / "data" / "images").glob("val_*"))
+    assert images
+    out = tmp_path / "pred"
+    assert main(["predict", *map(str, images), "--checkpoint", str(excel_demo), "--out", str(out), "--device",
+                 "cpu", "--quiet"]) == 0
+    for image in images:
+        predicted = read_label_png(out / f"{image.stem}.png")
+        evaluated = read_label_png(excel_demo / "evaluate" / "masks" / f"{image.stem}.png")
+        assert np.array_equal(predicted, evaluated), image.name
+    seg = weakclip.load(excel_demo, device="cpu")
+    assert seg.kind == "excel"
+    from weakclip.data.io import read_image
+
+    assert np.array_equal(seg.predict(read_image(images[0])),
+                          read_label_png(excel_demo / "evaluate" / "masks" / f"{images[0].stem}.png"))
+
+
+@pytest.mark.slow
+def test_weakclip_commands_that_cannot_take_an_excel_network_say_so(excel_demo, tmp_path, capsys):
+    ckpt = sorted((excel_demo / "train" / "checkpoints").glob("iter_*.pth"))[-1]
+    argv = ["retrain", "--eval-only", "--checkpoint", str(ckpt), "--data-root", str(excel_demo / "data"),
+            "--dataset", "folder", "--workdir", str(tmp_path / "eval"), "--preset", "voc-plus", "--device",
+            "cpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds a trained ExCEL network" in err[0] and "predict" in err[0]
+
+
+@pytest.mark.slow
+def test_the_report_of_an_excel_run_rebuilds_and_renders(excel_demo, tmp_path):
+    from weakclip.report.browser import check_page, find_chromium
+
+    work = _copy(excel_demo, tmp_path / "report")
+    (work / "report.html").unlink()
+    shutil.rmtree(work / "report")
+    assert main(["report", str(work)]) == 0
+    page = (work / "report.html").read_text()
+    assert "weakclip run report: ExCEL" in page and "ExCEL training: loss terms and learning rate" in page
+    for row in ("training-free masks", "ExCEL training", "pseudo masks (trained network)",
+                "final network (val)"):
+        assert f"<td>{row}</td>" in page, row
+    if find_chromium() is None:
+        pytest.skip("no chromium on this machine (Debian: apt-get install chromium); .ci/run installs it")
+    check = check_page(work / "report.html")
+    assert check.errors == [] and check.broken_images == [] and check.remote_requests == []
+    assert len(check.images) >= 3 and check.title.startswith("weakclip report") and check.pixel_std > 5.0

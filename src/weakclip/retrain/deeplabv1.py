@@ -176,6 +176,12 @@ def state_dict_of(obj, source: str | Path) -> dict[str, torch.Tensor]:
     """The model state dict in a loaded checkpoint object (see :func:`read_checkpoint`): a ``{"model": ...}``
     / ``{"state_dict": ...}`` wrapper unwrapped, ``module.`` / ``net.`` prefixes removed; a one-line
     WeightsError when it holds no state dict of tensors."""
+    from weakclip.methods import DEFAULT_METHOD, of_checkpoint
+
+    method = of_checkpoint(obj) if isinstance(obj, dict) else None
+    if method is not None and method.name != DEFAULT_METHOD:  # e.g. an ExCEL training checkpoint
+        raise WeightsError(f"checkpoint {source} holds a trained {method.title} network, not a retrained "
+                           f"segmentation network: weakclip predict, pseudo-masks and export take it")
     state = obj
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
