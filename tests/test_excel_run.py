@@ -325,3 +325,55 @@ def test_the_report_of_an_excel_run_rebuilds_and_renders(excel_demo, tmp_path):
     check = check_page(work / "report.html")
     assert check.errors == [] and check.broken_images == [] and check.remote_requests == []
     assert len(check.images) >= 3 and check.title.startswith("weakclip report") and check.pixel_std > 5.0
+
+
+@pytest.mark.slow
+def test_excel_run_under_torchrun_shares_every_stage(excel_demo, tmp_path):
+    """The same ``weakclip run`` under ``torchrun`` with two gloo processes: every stage made once by both,
+    recorded with its process count; the training-free masks (which no process count changes) equal the
+    single-process run's. (The training's batch-wide means are taken per process, as the release per GPU, so
+    its network is not the single-process one: docs/method.md.)"""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    work = tmp_path / "ddp"
+    argv = _run_argv(excel_demo)
+    argv[argv.index("--workdir") + 1] = str(work)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "weakclip", *argv]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    for stage in EXCEL_STAGES:
+        record = json.loads((work / stage / "stage.json").read_text())
+        assert record["status"] == "complete" and record["made_with"]["incidental"]["processes"] == 2
+    assert res.stdout.count("== train\n") == 1  # one log of each stage: the first process's
+    for png in sorted((excel_demo / "seeds").glob("*.png")):
+        assert np.array_equal(read_label_png(png), read_label_png(work / "seeds" / png.name)), png.name
+    report = json.loads((work / "report.json").read_text())
+    assert report["final_miou"] is not None and report["method"] == "excel"
+
+
+def test_excel_run_without_descriptors_or_val_split(tmp_path, capsys):
+    """A folder dataset without a descriptors file (plain class prompts, said in one line) and without a val
+    split (no evaluate stage): the three stages run and the report has no final mIoU."""
+    from weakclip.methods.excel.demo import ExcelDemoSize, demo_overrides
+
+    data, clip = _tiny_data(tmp_path)
+    work = tmp_path / "work"
+    sets = [x for o in demo_overrides(ExcelDemoSize(iters=4)) for x in ("--set", o)]
+    argv = ["run", "--preset", "excel-voc", "--dataset", "folder", "--data-root", str(data), "--clip-weights",
+            str(clip), "--val-split", "none", "--workdir", str(work), *sets, "--device", "cpu", "--quiet"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "no descriptors file" in out
+    run = json.loads((work / "run.json").read_text())
+    assert run["stages"] == ["seeds", "train", "pseudo_masks"] and run["val_split"] is None
+    report = json.loads((work / "report.json").read_text())
+    assert report["final_miou"] is None and report["pseudo_miou"] is not None
+    assert not (work / "evaluate").exists()
