@@ -15,6 +15,7 @@ with real CLIP weights, ``weakclip run`` without ``--seeds`` makes the seeds its
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,11 @@ def _png_bytes(image) -> bytes:
     return buf.getvalue()
 
 
-def write_overlays(data_root: Path, pseudo_dir: Path, out_dir: Path, count: int = 4) -> list[Path]:
+def write_overlays(data_root: Path, out_dir: Path, columns: Sequence[tuple[str, Path | None]],
+                   count: int = 4) -> list[Path]:
+    """Image | one mask per column | ground truth, for the first ``count`` training images of the synthetic
+    folder dataset at ``data_root``: ``columns`` are ``(title, folder of <id>.png)``, a folder of None being
+    the dataset's own seeds."""
     from weakclip.data.datasets import build_dataset
     from weakclip.data.io import read_label_png, write_bytes_atomic
 
@@ -119,12 +124,12 @@ def write_overlays(data_root: Path, pseudo_dir: Path, out_dir: Path, count: int 
     written = []
     for i in range(min(count, len(dataset))):
         ident = dataset.ids[i]
-        image = dataset.read_image(i)
-        seed = dataset.read_seed(i)
         gt = dataset.read_gt(i)
-        pseudo = read_label_png(pseudo_dir / f"{ident}.png", expected_hw=gt.shape, what="pseudo mask",
+        masks = [dataset.read_seed(i) if folder is None else
+                 read_label_png(folder / f"{ident}.png", expected_hw=gt.shape, what=title,
                                 reference=f"its ground-truth mask {dataset.gt_path(i)}")
-        row = panel_row(image, [seed, pseudo, gt], ["seed", "pseudo mask", "ground truth"])
+                 for title, folder in columns]
+        row = panel_row(dataset.read_image(i), [*masks, gt], [*(t for t, _ in columns), "ground truth"])
         written.append(write_bytes_atomic(out_dir / f"{ident}.png", _png_bytes(row)))
     return written
 
@@ -157,7 +162,8 @@ def run_demo(workdir: str | Path, size: DemoSize | None = None, *, device: str |
     report = Pipeline(cfg, log=log).run()
     if not info.is_main:
         return report
-    overlays = write_overlays(data_root, workdir / "pseudo_masks", workdir / "overlays")
+    overlays = write_overlays(data_root, workdir / "overlays", [("seed", None),
+                                                                ("pseudo mask", workdir / "pseudo_masks")])
     plot = plot_losses(workdir / "refine" / "log.csv", workdir / "losses.png")
     gain = None
     if report["pseudo_miou"] is not None and report["seeds_miou"] is not None:

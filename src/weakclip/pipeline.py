@@ -146,17 +146,7 @@ class Pipeline(StagedRun):
             from weakclip.methods.excel.config import check_text_inputs
 
             check_text_inputs(self._excel_seed_config(), self.cfg.descriptors, list(train.classes))
-        val_split = self.retrain_cfg.data.val_split
-        if val_split:
-            try:
-                val = self._dataset(val_split, seed_dir=None, with_gt=True)
-                require_images(val, "val split")
-            except DataError as exc:
-                raise DataError(f"val split {val_split!r}: {exc} (--val-split none skips the final "
-                                "evaluation)") from exc
-            if not val.has_gt:
-                raise DataError(f"val split {val_split!r} has no ground-truth masks to evaluate against "
-                                "(--val-split none skips the final evaluation)")
+        self.check_val_split(self.retrain_cfg.data.val_split)
 
     # ------------------------------------------------------------------ hooks
     def runners(self) -> dict[str, Callable[[], dict[str, Any]]]:
@@ -176,10 +166,7 @@ class Pipeline(StagedRun):
                 self.cfg.descriptors]
 
     def before_run(self, stages: Sequence[str]) -> None:
-        from weakclip.retrain.train import check_backbone_weights
-
-        if "retrain" in stages:  # ResNet-38 has no download: fail now, not after hours of refinement
-            check_backbone_weights(self.retrain_cfg)
+        self.check_retrain_weights(stages)  # no download: fail now, not after hours of refinement
 
     def run_info(self) -> dict[str, Any]:
         from weakclip.data.classes import class_record
@@ -229,16 +216,6 @@ class Pipeline(StagedRun):
         return {**{f"pseudo.{k}": v for k, v in asdict(p).items()}, "pseudo.crf": p.crf_name(self.kind),
                 "data.kind": self.kind, "data.split": self.pseudo_split,
                 **self._data_settings(self.pseudo_split), **self._made_from("refine")}
-
-    def _retrain_settings(self) -> dict[str, Any]:
-        from weakclip.stage_settings import flatten
-
-        m = self.retrain_cfg.model
-        backbone = m.backbone_weights if m.pretrained_backbone else None
-        return {**flatten(self.retrain_cfg.to_dict()), "data.masks": str(self.stage_dir("pseudo_masks")),
-                **self._data_settings(self.pseudo_split),
-                **self._data_settings(self.retrain_cfg.data.val_split, "data.val_"),
-                "backbone.weights": self._fingerprint(backbone), **self._made_from("pseudo_masks")}
 
     def _legacy_made_with(self, stage: str, record: dict[str, Any] | None) -> dict[str, Any] | None:
         """The settings a stage made by a version without ``made_with`` records: the refinement's and the
@@ -418,19 +395,6 @@ class Pipeline(StagedRun):
                    "pseudo_miou_no_crf": summary.get("miou_before_crf", summary.get("miou")),
                    "images": summary.get("images")}
         return self._finish("pseudo_masks", {**asdict(p), "crf": crf, "dir": str(out)}, metrics)
-
-    def run_retrain(self) -> dict[str, Any]:
-        from weakclip.retrain.train import retrain
-
-        out = self.stage_dir("retrain")
-        summary = retrain(self.retrain_cfg, self.stage_dir("pseudo_masks"), workdir=out, resume=True,
-                          device=self.cfg.device, progress=self.cfg.progress)
-        if not summary.get("finished"):
-            raise WeakclipError("retraining did not finish")
-        ev = summary.get("eval") or {}
-        metrics = {"final_miou": None if ev.get("miou") is None else ev["miou"] / 100.0,
-                   "val_images": ev.get("images")}
-        return self._finish("retrain", {"config": str(out / "config.yaml")}, metrics)
 
     def report(self, records: dict[str, Any]) -> dict[str, Any]:
         def metric(stage: str, key: str):

@@ -232,6 +232,61 @@ class StagedRun:
         return build_dataset(self.kind, self.cfg.data_root, split=split, **kwargs)
 
 
+    # ------------------------------------------------------------------ stages every method may share
+    def check_val_split(self, val_split: str | None) -> None:
+        """The val split opens, holds images and has ground truth to evaluate against (one line otherwise,
+        before any work)."""
+        from weakclip.data.datasets import require_images
+        from weakclip.errors import DataError
+
+        if not val_split:
+            return
+        try:
+            val = self._dataset(val_split, seed_dir=None, with_gt=True)
+            require_images(val, "val split")
+        except DataError as exc:
+            raise DataError(f"val split {val_split!r}: {exc} (--val-split none skips the final "
+                            "evaluation)") from exc
+        if not val.has_gt:
+            raise DataError(f"val split {val_split!r} has no ground-truth masks to evaluate against "
+                            "(--val-split none skips the final evaluation)")
+
+    def check_retrain_weights(self, stages: Sequence[str]) -> None:
+        """The retraining's ImageNet weights (ResNet-38 has no download): checked when the run makes the
+        ``retrain`` stage, before hours of the stages before it."""
+        from weakclip.retrain.train import check_backbone_weights
+
+        if "retrain" in stages:
+            check_backbone_weights(self.retrain_cfg)
+
+    def _retrain_settings(self) -> dict[str, Any]:
+        """What the ``retrain`` stage (a DeepLab on the ``pseudo_masks`` stage's masks of ``pseudo_split``,
+        ``self.retrain_cfg``) is made with."""
+        from weakclip.stage_settings import flatten
+
+        m = self.retrain_cfg.model
+        backbone = m.backbone_weights if m.pretrained_backbone else None
+        return {**flatten(self.retrain_cfg.to_dict()), "data.masks": str(self.stage_dir("pseudo_masks")),
+                **self._data_settings(self.pseudo_split),
+                **self._data_settings(self.retrain_cfg.data.val_split, "data.val_"),
+                "backbone.weights": self._fingerprint(backbone), **self._made_from("pseudo_masks")}
+
+    def run_retrain(self) -> dict[str, Any]:
+        """The ``retrain`` stage: :func:`weakclip.retrain.train.retrain` on the ``pseudo_masks`` stage's
+        masks, resumed from its latest checkpoint; its val mIoU is ``final_miou``."""
+        from weakclip.retrain.train import retrain
+
+        out = self.stage_dir("retrain")
+        summary = retrain(self.retrain_cfg, self.stage_dir("pseudo_masks"), workdir=out, resume=True,
+                          device=self.cfg.device, progress=self.cfg.progress)
+        if not summary.get("finished"):
+            raise WeakclipError("retraining did not finish")
+        ev = summary.get("eval") or {}
+        metrics = {"final_miou": None if ev.get("miou") is None else ev["miou"] / 100.0,
+                   "val_images": ev.get("images")}
+        return self._finish("retrain", {"config": str(out / "config.yaml")}, metrics)
+
+
     # ------------------------------------------------------------------ what made a stage
     def stage_settings(self, stage: str) -> dict[str, Any]:
         """The settings this run makes ``stage`` with, as one flat dict (dotted keys; split by

@@ -72,30 +72,6 @@ def write_descriptors(path: Path, classes: list[str]) -> Path:
     return write_json_atomic(path, {c: DEMO_DESCRIPTORS[c] for c in classes if c in DEMO_DESCRIPTORS})
 
 
-def write_overlays(data_root: Path, workdir: Path, out_dir: Path, count: int = 4) -> list[Path]:
-    """Image | training-free mask | pseudo mask | ground truth, for the first ``count`` training images."""
-    import io
-
-    from weakclip.data.datasets import build_dataset
-    from weakclip.data.io import read_label_png, write_bytes_atomic
-    from weakclip.report.panels import panel_row
-
-    dataset = build_dataset("folder", data_root, split="train")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for i in range(min(count, len(dataset))):
-        ident = dataset.ids[i]
-        gt = dataset.read_gt(i)
-        masks = [read_label_png(workdir / stage / f"{ident}.png", expected_hw=gt.shape, what=what,
-                                reference=f"its ground-truth mask {dataset.gt_path(i)}")
-                 for stage, what in (("seeds", "training-free mask"), ("pseudo_masks", "pseudo mask"))]
-        row = panel_row(dataset.read_image(i), [*masks, gt], ["training-free", "pseudo mask", "ground truth"])
-        buf = io.BytesIO()
-        row.save(buf, format="PNG")
-        written.append(write_bytes_atomic(out_dir / f"{ident}.png", buf.getvalue()))
-    return written
-
-
 def run_demo(workdir: str | Path, small: bool = False, *, device: str | None = None, progress: bool = True,
              size: ExcelDemoSize | None = None, log=print) -> dict[str, Any]:
     """Run the ExCEL demo in ``workdir`` (resumable like ``weakclip run``) and return its report (the
@@ -103,7 +79,7 @@ def run_demo(workdir: str | Path, small: bool = False, *, device: str | None = N
     from weakclip.data.classes import read_class_file
     from weakclip.data.io import write_json_atomic
     from weakclip.data.synthetic import make_synthetic_dataset
-    from weakclip.demo import make_tiny_clip, plot_losses
+    from weakclip.demo import make_tiny_clip, plot_losses, write_overlays
     from weakclip.distributed import barrier, init_distributed
     from weakclip.pipeline import PipelineConfig, build_pipeline
 
@@ -128,7 +104,8 @@ def run_demo(workdir: str | Path, small: bool = False, *, device: str | None = N
     report = build_pipeline(cfg, log=log).run()
     if not info.is_main:
         return report
-    overlays = write_overlays(data_root, workdir, workdir / "overlays")
+    overlays = write_overlays(data_root, workdir / "overlays", [("training-free", workdir / "seeds"),
+                                                                ("pseudo mask", workdir / "pseudo_masks")])
     plot = plot_losses(workdir / "train" / "log.csv", workdir / "losses.png", title="ExCEL training losses")
     report.update({"overlays": [str(p) for p in overlays], "loss_plot": str(plot)})
     write_json_atomic(workdir / "report.json", report)

@@ -139,16 +139,7 @@ class ExcelPipeline(StagedRun):
         from weakclip.methods.excel.config import check_text_inputs
 
         check_text_inputs(self.excel_cfg, self.descriptors, list(train.classes), str(self.cfg.preset))
-        if self.val_split:
-            try:
-                val = self._dataset(self.val_split, seed_dir=None, with_gt=True)
-                require_images(val, "val split")
-            except DataError as exc:
-                raise DataError(f"val split {self.val_split!r}: {exc} (--val-split none skips the final "
-                                "evaluation)") from exc
-            if not val.has_gt:
-                raise DataError(f"val split {self.val_split!r} has no ground-truth masks to evaluate against "
-                                "(--val-split none skips the final evaluation)")
+        self.check_val_split(self.val_split)
 
     # ------------------------------------------------------------------ hooks
     def active_stages(self) -> tuple[str, ...]:
@@ -176,10 +167,7 @@ class ExcelPipeline(StagedRun):
         return [self.cfg.data_root, self.cfg.clip_weights, self.descriptors, backbone]
 
     def before_run(self, stages: Sequence[str]) -> None:
-        from weakclip.retrain.train import check_backbone_weights
-
-        if "retrain" in stages:  # ResNet-38 has no download: fail now, not after the ExCEL training
-            check_backbone_weights(self.retrain_cfg)
+        self.check_retrain_weights(stages)  # no download: fail now, not after the ExCEL training
 
     def run_info(self) -> dict[str, Any]:
         from weakclip.data.classes import class_record
@@ -242,16 +230,6 @@ class ExcelPipeline(StagedRun):
     def _evaluate_settings(self) -> dict[str, Any]:
         return {**self._infer_settings(), "data.kind": self.kind, "data.split": self.val_split,
                 **self._data_settings(self.val_split), **self._made_from("train")}
-
-    def _retrain_settings(self) -> dict[str, Any]:
-        from weakclip.stage_settings import flatten
-
-        m = self.retrain_cfg.model
-        backbone = m.backbone_weights if m.pretrained_backbone else None
-        return {**flatten(self.retrain_cfg.to_dict()), "data.masks": str(self.stage_dir("pseudo_masks")),
-                **self._data_settings(self.pseudo_split),
-                **self._data_settings(self.retrain_cfg.data.val_split, "data.val_"),
-                "backbone.weights": self._fingerprint(backbone), **self._made_from("pseudo_masks")}
 
     # ------------------------------------------------------------------ stages
     def _failed(self, what: str, summary: dict[str, Any]) -> None:
@@ -345,19 +323,6 @@ class ExcelPipeline(StagedRun):
         settings = {**{f"infer.{k}": v for k, v in asdict(self.excel_cfg.infer).items()},
                     "dir": str(out / "masks"), "eval": str(out / "eval.json")}
         return self._finish("evaluate", settings, metrics)
-
-    def run_retrain(self) -> dict[str, Any]:
-        from weakclip.retrain.train import retrain
-
-        out = self.stage_dir("retrain")
-        summary = retrain(self.retrain_cfg, self.stage_dir("pseudo_masks"), workdir=out, resume=True,
-                          device=self.cfg.device, progress=self.cfg.progress)
-        if not summary.get("finished"):
-            raise WeakclipError("retraining did not finish")
-        ev = summary.get("eval") or {}
-        metrics = {"final_miou": None if ev.get("miou") is None else ev["miou"] / 100.0,
-                   "val_images": ev.get("images")}
-        return self._finish("retrain", {"config": str(out / "config.yaml")}, metrics)
 
     # ------------------------------------------------------------------ report
     def report(self, records: dict[str, Any]) -> dict[str, Any]:
