@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 
+from tiny_refinement import tiny_refinement_folder
 from weakclip.cli import build_parser, main
 from weakclip.commands.flags import AMP_CHOICES, CRF_CHOICES, DATASET_KINDS, PRESET_NAMES
 from weakclip.data.synthetic import make_synthetic_dataset
@@ -224,26 +225,7 @@ def test_evaluate_refuses_a_class_list_of_another_size(tmp_path, capsys):
 def towers_checkpoint(tmp_path_factory):
     """A tiny refinement work folder whose checkpoint holds its CLIP towers (as one trained without a
     weights file)."""
-    import torch
-
-    from weakclip.config import Config, PseudoMaskConfig
-    from weakclip.models import ModelConfig, build_model
-
-    base = tmp_path_factory.mktemp("towers")
-    root = make_synthetic_dataset(base / "data", n_train=3, n_val=2, image_size=(32, 40), n_classes=3)
-    classes = (root / "classes.txt").read_text().splitlines()
-    cfg = Config()
-    cfg.model = ModelConfig(clip_arch="tiny", out_blocks=(1, 2, 3, 4), match_width=32, match_heads=2,
-                            match_layers=1, neck_channels=32, head_channels=32)
-    cfg.data.kind, cfg.data.root, cfg.classes = "folder", str(root), classes
-    cfg.pseudo = PseudoMaskConfig(scales=(1.0,), flip=False, crop=64, stride=43, base_scale=(64, 48),
-                                  crf="none", crf_workers=0)
-    model = build_model(cfg.model, classes, pretrained_download=False)
-    work = base / "refine"
-    (work / "checkpoints").mkdir(parents=True)
-    torch.save({"iteration": 1, "model": model.state_dict(), "config": cfg.to_dict(), "clip_weights": None},
-               work / "checkpoints" / "iter_0000001.pth")
-    return root, work
+    return tiny_refinement_folder(tmp_path_factory.mktemp("towers"))
 
 
 def test_pseudo_masks_default_split_and_unused_clip_weights_note(towers_checkpoint, tmp_path, capsys):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from tiny_refinement import tiny_refinement_folder
 from weakclip.cli import main
 from weakclip.data.datasets import build_dataset
 from weakclip.data.io import read_label_png
@@ -418,25 +419,7 @@ def test_pseudo_masks_of_an_excel_network(world, dataset, excel_run, tmp_path, c
 @pytest.fixture(scope="module")
 def weakclip_checkpoint(world, tmp_path_factory):
     """A WeakCLIP refinement checkpoint holding its towers (an untrained tiny model), as a work folder."""
-    from weakclip.config import Config, PseudoMaskConfig
-    from weakclip.data.synthetic import make_synthetic_dataset
-    from weakclip.models import ModelConfig, build_model
-
-    base = tmp_path_factory.mktemp("weakclip_ckpt")
-    root = make_synthetic_dataset(base / "data", n_train=3, n_val=0, image_size=(32, 40), n_classes=3)
-    classes = (root / "classes.txt").read_text().splitlines()
-    cfg = Config()
-    cfg.model = ModelConfig(clip_arch="tiny", out_blocks=(1, 2, 3, 4), match_width=32, match_heads=2,
-                            match_layers=1, neck_channels=32, head_channels=32)
-    cfg.data.kind, cfg.data.root, cfg.classes = "folder", str(root), classes
-    cfg.pseudo = PseudoMaskConfig(scales=(1.0,), flip=False, crop=64, stride=43, base_scale=(64, 48),
-                                  crf="none", crf_workers=0)
-    model = build_model(cfg.model, classes, pretrained_download=False)
-    work = base / "refine"
-    (work / "checkpoints").mkdir(parents=True)
-    torch.save({"iteration": 1, "model": model.state_dict(), "config": cfg.to_dict(), "clip_weights": None},
-               work / "checkpoints" / "iter_0000001.pth")
-    return root, work
+    return tiny_refinement_folder(tmp_path_factory.mktemp("weakclip_ckpt"), n_val=0)
 
 
 def test_pseudo_masks_of_a_weakclip_checkpoint_still_work(weakclip_checkpoint, tmp_path, capsys):
