@@ -1,8 +1,10 @@
 """The :class:`Segmenter` that :func:`weakclip.load` returns: a trained network with its classes, palette,
-normalisation and test-time settings, predicting label maps and probabilities of images. Two families: a
-retrained DeepLab (``retrain`` evaluation's multi-scale + flip + CRF, exactly) and the refinement model (the
-pseudo-mask stage's multi-scale sliding windows and CRF). Images are PIL images (turned upright by their EXIF
-tag) or ``H x W x 3`` uint8 RGB arrays.
+normalisation and test-time settings, predicting label maps and probabilities of images. Here the two
+families of WeakCLIP: a retrained DeepLab (``retrain`` evaluation's multi-scale + flip + CRF, exactly) and the
+refinement model (the pseudo-mask stage's multi-scale sliding windows and CRF); another method's network
+subclasses :class:`Segmenter` in its own package (ExCEL's:
+:class:`weakclip.methods.excel.segmenter.ExcelSegmenter`, the release's test-time inference). Images are PIL
+images (turned upright by their EXIF tag) or ``H x W x 3`` uint8 RGB arrays.
 
 Large images (a 48 MP photo) are processed at a bounded size, ``max_side`` (:data:`DEFAULT_MAX_SIDE`; a
 setting like the others, ``weakclip predict --max-side``): a retrained network, which has no size rule of its
