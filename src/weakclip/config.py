@@ -19,22 +19,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import ClassVar, Literal
 
 from weakclip.errors import WeakclipError
 from weakclip.losses import BOUNDARY_CRF_MODES, IDENTITY_MEANS
 from weakclip.models.weakclip import ModelConfig
-from weakclip.sections import (
-    coerce,
-    dump_yaml,
-    field_types,
-    load_sections,
-    packaged_yaml,
-    read_yaml,
-    section_dict,
-    set_section_value,
-    split_override,
-)
+from weakclip.sections import SectionedConfig
 
 __all__ = [
     "PRESETS",
@@ -198,7 +188,7 @@ class PseudoMaskConfig:
 
 
 @dataclass
-class Config:
+class Config(SectionedConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -206,58 +196,23 @@ class Config:
     pseudo: PseudoMaskConfig = field(default_factory=PseudoMaskConfig)
     classes: list[str] | None = None
 
-    # ------------------------------------------------------------------ YAML
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": section_dict(self.model),
-            "data": section_dict(self.data),
-            "train": section_dict(self.train),
-            "loss": section_dict(self.loss),
-            "pseudo": section_dict(self.pseudo),
-            "classes": None if self.classes is None else list(self.classes),
-        }
+    SECTIONS: ClassVar[dict[str, type]] = {
+        "model": ModelConfig, "data": DataConfig, "train": TrainConfig, "loss": LossConfig,
+        "pseudo": PseudoMaskConfig,
+    }
+    EXTRA_KEYS: ClassVar[tuple[str, ...]] = ("classes",)
+    PRESETS: ClassVar[tuple[str, ...]] = PRESETS
 
-    def to_yaml(self, path: str | Path | None = None) -> str:
-        """The config as YAML text; also written to ``path`` when given."""
-        return dump_yaml(self.to_dict(), path)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> Config:
-        """Build a config from nested dicts; keys left out keep their defaults."""
-        cfg = cls()
-        raw = load_sections(cfg, _SECTIONS, raw, source, extra=("classes",), keys=all_keys())
-        if raw.get("classes") is not None:
-            cfg.classes = coerce(raw["classes"], list[str], "classes")
-        validate(cfg, source)
-        return cfg
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> Config:
-        return cls.from_dict(read_yaml(path), source=str(path))
+    def validate(self, source: str = "config") -> None:
+        _validate(self, source)
 
 
-_SECTIONS: dict[str, type] = {
-    "model": ModelConfig,
-    "data": DataConfig,
-    "train": TrainConfig,
-    "loss": LossConfig,
-    "pseudo": PseudoMaskConfig,
-}
-
-
-# ====================================================================== presets
+# ====================================================================== presets and overrides
 def load_preset(name: str | Path) -> Config:
     """``"voc"`` / ``"coco"`` (the release's settings, shipped with the package) or a YAML file."""
-    key = str(name).strip()
-    if key.lower() in PRESETS:
-        return Config.from_dict(packaged_yaml(f"{key.lower()}.yaml"), source=f"preset {key.lower()}")
-    path = Path(key)
-    if path.suffix.lower() in (".yaml", ".yml") or path.exists():
-        return Config.from_yaml(path)
-    raise WeakclipError(f"unknown preset {key!r}: expected {', '.join(PRESETS)} or a .yaml file")
+    return Config.from_preset(name)
 
 
-# ====================================================================== overrides
 def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
     """Return a copy of ``cfg`` with ``section.key=value`` overrides applied (typed, validated).
 
@@ -265,25 +220,15 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
     (true/false/yes/no/1/0/on/off), ``str``, ``none``/``null`` for optional fields, tuples and lists
     as ``4,6,8,12`` or ``[4, 6, 8, 12]``. ``classes=a,b,c`` sets the class list.
     """
-    cfg = Config.from_dict(cfg.to_dict())  # a deep copy through the typed path
-    for item in overrides:
-        key, value = split_override(item)
-        if key == "classes":
-            cfg.classes = coerce(value, list[str] | None, key)
-        else:
-            set_section_value(cfg, _SECTIONS, key, value, keys=all_keys())
-    validate(cfg, "override")
-    return cfg
+    return cfg.with_overrides(overrides)
 
 
-def all_keys() -> list[str]:
-    """Every settable key, ``section.field`` (and ``classes``)."""
-    keys = [f"{s}.{f}" for s, c in _SECTIONS.items() for f in field_types(c)]
-    return keys + ["classes"]
+#: Every settable key, ``section.field`` (and ``classes``).
+all_keys = Config.all_keys
 
 
 # ====================================================================== validation
-def validate(cfg: Config, source: str = "config") -> None:
+def _validate(cfg: Config, source: str = "config") -> None:
     """Range and choice checks that the types alone do not express."""
     d, t, lo = cfg.data, cfg.train, cfg.loss
 

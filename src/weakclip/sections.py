@@ -1,6 +1,7 @@
 """Typed configuration sections shared by every stage's config: dataclass sections loaded from nested
 dicts (YAML) with each value converted to its field's type, ``section.key=value`` overrides, YAML read and
-written atomically, and one-line errors that name the closest known key."""
+written atomically, and one-line errors that name the closest known key. :class:`SectionedConfig` is the
+base of the three configs (refinement, retraining, ExCEL): their YAML round trip, presets and overrides."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
 from weakclip.errors import WeakclipError
 
 __all__ = [
+    "SectionedConfig",
     "absolute_paths",
     "coerce",
     "dump_yaml",
@@ -133,6 +135,100 @@ def set_section_value(cfg: Any, sections: dict[str, type], key: str, value: Any,
         raise WeakclipError(unknown_key_message(key, "override", keys, example))
     converted = coerce(value, field_types(sections[section])[name], key)
     setattr(cfg, section, _rebuild(getattr(cfg, section), {name: converted}, f"override {key}"))
+
+
+# ====================================================================== the configs' base
+class SectionedConfig:
+    """What every stage's config dataclass shares: one field per section (``SECTIONS``, in the YAML's order),
+    top-level keys beside them (``EXTRA_KEYS``: ``classes``, the class list, is a field of the subclass;
+    ``method`` is written first as ``METHOD`` and checked by :meth:`read_extra`), the YAML round trip,
+    packaged presets (``PRESETS``, ``weakclip/configs/`` + ``PRESET_FILE``) and ``section.key=value``
+    overrides. A subclass adds its own checks in :meth:`validate`."""
+
+    SECTIONS: ClassVar[dict[str, type]] = {}
+    #: top-level keys beside the sections, in the order an unknown section's error lists them
+    EXTRA_KEYS: ClassVar[tuple[str, ...]] = ()
+    #: written first as ``"method"`` by :meth:`to_dict` (None: no such key)
+    METHOD: ClassVar[str | None] = None
+    #: what an unknown override key's error says keys look like
+    KEY_EXAMPLE: ClassVar[str] = "train.iters"
+    PRESETS: ClassVar[tuple[str, ...]] = ()
+    #: a preset's file name, its source in errors and the word for an unknown name (``{}``: the preset)
+    PRESET_FILE: ClassVar[str] = "{}.yaml"
+    PRESET_SOURCE: ClassVar[str] = "preset {}"
+    PRESET_NOUN: ClassVar[str] = "preset"
+
+    # ------------------------------------------------------------------ YAML
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {} if self.METHOD is None else {"method": self.METHOD}
+        out.update({name: section_dict(getattr(self, name)) for name in self.SECTIONS})
+        if "classes" in self.EXTRA_KEYS:
+            out["classes"] = None if self.classes is None else list(self.classes)
+        return out
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        """The config as YAML text; also written to ``path`` when given."""
+        return dump_yaml(self.to_dict(), path)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None, source: str = "config"):
+        """Build a config from nested dicts; keys left out keep their defaults."""
+        cfg = cls()
+        raw = load_sections(cfg, cls.SECTIONS, raw, source, extra=cls.EXTRA_KEYS, keys=cls.all_keys())
+        cfg.read_extra(raw, source)
+        cfg.validate(source)
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path):
+        return cls.from_dict(read_yaml(path), source=str(path))
+
+    @classmethod
+    def from_preset(cls, name: str | Path):
+        """A packaged preset (``PRESETS``, any case) or a YAML file (:meth:`is_config_file`)."""
+        key = str(name).strip()
+        if key.lower() in cls.PRESETS:
+            return cls.from_dict(packaged_yaml(cls.PRESET_FILE.format(key.lower())),
+                                 source=cls.PRESET_SOURCE.format(key.lower()))
+        path = Path(key)
+        if cls.is_config_file(path):
+            return cls.from_yaml(path)
+        raise WeakclipError(f"unknown {cls.PRESET_NOUN} {key!r}: expected {', '.join(cls.PRESETS)} or a "
+                            f".yaml file")
+
+    @staticmethod
+    def is_config_file(path: Path) -> bool:
+        """Whether a preset name that is not packaged is read as a YAML file (else: unknown preset)."""
+        return path.suffix.lower() in (".yaml", ".yml") or path.exists()
+
+    # ------------------------------------------------------------------ keys, overrides, checks
+    @classmethod
+    def all_keys(cls) -> list[str]:
+        """Every settable key, ``section.field`` (and ``classes``)."""
+        keys = [f"{s}.{f}" for s, c in cls.SECTIONS.items() for f in field_types(c)]
+        return keys + ["classes"] if "classes" in cls.EXTRA_KEYS else keys
+
+    def with_overrides(self, overrides: list[str] | tuple[str, ...]):
+        """A copy with ``section.key=value`` overrides applied in order (typed, validated); ``classes=a,b,c``
+        sets the class list."""
+        cfg = type(self).from_dict(self.to_dict())  # a deep copy through the typed path
+        for item in overrides:
+            key, value = split_override(item)
+            if key == "classes" and "classes" in self.EXTRA_KEYS:
+                cfg.classes = coerce(value, list[str] | None, key)
+            else:
+                set_section_value(cfg, self.SECTIONS, key, value, keys=self.all_keys(),
+                                  example=self.KEY_EXAMPLE)
+        cfg.validate("override")
+        return cfg
+
+    def read_extra(self, raw: dict[str, Any], source: str) -> None:
+        """Take the top-level keys beside the sections from ``raw`` (the class list)."""
+        if "classes" in self.EXTRA_KEYS and raw.get("classes") is not None:
+            self.classes = coerce(raw["classes"], list[str], "classes")
+
+    def validate(self, source: str = "config") -> None:
+        """The checks the types alone do not express (a subclass's); a one-line WeakclipError."""
 
 
 # ====================================================================== typed conversion
