@@ -5,21 +5,12 @@ express, and the dense-CRF parameters its evaluation names."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import ClassVar, Literal
 
 from weakclip.errors import WeakclipError
-from weakclip.sections import (
-    dump_yaml,
-    load_sections,
-    packaged_yaml,
-    plain,
-    read_yaml,
-    set_section_value,
-    split_override,
-)
+from weakclip.sections import SectionedConfig
 
 __all__ = [
     "RETRAIN_PATH_KEYS",
@@ -130,30 +121,28 @@ class RetrainEvalConfig:
 
 
 @dataclass
-class RetrainConfig:
+class RetrainConfig(SectionedConfig):
     model: RetrainModelConfig = field(default_factory=RetrainModelConfig)
     data: RetrainDataConfig = field(default_factory=RetrainDataConfig)
     train: RetrainTrainConfig = field(default_factory=RetrainTrainConfig)
     eval: RetrainEvalConfig = field(default_factory=RetrainEvalConfig)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {name: plain(dataclasses.asdict(getattr(self, name))) for name in _SECTIONS}
+    SECTIONS: ClassVar[dict[str, type]] = {
+        "model": RetrainModelConfig, "data": RetrainDataConfig, "train": RetrainTrainConfig,
+        "eval": RetrainEvalConfig,
+    }
+    KEY_EXAMPLE: ClassVar[str] = "train.iters, model.name"
+    PRESETS: ClassVar[tuple[str, ...]] = RETRAIN_PRESETS
+    PRESET_FILE: ClassVar[str] = "retrain_{}.yaml"
+    PRESET_SOURCE: ClassVar[str] = "retrain preset {}"
+    PRESET_NOUN: ClassVar[str] = "retrain preset"
 
-    def to_yaml(self, path: str | Path | None = None) -> str:
-        return dump_yaml(self.to_dict(), path)
+    @staticmethod
+    def is_config_file(path: Path) -> bool:
+        return path.is_file()
 
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any] | None, source: str = "config") -> RetrainConfig:
-        cfg = cls()
-        load_sections(cfg, _SECTIONS, raw, source)
-        _validate(cfg, source)
-        return cfg
-
-
-_SECTIONS: dict[str, type] = {
-    "model": RetrainModelConfig, "data": RetrainDataConfig, "train": RetrainTrainConfig,
-    "eval": RetrainEvalConfig,
-}
+    def validate(self, source: str = "config") -> None:
+        _validate(self, source)
 
 
 def _validate(cfg: RetrainConfig, source: str) -> None:
@@ -199,25 +188,12 @@ def _validate(cfg: RetrainConfig, source: str) -> None:
 def load_retrain_preset(name: str | Path) -> RetrainConfig:
     """``"voc"`` / ``"coco"`` (the authors' DeepLab-v1 retraining), ``"voc-plus"`` / ``"coco-plus"``
     (torchvision's DeepLabV3) (``weakclip/configs/retrain_<name>.yaml``) or a YAML file of these sections."""
-    key = str(name).strip()
-    if key.lower() in RETRAIN_PRESETS:
-        return RetrainConfig.from_dict(packaged_yaml(f"retrain_{key.lower()}.yaml"),
-                                       source=f"retrain preset {key.lower()}")
-    path = Path(key)
-    if not path.is_file():
-        raise WeakclipError(f"unknown retrain preset {key!r}: expected {', '.join(RETRAIN_PRESETS)} or a "
-                            f".yaml file")
-    return RetrainConfig.from_dict(read_yaml(path), source=str(path))
+    return RetrainConfig.from_preset(name)
 
 
 def apply_retrain_overrides(cfg: RetrainConfig, overrides: list[str] | tuple[str, ...]) -> RetrainConfig:
     """A copy of ``cfg`` with ``section.key=value`` overrides applied (typed as in ``weakclip.config``)."""
-    cfg = RetrainConfig.from_dict(cfg.to_dict())
-    for item in overrides:
-        key, value = split_override(item)
-        set_section_value(cfg, _SECTIONS, key, value, example="train.iters, model.name")
-    _validate(cfg, "override")
-    return cfg
+    return cfg.with_overrides(overrides)
 
 
 def crf_params_of(e: RetrainEvalConfig):
