@@ -21,24 +21,13 @@ Sections::
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from weakclip.errors import WeakclipError
 from weakclip.methods import check_same
-from weakclip.sections import (
-    coerce,
-    dump_yaml,
-    field_types,
-    load_sections,
-    packaged_yaml,
-    plain,
-    read_yaml,
-    set_section_value,
-    split_override,
-)
+from weakclip.sections import SectionedConfig
 
 __all__ = [
     "EXCEL_PRESETS",
@@ -198,7 +187,7 @@ class ExcelFreeConfig:
 
 
 @dataclass
-class ExcelConfig:
+class ExcelConfig(SectionedConfig):
     model: ExcelModelConfig = field(default_factory=ExcelModelConfig)
     text: ExcelTextConfig = field(default_factory=ExcelTextConfig)
     labels: ExcelLabelsConfig = field(default_factory=ExcelLabelsConfig)
@@ -208,70 +197,42 @@ class ExcelConfig:
     free: ExcelFreeConfig = field(default_factory=ExcelFreeConfig)
     classes: list[str] | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"method": METHOD}
-        out.update({name: plain(dataclasses.asdict(getattr(self, name))) for name in _SECTIONS})
-        out["classes"] = None if self.classes is None else list(self.classes)
-        return out
+    SECTIONS: ClassVar[dict[str, type]] = {
+        "model": ExcelModelConfig, "text": ExcelTextConfig, "labels": ExcelLabelsConfig,
+        "data": ExcelDataConfig, "train": ExcelTrainConfig, "infer": ExcelInferConfig,
+        "free": ExcelFreeConfig,
+    }
+    EXTRA_KEYS: ClassVar[tuple[str, ...]] = ("method", "classes")
+    METHOD: ClassVar[str | None] = METHOD
+    KEY_EXAMPLE: ClassVar[str] = "train.iters, labels.radius"
+    PRESETS: ClassVar[tuple[str, ...]] = EXCEL_PRESETS
+    PRESET_NOUN: ClassVar[str] = "ExCEL preset"
 
-    def to_yaml(self, path: str | Path | None = None) -> str:
-        return dump_yaml(self.to_dict(), path)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any] | None, source: str = "config") -> ExcelConfig:
-        """Build a config from nested dicts (keys left out keep their defaults); a ``method`` other than
-        ExCEL's is a one-line error."""
-        cfg = cls()
-        raw = load_sections(cfg, _SECTIONS, raw, source, extra=("method", "classes"), keys=all_keys())
+    def read_extra(self, raw: dict[str, Any], source: str) -> None:
+        """A ``method`` other than ExCEL's is a one-line error; then the class list."""
         if raw.get("method") is not None:
             check_same(str(raw["method"]), METHOD, source)
-        if raw.get("classes") is not None:
-            cfg.classes = coerce(raw["classes"], list[str], "classes")
-        validate(cfg, source)
-        return cfg
+        super().read_extra(raw, source)
 
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> ExcelConfig:
-        return cls.from_dict(read_yaml(path), source=str(path))
+    def validate(self, source: str = "config") -> None:
+        _validate(self, source)
 
 
-_SECTIONS: dict[str, type] = {
-    "model": ExcelModelConfig, "text": ExcelTextConfig, "labels": ExcelLabelsConfig, "data": ExcelDataConfig,
-    "train": ExcelTrainConfig, "infer": ExcelInferConfig, "free": ExcelFreeConfig,
-}
-
-
-def all_keys() -> list[str]:
-    """Every settable key, ``section.field`` (and ``classes``)."""
-    return [f"{s}.{f}" for s, c in _SECTIONS.items() for f in field_types(c)] + ["classes"]
+#: Every settable key, ``section.field`` (and ``classes``).
+all_keys = ExcelConfig.all_keys
 
 
 # ====================================================================== presets and overrides
 def load_excel_preset(name: str | Path) -> ExcelConfig:
     """``"excel-voc"`` / ``"excel-coco"`` (the release's settings, ``weakclip/configs/<name>.yaml``) or a
     YAML file of these sections."""
-    key = str(name).strip()
-    if key.lower() in EXCEL_PRESETS:
-        return ExcelConfig.from_dict(packaged_yaml(f"{key.lower()}.yaml"), source=f"preset {key.lower()}")
-    path = Path(key)
-    if path.suffix.lower() in (".yaml", ".yml") or path.exists():
-        return ExcelConfig.from_yaml(path)
-    raise WeakclipError(f"unknown ExCEL preset {key!r}: expected {', '.join(EXCEL_PRESETS)} or a .yaml file")
+    return ExcelConfig.from_preset(name)
 
 
 def apply_excel_overrides(cfg: ExcelConfig, overrides: list[str] | tuple[str, ...]) -> ExcelConfig:
     """A copy of ``cfg`` with ``section.key=value`` overrides applied (typed as in :mod:`weakclip.config`;
     ``classes=a,b,c`` sets the class list)."""
-    cfg = ExcelConfig.from_dict(cfg.to_dict())
-    for item in overrides:
-        key, value = split_override(item)
-        if key == "classes":
-            cfg.classes = coerce(value, list[str] | None, key)
-        else:
-            set_section_value(cfg, _SECTIONS, key, value, keys=all_keys(),
-                              example="train.iters, labels.radius")
-    validate(cfg, "override")
-    return cfg
+    return cfg.with_overrides(overrides)
 
 
 def training_free_config(kind: str, preset: str | None = None, overrides: list[str] | tuple[str, ...] = (),
@@ -315,7 +276,7 @@ def config_with_overrides(preset: str | Path, overrides: list[str] | tuple[str, 
 
 
 # ====================================================================== validation
-def validate(cfg: ExcelConfig, source: str = "config") -> None:
+def _validate(cfg: ExcelConfig, source: str = "config") -> None:
     """Range checks the types alone do not express (one-line errors)."""
     m, x, lb, d, t, inf, fr = cfg.model, cfg.text, cfg.labels, cfg.data, cfg.train, cfg.infer, cfg.free
 
