@@ -71,10 +71,11 @@ def packaged_yaml(name: str) -> Any:
 
 
 # ====================================================================== sections (shared by the configs)
-def load_sections(cfg: Any, sections: dict[str, type], raw: Any, source: str, *, extra: tuple[str, ...] = (),
-                  keys: list[str] | None = None) -> dict[str, Any]:
+def load_sections(cfg: Any, sections: dict[str, type], raw: Any, source: str, *, extra: tuple[str, ...],
+                  keys: list[str]) -> dict[str, Any]:
     """Set each dataclass section of ``cfg`` from the nested dict ``raw`` (typed; fields left out keep their
-    defaults); top-level names in ``extra`` are allowed and left to the caller. Returns ``raw`` as a dict."""
+    defaults); top-level names in ``extra`` are allowed and left to the caller; ``keys``: every settable key
+    (an unknown one's error names the closest). Returns ``raw`` as a dict."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -83,7 +84,6 @@ def load_sections(cfg: Any, sections: dict[str, type], raw: Any, source: str, *,
     if unknown:
         raise WeakclipError(f"{source}: unknown section(s) {', '.join(unknown)}; "
                             f"known: {', '.join([*sections, *extra])}")
-    keys = keys if keys is not None else [f"{n}.{f}" for n, c in sections.items() for f in field_types(c)]
     for name, section_cls in sections.items():
         values = raw.get(name) or {}
         if not isinstance(values, dict):
@@ -126,12 +126,12 @@ def absolute_paths(cfg: Any, keys: tuple[str, ...]) -> None:
             setattr(cfg, section, dataclasses.replace(obj, **{name: absolute}))
 
 
-def set_section_value(cfg: Any, sections: dict[str, type], key: str, value: Any, *,
-                      keys: list[str] | None = None, example: str = "train.iters") -> None:
-    """Set ``section.field`` of ``cfg`` to ``value`` converted to the field's type."""
+def set_section_value(cfg: Any, sections: dict[str, type], key: str, value: Any, *, keys: list[str],
+                      example: str) -> None:
+    """Set ``section.field`` of ``cfg`` to ``value`` converted to the field's type (an unknown key's error
+    names the closest of ``keys`` or shows ``example``)."""
     section, dot, name = key.partition(".")
     if not dot or section not in sections or name not in field_types(sections[section]):
-        keys = keys if keys is not None else [f"{n}.{f}" for n, c in sections.items() for f in field_types(c)]
         raise WeakclipError(unknown_key_message(key, "override", keys, example))
     converted = coerce(value, field_types(sections[section])[name], key)
     setattr(cfg, section, _rebuild(getattr(cfg, section), {name: converted}, f"override {key}"))
