@@ -1,8 +1,8 @@
 """ExCEL's typed configuration: :class:`ExcelConfig` (sections ``model``, ``text``, ``labels``, ``data``,
 ``train``, ``infer``, ``free`` and the class list), its presets ``excel-voc`` and ``excel-coco``
 (``weakclip/configs/excel-<name>.yaml``: the release's settings, each value's source named beside it),
-``section.key=value`` overrides and the checks the types cannot express, in the house style of
-:mod:`weakclip.config` and :mod:`weakclip.retrain.config` (:mod:`weakclip.sections`).
+``section.key=value`` overrides and the checks the types cannot express; the YAML round trip, presets and
+overrides are those of every stage's config (:class:`weakclip.sections.SectionedConfig`).
 
 Every record this method writes names it (``"method": "excel"``, :mod:`weakclip.methods`); a config dict or
 YAML file that names another method is refused in one line.
