@@ -10,7 +10,7 @@ by that factor).
 Toggles:
   frozen_no_grad   ModelConfig.frozen_no_grad: the frozen image tower under torch.no_grad()
   sdpa             the towers' attention via F.scaled_dot_product_attention; "off" runs the explicit
-                   softmax(QK^T)V path of weakclip.models.clip (the towers have no public switch: the
+                   softmax(QK^T)V path of weakclip.models.clip_blocks (the towers have no public switch: the
                    benchmark routes every block through the path used for attention maps)
   crf_batched      boundary-loss CRF through weakclip.crf.dense_crf (loss.boundary_crf=fast, auto backend:
                    the PyTorch lattice batched on a GPU, pydensecrf2 on CPU); "off" makes the target as
@@ -61,21 +61,25 @@ def _rss_peak_mib() -> float:
 @contextlib.contextmanager
 def explicit_attention(enabled: bool):
     """Route the towers' self-attention through the explicit (non-SDPA) path while enabled."""
-    from weakclip.models import clip as clip_module
+    from weakclip.models import clip_blocks, clip_image
 
     if not enabled:
         yield
         return
-    original = clip_module._self_attention
+    original = clip_blocks._self_attention
 
     def explicit(attn, x, mask, need_weights):
         return original(attn, x, mask, True)
 
-    clip_module._self_attention = explicit
+    # the block forward looks the function up in clip_blocks, the image tower's Grad-CAM step in clip_image
+    modules = (clip_blocks, clip_image)
+    for module in modules:
+        module._self_attention = explicit
     try:
         yield
     finally:
-        clip_module._self_attention = original
+        for module in modules:
+            module._self_attention = original
 
 
 def main() -> None:

@@ -78,7 +78,7 @@ class SizeRule:
 
 
 def _image_towers(network: nn.Module) -> list[nn.Module]:
-    from weakclip.models.clip import CLIPImageTower
+    from weakclip.models.clip_image import CLIPImageTower
 
     return [m for m in network.modules() if isinstance(m, CLIPImageTower)]
 

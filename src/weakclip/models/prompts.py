@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from weakclip.errors import WeakclipError
-from weakclip.models.clip import CLIPTextTower
+from weakclip.models.clip_text import CLIPTextTower
 
 __all__ = ["PromptLearner"]
 

@@ -30,7 +30,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from weakclip.data.classes import prompt_names
 from weakclip.errors import WeakclipError
 from weakclip.models.adapter import PyramidAdapter
-from weakclip.models.clip import DROP_PATH_MODES, CLIPImageTower, CLIPTextTower, build_clip, get_arch
+from weakclip.models.clip import build_clip, get_arch
+from weakclip.models.clip_blocks import DROP_PATH_MODES
+from weakclip.models.clip_image import CLIPImageTower
+from weakclip.models.clip_text import CLIPTextTower
 from weakclip.models.decoder import INIT_SCHEMES, FPNNeck, SemanticFPNHead
 from weakclip.models.matching import MATCH_MODES, CoAttentionMatching
 from weakclip.models.prompts import PromptLearner

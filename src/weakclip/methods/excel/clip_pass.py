@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from weakclip.errors import WeakclipError
-from weakclip.models.clip import CLIPImageTower
+from weakclip.models.clip_image import CLIPImageTower
 
 __all__ = [
     "RELEASE_SURGERY_LAYERS",

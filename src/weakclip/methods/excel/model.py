@@ -42,7 +42,8 @@ from weakclip.methods.excel.text import (
     feature_surgery,
     note_to_stderr,
 )
-from weakclip.models.clip import CLIPImageTower, build_clip
+from weakclip.models.clip import build_clip
+from weakclip.models.clip_image import CLIPImageTower
 
 __all__ = [
     "PARAM_GROUP_LR_SCALES",

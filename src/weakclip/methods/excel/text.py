@@ -61,7 +61,7 @@ from torch import Tensor
 from weakclip.data.classes import COCO_CLASSES, VOC_CLASSES, VOC_PROMPT_NAMES, prompt_names
 from weakclip.errors import DataError, WeakclipError
 from weakclip.methods.excel.clip_pass import block_self_attention
-from weakclip.models.clip import CLIPTextTower
+from weakclip.models.clip_text import CLIPTextTower
 from weakclip.seeds.names import (
     BACKGROUND_COCO,
     BACKGROUND_VOC,
