@@ -39,7 +39,7 @@ NONFINITE_HINT = "lower train.lr, set train.grad_clip, or use train.amp=bf16/non
 
 # ====================================================================== data
 def norm_constants(normalize: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    from weakclip.data.transforms import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+    from weakclip.data.normalization import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 
     return (CLIP_MEAN, CLIP_STD) if normalize == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
 

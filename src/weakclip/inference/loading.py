@@ -134,7 +134,7 @@ def trained_classes(cfg, state: Mapping[str, Any] | None = None, given: list[str
 
 def normalization_of(cfg) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``(mean, std)`` (0-255, RGB) the model was trained with."""
-    from weakclip.data.transforms import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+    from weakclip.data.normalization import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 
     return (IMAGENET_MEAN, IMAGENET_STD) if cfg.data.normalize == "imagenet" else (CLIP_MEAN, CLIP_STD)
 

@@ -44,7 +44,7 @@ from weakclip.config import PseudoMaskConfig
 from weakclip.crf import choose_backend, dense_crf
 from weakclip.data.datasets import require_images
 from weakclip.data.io import jsonable, read_label_png, write_json_atomic, write_label_png
-from weakclip.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from weakclip.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from weakclip.errors import DataError
 from weakclip.inference.batching import WindowRunner
 from weakclip.inference.crf_worker import pydensecrf_job

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weakclip.data.transforms import IMAGENET_MEAN, IMAGENET_STD, rescale_size
+from weakclip.data.normalization import IMAGENET_MEAN, IMAGENET_STD
+from weakclip.data.resampling import rescale_size
 from weakclip.inference.batching import WindowRunner
 
 __all__ = [

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from weakclip.data.classes import IGNORE_INDEX
-from weakclip.data.transforms import MASK_KEYS, _Transform
+from weakclip.data.transform_base import MASK_KEYS, _Transform
 
 __all__ = ["ReleaseAugment", "hsv_jitter", "release_normalize", "release_rescale"]
 

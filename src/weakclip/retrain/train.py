@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from weakclip.data.classes import IGNORE_INDEX, class_record
-from weakclip.data.transforms import _Transform
+from weakclip.data.transform_base import _Transform
 from weakclip.errors import DataError, WeakclipError
 from weakclip.retrain.config import (
     RETRAIN_PATH_KEYS,
@@ -64,14 +64,15 @@ __all__ = [
 class RandomScale(_Transform):
     """Resize image and masks by ``r ~ U(low, high)`` times their own size (the DeepLab augmentation).
 
-    A ``_Transform`` so that :class:`~weakclip.data.transforms.Compose` forwards its seeded ``rng``.
+    A ``_Transform`` so that :class:`~weakclip.data.transform_base.Compose` forwards its seeded ``rng``.
     """
 
     def __init__(self, scale_range: tuple[float, float] = (0.5, 2.0)) -> None:
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
 
     def __call__(self, sample: dict, rng: np.random.Generator | None = None) -> dict:
-        from weakclip.data.transforms import MASK_KEYS, resize_image, resize_mask
+        from weakclip.data.resampling import resize_image, resize_mask
+        from weakclip.data.transform_base import MASK_KEYS
 
         g = rng if rng is not None else np.random.default_rng(np.random.randint(0, 2**31 - 1))
         r = g.uniform(*self.scale_range)
@@ -86,7 +87,7 @@ class RandomScale(_Transform):
 
 
 def norm_stats(normalize: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    from weakclip.data.transforms import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+    from weakclip.data.normalization import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 
     return (IMAGENET_MEAN, IMAGENET_STD) if normalize == "imagenet" else (CLIP_MEAN, CLIP_STD)
 
@@ -94,15 +95,10 @@ def norm_stats(normalize: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
 def build_retrain_transform(d: RetrainDataConfig):
     """Random scale, random crop (padded with 255 when smaller), flip, [photometric], normalise, tensors; or
     (``pipeline: release``) the authors' :class:`~weakclip.retrain.augment.ReleaseAugment`."""
-    from weakclip.data.transforms import (
-        Compose,
-        Normalize,
-        Pad,
-        PhotometricDistortion,
-        RandomCrop,
-        RandomFlip,
-        ToTensor,
-    )
+    from weakclip.data.augmentations import PhotometricDistortion, RandomCrop, RandomFlip
+    from weakclip.data.fixed_transforms import Pad, ToTensor
+    from weakclip.data.normalization import Normalize
+    from weakclip.data.transform_base import Compose
 
     mean, std = norm_stats(d.normalize)
     if d.pipeline == "release":

@@ -201,7 +201,7 @@ def load_segmenter(file: str | Path, raw: Mapping[str, Any], *, where: str = "",
     checkpoint, the frozen CLIP from ``clip_weights`` (default: the file the checkpoint records), the
     test-time settings from its config's ``infer`` section; ``classes`` replace the stored names (as many)."""
     from weakclip.data.classes import stored_palette
-    from weakclip.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from weakclip.data.normalization import IMAGENET_MEAN, IMAGENET_STD
     from weakclip.methods.excel.config import ExcelConfig
     from weakclip.methods.excel.train import load_excel_checkpoint
 
