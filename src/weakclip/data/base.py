@@ -23,90 +23,48 @@ seed) raise DataError when the item is read; ``validate()`` scans every item and
 list of one-line messages. Problems with the dataset as a whole (missing folders or lists, unknown class
 names, a cls_labels file lacking ids) raise DataError in the constructor.
 
-The base class every layout derives from (:class:`SegDataset`), the concatenation of splits
-(:class:`ConcatSegDataset`), the batch collation and the helpers the layouts share. The layouts
+This module holds the base class every layout derives from (:class:`SegDataset`) and the concatenation
+of splits (:class:`ConcatSegDataset`); it re-exports the sample types (:mod:`weakclip.data.sample`), the
+batch collation (:mod:`weakclip.data.collate`) and the helpers the layouts share: id lists
+(:mod:`weakclip.data.id_lists`) and class names to ids (:mod:`weakclip.data.label_names`). The layouts
 themselves: :mod:`weakclip.data.voc`, :mod:`weakclip.data.coco_dataset`, :mod:`weakclip.data.folder`;
 :func:`weakclip.data.datasets.build_dataset` picks one.
 """
 
 from __future__ import annotations
 
-import difflib
-import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from weakclip.data.classes import (
     IGNORE_INDEX,
 )
+from weakclip.data.collate import _as_tensor as _as_tensor
+from weakclip.data.collate import _collate_values as _collate_values
+from weakclip.data.collate import collate_samples
+from weakclip.data.id_lists import _LIST_MAX as _LIST_MAX
+from weakclip.data.id_lists import is_path_like as is_path_like
+from weakclip.data.id_lists import listing as listing
+from weakclip.data.id_lists import read_id_list
+from weakclip.data.id_lists import strip_image_ext as strip_image_ext
 from weakclip.data.io import (
-    IMAGE_EXTENSIONS,
     fit_label_to_image,
     image_geometry,
     read_image,
     read_label_png,
     resolve_orientation,
 )
+from weakclip.data.label_names import names_to_ids as names_to_ids
+from weakclip.data.label_names import resolve_labels as resolve_labels
+from weakclip.data.sample import Sample, Transform
 from weakclip.errors import DataError
 
 __all__ = ["ConcatSegDataset", "Sample", "SegDataset", "Transform", "collate_samples", "read_id_list"]
-
-
-Sample = dict[str, Any]
-Transform = Callable[[Sample], Sample]
-
-_LIST_MAX = 5  # how many ids / names a message lists before "(+N more)"
-
-
-def listing(items: Sequence[Any]) -> str:
-    shown = ", ".join(str(x) for x in items[:_LIST_MAX])
-    more = len(items) - _LIST_MAX
-    return shown + (f" (+{more} more)" if more > 0 else "")
-
-
-def strip_image_ext(name: str) -> str:
-    """``"a/b/0001.jpg"`` -> ``"0001"``; a name without a known image extension keeps its dots."""
-    name = name.replace("\\", "/").rsplit("/", 1)[-1]
-    stem, dot, ext = name.rpartition(".")
-    return stem if dot and f".{ext.lower()}" in IMAGE_EXTENSIONS else name
-
-
-def read_id_list(path: str | Path) -> tuple[list[str], list[str]]:
-    """Read an id list (one id a line; blank lines and ``#`` comments skipped) -> (ids, duplicates).
-
-    Lines in the DeepLab format ``/JPEGImages/x.jpg /SegmentationClassAug/x.png`` give ``x``.
-    Duplicates are dropped (first occurrence kept) and returned separately.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read id list {path}: {exc}") from exc
-    ids: list[str] = []
-    seen: set[str] = set()
-    dups: list[str] = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        ident = strip_image_ext(line.split()[0])
-        if ident in seen:
-            dups.append(ident)
-            continue
-        seen.add(ident)
-        ids.append(ident)
-    return ids, dups
-
-
-def is_path_like(split: str | Path) -> bool:
-    s = str(split)
-    return isinstance(split, Path) or s.endswith(".txt") or "/" in s or os.sep in s
 
 
 class SegDataset(Dataset):
@@ -372,52 +330,6 @@ class SegDataset(Dataset):
         return problems
 
 
-def names_to_ids(
-    names: Any, classes: Sequence[str], ident: str, source: Path, class_file: str
-) -> list[int]:
-    """Class names of one image -> sorted class ids; DataError naming the id, the name and the file."""
-    if isinstance(names, str):
-        names = names.split(";")
-    if not isinstance(names, (list, tuple)):
-        raise DataError(
-            f"{source}: labels of image {ident!r} must be a list of class names, got {names!r:.60}"
-        )
-    index = {c: k for k, c in enumerate(classes)}
-    out: set[int] = set()
-    for raw in names:
-        name = str(raw).strip()
-        if not name:
-            continue
-        k = index.get(name)
-        if k is None:
-            close = difflib.get_close_matches(name, list(classes), n=3, cutoff=0.6)
-            hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-            raise DataError(
-                f"{source}: image {ident!r} has unknown class {name!r}{hint}; the classes are those of "
-                f"{class_file}"
-            )
-        if k != 0:
-            out.add(k)
-    return sorted(out)
-
-
-def resolve_labels(
-    raw: dict[str, Any], keys: Iterable[str], classes: Sequence[str], source: Path, class_file: str
-) -> dict[str, list[int]]:
-    """:func:`names_to_ids` over many images; one DataError reporting the first problem and a count."""
-    out: dict[str, list[int]] = {}
-    errors: list[str] = []
-    for ident in keys:
-        try:
-            out[ident] = names_to_ids(raw[ident], classes, ident, source, class_file)
-        except DataError as exc:
-            errors.append(str(exc))
-    if errors:
-        more = f" ({len(errors) - 1} more images with bad labels in that file)" if len(errors) > 1 else ""
-        raise DataError(errors[0] + more)
-    return out
-
-
 class ConcatSegDataset(SegDataset):
     """Several splits of one dataset one after the other, repeated images kept (``split="train+train_aug"``:
     the release's VOC training set, 1,464 + 10,582 = 12,046 samples, the ``train`` images twice).
@@ -466,55 +378,3 @@ class ConcatSegDataset(SegDataset):
 
     def __repr__(self) -> str:
         return f"{super().__repr__()[:-1]}, splits={self.split})"
-
-
-def _as_tensor(value: Any) -> torch.Tensor | None:
-    if isinstance(value, torch.Tensor):
-        return value
-    if value.dtype.kind not in "biufc":
-        return None
-    arr = np.ascontiguousarray(value)
-    if not arr.flags.writeable:
-        arr = arr.copy()
-    return torch.from_numpy(arr)
-
-
-def _collate_values(values: list[Any]) -> Any:
-    if all(isinstance(v, (np.ndarray, torch.Tensor)) for v in values):
-        tensors = [_as_tensor(v) for v in values]
-        if any(t is None for t in tensors):
-            return list(values)
-        first = tensors[0]
-        if all(t.shape == first.shape and t.dtype == first.dtype for t in tensors):
-            return torch.stack(tensors)
-        return tensors
-    if all(isinstance(v, (bool, int, float, np.bool_, np.integer, np.floating)) for v in values):
-        return torch.as_tensor(values)
-    return list(values)
-
-
-def collate_samples(batch: Sequence[Sample]) -> dict[str, Any]:
-    """Batch sample dicts for a DataLoader.
-
-    Arrays and tensors of one shape and dtype are stacked into a tensor (numpy arrays become tensors);
-    of different shapes they come back as a list of tensors; numbers become a tensor; anything else
-    (ids, strings) a list. A key must be in every sample or in none (DataError otherwise).
-    """
-    if not batch:
-        return {}
-    keys: list[str] = []
-    for sample in batch:
-        for k in sample:
-            if k not in keys:
-                keys.append(k)
-    out: dict[str, Any] = {}
-    for k in keys:
-        have = [s for s in batch if k in s]
-        if len(have) != len(batch):
-            lacking = [str(s.get("id", "?")) for s in batch if k not in s]
-            raise DataError(
-                f"cannot batch samples: key {k!r} is in {len(have)} of {len(batch)} samples "
-                f"(missing for ids {listing(lacking)})"
-            )
-        out[k] = _collate_values([s[k] for s in batch])
-    return out

@@ -15,20 +15,17 @@ from typing import Any
 
 import numpy as np
 
-from weakclip.data.base import (
-    SegDataset,
-    Transform,
-    listing,
-    read_id_list,
-    resolve_labels,
-)
+from weakclip.data.base import SegDataset
 from weakclip.data.classes import (
     COCO81_TO_91,
     COCO91_CLASSES,
     COCO_CLASSES,
     coco_to_91,
 )
+from weakclip.data.id_lists import listing, read_id_list
 from weakclip.data.io import read_json, read_label_png
+from weakclip.data.label_names import resolve_labels
+from weakclip.data.sample import Transform
 from weakclip.errors import DataError
 
 __all__ = ["COCO91Dataset", "COCODataset"]

@@ -18,10 +18,12 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-from weakclip.data.base import ConcatSegDataset, SegDataset, collate_samples, read_id_list
+from weakclip.data.base import ConcatSegDataset, SegDataset
 from weakclip.data.coco import prepare_coco
 from weakclip.data.coco_dataset import COCO91Dataset, COCODataset
+from weakclip.data.collate import collate_samples
 from weakclip.data.folder import FolderDataset
+from weakclip.data.id_lists import read_id_list
 from weakclip.data.voc import VOCDataset, load_cls_labels
 from weakclip.errors import DataError
 

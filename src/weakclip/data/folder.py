@@ -26,19 +26,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from weakclip.data.base import (
-    SegDataset,
-    Transform,
-    is_path_like,
-    listing,
-    read_id_list,
-    resolve_labels,
-    strip_image_ext,
-)
+from weakclip.data.base import SegDataset
 from weakclip.data.classes import (
     read_class_file,
 )
+from weakclip.data.id_lists import is_path_like, listing, read_id_list, strip_image_ext
 from weakclip.data.io import IMAGE_EXTENSIONS, read_json
+from weakclip.data.label_names import resolve_labels
+from weakclip.data.sample import Transform
 from weakclip.errors import DataError
 
 __all__ = ["DEFAULT_SPLITS", "FolderDataset", "default_split", "split_choice_line"]

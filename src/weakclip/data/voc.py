@@ -14,17 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from weakclip.data.base import (
-    SegDataset,
-    Transform,
-    is_path_like,
-    listing,
-    read_id_list,
-)
+from weakclip.data.base import SegDataset
 from weakclip.data.classes import (
     VOC_CLASSES,
 )
+from weakclip.data.id_lists import is_path_like, listing, read_id_list
 from weakclip.data.safe_npy import load_npy_safely
+from weakclip.data.sample import Transform
 from weakclip.errors import DataError
 
 __all__ = ["VOCDataset", "load_cls_labels"]

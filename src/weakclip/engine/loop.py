@@ -182,7 +182,7 @@ class TrainingTask:
     iteration, run under (CUDA) autocast (``train_model`` is the DDP wrapper under torchrun); the loop does
     the rest (:func:`optimizer_step`). ``dataset[i]`` samples go through
     ``transform(sample, rng=default_rng([seed, it, slot]))`` and ``collate_fn`` (default
-    :func:`~weakclip.data.base.collate_samples`). ``schedule`` needs ``set_iteration(it) -> lr`` and
+    :func:`~weakclip.data.collate.collate_samples`). ``schedule`` needs ``set_iteration(it) -> lr`` and
     ``state_dict()``. The ``loss_terms`` are logged (CSV columns, progress bar, ``done:`` line).
 
     ``state_dict_fn(model)`` gives the model state to store (default: the trainable parameters and the
@@ -241,7 +241,7 @@ def run_training(
     so far is kept in the regular checkpoints, so a resumed run continues the comparison. Returns a summary
     dict (same on every rank except "checkpoint"; ``best`` with the best evaluation when there is one).
     """
-    from weakclip.data.base import collate_samples
+    from weakclip.data.collate import collate_samples
 
     model, optimizer, schedule, step_fn = task.model, task.optimizer, task.schedule, task.step_fn
     dataset, transform, collate_fn = task.dataset, task.transform, task.collate_fn
