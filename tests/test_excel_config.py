@@ -264,3 +264,14 @@ def test_another_methods_config_is_refused_in_one_line(tmp_path):
     assert str(err.value) == "w/config.yaml holds a WeakCLIP result, but this asks for ExCEL"
     with pytest.raises(WeakclipError, match="unknown preset|unknown ExCEL preset"):
         load_excel_preset("voc")
+
+
+def test_train_config_of_a_folder_dataset_takes_its_own_cluster_count():
+    """``weakclip train --preset excel-voc --dataset folder``: the presets' 112 clusters are VOC's; a folder
+    dataset's class list takes VOC's ratio (none), as ``weakclip run`` does, unless --set says otherwise."""
+    from weakclip.methods.excel.config import config_with_overrides
+
+    assert config_with_overrides("excel-voc", []).text.num_clusters == 112
+    assert config_with_overrides("excel-voc", ["data.kind=folder"]).text.num_clusters is None
+    own = config_with_overrides("excel-voc", ["data.kind=folder", "text.num_clusters=20"])
+    assert own.text.num_clusters == 20

@@ -271,8 +271,15 @@ def check_text_inputs(cfg: ExcelConfig, descriptors: str | Path | None, classes:
 
 def config_with_overrides(preset: str | Path, overrides: list[str] | tuple[str, ...]) -> ExcelConfig:
     """The registry's ``"train_config"`` entry point (``weakclip train``): the preset (or YAML file) with
-    ``section.key=value`` overrides applied in order."""
-    return apply_excel_overrides(load_excel_preset(preset), list(overrides))
+    ``section.key=value`` overrides applied in order. A folder dataset takes the k-means cluster count of its
+    own class list (``text.num_clusters: none``, VOC's ratio; the presets' 112 / 224 are VOC's and COCO's), as
+    ``weakclip run`` and ``weakclip seeds --method excel`` do, unless an override sets it."""
+    from weakclip.sections import override_keys
+
+    cfg = apply_excel_overrides(load_excel_preset(preset), list(overrides))
+    if cfg.data.kind == "folder" and "text.num_clusters" not in override_keys(list(overrides)):
+        cfg.text.num_clusters = None
+    return cfg
 
 
 # ====================================================================== validation
