@@ -52,7 +52,6 @@ class MethodInfo:
 
     The commands' entries print their summary on the first process and return it (``failures``,
     ``images``: the command's exit status).
-=======
     - ``"train_config"``: ``config_with_overrides(preset, overrides) -> config`` (``weakclip train``: the
       preset or YAML file with ``section.key=value`` overrides; ``.data.kind``/``.root``/``.split``,
       ``.to_yaml()``);
