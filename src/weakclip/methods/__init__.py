@@ -49,14 +49,14 @@ class MethodInfo:
       seeds are the command's own;
     - ``"pseudo_masks"``: ``run_pseudo_masks(args, info) -> summary`` for ``weakclip pseudo-masks`` given a
       network of the method (WeakCLIP's is the command's own).
-
-    The commands' entries print their summary on the first process and return it (``failures``,
-    ``images``: the command's exit status).
     - ``"train_config"``: ``config_with_overrides(preset, overrides) -> config`` (``weakclip train``: the
       preset or YAML file with ``section.key=value`` overrides; ``.data.kind``/``.root``/``.split``,
       ``.to_yaml()``);
     - ``"train"``: ``train_command(cfg, workdir, *, clip_weights, descriptors, resume, device,
       max_iters_this_run, progress) -> summary dict`` (``weakclip train``; WeakCLIP's is the command's own).
+
+    The commands' entries (``seeds``, ``pseudo_masks``) print their summary on the first process and return
+    it (``failures``, ``images``: the command's exit status).
     """
 
     name: str
