@@ -634,15 +634,11 @@ def test_training_free_masks_equal_infer_lam(ref, free_pair, training_free):
 def test_training_free_departure_and_the_other_script(ref, world, free_pair, synth, tmp_path):
     """``par_image="denormalized"`` (what training gives PAR) is another mask; tools/training_free_attr.py
     does not run at this commit (it imports a function its engine does not define), so the package follows
-    infer_lam.py; ``write_training_free_masks`` writes a dataset's masks as PNGs."""
+    infer_lam.py; ``free_mask_job`` writes a dataset's masks as PNGs."""
     from weakclip.data.datasets import build_dataset
     from weakclip.data.io import read_label_png
-    from weakclip.methods.excel.training_free import (
-        FreeSettings,
-        free_settings,
-        training_free_mask,
-        write_training_free_masks,
-    )
+    from weakclip.methods.excel.jobs import free_mask_job
+    from weakclip.methods.excel.training_free import FreeSettings, free_settings, training_free_mask
 
     _, ours, _ = free_pair
     assert free_settings(load_excel_preset("excel-voc")) == FreeSettings()
@@ -659,9 +655,9 @@ def test_training_free_departure_and_the_other_script(ref, world, free_pair, syn
     folder_cfg = _config("data.kind=folder", "text.num_clusters=12", crop=FREE)
     net = build_network(folder_cfg, synth["classes"], clip_weights=world["weights"],
                         descriptors=synth["descriptors"])
-    written = write_training_free_masks(net, dataset, tmp_path / "masks", FreeSettings(size=FREE),
-                                        progress=False)
-    assert written == [s for s in dataset.ids]
+    summary = free_mask_job(net, dataset, tmp_path / "masks", FreeSettings(size=FREE), progress=False)
+    assert summary["written"] == len(dataset.ids)
+    assert sorted(p.stem for p in (tmp_path / "masks").glob("*.png")) == sorted(dataset.ids)
     first = dataset[0]
     expected = training_free_mask(net, first["image"], first["labels"][1:], FreeSettings(size=FREE))
     assert np.array_equal(read_label_png(tmp_path / "masks" / f"{first['id']}.png"), expected)

@@ -34,10 +34,8 @@ several give other maps in the calibrated mode). The network runs in eval mode.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -45,8 +43,7 @@ import torch.nn.functional as F
 
 from weakclip.errors import DataError, WeakclipError
 
-__all__ = ["FreeMaps", "FreeSettings", "free_settings", "training_free_maps", "training_free_mask",
-           "write_training_free_masks"]
+__all__ = ["FreeMaps", "FreeSettings", "free_settings", "training_free_maps", "training_free_mask"]
 
 
 @dataclass(frozen=True)
@@ -160,45 +157,3 @@ def training_free_mask(net, image: np.ndarray | torch.Tensor, cls_label: Sequenc
     Returns H x W uint8 class ids (0 background). ``par``: a :class:`~weakclip.methods.excel.par.PAR` to reuse
     (built from ``settings`` when None). :func:`training_free_maps` also gives the class maps."""
     return training_free_maps(net, image, cls_label, settings, par=par, calibrated=calibrated).mask
-
-
-def write_training_free_masks(net, dataset, out_dir: str | Path, settings: FreeSettings = FreeSettings(), *,
-                              calibrated: bool = False, ids: Iterable[str] | None = None,
-                              progress: bool = True, on_mask: Callable[[str, np.ndarray], Any] | None = None,
-                              ) -> list[str]:
-    """Training-free masks of a dataset's images (its image-level labels: ``sample["labels"]``, background
-    first) as palette PNGs ``<out_dir>/<id>.png`` (VOC colours); ``ids`` restricts to those images. Images
-    without a foreground label are skipped and listed in the returned names' complement. Returns the ids
-    written."""
-    from weakclip.data.io import write_label_png
-    from weakclip.methods.excel.par import PAR
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = next(net.decoder.parameters()).device
-    par = PAR(settings.par_dilations, settings.par_iters).to(device)
-    wanted = None if ids is None else set(ids)
-    indices = [i for i in range(len(dataset)) if wanted is None or dataset.ids[i] in wanted]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(indices), desc="training-free masks", dynamic_ncols=True)
-    written = []
-    try:
-        for i in indices:
-            sample = dataset[i]
-            labels = np.asarray(sample["labels"], dtype=np.float32)[1:]
-            if bar is not None:
-                bar.update(1)
-            if not labels.any():
-                continue
-            mask = training_free_mask(net, sample["image"], labels, settings, par=par, calibrated=calibrated)
-            write_label_png(out / f"{sample['id']}.png", mask)
-            if on_mask is not None:
-                on_mask(sample["id"], mask)
-            written.append(str(sample["id"]))
-    finally:
-        if bar is not None:
-            bar.close()
-    return written
