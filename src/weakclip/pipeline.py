@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from weakclip.errors import ItemsFailed, WeakclipError, failed_items_message
+from weakclip.errors import WeakclipError
 from weakclip.methods import get as get_method
 from weakclip.sections import override_keys
 from weakclip.staged_run import RegressionStop, StagedRun, format_report, percent
@@ -263,9 +263,7 @@ class Pipeline(StagedRun):
             self.log(f"seeds: {line}")
         summary = generate_seeds(dataset, seeder, out, rank=info.rank, world_size=info.world_size,
                                  progress=self.cfg.progress, batch_size=self.cfg.seeds_batch)
-        if summary.get("failed"):
-            raise ItemsFailed(f"seeds: {failed_items_message(summary['failures'], summary['images'])}; fix "
-                              "or remove them and run again (the stage is not recorded complete)")
+        self.raise_if_failed("seeds", summary)
         metrics = {"seeds_miou": summary.get("miou"), "seeds_miou_confident": summary.get("miou_confident"),
                    "coverage": summary.get("coverage"), "images": summary.get("images")}
         # the settings as resolved for the class list, then the prompts used (its "background" replaces the
@@ -317,9 +315,7 @@ class Pipeline(StagedRun):
                                                         " without an ignore band") + " (unmeasured)")
         summary = free_mask_job(net, dataset, out, free_settings(cfg), band=band, rank=info.rank,
                                 world_size=info.world_size, progress=self.cfg.progress)
-        if summary.get("failed"):
-            raise ItemsFailed(f"seeds: {failed_items_message(summary['failures'], summary['images'])}; fix "
-                              "or remove them and run again (the stage is not recorded complete)")
+        self.raise_if_failed("seeds", summary)
         metrics = {"seeds_miou": summary.get("miou"), "seeds_miou_confident": summary.get("miou_confident"),
                    "coverage": summary.get("coverage"), "images": summary.get("images")}
         settings = {"source": "ExCEL training-free masks", "dir": str(out),
@@ -387,10 +383,7 @@ class Pipeline(StagedRun):
         summary = generate_pseudo_masks(model, dataset, out, p, mean=mean, std=std, kind=self.kind,
                                         rank=info.rank, world_size=info.world_size,
                                         progress=self.cfg.progress)
-        if summary.get("failed"):
-            failed = failed_items_message(summary["failures"], summary["images"])
-            raise ItemsFailed(f"pseudo masks: {failed}; fix or remove them and run again (the stage is not "
-                              "recorded complete)")
+        self.raise_if_failed("pseudo masks", summary)
         metrics = {"pseudo_miou": summary.get("miou"),
                    "pseudo_miou_no_crf": summary.get("miou_before_crf", summary.get("miou")),
                    "images": summary.get("images")}

@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from weakclip.errors import EXIT_REGRESSION, WeakclipError
+from weakclip.errors import EXIT_REGRESSION, ItemsFailed, WeakclipError, failed_items_message
 from weakclip.stage_settings import MADE_WITH, check_reuse, made_with
 
 
@@ -250,6 +250,14 @@ class StagedRun:
         if not val.has_gt:
             raise DataError(f"val split {val_split!r} has no ground-truth masks to evaluate against "
                             "(--val-split none skips the final evaluation)")
+
+    def raise_if_failed(self, what: str, summary: dict[str, Any]) -> None:
+        """A per-image stage whose job failed on some images (``summary["failed"]``, ``["failures"]``) is not
+        recorded complete: one line naming them, after the others were written (exit status 1)."""
+        if summary.get("failed"):
+            failed = failed_items_message(summary["failures"], summary["images"])
+            raise ItemsFailed(f"{what}: {failed}; fix or remove them and run again (the stage is not "
+                              "recorded complete)")
 
     def check_retrain_weights(self, stages: Sequence[str]) -> None:
         """The retraining's ImageNet weights (ResNet-38 has no download): checked when the run makes the

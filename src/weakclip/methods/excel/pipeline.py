@@ -29,7 +29,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from weakclip.errors import ItemsFailed, WeakclipError, failed_items_message
+from weakclip.errors import WeakclipError
 from weakclip.methods import get as get_method
 from weakclip.sections import override_keys
 from weakclip.staged_run import StagedRun, percent
@@ -108,6 +108,7 @@ class ExcelPipeline(StagedRun):
         # training-free masks and pseudo masks take each image once (VOC's "train+train_aug" repeats some)
         self.pseudo_split = self._image_split(self.train_split)
         self.retrain_cfg = None
+        self._loaded: tuple[tuple[str, str], Any] | None = None  # (checkpoint, device) -> the trained network
         if self.retrain_mode == "deeplabv1":
             r_data = [f"data.kind={self.kind}", f"data.root={cfg.data_root}",
                       f"data.split={self.pseudo_split or 'none'}",
@@ -232,12 +233,6 @@ class ExcelPipeline(StagedRun):
                 **self._data_settings(self.val_split), **self._made_from("train")}
 
     # ------------------------------------------------------------------ stages
-    def _failed(self, what: str, summary: dict[str, Any]) -> None:
-        if summary.get("failed"):
-            failed = failed_items_message(summary["failures"], summary["images"])
-            raise ItemsFailed(f"{what}: {failed}; fix or remove them and run again (the stage is not "
-                              "recorded complete)")
-
     def _not_finished(self, what: str, summary: dict[str, Any]) -> None:
         if not summary.get("complete", True):
             raise WeakclipError(f"{what}: stopped before every image was written; run again to finish")
@@ -255,7 +250,7 @@ class ExcelPipeline(StagedRun):
                             descriptors=self.descriptors, device=info.device, note=self.log).eval()
         summary = free_mask_job(net, dataset, out, free_settings(self.excel_cfg), band=None, rank=info.rank,
                                 world_size=info.world_size, progress=self.cfg.progress)
-        self._failed("training-free masks", summary)
+        self.raise_if_failed("training-free masks", summary)
         self._not_finished("training-free masks", summary)
         metrics = {"seeds_miou": summary.get("miou"), "images": summary.get("images")}
         settings = {"source": "ExCEL training-free masks", "dir": str(out), **self._free_settings()}
@@ -276,12 +271,18 @@ class ExcelPipeline(StagedRun):
         return self._finish("train", {"config": str(out / "config.yaml")}, metrics)
 
     def _trained_network(self, device):
+        """The trained network (the train stage's latest checkpoint, CLIP's positional grid), loaded once for
+        the pseudo-mask and evaluation stages of this run."""
+        from weakclip.engine.checkpoint import latest_checkpoint
         from weakclip.methods.excel.train import load_excel_checkpoint
 
-        net, _ = load_excel_checkpoint(self.stage_dir("train"), self.cfg.clip_weights, device,
-                                       pretrained_download=False)
-        net.set_position_mode("clip")
-        return net
+        key = (str(latest_checkpoint(self.stage_dir("train"))), str(device))
+        if self._loaded is None or self._loaded[0] != key:
+            net, _ = load_excel_checkpoint(self.stage_dir("train"), self.cfg.clip_weights, device,
+                                           pretrained_download=False)
+            net.set_position_mode("clip")
+            self._loaded = (key, net)
+        return self._loaded[1]
 
     def _masks(self, stage: str, split: str, out: Path) -> dict[str, Any]:
         from weakclip.distributed import init_distributed
@@ -292,7 +293,7 @@ class ExcelPipeline(StagedRun):
         dataset = self._dataset(split, seed_dir=None)
         summary = trained_mask_job(net, dataset, out, self.excel_cfg.infer.settings(), rank=info.rank,
                                    world_size=info.world_size, progress=self.cfg.progress)
-        self._failed(stage.replace("_", " "), summary)
+        self.raise_if_failed(stage.replace("_", " "), summary)
         self._not_finished(stage.replace("_", " "), summary)
         return summary
 
