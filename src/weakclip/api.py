@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from weakclip.errors import WeakclipError
+from weakclip.methods import RUN_RECORD
 from weakclip.segmenters import RefinementSegmenter, RetrainedSegmenter, Segmenter, as_rgb_array
 
 __all__ = ["KINDS", "Segmenter", "as_rgb_array", "load"]
@@ -76,17 +77,15 @@ def _wrong_kind(path: Path, obj: Any) -> WeakclipError:
 
 
 def _is_run_folder(path: Path) -> bool:
-    return (path / "run.json").is_file() or any((path / s / "checkpoints").is_dir() for s in network_stages())
+    return (path / RUN_RECORD).is_file() or any((path / s / "checkpoints").is_dir() for s in network_stages())
 
 
 def _run_method(path: Path):
     """The method a ``weakclip run`` folder belongs to: the one its ``run.json`` names (WeakCLIP without
     one, or without the file)."""
-    from weakclip.data.io import read_json
-    from weakclip.methods import of_record
+    from weakclip.methods import DEFAULT_METHOD, get, of_folder
 
-    record = read_json(path / "run.json", "run record") if (path / "run.json").is_file() else None
-    return of_record(record if isinstance(record, dict) else None)
+    return of_folder(path) or get(DEFAULT_METHOD)
 
 
 def _run_stage(path: Path, stage: str | None) -> str:

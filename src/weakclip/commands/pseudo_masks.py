@@ -36,20 +36,13 @@ def _network_method(path: Path):
     folder name their method in ``run.json`` / ``config.yaml``; a folder without either, WeakCLIP's (whose
     loader then says what is missing)."""
     from weakclip.engine.checkpoint import read_checkpoint_file
-    from weakclip.methods import DEFAULT_METHOD, get, of_checkpoint, of_record
+    from weakclip.methods import DEFAULT_METHOD, get, of_checkpoint, of_folder
 
     if path.is_file():
         raw = read_checkpoint_file(path)
         return of_checkpoint(raw), raw
-    if path.is_dir():
-        from weakclip.data.io import read_json
-        from weakclip.sections import read_yaml
-
-        if (path / "run.json").is_file():
-            return of_record(read_json(path / "run.json", "run record")), None
-        if (path / "config.yaml").is_file():
-            return of_record(read_yaml(path / "config.yaml")), None
-    return get(DEFAULT_METHOD), None
+    found = of_folder(path) if path.is_dir() else None
+    return found or get(DEFAULT_METHOD), None
 
 
 def _run_method(method, args: argparse.Namespace) -> int:

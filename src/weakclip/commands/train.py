@@ -66,21 +66,12 @@ def folder_method(workdir: Path):
     """The method whose training the work folder holds (its ``config.yaml``, else its latest checkpoint);
     None when it holds none."""
     from weakclip.engine.checkpoint import latest_checkpoint, load_checkpoint
-    from weakclip.errors import WeakclipError
-    from weakclip.methods import of_checkpoint, of_record
-    from weakclip.sections import read_yaml
+    from weakclip.methods import of_checkpoint, of_folder
 
     latest = latest_checkpoint(workdir) if workdir.is_dir() else None
     if latest is None:
         return None
-    if (workdir / "config.yaml").is_file():
-        try:
-            record = read_yaml(workdir / "config.yaml")
-        except WeakclipError:
-            record = None
-        if isinstance(record, dict):
-            return of_record(record)
-    return of_checkpoint(load_checkpoint(latest))
+    return of_folder(workdir, tolerant=True) or of_checkpoint(load_checkpoint(latest))
 
 
 def check_resumed_method(args: argparse.Namespace, wanted) -> None:

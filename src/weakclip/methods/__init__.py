@@ -15,12 +15,17 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from weakclip.errors import WeakclipError
 
 DEFAULT_METHOD = "weakclip"
 METHOD_KEY = "method"
+#: The record at the top of a ``weakclip run`` work folder (its method, data, stages).
+RUN_RECORD = "run.json"
+#: The config a training work folder keeps beside its ``checkpoints/``.
+TRAINING_CONFIG = "config.yaml"
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,32 @@ def of_checkpoint(state: Mapping[str, Any] | None) -> MethodInfo:
         return of_record(state)
     config = state.get("config") if isinstance(state, Mapping) else None
     return of_record(config if isinstance(config, Mapping) else None)
+
+
+def of_folder(path: str | Path, *, tolerant: bool = False) -> MethodInfo | None:
+    """The method a work folder names: a ``weakclip run`` folder's ``run.json``, else a training work folder's
+    ``config.yaml`` (a record without ``"method"`` is WeakCLIP's); None when it holds neither. An unreadable
+    record is its reader's one-line error; with ``tolerant`` it counts as absent, as does one that is not a
+    mapping (the caller then asks the checkpoint)."""
+    from weakclip.data.io import read_json
+    from weakclip.sections import read_yaml
+
+    readers = ((RUN_RECORD, lambda file: read_json(file, "run record")), (TRAINING_CONFIG, read_yaml))
+    for name, read in readers:
+        file = Path(path) / name
+        if not file.is_file():
+            continue
+        try:
+            record = read(file)
+        except WeakclipError:
+            if tolerant:
+                continue
+            raise
+        if isinstance(record, Mapping):
+            return of_record(record)
+        if not tolerant:
+            return of_record(None)
+    return None
 
 
 def entry(info: MethodInfo | str, key: str) -> Any:

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from weakclip.errors import DataError, WeakclipError
+from weakclip.methods import RUN_RECORD
 from weakclip.report import REPORT_DIR
 
 STAGES = ("seeds", "refine", "pseudo_masks", "retrain")  # WeakCLIP's, in order (runs without a run.json)
@@ -37,7 +38,7 @@ MASK_SETS = ("seeds", "pseudo_no_crf", "pseudo")
 SET_STAGE = {"seeds": "seeds", "pseudo_no_crf": "pseudo_masks", "pseudo": "pseudo_masks"}
 SET_TITLES = {"seeds": "seeds", "pseudo_no_crf": "pseudo masks before CRF", "pseudo": "pseudo masks",
               "final": "final network (val)"}
-RUN_INFO = "run.json"
+RUN_INFO = RUN_RECORD  # run.json
 CACHE_VERSION = 1
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from weakclip.errors import WeakclipError
-from weakclip.methods import check_same, of_preset, of_record
+from weakclip.methods import RUN_RECORD, check_same, of_folder, of_preset
 
 __all__ = ["PSEUDO_SUMMARY", "SEEDS_SUMMARY", "excel_network_file", "format_free_summary",
            "format_trained_summary", "run_pseudo_masks", "run_seeds"]
@@ -24,8 +24,6 @@ __all__ = ["PSEUDO_SUMMARY", "SEEDS_SUMMARY", "excel_network_file", "format_free
 #: The summary files the commands write beside the masks (the names WeakCLIP's commands use).
 SEEDS_SUMMARY = "seeds_summary.json"
 PSEUDO_SUMMARY = "pseudo_masks_summary.json"
-#: What ``weakclip run`` writes at the top of its work folder (``weakclip.report.analysis.RUN_INFO``).
-RUN_RECORD = "run.json"
 
 #: ``weakclip seeds`` flags of CLIP-ES alone: (attribute, flag, the value it has when not given).
 _CLIP_ES_FLAGS = (
@@ -173,13 +171,12 @@ def excel_network_file(path: str | Path, best: bool = False) -> Path:
     """The checkpoint of an ExCEL network: a checkpoint file; an ExCEL training work folder (its latest
     checkpoint; ``best``: its ``checkpoints/best.pth``); or a ``weakclip run`` work folder of ExCEL (its
     training stage's folder, likewise). One-line WeakclipError otherwise."""
-    from weakclip.data.io import read_json
     from weakclip.engine.checkpoint import best_checkpoint_path, latest_checkpoint
     from weakclip.methods import get
 
     path = Path(path)
     if path.is_dir() and (path / RUN_RECORD).is_file():
-        check_same(of_record(read_json(path / RUN_RECORD, "run record")), "excel", str(path))
+        check_same(of_folder(path), "excel", str(path))
         stage = get("excel").network_stages[0]
         folder = path / stage
         if not folder.is_dir():
