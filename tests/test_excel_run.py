@@ -191,7 +191,7 @@ def test_bad_descriptors_stop_the_run_before_any_work(tmp_path, capsys, content,
 
 
 @pytest.mark.parametrize("flag", [["--crf", "voc"], ["--scales", "1.0"], ["--restrict"], ["--seeds", "x"],
-                                  ["--seed-method", "excel"]])
+                                  ["--seed-method", "excel"], ["--crf-workers", "0"], ["--batch-size", "2"]])
 def test_weakclip_stage_flags_are_refused_by_an_excel_run(tmp_path, capsys, flag):
     data, clip = _tiny_data(tmp_path)
     argv = ["run", "--preset", "excel-voc", "--dataset", "folder", "--data-root", str(data), "--clip-weights",

@@ -22,10 +22,11 @@ from weakclip.methods import names as method_names
 #: Every stage name of every method's run (each run checks that --redo names one of its own).
 ALL_STAGES: tuple[str, ...] = tuple(dict.fromkeys(stage for name in method_names()
                                                   for stage in get_method(name).stage_names()))
-#: The WeakCLIP-only flags of the pseudo-mask and seed stages, and what an ExCEL run takes instead.
-_WEAKCLIP_FLAGS = (("scales", "--scales", "--set infer.scales=..."), ("crf", "--crf", "--set infer.crf=true"),
-                   ("restrict", "--restrict", None), ("crf_workers", "--crf-workers", None),
-                   ("batch_size", "--batch-size", None))
+#: The WeakCLIP-only flags of the pseudo-mask and seed stages: (attribute, flag, its value when not given,
+#: what an ExCEL run takes instead).
+_WEAKCLIP_FLAGS = (("scales", "--scales", None, "--set infer.scales=..."),
+                   ("crf", "--crf", None, "--set infer.crf=true"), ("restrict", "--restrict", False, None),
+                   ("crf_workers", "--crf-workers", None, None), ("batch_size", "--batch-size", 1, None))
 
 
 def _check_method_flags(args: argparse.Namespace) -> None:
@@ -36,9 +37,8 @@ def _check_method_flags(args: argparse.Namespace) -> None:
     method = of_preset(str(args.preset))
     if method.name == DEFAULT_METHOD:
         return
-    for attr, flag, instead in _WEAKCLIP_FLAGS:
-        value = getattr(args, attr)
-        if value not in (None, False, [], 1 if attr == "batch_size" else None):
+    for attr, flag, unset, instead in _WEAKCLIP_FLAGS:
+        if getattr(args, attr) != unset:  # by value: "--crf-workers 0" is given (0 == False would hide it)
             tail = f"; use {instead}" if instead else ""
             raise WeakclipError(f"{flag} sets a WeakCLIP stage; the {method.title} run (--preset "
                                 f"{args.preset}) does not take it{tail}")
