@@ -428,7 +428,7 @@ def test_the_readme_command_lines_parse():
     import shlex
 
     from weakclip.cli import build_parser
-    from weakclip.commands.train import preset_method
+    from weakclip.methods import of_preset
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme[readme.index("### ExCEL from the command line"):]
@@ -439,4 +439,4 @@ def test_the_readme_command_lines_parse():
     for argv in commands:
         args = build_parser().parse_args(argv)
         assert args.func is not None
-    assert preset_method(build_parser().parse_args(commands[0]).preset).name == "excel"
+    assert of_preset(build_parser().parse_args(commands[0]).preset).name == "excel"

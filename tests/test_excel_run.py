@@ -377,3 +377,20 @@ def test_excel_run_without_descriptors_or_val_split(tmp_path, capsys):
     report = json.loads((work / "report.json").read_text())
     assert report["final_miou"] is None and report["pseudo_miou"] is not None
     assert not (work / "evaluate").exists()
+
+
+def test_a_preset_file_of_excel_runs_excel(tmp_path):
+    """``weakclip run --preset my.yaml`` where the file is an ExCEL config (it names ``method: excel``, as
+    ExCEL's config.yaml records do): ExCEL's run, with the file's settings."""
+    from weakclip.methods.excel.config import apply_excel_overrides, load_excel_preset
+    from weakclip.methods.excel.pipeline import ExcelPipeline
+    from weakclip.pipeline import PipelineConfig, build_pipeline
+
+    data, clip = _tiny_data(tmp_path)
+    own = tmp_path / "my_excel.yaml"
+    apply_excel_overrides(load_excel_preset("excel-voc"), ["model.clip_arch=tiny-excel", "train.iters=7"]
+                          ).to_yaml(own)
+    cfg = PipelineConfig(workdir=tmp_path / "w", data_root=data, preset=str(own), dataset="folder",
+                         clip_weights=clip)
+    pipeline = build_pipeline(cfg, log=lambda _: None)
+    assert isinstance(pipeline, ExcelPipeline) and pipeline.excel_cfg.train.iters == 7

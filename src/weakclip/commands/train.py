@@ -44,24 +44,6 @@ def build_config(args: argparse.Namespace):
     return cfg
 
 
-def preset_method(preset: str):
-    """The method ``--preset`` selects: a packaged preset's, or the one a YAML file names (WeakCLIP when it
-    names none, or when it cannot be read: the config loader then says why)."""
-    from weakclip.methods import of_preset, of_record
-
-    path = Path(str(preset))
-    if path.suffix.lower() in (".yaml", ".yml") and path.is_file():
-        from weakclip.errors import WeakclipError
-        from weakclip.sections import read_yaml
-
-        try:
-            record = read_yaml(path)
-        except WeakclipError:
-            record = None
-        return of_record(record if isinstance(record, dict) else None)
-    return of_preset(preset)
-
-
 def folder_method(workdir: Path):
     """The method whose training the work folder holds (its ``config.yaml``, else its latest checkpoint);
     None when it holds none."""
@@ -88,9 +70,9 @@ def check_resumed_method(args: argparse.Namespace, wanted) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from weakclip.methods import DEFAULT_METHOD
+    from weakclip.methods import DEFAULT_METHOD, of_preset
 
-    method = preset_method(args.preset)
+    method = of_preset(args.preset)
     if method.name != DEFAULT_METHOD:
         return run_method(args, method)
     return run_weakclip(args, method)

@@ -113,13 +113,23 @@ def all_network_stages() -> tuple[str, ...]:
     return tuple(out)
 
 
-def of_preset(preset: str) -> MethodInfo:
-    """The method a packaged preset name belongs to (a YAML file of one's own: the method it names, see
-    ``of_record``); unknown names are WeakCLIP's, whose config loader then says what is wrong."""
+def of_preset(preset: str | Path) -> MethodInfo:
+    """The method a packaged preset name belongs to, or the one a preset YAML file of one's own names (its
+    ``"method"``, see ``of_record``); unknown names, and a file that names none or cannot be read, are
+    WeakCLIP's, whose config loader then says what is wrong."""
     key = str(preset).strip().lower()
     for info in _REGISTRY.values():
         if key in info.presets:
             return info
+    path = Path(str(preset))
+    if path.suffix.lower() in (".yaml", ".yml") and path.is_file():
+        from weakclip.sections import read_yaml
+
+        try:
+            record = read_yaml(path)
+        except WeakclipError:
+            record = None
+        return of_record(record if isinstance(record, Mapping) else None)
     return _REGISTRY[DEFAULT_METHOD]
 
 
